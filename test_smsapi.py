@@ -1,0 +1,1791 @@
+"""Tests for smsapi.py, in the module's order, then live servers and the real smsd.
+
+Unit tests call the WSGI app through wsgiref.validate with a real temporary
+spool. Live tests start the daemon on an ephemeral loopback port. The
+end-to-end tests run Debian's smsd against a GSM modem emulated on loopback.
+"""
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from wsgiref.util import setup_testing_defaults
+from wsgiref.validate import validator
+
+import pytest
+
+import smsapi
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PASSWORDS = {
+    "lvv": "SecretPAss",
+    "ann": "ann-pass",
+    "root": "r00t-pass",
+    "inbox": "in-pass",
+}
+HASHES = {name: smsapi.hash_password(pw) for name, pw in PASSWORDS.items()}
+
+
+###############################################################################
+# Helpers ######################################################################
+###############################################################################
+
+
+def make_spool(root):
+    """Create the five spool directories under root; return {kind: path}."""
+    spool = {kind: os.path.join(str(root), "spool", kind) for kind in smsapi.KINDS}
+    for path in spool.values():
+        os.makedirs(path, exist_ok=True)
+    return spool
+
+
+def write_ini(root, spool, listen="127.0.0.1:0", extra=""):
+    """An INI file with the test users over spool; returns its path."""
+    lines = ["[server]", "listen = " + listen, extra, "[spool]"]
+    lines += ["{} = {}".format(*item) for item in spool.items()]
+    lines += [
+        "[user:lvv]",
+        "password = " + HASHES["lvv"],
+        "mobiles = 7968* 79160000000",
+        "[user:ann]",
+        "password = " + HASHES["ann"],
+        "[user:root]",
+        "password = " + HASHES["root"],
+        "admin = yes",
+        "[user:inbox]",
+        "password = " + HASHES["inbox"],
+        "inbox = yes",
+    ]
+    path = os.path.join(str(root), "smsapi.ini")
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def spool(tmp_path):
+    return make_spool(tmp_path)
+
+
+@pytest.fixture
+def config(tmp_path, spool):
+    return smsapi.load_config(write_ini(tmp_path, spool, extra="queues = fast slow"))
+
+
+@pytest.fixture
+def app(config):
+    return smsapi.Application(config)
+
+
+def auth(user):
+    token = base64.b64encode((f"{user}:{PASSWORDS[user]}").encode()).decode()
+    return "Basic " + token
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+
+def call(app, method, path, body=None, user=None, headers=None, query=""):
+    """Run one request through the app, checked by wsgiref's validator."""
+    environ = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+    }
+    headers = dict(headers or {})
+    if user:
+        headers.setdefault("Authorization", auth(user))
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    body = body or b""
+    if body or method in ("POST", "PUT"):
+        environ["CONTENT_LENGTH"] = str(len(body))
+    for name, value in headers.items():
+        key = name.upper().replace("-", "_")
+        environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = (
+            value
+        )
+    environ["wsgi.input"] = io.BytesIO(body)
+    setup_testing_defaults(environ)
+    captured = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        captured["status"] = int(status.split()[0])
+        captured["headers"] = dict(response_headers)
+
+    result = validator(app)(environ, start_response)
+    try:
+        data = b"".join(result)
+    finally:
+        result.close()
+    return Response(captured["status"], captured["headers"], data)
+
+
+def send(app, mobiles, text="Hi, Jack!", user="lvv", **fields):
+    return call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": mobiles, "text": text, **fields},
+        user,
+    )
+
+
+def spool_snapshot(spool):
+    """Every file name and content under the spool, to prove nothing changed."""
+    snapshot = {}
+    for kind, path in spool.items():
+        for name in os.listdir(path):
+            with open(os.path.join(path, name), "rb") as file:
+                snapshot[kind, name] = file.read()
+    return snapshot
+
+
+def put_file(spool, kind, name, headers, text="hello", alphabet=None):
+    """Write a spool file as smsd would leave it."""
+    lines = ["{}: {}".format(*item) for item in headers.items()]
+    body = text.encode("utf-16-be") if alphabet == "UCS2" else text.encode("utf-8")
+    if alphabet:
+        lines.append("Alphabet: " + alphabet)
+    path = os.path.join(spool[kind], name)
+    with open(path, "wb") as file:
+        file.write(("\n".join(lines) + "\n\n").encode() + body)
+    return path
+
+
+###############################################################################
+# Configuration ################################################################
+###############################################################################
+
+
+def test_config_shipped_file_is_loopback_with_no_users(tmp_path, spool):
+    with open(os.path.join(HERE, "smsapi.ini")) as file:
+        text = file.read().replace("/var/spool/sms", os.path.dirname(spool["outgoing"]))
+    path = tmp_path / "shipped.ini"
+    path.write_text(text)
+    config = smsapi.load_config(str(path))
+    assert config.users == {}
+    assert config.listen == ("127.0.0.1:5000",)
+    assert config.spool == spool
+
+
+def test_config_reads_every_option(config, spool):
+    assert config.spool == spool
+    assert config.queues == ("fast", "slow")
+    assert config.users["lvv"].mobiles == ("7968*", "79160000000")
+    assert config.users["root"].admin and not config.users["lvv"].admin
+    assert config.users["inbox"].inbox
+
+
+def test_config_reports_every_problem_with_file_section_and_key(tmp_path, spool):
+    spool = dict(spool, sent=str(tmp_path / "missing"))
+    path = write_ini(tmp_path, spool, extra="fsync = maybe\nthreads = 0\ncolour = blue")
+    with open(path, "a") as file:
+        file.write(
+            "[user:eve]\npassword = hunter2\n[user:bob]\nadmin = yes\n"
+            "[user:amy]\npassword = $scrypt$ln=14,r=8,p=1$abc$def\nmobiles = 79x\n[extra]\n"
+        )
+    with pytest.raises(smsapi.ConfigError) as info:
+        smsapi.load_config(path)
+    problems = "\n".join(info.value.problems)
+    expected = [
+        "[server] fsync: expected yes or no",
+        "[server] threads: expected a number of at least 1",
+        "[server] colour: unknown option",
+        "[user:eve] password: must be a hash from 'smsapi.py hash-password'",
+        "[user:bob] password: missing",
+        "[user:amy] password: malformed password hash",
+        "[user:amy] mobiles: bad number pattern",
+        "[extra]: unknown section",
+        "[spool] sent: {} is not a directory".format(spool["sent"]),
+    ]
+    for line in expected:
+        assert path + ": " + line in problems
+    assert len(info.value.problems) == len(expected)
+    assert "hunter2" not in problems
+
+
+def test_config_listen_forms():
+    assert smsapi.as_listen("127.0.0.1:5000 [::1]:5000") == (
+        "127.0.0.1:5000",
+        "[::1]:5000",
+    )
+    for bad in ("5000", "::1:5000", "host:port", "127.0.0.1:70000", ""):
+        with pytest.raises(ValueError):
+            smsapi.as_listen(bad)
+
+
+def test_config_missing_file_is_one_clear_error(tmp_path):
+    with pytest.raises(smsapi.ConfigError) as info:
+        smsapi.load_config(str(tmp_path / "nope.ini"))
+    assert info.value.problems[0].startswith(
+        str(tmp_path / "nope.ini") + ": cannot read"
+    )
+
+
+def test_config_unwritable_outgoing_is_an_error(tmp_path, spool):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes through permission bits: use a read-only mount
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+            stderr=subprocess.DEVNULL,
+            check=False,
+        ).returncode:
+            pytest.skip("cannot mount a read-only tmpfs here")
+    else:
+        ro.chmod(0o555)
+    try:
+        path = write_ini(tmp_path, dict(spool, outgoing=str(ro)))
+        with pytest.raises(smsapi.ConfigError) as info:
+            smsapi.load_config(path)
+        assert info.value.problems == [
+            f"{path}: [spool] outgoing: {ro} is not writable by this process"
+        ]
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=True)
+
+
+def run_cli(*args, stdin=""):
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "smsapi.py"), *args],
+        check=False,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_check_config_exit_codes(tmp_path, spool):
+    good = write_ini(tmp_path, spool)
+    result = run_cli("check-config", "--config", good)
+    assert result.returncode == 0, result.stderr
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[server]\nlisten = nowhere\n[user:x]\npassword = plain\n")
+    result = run_cli("check-config", "--config", str(bad))
+    assert result.returncode == 78
+    lines = result.stderr.splitlines()
+    assert (
+        f"{bad}: [server] listen: expected host:port or [ipv6]:port, got 'nowhere'"
+        in lines
+    )
+    assert any(
+        line.startswith(f"{bad}: [user:x] password: must be a hash") for line in lines
+    )
+
+
+def test_cli_server_refuses_bad_config_with_the_same_messages(tmp_path):
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[server]\nthreads = many\n")
+    served = run_cli("--config", str(bad))
+    checked = run_cli("check-config", "--config", str(bad))
+    assert served.returncode == checked.returncode == 78
+    assert served.stderr == checked.stderr
+    assert "[server] threads" in served.stderr
+
+
+def test_cli_hash_password_output_verifies(tmp_path):
+    result = run_cli("hash-password", stdin="correct horse\n")
+    assert result.returncode == 0
+    hashed = result.stdout.strip()
+    assert "correct horse" not in hashed
+    users = {"u": smsapi.User("u", hashed)}
+    checker = smsapi.Authenticator(users)
+    assert checker.check("u", "correct horse") is users["u"]
+    assert checker.check("u", "correct horsE") is None
+    assert run_cli("hash-password", stdin="\n").returncode == 1
+
+
+def test_cli_help_on_each_command():
+    for args in ([], ["check-config"], ["hash-password"]):
+        result = run_cli(*args, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout
+
+
+###############################################################################
+# GSM and UCS2 encoding ########################################################
+###############################################################################
+
+
+@pytest.mark.parametrize(
+    "text, alphabet, parts, units",
+    [
+        ("A", "GSM", 1, 1),
+        ("a" * 160, "GSM", 1, 160),
+        ("a" * 161, "GSM", 2, 161),
+        ("a" * 306, "GSM", 2, 306),
+        ("a" * 307, "GSM", 3, 307),
+        ("€" * 80, "GSM", 1, 160),
+        ("[]{}~^\\|€\f", "GSM", 1, 20),
+        ("ΔΦΓΛΩΠΨΣΘΞ éàùÑÜß", "GSM", 1, 17),
+        ("x" * 151 + "€" + "y" * 20, "GSM", 2, 173),
+        ("x" * 152 + "€" + "y" * 20, "UCS2", 3, 173),  # escape pair would straddle
+        ("€" * 81, "UCS2", 2, 81),
+        ("ç", "UCS2", 1, 1),
+        ("¤", "UCS2", 1, 1),  # smsd would turn it into €
+        ("back`tick", "UCS2", 1, 9),
+        ("Ж" * 70, "UCS2", 1, 70),
+        ("Ж" * 71, "UCS2", 2, 71),
+        ("Ж" * 134, "UCS2", 2, 134),
+        ("Ж" * 135, "UCS2", 3, 135),
+        ("😀", "UCS2", 1, 2),
+        ("u" * 69 + "😀", "UCS2", 2, 71),
+    ],
+)
+def test_encode_text_alphabet_and_parts(text, alphabet, parts, units):
+    encoding = smsapi.encode_text(text)
+    assert (encoding.alphabet, encoding.parts, encoding.units) == (
+        alphabet,
+        parts,
+        units,
+    )
+    if alphabet == "GSM":
+        assert encoding.header == "UTF-8" and encoding.body == text.encode("utf-8")
+    else:
+        assert encoding.header == "UCS2" and encoding.body == text.encode("utf-16-be")
+
+
+def test_encode_non_gsm_chars_names_the_culprits():
+    assert smsapi.non_gsm_chars("ça va? `ok` €") == ["`", "ç"]
+
+
+###############################################################################
+# Spool ########################################################################
+###############################################################################
+
+
+def test_new_message_id_form_and_uniqueness():
+    ids = {smsapi.new_message_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for message_id in ids:
+        assert smsapi.MESSAGE_ID.fullmatch(message_id)
+        assert message_id.startswith("smsapi.") and len(message_id) >= 7 + 16
+
+
+def test_write_messages_durable_group_writable_no_leftovers(config, spool):
+    smsapi.write_messages(
+        config, {"smsapi.a": b"To: 1\n\nx", "smsapi.b": b"To: 2\n\ny"}
+    )
+    assert sorted(os.listdir(spool["outgoing"])) == ["smsapi.a", "smsapi.b"]
+    mode = os.stat(os.path.join(spool["outgoing"], "smsapi.a")).st_mode
+    assert stat.S_IMODE(mode) == 0o660
+    with open(os.path.join(spool["outgoing"], "smsapi.b"), "rb") as file:
+        assert file.read() == b"To: 2\n\ny"
+
+
+def test_write_messages_failure_leaves_nothing(config, spool):
+    # A directory squatting on the second temporary name makes its creation fail.
+    os.mkdir(os.path.join(spool["outgoing"], smsapi.TEMP_PREFIX + "smsapi.b"))
+    with pytest.raises(smsapi.ApiError) as info:
+        smsapi.write_messages(
+            config, {"smsapi.a": b"To: 1\n\nx", "smsapi.b": b"To: 2\n\ny"}
+        )
+    assert info.value.status == 503
+    assert os.listdir(spool["outgoing"]) == [smsapi.TEMP_PREFIX + "smsapi.b"]
+
+
+def test_clean_temp_files_removes_only_temporaries(config, spool):
+    for name in (smsapi.TEMP_PREFIX + "smsapi.x", "smsapi.y"):
+        open(os.path.join(spool["outgoing"], name), "w").close()
+    smsapi.clean_temp_files(config)
+    assert os.listdir(spool["outgoing"]) == ["smsapi.y"]
+
+
+@pytest.mark.parametrize(
+    "data, headers, text",
+    [
+        (
+            b"To: 1\nAlphabet: UTF-8\n\nh\xc3\xa9\n",
+            {"To": "1", "Alphabet": "UTF-8"},
+            "hé\n",
+        ),
+        (
+            b"To: 1\nAlphabet: UCS2\n\n\x04\x16\xd8\x3d\xde\x00",
+            {"To": "1", "Alphabet": "UCS2"},
+            "Ж😀",
+        ),
+        (b"To: 1\nAlphabet: ISO\n\n\xa4", {"To": "1", "Alphabet": "ISO"}, "€"),
+        (b"Alphabet: binary\n\n\x00\xff", {"Alphabet": "binary"}, None),
+        (
+            b"From: 7\r\nSent: 26-01-01 10:00:00\r\n\r\nhi",
+            {"From": "7", "Sent": "26-01-01 10:00:00"},
+            "hi",
+        ),
+        (b"\xff\xfe garbage without headers", {}, ""),
+        (b"", {}, ""),
+    ],
+)
+def test_parse_message_headers_and_text(data, headers, text):
+    assert smsapi.parse_message(data) == (headers, text)
+
+
+###############################################################################
+# Sending ######################################################################
+###############################################################################
+
+
+def read_spool_file(spool, kind, message_id):
+    with open(os.path.join(spool[kind], message_id), "rb") as file:
+        return file.read()
+
+
+def test_send_old_client_example_201(app, spool):
+    response = send(app, ["79680000000", "79160000000"])
+    assert response.status == 201
+    assert response.headers["Content-Type"].startswith("application/json")
+    data = response.json()
+    assert set(data["message_id"]) == {"79680000000", "79160000000"}
+    assert data["parts_count"] == 1 and data["sent_text"] == "Hi, Jack!"
+    for mobile, message_id in data["message_id"].items():
+        assert (
+            read_spool_file(spool, "outgoing", message_id)
+            == (f"From: lvv\nTo: {mobile}\nAlphabet: UTF-8\n\nHi, Jack!").encode()
+        )
+
+
+def test_send_plus_is_stripped_and_key_is_as_given(app, spool):
+    data = send(app, ["+7 968 000-00-01"]).json()
+    (message_id,) = data["message_id"].values()
+    assert list(data["message_id"]) == ["+7 968 000-00-01"]
+    assert b"\nTo: 79680000001\n" in read_spool_file(spool, "outgoing", message_id)
+
+
+def test_send_ucs2_body(app, spool):
+    data = send(app, ["79680000000"], text="Привет 😀").json()
+    assert data["encoding"] == "UCS2" and data["parts_count"] == 1
+    content = read_spool_file(spool, "outgoing", data["message_id"]["79680000000"])
+    assert (
+        content
+        == b"From: lvv\nTo: 79680000000\nAlphabet: UCS2\n\n"
+        + "Привет 😀".encode("utf-16-be")
+    )
+
+
+def test_send_form_body_comma_and_repeated(app, spool):
+    body = b"mobiles=79680000001,79680000002&mobiles=%2B79680000003&text=caf%C3%A9"
+    response = call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        body,
+        "lvv",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 201
+    assert sorted(response.json()["message_id"]) == [
+        "+79680000003",
+        "79680000001",
+        "79680000002",
+    ]
+    assert len(os.listdir(spool["outgoing"])) == 3
+
+
+def test_send_query_string_plus_read_as_plus(app, spool):
+    response = call(
+        app,
+        "GET",
+        "/api/v1.0/sms/outgoing",
+        user="lvv",
+        query="mobiles=+79680000001,79680000002&text=Disk+full",
+    )
+    assert response.status == 201
+    data = response.json()
+    assert sorted(data["message_id"]) == ["+79680000001", "79680000002"]
+    assert data["sent_text"] == "Disk full"
+
+
+def test_send_duplicates_are_sent_once(app, spool):
+    data = send(app, ["79680000000", "+79680000000", "79680000000"]).json()
+    assert len(set(data["message_id"].values())) == 1
+    assert len(os.listdir(spool["outgoing"])) == 1
+
+
+def test_send_options_become_smsd_headers(app, spool):
+    data = send(
+        app,
+        ["79680000000"],
+        queue="fast",
+        flash=True,
+        report=False,
+        priority="high",
+        validity="2hour",
+        retries=3,
+        **{"class": 1},
+    ).json()
+    content = read_spool_file(spool, "outgoing", data["message_id"]["79680000000"])
+    head = content.split(b"\n\n")[0].decode().splitlines()
+    assert head == [
+        "From: lvv",
+        "To: 79680000000",
+        "Alphabet: UTF-8",
+        "Queue: fast",
+        "Flash: yes",
+        "Report: no",
+        "Priority: High",
+        "Validity: 2hour",
+        "Retries: 3",
+        "Class: 1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "fields, status, message",
+    [
+        ({"mobiles": ["79680000000", "12ab", "+"], "text": "x"}, 400, '"12ab", "+"'),
+        (
+            {"mobiles": ["79680000000", "0079680000000"], "text": "x"},
+            400,
+            '"0079680000000"',
+        ),
+        (
+            {"mobiles": ["79680000000", "79990000000", "79160000001"], "text": "x"},
+            403,
+            '"79990000000", "79160000001"',
+        ),
+        (
+            {"mobiles": ["７９６８０００００００"], "text": "x"},
+            400,
+            "Malformed",
+        ),  # fullwidth digits
+        (
+            {"mobiles": ["٧٩٦٨٠٠٠٠٠٠٠"], "text": "x"},
+            400,
+            "Malformed",
+        ),  # Arabic-Indic digits
+        ({"mobiles": [], "text": "x"}, 400, "mobiles"),
+        (
+            {"mobiles": "79680000000\nInclude: /etc/shadow", "text": "x"},
+            400,
+            "Malformed",
+        ),
+        ({"mobiles": [79680000000], "text": "x"}, 400, "mobiles"),
+        ({"text": "x"}, 400, "mobiles"),
+        ({"mobiles": ["79680000000"]}, 400, "text"),
+        ({"mobiles": ["79680000000"], "text": ""}, 400, "text"),
+        ({"mobiles": ["79680000000"], "text": 5}, 400, "text"),
+        ({"mobiles": ["79680000000"], "text": "a\0b"}, 400, "NUL"),
+        ({"mobiles": ["79680000000"], "text": "a" * 1531}, 400, "11 parts"),
+        ({"mobiles": ["79680000000"], "text": "x", "queue": "nope"}, 400, "queue"),
+        (
+            {"mobiles": ["79680000000"], "text": "x", "queue": "fast\nInclude: /x"},
+            400,
+            "queue",
+        ),
+        ({"mobiles": ["79680000000"], "text": "x", "flash": "yes"}, 400, "flash"),
+        (
+            {"mobiles": ["79680000000"], "text": "x", "priority": "urgent"},
+            400,
+            "priority",
+        ),
+        (
+            {"mobiles": ["79680000000"], "text": "x", "validity": "1 fortnight"},
+            400,
+            "validity",
+        ),
+        ({"mobiles": ["79680000000"], "text": "x", "validity": "999"}, 400, "validity"),
+        ({"mobiles": ["79680000000"], "text": "x", "retries": -1}, 400, "retries"),
+        ({"mobiles": ["79680000000"], "text": "x", "class": 4}, 400, "class"),
+        ({"mobiles": ["79680000000"], "text": "x", "class": True}, 400, "class"),
+        (
+            {"mobiles": ["79680000000"], "text": "x", "colour": "red"},
+            400,
+            "Unknown field(s): colour",
+        ),
+    ],
+)
+def test_send_bad_fields_are_refused_and_write_nothing(
+    app, spool, fields, status, message
+):
+    response = call(app, "POST", "/api/v1.0/sms/outgoing", fields, "lvv")
+    assert response.status == status
+    assert message in response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+def test_send_surrogate_text_is_refused(app, spool):
+    body = b'{"mobiles": ["79680000000"], "text": "\\ud800"}'
+    response = call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        body,
+        "lvv",
+        {"Content-Type": "application/json"},
+    )
+    assert response.status == 400 and "Unicode" in response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+def test_send_at_max_parts_is_accepted(app, spool):
+    assert send(app, ["79680000000"], text="a" * 1530).json()["parts_count"] == 10
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status",
+    [
+        (b"{not json", "application/json", 400),
+        (b"[1, 2]", "application/json", 400),
+        (b'"text"', "application/json", 400),
+        (b"\xff\xfe{}", "application/json", 400),
+        (b"[" * 100000 + b"]" * 100000, "application/json", 413),
+        (b"[" * 30000 + b"]" * 30000, "application/json", 400),
+        (b"mobiles=1&text=x", "text/plain", 415),
+        (b"mobiles=79680000000&text=%FF", "application/x-www-form-urlencoded", 400),
+        (b"", "application/json", 400),
+    ],
+)
+def test_send_bad_bodies(app, spool, body, content_type, status):
+    response = call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        body,
+        "lvv",
+        {"Content-Type": content_type},
+    )
+    assert response.status == status
+    assert response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+def test_send_oversized_body_is_refused_without_reading_it(app, spool):
+    class Endless(io.RawIOBase):
+        def read(self, size=-1):
+            raise AssertionError("the body must not be read")
+
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/v1.0/sms/outgoing",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(10**9),
+        "HTTP_AUTHORIZATION": auth("lvv"),
+        "wsgi.input": Endless(),
+    }
+    setup_testing_defaults(environ)
+    statuses = []
+    body = b"".join(app(environ, lambda status, headers: statuses.append(status)))
+    assert statuses == ["413 Request Entity Too Large"]
+    assert b"65536" in body
+    assert spool_snapshot(spool) == {}
+
+
+def test_send_body_without_length_is_bounded(app, spool):
+    # A server that ends the stream itself (chunked) may give no Content-Length.
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/v1.0/sms/outgoing",
+        "CONTENT_TYPE": "application/json",
+        "HTTP_AUTHORIZATION": auth("lvv"),
+        "wsgi.input": io.BytesIO(b" " * 70000 + b"{}"),
+        "wsgi.input_terminated": True,
+    }
+    setup_testing_defaults(environ)
+    statuses = []
+    b"".join(app(environ, lambda status, headers: statuses.append(status)))
+    assert statuses == ["413 Request Entity Too Large"]
+    ok = dict(environ)
+    ok["wsgi.input"] = io.BytesIO(
+        json.dumps({"mobiles": ["79680000000"], "text": "x"}).encode()
+    )
+    b"".join(app(ok, lambda status, headers: statuses.append(status)))
+    assert statuses[-1] == "201 Created"
+
+
+def test_send_disk_error_is_503_and_writes_nothing(app, spool):
+    shutil.rmtree(spool["outgoing"])
+    response = send(app, ["79680000000"])
+    assert response.status == 503
+    assert "not stored" in response.json()["error"]
+
+
+###############################################################################
+# Reading, status, listing, cancelling ##########################################
+###############################################################################
+
+
+def test_get_sent_message_has_every_header_and_text(app, spool):
+    put_file(
+        spool,
+        "sent",
+        "smsapi.s1",
+        {
+            "From": "lvv",
+            "To": "79680000000",
+            "Modem": "GSM1",
+            "Sent": "26-11-24 10:00:00",
+            "IMSI": "2440",
+        },
+        "héllo",
+        "UTF-8",
+    )
+    response = call(app, "GET", "/api/v1.0/sms/sent/smsapi.s1", user="lvv")
+    assert response.status == 200
+    assert response.json() == {
+        "From": "lvv",
+        "To": "79680000000",
+        "Modem": "GSM1",
+        "Sent": "26-11-24 10:00:00",
+        "IMSI": "2440",
+        "Alphabet": "UTF-8",
+        "message_id": "smsapi.s1",
+        "text": "héllo",
+    }
+
+
+@pytest.mark.parametrize("kind", ["outgoing", "checked", "sent", "failed"])
+def test_get_message_in_each_kind_ucs2_decoded(app, spool, kind):
+    put_file(spool, kind, "m1", {"From": "lvv", "To": "1"}, "Жук 😀", "UCS2")
+    assert (
+        call(app, "GET", f"/api/v1.0/sms/{kind}/m1", user="lvv").json()["text"]
+        == "Жук 😀"
+    )
+    other = next(k for k in smsapi.KINDS if k != kind)
+    assert call(app, "GET", f"/api/v1.0/sms/{other}/m1", user="lvv").status == 404
+
+
+def test_get_message_isolation_is_the_same_404_as_missing(app, spool):
+    put_file(spool, "sent", "smsapi.s1", {"From": "lvv", "To": "79680000000"})
+    missing = call(app, "GET", "/api/v1.0/sms/sent/smsapi.zz", user="ann")
+    hidden = call(app, "GET", "/api/v1.0/sms/sent/smsapi.s1", user="ann")
+    assert (
+        (hidden.status, hidden.body)
+        == (missing.status, missing.body)
+        == (404, missing.body)
+    )
+    assert "Not found" in hidden.json()["error"]
+    assert call(app, "GET", "/api/v1.0/sms/sent/smsapi.s1", user="root").status == 200
+    assert call(app, "GET", "/api/v1.0/sms/status/smsapi.s1", user="ann").status == 404
+    assert call(app, "DELETE", "/api/v1.0/sms/sent/smsapi.s1", user="ann").status == 404
+
+
+def test_incoming_only_for_admins_and_inbox_users(app, spool):
+    put_file(
+        spool,
+        "incoming",
+        "GSM1.AbC123",
+        {"From": "79680000000", "Received": "26-11-24 10:00:00"},
+        "hi",
+    )
+    for user, status in (("lvv", 404), ("ann", 404), ("root", 200), ("inbox", 200)):
+        assert (
+            call(app, "GET", "/api/v1.0/sms/incoming/GSM1.AbC123", user=user).status
+            == status
+        )
+    assert (
+        call(app, "GET", "/api/v1.0/sms/incoming/", user="lvv").json()["message_id"]
+        == []
+    )
+    assert call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox").json()[
+        "message_id"
+    ] == ["GSM1.AbC123"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1.0/sms/sent/..",
+        "/api/v1.0/sms/sent/../outgoing/x",
+        "/api/v1.0/sms/sent/.hidden",
+        "/api/v1.0/sms/sent/%2e%2e",
+        "/api/v1.0/sms/sent//etc/passwd",
+        "/api/v1.0/sms/sent/a\0b",
+        "/api/v1.0/sms/sent/" + "a" * 129,
+        "/api/v1.0/sms/status/..",
+        "/api/v1.0/sms/status/a b",
+        "/api/v1.0/sms/secret/x",
+    ],
+)
+def test_bad_ids_are_404(app, spool, path):
+    put_file(spool, "sent", ".hidden", {"From": "lvv"})
+    before = spool_snapshot(spool)
+    for method in ("GET",) if "/status/" in path else ("GET", "DELETE"):
+        response = call(app, method, path, user="root")
+        assert response.status == 404 and "Not found" in response.json()["error"]
+    assert spool_snapshot(spool) == before
+
+
+def test_status_follows_the_file_through_the_spool(app, spool):
+    message_id = send(app, ["79680000000"]).json()["message_id"]["79680000000"]
+    status = lambda: call(
+        app, "GET", "/api/v1.0/sms/status/" + message_id, user="lvv"
+    ).json()
+    assert status() == {
+        "message_id": message_id,
+        "status": "queued",
+        "to": "79680000000",
+    }
+    os.rename(
+        os.path.join(spool["outgoing"], message_id),
+        os.path.join(spool["checked"], message_id),
+    )
+    assert status()["status"] == "sending"
+    os.remove(os.path.join(spool["checked"], message_id))
+    put_file(
+        spool,
+        "sent",
+        message_id,
+        {
+            "From": "lvv",
+            "To": "79680000000",
+            "Modem": "GSM1",
+            "Sent": "26-11-24 10:00:05",
+        },
+    )
+    assert status() == {
+        "message_id": message_id,
+        "status": "sent",
+        "to": "79680000000",
+        "sent_at": "26-11-24 10:00:05",
+        "modem": "GSM1",
+    }
+    os.rename(
+        os.path.join(spool["sent"], message_id),
+        os.path.join(spool["failed"], message_id),
+    )
+    put_file(
+        spool,
+        "failed",
+        message_id,
+        {
+            "From": "lvv",
+            "To": "79680000000",
+            "Failed": "26-11-24 10:01:00",
+            "Fail_reason": "+CMS ERROR: 500 (Unknown error)",
+        },
+    )
+    assert status() == {
+        "message_id": message_id,
+        "status": "failed",
+        "to": "79680000000",
+        "failed_at": "26-11-24 10:01:00",
+        "reason": "+CMS ERROR: 500 (Unknown error)",
+    }
+
+
+def test_list_newest_first_paginated_and_filtered(app, spool):
+    now = time.time()
+    for i in range(5):
+        path = put_file(
+            spool, "sent", f"smsapi.l{i}", {"From": "lvv" if i != 2 else "ann"}
+        )
+        os.utime(path, (now - 100 + i, now - 100 + i))
+    open(os.path.join(spool["sent"], "smsapi.l4.LOCK"), "w").close()
+    response = call(
+        app, "GET", "/api/v1.0/sms/sent/", user="lvv", query="limit=2&offset=1"
+    )
+    assert response.json() == {
+        "message_id": ["smsapi.l3", "smsapi.l1"],
+        "total_count": 4,
+        "limit": 2,
+        "offset": 1,
+    }
+    everything = call(app, "GET", "/api/v1.0/sms/sent/", user="root").json()
+    assert everything["message_id"] == [
+        "smsapi.l4",
+        "smsapi.l3",
+        "smsapi.l2",
+        "smsapi.l1",
+        "smsapi.l0",
+    ]
+    assert everything["limit"] == 100
+    for query in ("limit=0", "limit=1001", "offset=-1", "limit=x"):
+        assert (
+            call(app, "GET", "/api/v1.0/sms/sent/", user="lvv", query=query).status
+            == 400
+        )
+
+
+def test_cancel_own_queued_message(app, spool):
+    message_id = send(app, ["79680000000"]).json()["message_id"]["79680000000"]
+    assert (
+        call(app, "DELETE", "/api/v1.0/sms/outgoing/" + message_id, user="ann").status
+        == 404
+    )
+    response = call(app, "DELETE", "/api/v1.0/sms/outgoing/" + message_id, user="lvv")
+    assert response.status == 200 and response.json() == {
+        "message_id": message_id,
+        "deleted": True,
+    }
+    assert spool_snapshot(spool) == {}
+    assert (
+        call(app, "DELETE", "/api/v1.0/sms/outgoing/" + message_id, user="lvv").status
+        == 404
+    )
+
+
+def test_cancel_refuses_what_smsd_is_sending_or_has_sent(app, spool):
+    put_file(spool, "checked", "smsapi.c1", {"From": "lvv"})
+    put_file(spool, "sent", "smsapi.c2", {"From": "lvv"})
+    before = spool_snapshot(spool)
+    for user in ("lvv", "root"):
+        response = call(app, "DELETE", "/api/v1.0/sms/checked/smsapi.c1", user=user)
+        assert response.status == 409 and "sending" in response.json()["error"]
+    assert call(app, "DELETE", "/api/v1.0/sms/sent/smsapi.c2", user="lvv").status == 409
+    assert spool_snapshot(spool) == before
+    assert (
+        call(app, "DELETE", "/api/v1.0/sms/sent/smsapi.c2", user="root").status == 200
+    )
+    assert ("sent", "smsapi.c2") not in spool_snapshot(spool)
+
+
+def test_cancel_loses_the_race_to_smsd_with_409(config, spool):
+    # smsd took the file between our read and our rename: the rename fails.
+    with pytest.raises(smsapi.ApiError) as info:
+        smsapi.take_from_smsd(
+            config, os.path.join(spool["outgoing"], "smsapi.gone"), "smsapi.gone"
+        )
+    assert info.value.status == 409
+
+
+###############################################################################
+# Monitoring, authentication, routing ##########################################
+###############################################################################
+
+
+def test_monitoring_ok_without_auth(app):
+    response = call(app, "GET", "/api/v1.0/monitoring")
+    assert (response.status, response.json()) == (200, {"monitoring": "ok"})
+
+
+def test_monitoring_503_when_the_spool_is_gone(app, spool):
+    os.rmdir(spool["outgoing"])
+    response = call(app, "GET", "/api/v1.0/monitoring")
+    assert response.status == 503
+    assert response.json()["monitoring"] == "fail"
+    assert spool["outgoing"] + " is not a directory" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "Bearer abc",
+        "Basic",
+        "Basic !!!",
+        "Basic " + base64.b64encode(b"lvv").decode(),
+        "Basic " + base64.b64encode(b"lvv:wrong").decode(),
+        "Basic " + base64.b64encode(b"nobody:x").decode(),
+        "Basic " + base64.b64encode(b"lvv:\xff").decode(),
+    ],
+)
+def test_auth_refusals_are_401_with_challenge(app, spool, header):
+    headers = {"Authorization": header} if header else {}
+    response = call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000000"], "text": "x"},
+        headers=headers,
+    )
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith('Basic realm="smsapi"')
+    assert "Unauthorized access" in response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+def test_auth_unknown_user_and_wrong_password_look_the_same(app):
+    unknown = call(
+        app,
+        "GET",
+        "/api/v1.0/sms/sent/",
+        headers={"Authorization": "Basic " + base64.b64encode(b"zed:x").decode()},
+    )
+    wrong = call(
+        app,
+        "GET",
+        "/api/v1.0/sms/sent/",
+        headers={"Authorization": "Basic " + base64.b64encode(b"lvv:x").decode()},
+    )
+    assert (unknown.status, unknown.headers, unknown.body) == (
+        wrong.status,
+        wrong.headers,
+        wrong.body,
+    )
+
+
+def test_auth_cache_holds_no_password_and_follows_the_config(config):
+    checker = smsapi.Authenticator(config.users)
+    assert checker.check("lvv", PASSWORDS["lvv"]) is config.users["lvv"]
+    assert (
+        checker.check("lvv", PASSWORDS["lvv"]) is config.users["lvv"]
+    )  # from the cache
+    assert checker.check("lvv", "nope") is None
+    (cached,) = checker.verified.values()
+    assert PASSWORDS["lvv"].encode() not in cached and len(cached) == 32
+    changed = {"lvv": smsapi.User("lvv", smsapi.hash_password("new"))}
+    checker.users = changed
+    assert checker.check("lvv", PASSWORDS["lvv"]) is None
+    assert checker.check("lvv", "new") is changed["lvv"]
+
+
+def test_logs_hold_neither_password_nor_text(app, caplog):
+    caplog.set_level("DEBUG", logger="smsapi")
+    send(app, ["79680000000"], text="TOPSECRETTEXT")
+    call(
+        app,
+        "GET",
+        "/api/v1.0/sms/sent/",
+        headers={"Authorization": auth("lvv").replace("U", "u")},
+    )
+    call(app, "GET", "/api/v1.0/sms/sent/\x1b[31mred", user="lvv")
+    logged = caplog.text
+    assert "POST /api/v1.0/sms/outgoing 201 user=lvv" in logged
+    assert "TOPSECRETTEXT" not in logged and PASSWORDS["lvv"] not in logged
+    assert "\x1b" not in logged and "\\x1b[31mred" in logged
+
+
+def test_unknown_path_404_wrong_method_405_with_allow(app):
+    assert call(app, "GET", "/api/v2/whatever").status == 404
+    response = call(app, "PUT", "/api/v1.0/sms/outgoing", user="lvv")
+    assert response.status == 405 and response.headers["Allow"] == "GET, HEAD, POST"
+    response = call(app, "POST", "/api/v1.0/sms/sent/x", user="lvv")
+    assert response.status == 405 and response.headers["Allow"] == "DELETE, GET, HEAD"
+    assert response.json() == {"error": "Method not allowed"}
+
+
+def test_head_has_headers_and_no_body(app):
+    response = call(app, "HEAD", "/api/v1.0/monitoring")
+    assert response.status == 200 and response.body == b""
+    assert int(response.headers["Content-Length"]) > 0
+
+
+def test_spool_read_error_is_503_not_500(tmp_path, spool):
+    broken = dict(spool, sent=str(tmp_path / "spool" / "sent-file"))
+    open(broken["sent"], "w").close()
+    app = smsapi.Application(
+        smsapi.Config(
+            spool=broken, users=smsapi.load_config(write_ini(tmp_path, spool)).users
+        )
+    )
+    response = call(app, "GET", "/api/v1.0/sms/sent/", user="lvv")
+    assert response.status == 503 and "Traceback" not in response.body.decode()
+
+
+###############################################################################
+# Live servers #################################################################
+###############################################################################
+
+
+class Server:
+    """smsapi.py running as a subprocess on an ephemeral loopback port."""
+
+    def __init__(self, ini, tmp_path, python_args=()):
+        self.log_path = os.path.join(str(tmp_path), f"server-{time.monotonic_ns()}.log")
+        self.log = open(self.log_path, "w+")  # noqa: SIM115 (lives as long as the server)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                *python_args,
+                os.path.join(HERE, "smsapi.py"),
+                "--config",
+                ini,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = self.wait_for_url()
+
+    def wait_for_url(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path) as file:
+                match = re.search(r"listening on (http://\S+)", file.read())
+            if match:
+                return match.group(1)
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError("server did not start:\n" + self.output())
+
+    def output(self):
+        with open(self.log_path) as file:
+            return file.read()
+
+    def request(self, method, path, body=None, user=None, timeout=30):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        if user:
+            req.add_header("Authorization", auth(user))
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return (
+                    response.status,
+                    dict(response.headers),
+                    json.loads(response.read()),
+                )
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), json.loads(exc.read())
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def live(tmp_path, spool):
+    servers = []
+
+    def start(python_args=()):
+        servers.append(Server(write_ini(tmp_path, spool), tmp_path, python_args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_live_waitress_smoke(live, spool):
+    server = live()
+    assert "waitress is not installed" not in server.output()
+    status, headers, data = server.request(
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000000"], "text": "live"},
+        "lvv",
+    )
+    assert status == 201 and headers["Server"] == "smsapi"
+    message_id = data["message_id"]["79680000000"]
+    assert (
+        server.request("GET", "/api/v1.0/sms/status/" + message_id, user="lvv")[2][
+            "status"
+        ]
+        == "queued"
+    )
+    status, headers, data = server.request("GET", "/api/v1.0/sms/outgoing/", user="ann")
+    assert status == 200 and data["message_id"] == []
+    assert (
+        "POST /api/v1.0/sms/outgoing 201 user=lvv ids=" + message_id in server.output()
+    )
+
+
+def test_live_waitress_turns_away_huge_bodies(live):
+    server = live()
+    host, port = server.url[len("http://") :].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/v1.0/sms/outgoing HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n"
+        )
+        assert sock.recv(100).startswith(b"HTTP/1.1 413")
+
+
+def test_live_wsgiref_fallback_without_waitress(live):
+    server = live(
+        [
+            "-c",
+            (
+                "import sys, runpy; sys.modules['waitress'] = None; "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+            ),
+        ]
+    )
+    assert "waitress is not installed" in server.output()
+    status, _, data = server.request(
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000000"], "text": "x"},
+        "lvv",
+    )
+    assert status == 201 and data["parts_count"] == 1
+
+
+###############################################################################
+# The real smsd with an emulated modem #########################################
+###############################################################################
+
+SMSD = shutil.which("smsd") or (
+    "/usr/sbin/smsd" if os.path.exists("/usr/sbin/smsd") else None
+)
+needs_smsd = pytest.mark.skipif(
+    SMSD is None, reason="smsd (Debian package smstools) is not installed"
+)
+
+#: The GSM 03.38 default alphabet, 0x00-0x7F, and its extension table; the
+#: test's own copy, so that a mistake in smsapi's tables cannot hide here.
+GSM_TABLE = (
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+GSM_EXT_TABLE = {
+    0x0A: "\f",
+    0x14: "^",
+    0x28: "{",
+    0x29: "}",
+    0x2F: "\\",
+    0x3C: "[",
+    0x3D: "~",
+    0x3E: "]",
+    0x40: "|",
+    0x65: "€",
+}
+
+
+def unpack_septets(data, count, skip_bits=0):
+    bits = int.from_bytes(data, "little")
+    return [(bits >> (skip_bits + 7 * i)) & 0x7F for i in range(count)]
+
+
+def pack_septets(septets):
+    bits = sum(s << (7 * i) for i, s in enumerate(septets))
+    return bits.to_bytes((7 * len(septets) + 7) // 8, "little")
+
+
+def gsm_decode(septets):
+    """Decode one part as a phone would: a lone escape at the end is garbage."""
+    out, escaped = [], False
+    for septet in septets:
+        if escaped:
+            out.append(GSM_EXT_TABLE.get(septet, "\ufffd"))
+            escaped = False
+        elif septet == 0x1B:
+            escaped = True
+        else:
+            out.append(GSM_TABLE[septet])
+    return "".join(out) + ("\ufffd" if escaped else "")
+
+
+def gsm_encode(text):
+    ext = {char: code for code, char in GSM_EXT_TABLE.items()}
+    septets = []
+    for char in text:
+        septets += [0x1B, ext[char]] if char in ext else [GSM_TABLE.index(char)]
+    return septets
+
+
+def semi_octets(digits):
+    digits += "F" * (len(digits) % 2)
+    return bytes(int(digits[i + 1] + digits[i], 16) for i in range(0, len(digits), 2))
+
+
+def decode_submit(pdu_hex):
+    """An SMS-SUBMIT PDU as smsd sends it: {to, srr, dcs, udh, payload}."""
+    data = bytes.fromhex(pdu_hex)
+    pos = data[0] + 1  # skip the SMSC address
+    first, mr, da_digits = data[pos], data[pos + 1], data[pos + 2]
+    da = data[pos + 4 : pos + 4 + (da_digits + 1) // 2]
+    to = "".join(f"{b & 0xF:X}{b >> 4:X}" for b in da)[:da_digits]
+    pos += 4 + len(da)
+    dcs = data[pos + 1]
+    pos += 2 + {0: 0, 2: 1, 1: 7, 3: 7}[(first >> 3) & 3]
+    udl, ud = data[pos], data[pos + 1 :]
+    udh = ud[: ud[0] + 1] if first & 0x40 else b""
+    ucs2 = dcs & 0x0C == 0x08
+    if ucs2:
+        payload = ud[len(udh) : udl]
+    else:
+        header_septets = (len(udh) * 8 + 6) // 7
+        payload = gsm_decode(
+            unpack_septets(ud, udl - header_septets, header_septets * 7)
+        )
+    return {
+        "to": to,
+        "mr": mr,
+        "srr": bool(first & 0x20),
+        "dcs": dcs,
+        "udh": udh,
+        "ucs2": ucs2,
+        "payload": payload,
+    }
+
+
+def on_air_text(parts):
+    """Join the parts of one message in UDH order; 7-bit parts decoded one by one."""
+    parts = sorted(parts, key=lambda p: p["udh"][-1:] or b"\0")
+    if all(p["ucs2"] for p in parts):
+        return b"".join(p["payload"] for p in parts).decode("utf-16-be", "replace")
+    if any(p["ucs2"] for p in parts):
+        return "<mixed alphabets>"
+    return "".join(p["payload"] for p in parts)
+
+
+def timestamp_octets(when):
+    fields = time.strftime("%y%m%d%H%M%S", time.localtime(when)) + "00"
+    return semi_octets(fields)
+
+
+def deliver_pdu(sender, text, when):
+    """An SMS-DELIVER PDU as a modem stores a received message (GSM or UCS2)."""
+    try:
+        septets = gsm_encode(text)
+        dcs, udl, ud = 0x00, len(septets), pack_septets(septets)
+    except (KeyError, ValueError):
+        ud = text.encode("utf-16-be")
+        dcs, udl = 0x08, len(ud)
+    address = bytes([len(sender), 0x91]) + semi_octets(sender)
+    tpdu = (
+        bytes([0x04])
+        + address
+        + bytes([0x00, dcs])
+        + timestamp_octets(when)
+        + bytes([udl])
+        + ud
+    )
+    return "00" + tpdu.hex().upper()
+
+
+def status_report_pdu(mr, recipient, delivered, when):
+    """An SMS-STATUS-REPORT PDU for message reference mr."""
+    address = bytes([len(recipient), 0x91]) + semi_octets(recipient)
+    status = 0x00 if delivered else 0x46  # 70: validity period expired
+    tpdu = (
+        bytes([0x06, mr])
+        + address
+        + timestamp_octets(when)
+        + timestamp_octets(when + 5)
+        + bytes([status])
+    )
+    return "00" + tpdu.hex().upper()
+
+
+class ModemEmulator:
+    """A GSM modem on a loopback TCP port that speaks enough AT for smsd.
+
+    It records every SMS-SUBMIT, fails sends to numbers in `fail`, stores
+    SMS-DELIVER PDUs for smsd to read, and files a status report for each
+    submit that asked for one (delivered unless the number is in `undelivered`).
+    """
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.lock = threading.Lock()
+        self.submits = []  # decoded SMS-SUBMITs, in order
+        self.fail, self.undelivered = set(), set()
+        self.storage = {}  # SIM index -> PDU hex
+        self.mr = 0
+        self.closed = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def close(self):
+        self.closed = True
+        self.server.close()
+
+    def store(self, pdu):
+        with self.lock:
+            index = next(i for i in range(1, 21) if i not in self.storage)
+            self.storage[index] = pdu
+
+    def parts_to(self, number):
+        with self.lock:
+            return [s for s in self.submits if s["to"] == number]
+
+    def accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        buffer = b""
+        with conn:
+            while not self.closed:
+                try:
+                    chunk = conn.recv(4096)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buffer += chunk
+                while b"\r" in buffer:
+                    line, buffer = buffer.split(b"\r", 1)
+                    command = line.strip().decode("latin-1").upper()
+                    if not command:
+                        continue
+                    if command.startswith("AT+CMGS="):
+                        conn.sendall(b"\r\n> ")
+                        while b"\x1a" not in buffer:
+                            more = conn.recv(4096)
+                            if not more:
+                                return
+                            buffer += more
+                        pdu, buffer = buffer.split(b"\x1a", 1)
+                        conn.sendall(self.submit(pdu.strip().decode()).encode())
+                    else:
+                        conn.sendall(self.answer(command).encode())
+
+    def submit(self, pdu):
+        info = decode_submit(pdu)
+        with self.lock:
+            self.submits.append(info)
+            if info["to"] in self.fail:
+                return "\r\n+CMS ERROR: 500\r\n"
+            self.mr = (self.mr + 1) % 256
+            mr = self.mr
+        if info["srr"]:
+            self.store(
+                status_report_pdu(
+                    mr, info["to"], info["to"] not in self.undelivered, time.time()
+                )
+            )
+        return f"\r\n+CMGS: {mr}\r\n\r\nOK\r\n"
+
+    def answer(self, command):
+        ok = "\r\nOK\r\n"
+        if command.startswith("AT+CSQ"):
+            return "\r\n+CSQ: 20,99\r\n" + ok
+        if command.startswith("AT+CREG?"):
+            return '\r\n+CREG: 2,1,"00C3","1234"\r\n' + ok
+        if command.startswith("AT+CPMS?"):
+            with self.lock:
+                used = len(self.storage)
+            return f'\r\n+CPMS: "SM",{used},20,"SM",{used},20,"SM",{used},20\r\n' + ok
+        if command.startswith("AT+CGSN"):
+            return "\r\n356938035643809\r\n" + ok
+        if command.startswith("AT+CIMI"):
+            return "\r\n244070123456789\r\n" + ok
+        if command.startswith("AT+CMGR="):
+            with self.lock:
+                pdu = self.storage.get(int(command[8:]))
+            if pdu is None:
+                return ok
+            return f"\r\n+CMGR: 0,,{len(pdu) // 2 - 1}\r\n{pdu}\r\n" + ok
+        if command.startswith("AT+CMGD="):
+            with self.lock:
+                self.storage.pop(int(command[8:].split(",")[0]), None)
+        return ok
+
+
+class SmsdStack:
+    """The modem emulator, the real smsd over a temporary spool, and smsapi over it."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.spool = make_spool(root)
+        self.modem = ModemEmulator()
+        self.smsd_log = os.path.join(self.root, "smsd.log")
+        conf = os.path.join(self.root, "smsd.conf")
+        with open(conf, "w") as file:
+            file.write(
+                "\n".join(
+                    ["devices = GSM1"]
+                    + ["{} = {}".format(*item) for item in self.spool.items()]
+                    + [
+                        "logfile = " + self.smsd_log,
+                        f"infofile = {self.root}/smsd.working",
+                        f"pidfile = {self.root}/smsd.pid",
+                        "loglevel = 7",
+                        "delaytime = 1",
+                        "delaytime_mainprocess = 1",
+                        "errorsleeptime = 1",
+                        "receive_before_send = no",
+                        "incoming_utf8 = yes",
+                        "autosplit = 3",
+                        "",
+                        "[GSM1]",
+                        f"device = @127.0.0.1:{self.modem.port}",
+                        "incoming = yes",
+                        "send_retries = 1",
+                        "",
+                    ]
+                )
+            )
+        self.smsd = subprocess.Popen(
+            [SMSD, "-t", "-c" + conf],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.api = Server(write_ini(root, self.spool), root)
+
+    def pause_smsd(self):
+        os.killpg(self.smsd.pid, signal.SIGSTOP)
+
+    def resume_smsd(self):
+        os.killpg(self.smsd.pid, signal.SIGCONT)
+
+    def stop(self):
+        self.api.stop()
+        try:
+            os.killpg(self.smsd.pid, signal.SIGCONT)
+            os.killpg(self.smsd.pid, signal.SIGTERM)
+            self.smsd.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.smsd.pid, signal.SIGKILL)
+            self.smsd.wait()
+        self.modem.close()
+
+    def smsd_output(self):
+        with open(self.smsd_log, errors="replace") as file:
+            return file.read()[-5000:]
+
+    def wait_for(self, predicate, timeout=60, what="condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.smsd.poll() is None:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(
+            f"gave up waiting for {what}; smsd log ends:\n{self.smsd_output()}"
+        )
+
+    def status(self, message_id, user="lvv"):
+        return self.api.request("GET", "/api/v1.0/sms/status/" + message_id, user=user)[
+            2
+        ]
+
+    def wait_final(self, message_id, user="lvv", timeout=60):
+        def final():
+            status = self.status(message_id, user)
+            return status if status.get("status") in ("sent", "failed") else None
+
+        return self.wait_for(final, timeout, f"message {message_id} to leave the queue")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if SMSD is None:
+        pytest.skip("smsd (Debian package smstools) is not installed")
+    stack = SmsdStack(tmp_path_factory.mktemp("smsd"))
+    yield stack
+    stack.stop()
+
+
+#: Texts that must reach the phone exactly, in exactly the parts we report.
+CORPUS = [
+    "A",
+    "a" * 160,
+    "b" * 161,
+    "c" * 306,
+    "d" * 307,
+    "€[]{}~^\\|",
+    "x" * 151 + "€" + "y" * 20,
+    "x" * 152 + "€" + "y" * 20,
+    "x" * 153 + "{" + "y" * 20,
+    "€" * 80,
+    "€" * 81,
+    "é à ù Ñ Ü ß è ì ò Ç Ø å Æ É ä ö ñ ü à",
+    "ç ú õ",
+    "back`tick",
+    "tab\there",
+    "Привет, мир!",
+    "Γειά σου Κόσμε",
+    "ΔΦΓΛΩΠΨΣΘΞ",
+    "你好，世界",
+    "😀",
+    "Server down 🔥 at 03:00",
+    "u" * 66 + "😀" + "v" * 10,
+    "line1\nline2\n\nline4\n",
+    "\r\nwindows\r\n",
+    "trailing spaces   ",
+    "   ",
+    "@£$¥_!\"#%&'()*+,-./:;<=>?¡§¿",
+    "¤ sign",
+    "Ж" * 71,
+    "Ж" * 135,
+    "form\ffeed",
+    "Thumbs 👍🏽 up",
+    "zero\u200bwidth",
+    "a" * 1530,
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_results(stack):
+    """Send every corpus text to its own number, wait until all have left the queue."""
+    results = []
+    for i, text in enumerate(CORPUS):
+        number = f"4917100{i:05d}"
+        status, _, data = stack.api.request(
+            "POST", "/api/v1.0/sms/outgoing", {"mobiles": [number], "text": text}, "ann"
+        )
+        assert status == 201, data
+        results.append((number, data))
+    for number, data in results:
+        stack.wait_final(data["message_id"][number], user="ann", timeout=120)
+    return results
+
+
+@needs_smsd
+@pytest.mark.parametrize("index", range(len(CORPUS)))
+def test_smsd_corpus_text_and_parts_on_the_air(stack, corpus_results, index):
+    number, data = corpus_results[index]
+    status = stack.status(data["message_id"][number], user="ann")
+    assert status["status"] == "sent", status
+    parts = stack.modem.parts_to(number)
+    assert len(parts) == data["parts_count"]
+    assert on_air_text(parts) == CORPUS[index]
+    assert all(p["ucs2"] == (data["encoding"] == "UCS2") for p in parts)
+
+
+@needs_smsd
+def test_smsd_lifecycle_queued_then_sent(stack):
+    stack.pause_smsd()
+    try:
+        status, _, data = stack.api.request(
+            "POST",
+            "/api/v1.0/sms/outgoing",
+            {"mobiles": ["79680000010"], "text": "cycle"},
+            "lvv",
+        )
+        message_id = data["message_id"]["79680000010"]
+        assert stack.status(message_id)["status"] == "queued"
+    finally:
+        stack.resume_smsd()
+    final = stack.wait_final(message_id)
+    assert final["status"] == "sent" and final["modem"] == "GSM1"
+    assert re.fullmatch(r"\d\d-\d\d-\d\d \d\d:\d\d:\d\d", final["sent_at"])
+    status, _, sent = stack.api.request(
+        "GET", "/api/v1.0/sms/sent/" + message_id, user="lvv"
+    )
+    assert status == 200
+    assert (
+        sent["From"] == "lvv"
+        and sent["To"] == "79680000010"
+        and sent["Sent"] == final["sent_at"]
+    )
+    assert sent["IMSI"] == "244070123456789" and sent["text"] == "cycle"
+
+
+@needs_smsd
+def test_smsd_failed_send_reports_reason(stack):
+    stack.modem.fail.add("79680000011")
+    _status, _, data = stack.api.request(
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000011"], "text": "doomed"},
+        "lvv",
+    )
+    final = stack.wait_final(data["message_id"]["79680000011"])
+    assert final["status"] == "failed"
+    assert "CMS ERROR: 500" in final["reason"] and final["failed_at"]
+
+
+@needs_smsd
+def test_smsd_several_recipients_each_get_their_own(stack):
+    numbers = ["79680000021", "79680000022", "79160000000"]
+    status, _, data = stack.api.request(
+        "POST", "/api/v1.0/sms/outgoing", {"mobiles": numbers, "text": "to all"}, "lvv"
+    )
+    assert status == 201 and len(set(data["message_id"].values())) == 3
+    for number in numbers:
+        assert stack.wait_final(data["message_id"][number])["status"] == "sent"
+        assert [on_air_text([p]) for p in stack.modem.parts_to(number)] == ["to all"]
+
+
+@needs_smsd
+def test_smsd_cancelled_message_never_reaches_the_modem(stack):
+    stack.pause_smsd()
+    try:
+        doomed = stack.api.request(
+            "POST",
+            "/api/v1.0/sms/outgoing",
+            {"mobiles": ["79680000031"], "text": "no"},
+            "lvv",
+        )[2]
+        kept = stack.api.request(
+            "POST",
+            "/api/v1.0/sms/outgoing",
+            {"mobiles": ["79680000032"], "text": "yes"},
+            "lvv",
+        )[2]
+        doomed_id = doomed["message_id"]["79680000031"]
+        assert (
+            stack.api.request(
+                "DELETE", "/api/v1.0/sms/outgoing/" + doomed_id, user="lvv"
+            )[0]
+            == 200
+        )
+    finally:
+        stack.resume_smsd()
+    assert stack.wait_final(kept["message_id"]["79680000032"])["status"] == "sent"
+    assert stack.modem.parts_to("79680000031") == []
+    assert (
+        stack.api.request("GET", "/api/v1.0/sms/status/" + doomed_id, user="lvv")[0]
+        == 404
+    )
+
+
+@needs_smsd
+def test_smsd_inbox_gsm_and_ucs2(stack):
+    now = time.time()
+    stack.modem.store(deliver_pdu("358401234567", "Hello from GSM [ok] €", now))
+    stack.modem.store(deliver_pdu("358407654321", "Привет 😀", now))
+
+    def listed():
+        ids = stack.api.request("GET", "/api/v1.0/sms/incoming/", user="inbox")[2][
+            "message_id"
+        ]
+        return ids if len(ids) >= 2 else None
+
+    ids = stack.wait_for(listed, what="two received messages")
+    messages = {}
+    for message_id in ids:
+        status, _, message = stack.api.request(
+            "GET", "/api/v1.0/sms/incoming/" + message_id, user="inbox"
+        )
+        assert status == 200
+        messages[message["From"]] = message
+    assert messages["358401234567"]["text"] == "Hello from GSM [ok] €"
+    assert messages["358407654321"]["text"] == "Привет 😀"
+    assert messages["358407654321"]["Alphabet"] == "UCS2"
+    for message in messages.values():
+        assert re.fullmatch(r"\d\d-\d\d-\d\d \d\d:\d\d:\d\d", message["Received"])
+        assert message["Sent"] == time.strftime(
+            "%y-%m-%d %H:%M:%S", time.localtime(now)
+        )
+    assert (
+        stack.api.request("GET", "/api/v1.0/sms/incoming/" + ids[0], user="lvv")[0]
+        == 404
+    )
+
+
+@needs_smsd
+def test_smsd_status_report_lands_in_incoming(stack):
+    _status, _, data = stack.api.request(
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000041"], "text": "report me", "report": True},
+        "lvv",
+    )
+    message_id = data["message_id"]["79680000041"]
+    assert stack.wait_final(message_id)["status"] == "sent"
+    assert stack.modem.parts_to("79680000041")[0]["srr"]
+
+    def report():
+        for name in os.listdir(stack.spool["incoming"]):
+            with open(os.path.join(stack.spool["incoming"], name), "rb") as file:
+                content = file.read().decode("utf-8", "replace")
+            if "SMS STATUS REPORT" in content and "79680000041" in content:
+                return content
+        return None
+
+    content = stack.wait_for(report, what="a status report")
+    assert re.search(r"Status: 0,", content)
+    sent = stack.api.request("GET", "/api/v1.0/sms/sent/" + message_id, user="lvv")[2]
+    assert "Message_id" in sent
