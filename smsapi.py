@@ -25,8 +25,11 @@ Speak plain HTTP on loopback only, or put a TLS reverse proxy in front.
 import argparse
 import base64
 import binascii
+import collections
 import configparser
+import contextlib
 import dataclasses
+import datetime
 import errno
 import functools
 import getpass
@@ -39,6 +42,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 import urllib.parse
 from http import HTTPStatus
@@ -65,6 +69,8 @@ MOBILE = re.compile(r"[1-9][0-9]{2,14}", re.ASCII)
 MOBILE_SEPARATORS = re.compile(r"[\s().-]")
 LEADING_SPACE = re.compile(r"^ (?=[0-9])")
 MOBILE_PATTERN = re.compile(r"[0-9]{1,15}\*?", re.ASCII)
+DURATION = re.compile(r"([0-9]{1,9})\s*(s|min|hour|day)?", re.ASCII)
+DURATION_UNITS = {"s": 1, "min": 60, "hour": 3600, "day": 86400}
 VALIDITY = re.compile(r"([0-9]{1,3})\s*(min|hour|day|week|month|year)?", re.ASCII)
 
 MAX_SPOOL_FILE = 1 << 20  # bytes read from one spool file at the most
@@ -123,6 +129,7 @@ class User:
     mobiles: tuple = ()  # allow-list patterns; empty means any number
     admin: bool = False
     inbox: bool = False
+    report: bool = None  # default for "report" on send; None: the server's
 
     def may_send_to(self, mobile):
         """True when the normalised number is on this user's allow-list."""
@@ -146,6 +153,11 @@ class Config:
     max_recipients: int = 100
     fsync: bool = True
     queues: tuple = ()
+    state_dir: str = "/var/lib/smsapi"
+    max_wait: int = 60
+    max_waiters: int = 2
+    report: bool = None  # default for "report" on send; None: smsd's setting
+    report_window: int = 7 * 86400
     spool: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPOOL))
     users: dict = dataclasses.field(default_factory=dict)
 
@@ -173,6 +185,16 @@ def as_size(value):
     text = value.strip().lower()
     scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:], 1)
     return as_count(text[:-1] if scale > 1 else text) * scale
+
+
+def as_duration(value):
+    """Seconds, or a number with s, min, hour or day: '90', '30min', '7day'."""
+    match = DURATION.fullmatch(value.strip())
+    if not match:
+        raise ValueError(
+            f"expected a duration like 30, 30min, 2hour or 7day, got {value!r}"
+        )
+    return int(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
 
 
 def as_listen(value):
@@ -240,13 +262,19 @@ SERVER_OPTIONS = {
     "max_recipients": as_count,
     "fsync": as_bool,
     "queues": as_queues,
+    "state_dir": as_path,
+    "max_wait": as_count,
+    "max_waiters": as_count,
+    "report": as_bool,
+    "report_window": as_duration,
 }
-SPOOL_OPTIONS = {kind: as_path for kind in KINDS}
+SPOOL_OPTIONS = {kind: as_path for kind in (*KINDS, "report")}
 USER_OPTIONS = {
     "password": as_password_hash,
     "mobiles": as_mobile_patterns,
     "admin": as_bool,
     "inbox": as_bool,
+    "report": as_bool,
 }
 
 
@@ -311,8 +339,8 @@ def read_user(parser, path, section, problems):
 
 
 def check_spool(config):
-    """Problems with the spool directories: missing, or not usable by this process."""
-    problems = []
+    """Problems with the spool and state directories: missing, or not usable by us."""
+    problems = check_state_dir(config)
     for kind, directory in config.spool.items():
         where = f"{config.path}: [spool] {kind}: {directory}"
         if not os.path.isdir(directory):
@@ -322,6 +350,21 @@ def check_spool(config):
         elif not os.access(directory, os.R_OK | os.X_OK):
             problems.append(where + " is not readable by this process")
     return problems
+
+
+def check_state_dir(config):
+    """Problems with the daemon's state directory (made at start if its parent allows)."""
+    where = f"{config.path}: [server] state_dir: {config.state_dir}"
+    directory = config.state_dir
+    if not os.path.exists(directory):
+        directory = os.path.dirname(os.path.abspath(directory))
+        if not os.path.isdir(directory):
+            return [where + " does not exist, nor does its parent"]
+    if not os.path.isdir(directory):
+        return [where + " is not a directory"]
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return [where + " is not writable by this process"]
+    return []
 
 
 ###############################################################################
@@ -587,6 +630,411 @@ def is_message_name(name):
 
 
 ###############################################################################
+# State: idempotency records ###################################################
+###############################################################################
+
+IDEMPOTENCY_TTL = 24 * 3600
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?", re.ASCII)
+
+
+def write_json_atomically(path, data, sync=True):
+    """Replace path with data as JSON: temp file, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path)
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
+    try:
+        write_file(temp, json.dumps(data, separators=(",", ":")).encode(), sync)
+        os.replace(temp, path)
+    finally:
+        remove_quietly(temp)
+    if sync:
+        fsync_directory(directory)
+
+
+def read_json(path):
+    """The JSON object stored at path, or None if it is missing or damaged."""
+    try:
+        with open(path, "rb") as file:
+            data = json.loads(file.read(MAX_SPOOL_FILE))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Idempotency:
+    """Remembers, per user and Idempotency-Key, the first answer for 24 hours.
+
+    A record is written, fsynced, before the message files, holding the ids
+    the files will get; a retry after a crash finishes the same files instead
+    of making new ones. Requests with the same key are serialised in-process.
+    """
+
+    def __init__(self, config):
+        self.directory = os.path.join(config.state_dir, "idempotency")
+        self.sync = config.fsync
+        self.guard = threading.Lock()
+        self.locks = {}  # record path -> [lock, users]
+
+    def path(self, user, key):
+        digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()
+        return os.path.join(self.directory, digest + ".json")
+
+    @contextlib.contextmanager
+    def held(self, path):
+        """Hold the in-process lock of one record."""
+        with self.guard:
+            entry = self.locks.setdefault(path, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self.guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self.locks[path]
+
+    def load(self, path, fingerprint):
+        """The live record at path, None, or 422 if it was for another body."""
+        record = read_json(path)
+        if record is None or record.get("created", 0) < time.time() - IDEMPOTENCY_TTL:
+            return None
+        if record.get("fingerprint") != fingerprint:
+            raise ApiError(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                "Idempotency-Key was used before with a different request",
+            )
+        return record
+
+    def save(self, path, record):
+        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        write_json_atomically(path, record, self.sync)
+
+    def expire(self):
+        """Delete records older than a day."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        cutoff = time.time() - IDEMPOTENCY_TTL
+        for name in names:
+            path = os.path.join(self.directory, name)
+            record = read_json(path)
+            if record is None or record.get("created", 0) < cutoff:
+                remove_quietly(path)
+
+
+###############################################################################
+# Delivery reports and the watcher #############################################
+###############################################################################
+
+SMSD_TIME = "%y-%m-%d %H:%M:%S"
+REPORT_BODY = "SMS STATUS REPORT"
+FINAL = frozenset(["sent", "failed"])
+
+
+def smsd_time(value):
+    """Seconds since the epoch of an smsd timestamp (local time), or None."""
+    try:
+        return time.mktime(time.strptime(value or "", SMSD_TIME))
+    except (ValueError, OverflowError):
+        return None
+
+
+def iso_time(seconds):
+    """An ISO 8601 local time with offset, for JSON answers."""
+    return (
+        datetime.datetime.fromtimestamp(seconds)
+        .astimezone()
+        .isoformat(timespec="seconds")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """An smsd status report file, parsed."""
+
+    modem: str
+    message_ref: int  # TP-MR, 0-255, smsd's Message_id
+    to: str  # the recipient the report is about (the file's From)
+    received: float
+    submitted: float  # the SMSC's timestamp of the original message, if any
+    code: int
+    detail: str
+    discharged: str
+
+    @property
+    def outcome(self):
+        """delivered, undelivered, or None while the SMSC is still trying (32-63)."""
+        if self.code < 32:
+            return "delivered"
+        return None if self.code < 64 else "undelivered"
+
+
+def parse_report(headers, text, mtime):
+    """A Report from a file in smsd's report directory, or None if it is not one."""
+    if not (text or "").startswith(REPORT_BODY):
+        return None
+    fields = dict(line.partition(": ")[::2] for line in text.splitlines()[1:])
+    code, _, detail = fields.get("Status", "").partition(",")
+    if not fields.get("Message_id", "").isdigit() or not code.strip().isdigit():
+        return None
+    return Report(
+        modem=headers.get("Modem", ""),
+        message_ref=int(fields["Message_id"]),
+        to=headers.get("From", "").lstrip("+"),
+        received=smsd_time(headers.get("Received")) or mtime,
+        submitted=smsd_time(headers.get("Sent")),
+        code=int(code),
+        detail=detail.partition(",")[2] or detail,
+        discharged=fields.get("Discharge_timestamp", ""),
+    )
+
+
+class Watcher:
+    """The one background watcher of smsd's spool.
+
+    Every tick it follows the messages that asked for a delivery report until
+    smsd files them in sent/ (learning modem and message reference), reads
+    the new files in the report directory, attaches each status report to the
+    sent message it belongs to, keeps the inbox index, and wakes the requests
+    that wait. The report index is saved in the state directory and rebuilt
+    from the spool if lost, so no request scans a spool directory to answer.
+    """
+
+    def __init__(self, config, interval=1.0):
+        os.makedirs(config.state_dir, mode=0o750, exist_ok=True)
+        self.config = config
+        self.interval = interval
+        self.path = os.path.join(config.state_dir, "reports.json")
+        self.report_dir = config.spool.get("report", config.spool["incoming"])
+        self.lock = threading.Condition()  # guards everything below
+        self.stopping = threading.Event()
+        self.thread = None
+        self.watched = collections.Counter()  # ids that requests wait for
+        self.where = {}  # watched id -> spool kind, or None once gone
+        self.pending = {}  # id -> time queued: report asked, not sent yet
+        self.awaiting = {}  # id -> [modem, message_ref, to, sent time]
+        self.outcomes = {}  # id -> {"status", "at", "detail"}
+        # directory -> {file name: (type, received, sender)}: incoming, and
+        # smsd's report directory when it has its own
+        self.seen = {
+            d: {} for d in dict.fromkeys([config.spool["incoming"], self.report_dir])
+        }
+        self.stamps = {}  # directory -> its mtime when last listed
+        self.swept = time.time()
+        self.idempotency = Idempotency(config)
+        state = read_json(self.path)
+        self.lost = state is None or state.get("version") != 1
+        if not self.lost:
+            self.pending = state.get("pending", {})
+            self.awaiting = state.get("awaiting", {})
+            self.outcomes = state.get("outcomes", {})
+
+    def save(self):
+        """Write the report index; called with the lock held."""
+        state = {
+            "version": 1,
+            "pending": self.pending,
+            "awaiting": self.awaiting,
+            "outcomes": self.outcomes,
+        }
+        try:
+            write_json_atomically(self.path, state, self.config.fsync)
+        except OSError as exc:
+            log.error("cannot save %s: %s", self.path, one_line(exc))
+
+    def rebuild(self):
+        """Learn from sent/ every message still waiting for its report."""
+        log.warning(
+            "delivery report index %s missing: rebuilding it from the spool", self.path
+        )
+        cutoff = time.time() - self.config.report_window
+        for name in filter(is_message_name, os.listdir(self.config.spool["sent"])):
+            message = read_message(self.config, "sent", name)
+            if message is not None and message.mtime > cutoff:
+                self.learn_sent(message)
+        self.lost = False
+        return True
+
+    # -- the tick ----------------------------------------------------------
+
+    def start(self):
+        self.thread = threading.Thread(
+            target=self.run, name="smsapi-watcher", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self):
+        self.stopping.set()
+        if self.thread:
+            self.thread.join(10)
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                self.tick()
+            except Exception:  # one odd file must not stop the watching
+                log.exception("watcher tick failed")
+            self.stopping.wait(self.interval)
+
+    def tick(self):
+        """One pass over what changed; then wake every waiting request."""
+        with self.lock:
+            changed = self.lost and self.rebuild()
+            changed |= self.follow_pending()
+            changed |= self.read_reports()
+            if time.time() - self.swept > 3600:
+                changed |= self.sweep()
+            if changed:
+                self.save()
+            for message_id in self.watched:
+                message = find_message(self.config, message_id)
+                self.where[message_id] = message.kind if message else None
+            self.lock.notify_all()
+
+    def expect_report(self, ids):
+        """Follow freshly queued ids until their status reports arrive."""
+        with self.lock:
+            self.pending.update(dict.fromkeys(ids, time.time()))
+            self.save()
+
+    def follow_pending(self):
+        """Move the pending ids that smsd has finished with out of pending."""
+        changed = False
+        for message_id in list(self.pending):
+            message = find_message(self.config, message_id)
+            if message is None or message.kind in FINAL:
+                del self.pending[message_id]
+                changed = True
+                if message is not None and message.kind == "sent":
+                    self.learn_sent(message)
+        return changed
+
+    def learn_sent(self, message):
+        """Remember a sent message by what its status report will carry."""
+        headers = message.headers
+        ref, sent = headers.get("Message_id", ""), smsd_time(headers.get("Sent"))
+        if headers.get("Report", "").lower() == "yes" and ref.isdigit() and sent:
+            self.awaiting[message.message_id] = [
+                headers.get("Modem", ""),
+                int(ref),
+                headers.get("To", ""),
+                sent,
+            ]
+
+    def read_reports(self):
+        """Read the files that are new in incoming (and the report directory)."""
+        changed = False
+        for directory, seen in self.seen.items():
+            try:
+                stamp = os.stat(directory).st_mtime_ns
+                if stamp == self.stamps.get(directory):
+                    continue
+                names = set(filter(is_message_name, os.listdir(directory)))
+            except OSError as exc:
+                log.error("cannot read %s: %s", directory, one_line(exc))
+                continue
+            self.stamps[directory] = stamp
+            for name in names.difference(seen):
+                entry = self.read_new(directory, name)
+                if entry is not None:
+                    seen[name] = entry
+                    changed |= entry[0] == "report"
+            for name in set(seen).difference(names):
+                del seen[name]
+        return changed
+
+    def read_new(self, directory, name):
+        """Attach a status report; return the file's inbox entry."""
+        try:
+            with open(os.path.join(directory, name), "rb") as file:
+                mtime = os.fstat(file.fileno()).st_mtime
+                headers, text = parse_message(file.read(MAX_SPOOL_FILE))
+        except OSError:
+            return None
+        received = smsd_time(headers.get("Received")) or mtime
+        report = parse_report(headers, text, received)
+        if report is not None:
+            self.attach(report)
+        return ("report" if report else "sms", received, headers.get("From", ""))
+
+    def attach(self, report):
+        """Give a report to the one sent message it can belong to, if any.
+
+        A candidate has the same modem, message reference and recipient, and
+        was sent before the report came, within report_window. Of several (the
+        reference wraps at 256) the one sent closest to the SMSC's timestamp
+        of the original, then the oldest, wins.
+        """
+        if report.outcome is None:
+            return  # the SMSC is still trying; a final report will follow
+        candidates = [
+            (abs(report.submitted - sent) if report.submitted else 0, sent, message_id)
+            for message_id, (modem, ref, to, sent) in self.awaiting.items()
+            if (modem, ref, to) == (report.modem, report.message_ref, report.to)
+            and sent - 60 <= report.received <= sent + self.config.report_window
+        ]
+        if candidates:
+            message_id = min(candidates)[2]
+            del self.awaiting[message_id]
+            self.outcomes[message_id] = {
+                "status": report.outcome,
+                "at": report.discharged,
+                "detail": report.detail,
+            }
+
+    def sweep(self):
+        """Forget what is older than report_window, and expired idempotency records."""
+        self.swept = now = time.time()
+        cutoff = now - self.config.report_window
+        stale = [i for i, entry in self.awaiting.items() if entry[3] < cutoff]
+        stale += [i for i, since in self.pending.items() if since < cutoff]
+        stale += [i for i in self.outcomes if find_message(self.config, i) is None]
+        for message_id in stale:
+            for index in (self.awaiting, self.pending, self.outcomes):
+                index.pop(message_id, None)
+        self.idempotency.expire()
+        return bool(stale)
+
+    # -- questions from requests ---------------------------------------------
+
+    def delivery(self, message_id):
+        """{"status": delivered|undelivered, "at", "detail"}, or None."""
+        return self.outcomes.get(message_id)
+
+    def entries(self, kind):
+        """(received, name, sender) of incoming files of kind, newest first."""
+        with self.lock:
+            seen = self.seen[self.config.spool["incoming"]]
+            found = [(e[1], n, e[2]) for n, e in seen.items() if e[0] == kind]
+        return sorted(found, reverse=True)
+
+    def wait(self, ids, done, deadline):
+        """Block until done(states) or the monotonic deadline; return the states.
+
+        states maps each id to (spool kind or None, delivery outcome or None).
+        """
+        with self.lock:
+            self.watched.update(ids)
+            for message_id in ids:
+                message = find_message(self.config, message_id)
+                self.where[message_id] = message.kind if message else None
+            try:
+                while True:
+                    states = {i: (self.where[i], self.outcomes.get(i)) for i in ids}
+                    remaining = deadline - time.monotonic()
+                    if done(states) or remaining <= 0:
+                        return states
+                    self.lock.wait(remaining)
+            finally:
+                self.watched.subtract(ids)
+                for message_id in ids:
+                    if self.watched[message_id] <= 0:
+                        del self.watched[message_id]
+                        self.where.pop(message_id, None)
+
+
+###############################################################################
 # HTTP helpers #################################################################
 ###############################################################################
 
@@ -594,9 +1042,10 @@ def is_message_name(name):
 class Request:
     """The parts of a WSGI environ a handler needs."""
 
-    def __init__(self, environ, config):
+    def __init__(self, environ, app):
         self.environ = environ
-        self.config = config
+        self.app = app
+        self.config = app.config
         self.method = environ["REQUEST_METHOD"].upper()
         self.path = environ.get("PATH_INFO", "") or "/"
         self.args = {}  # filled by the router
@@ -648,7 +1097,8 @@ def too_large(limit):
 def read_fields(request):
     """The send request's fields from JSON, a form, or the query string."""
     if request.method in ("GET", "HEAD"):
-        return form_fields(request.query)
+        fields = {k: v for k, v in request.query.items() if k not in CONTROL_PARAMS}
+        return form_fields(fields)
     media_type = request.header("Content-Type").split(";")[0].strip().lower()
     body = request.body()
     if media_type == "application/json" or media_type.endswith("+json"):
@@ -846,10 +1296,45 @@ SEND_FIELDS = frozenset(
         "class",
     ]
 )
+CONTROL_PARAMS = frozenset(["wait", "wait_for", "dry_run"])  # query only, never fields
+
+
+@dataclasses.dataclass(frozen=True)
+class SendPlan:
+    """A validated send request: everything needed to write its files."""
+
+    recipients: dict  # mobile as given -> normalised number
+    text: str
+    encoding: Encoding
+    options: list  # [(smsd header, value)]
+    report: bool
+    fingerprint: str  # what an Idempotency-Key is bound to
+
+    @property
+    def numbers(self):
+        return list(dict.fromkeys(self.recipients.values()))
 
 
 def send_message(request):
-    """Validate a send request completely, then queue one file per recipient."""
+    """Validate a send completely; then dry-run it, or queue it (once per key) and maybe wait."""
+    plan = plan_send(request)
+    if query_bool(request, "dry_run"):
+        return HTTPStatus.OK, describe_plan(plan)
+    wait = read_wait(request, plan)
+    key = request.header("Idempotency-Key")
+    if not key:
+        ids = {number: new_message_id() for number in plan.numbers}
+        return deliver(request, plan, ids, wait, retry=False)
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+        )
+    return send_once(request, plan, key, wait)
+
+
+def plan_send(request):
+    """Read and validate every field of a send request, or raise 4xx."""
     fields = read_fields(request)
     unknown = sorted(set(fields) - SEND_FIELDS)
     if unknown:
@@ -865,20 +1350,153 @@ def send_message(request):
             HTTPStatus.BAD_REQUEST,
             f"Text needs {encoding.parts} parts; the limit is {request.config.max_parts}",
         )
-    options = message_options(request.config, fields)
-    ids = {mobile: new_message_id() for mobile in dict.fromkeys(recipients.values())}
-    files = {
-        ids[mobile]: render_message(request.user.name, mobile, encoding, options)
-        for mobile in ids
+    user, config = request.user, request.config
+    report = fields.get("report")
+    if report is None:
+        report = user.report if user.report is not None else config.report
+        fields = dict(fields, report=report)
+    options = message_options(config, fields)
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=True, default=str)
+    return SendPlan(
+        recipients,
+        text,
+        encoding,
+        options,
+        bool(report),
+        hashlib.sha256(canonical.encode()).hexdigest(),
+    )
+
+
+def describe_plan(plan):
+    """What a send would do, for ?dry_run=1."""
+    non_gsm = non_gsm_chars(plan.text)
+    answer = {
+        "dry_run": True,
+        "recipients": plan.recipients,
+        "encoding": plan.encoding.alphabet,
+        "parts_count": plan.encoding.parts,
+        "units": plan.encoding.units,
+        "non_gsm_characters": non_gsm,
+        "headers": dict(plan.options),
+        "sent_text": plan.text,
     }
-    write_messages(request.config, files)
-    request.environ["smsapi.ids"] = list(files)
-    return HTTPStatus.CREATED, {
-        "message_id": {given: ids[mobile] for given, mobile in recipients.items()},
-        "parts_count": encoding.parts,
-        "sent_text": text,
-        "encoding": encoding.alphabet,
-    }
+    if plan.encoding.alphabet == "UCS2" and not non_gsm:
+        answer["ucs2_reason"] = (
+            "a two-septet character would straddle a part boundary, or the text has ¤"
+        )
+    return answer
+
+
+def read_wait(request, plan):
+    """(seconds, "sent" or "delivered") from ?wait=N&wait_for=..., or None."""
+    seconds = query_int(request, "wait", 0, 0, request.config.max_wait)
+    target = request.param("wait_for", "sent")
+    if target not in ("sent", "delivered"):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "wait_for must be sent or delivered")
+    if target == "delivered" and not plan.report:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, 'wait_for=delivered needs "report": true'
+        )
+    return (seconds, target) if seconds else None
+
+
+def send_once(request, plan, key, wait):
+    """Send under an Idempotency-Key: the first request does the work, repeats get its answer."""
+    store = request.app.watcher.idempotency
+    path = store.path(request.user.name, key)
+    with store.held(path):
+        record = store.load(path, plan.fingerprint)
+        if record and "response" in record:
+            request.environ["smsapi.replayed"] = True
+            return HTTPStatus(record["status"]), record["response"]
+        if record is None:
+            ids = {number: new_message_id() for number in plan.numbers}
+            record = {
+                "created": time.time(),
+                "fingerprint": plan.fingerprint,
+                "ids": ids,
+            }
+            store.save(path, record)  # before the files: a retry reuses these ids
+        status, data = deliver(request, plan, record["ids"], wait, retry=True)
+        store.save(path, dict(record, status=status.value, response=data))
+        return status, data
+
+
+def status_or_gone(request, message_id):
+    """message_status, or "gone" for a message deleted while we waited."""
+    try:
+        return message_status(request, message_id)
+    except ApiError:
+        return {"message_id": message_id, "status": "gone"}
+
+
+def deliver(request, plan, ids, wait, retry):
+    """Write one file per number (on a retry, only those not queued yet); then maybe wait."""
+    config, slots = request.config, request.app.waiters
+    if wait and not slots.acquire(blocking=False):
+        raise ApiError(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "Too many requests are waiting; try again or send without wait",
+            [("Retry-After", "5")],
+        )
+    try:
+        files = {
+            ids[number]: render_message(
+                request.user.name, number, plan.encoding, plan.options
+            )
+            for number in plan.numbers
+            if not retry or find_message(config, ids[number]) is None
+        }
+        write_messages(config, files)
+        request.environ["smsapi.ids"] = list(files)
+        if plan.report and files:
+            request.app.watcher.expect_report(list(files))
+        data = {
+            "message_id": {
+                given: ids[number] for given, number in plan.recipients.items()
+            },
+            "parts_count": plan.encoding.parts,
+            "sent_text": plan.text,
+            "encoding": plan.encoding.alphabet,
+        }
+        return wait_for(request, data, wait) if wait else (HTTPStatus.CREATED, data)
+    finally:
+        if wait:
+            slots.release()
+
+
+def wait_for(request, data, wait):
+    """Wait until every message is sent (or delivered): 201, 502 if any failed, 504 on time-out."""
+    seconds, target = wait
+    ids = list(dict.fromkeys(data["message_id"].values()))
+
+    def done(states):
+        if target == "delivered":
+            return all(kind == "failed" or outcome for kind, outcome in states.values())
+        return all(
+            kind != "outgoing" and kind != "checked" for kind, _ in states.values()
+        )
+
+    states = request.app.watcher.wait(ids, done, time.monotonic() + seconds)
+    data["messages"] = {i: status_or_gone(request, i) for i in ids}
+    if not done(states):
+        data["error"] = (
+            f"Timed out after {seconds} s waiting for {target}; the messages stay queued"
+        )
+        return HTTPStatus.GATEWAY_TIMEOUT, data
+    bad = [
+        i
+        for i, s in data["messages"].items()
+        if s["status"] in ("failed", "undelivered", "gone")
+    ]
+    if bad:
+        reasons = "; ".join(
+            f"{i}: {data['messages'][i].get('reason') or data['messages'][i]['status']}"
+            for i in bad
+        )
+        data["error"] = "Not all messages went through: " + reasons
+        return HTTPStatus.BAD_GATEWAY, data
+    return HTTPStatus.CREATED, data
 
 
 def read_recipients(request, mobiles):
@@ -1023,7 +1641,12 @@ def message_fields(message):
 
 def get_status(request):
     """Where a message is in smsd's lifecycle, found by name, never by a scan."""
-    message = find_message(request.config, request.args["message_id"])
+    return HTTPStatus.OK, message_status(request, request.args["message_id"])
+
+
+def message_status(request, message_id):
+    """The status answer of one message; 404 if missing or not visible."""
+    message = find_message(request.config, message_id)
     if message is None or not visible(request, message):
         raise not_found()
     headers = message.headers
@@ -1033,16 +1656,30 @@ def get_status(request):
     data = {"message_id": message.message_id, "status": status, "to": headers.get("To")}
     if status == "sent":
         data.update(sent_at=headers.get("Sent"), modem=headers.get("Modem"))
+        delivery = request.app.watcher.delivery(message_id)
+        if delivery:
+            data["status"] = delivery["status"]
+            key = (
+                "delivered_at"
+                if delivery["status"] == "delivered"
+                else "undelivered_at"
+            )
+            data.update({key: delivery["at"], "report": delivery["detail"]})
+            if delivery["status"] == "undelivered":
+                data["reason"] = delivery["detail"]
+        elif headers.get("Report", "").lower() == "yes":
+            data["report"] = "pending"
     elif status == "failed":
         data.update(failed_at=headers.get("Failed"), reason=headers.get("Fail_reason"))
-    return HTTPStatus.OK, data
+    return data
 
 
 def list_messages(request):
     """Ids in one spool the caller may see, newest first, a page at a time."""
     kind = request.args["kind"]
-    limit = query_int(request, "limit", 100, 1, 1000)
-    offset = query_int(request, "offset", 0, 0, 10**9)
+    if kind == "incoming":
+        return list_inbox(request)
+    limit, offset = page(request)
     names = list_names(request.config, kind)
     if not request.user.admin:
         names = [n for n in names if visible_name(request, kind, n)]
@@ -1051,6 +1688,80 @@ def list_messages(request):
         "total_count": len(names),
         "limit": limit,
         "offset": offset,
+    }
+
+
+def page(request):
+    """(limit, offset) from the query, bounded."""
+    return query_int(request, "limit", 100, 1, 1000), query_int(
+        request, "offset", 0, 0, 10**9
+    )
+
+
+def list_inbox(request):
+    """Received messages with sender, time and text, newest first, for polling scripts.
+
+    ?type=sms (default), report (status reports) or all; ?since=<ISO time or
+    id> keeps what came after it; ?from=<number> keeps one sender.
+    """
+    if not (request.user.admin or request.user.inbox):
+        return HTTPStatus.OK, {
+            "message_id": [],
+            "messages": [],
+            "total_count": 0,
+            "limit": 0,
+            "offset": 0,
+        }
+    limit, offset = page(request)
+    kinds = {"sms": ("sms",), "report": ("report",), "all": ("sms", "report")}.get(
+        request.param("type", "sms")
+    )
+    if kinds is None:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "type must be sms, report or all")
+    entries = sorted(
+        (e + (k,) for k in kinds for e in request.app.watcher.entries(k)), reverse=True
+    )
+    since = request.param("since")
+    if since:
+        after = read_since(since, entries)
+        entries = [e for e in entries if e[0] > after]
+    sender = request.param("from")
+    if sender is not None:
+        number = normalise_mobile(sender)
+        entries = [e for e in entries if e[2].lstrip("+") == number]
+    shown = entries[offset : offset + limit]
+    messages = [inbox_entry(request, *entry) for entry in shown]
+    return HTTPStatus.OK, {
+        "message_id": [m["message_id"] for m in messages],
+        "messages": messages,
+        "total_count": len(entries),
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+def read_since(since, entries):
+    """The received time that ?since= names: an ISO 8601 time, or a message id."""
+    for received, name, *_ in entries:
+        if name == since:
+            return received
+    try:
+        moment = datetime.datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, "since must be an ISO 8601 time or a message id"
+        ) from None
+    return moment.timestamp()
+
+
+def inbox_entry(request, received, name, sender, kind):
+    message = read_message(request.config, "incoming", name)
+    return {
+        "message_id": name,
+        "type": kind,
+        "from": sender,
+        "received": iso_time(received),
+        "text": message.text if message else None,
     }
 
 
@@ -1071,6 +1782,12 @@ def query_int(request, name, default, low, high):
     return int(value)
 
 
+def query_bool(request, name):
+    """A yes/no query parameter; absent is no."""
+    value = request.param(name)
+    return value is not None and form_bool(name, value or "yes")
+
+
 def cancel_message(request):
     """Delete a message: a user's own while queued; an admin's anything smsd is not sending."""
     config, kind, message_id = (
@@ -1085,7 +1802,8 @@ def cancel_message(request):
         raise ApiError(
             HTTPStatus.CONFLICT, "smsd is sending this message; it cannot be cancelled"
         )
-    if kind != "outgoing" and not request.user.admin:
+    may_delete = request.user.admin or kind == "incoming" and request.user.inbox
+    if kind != "outgoing" and not may_delete:
         raise ApiError(HTTPStatus.CONFLICT, "Only a queued message can be cancelled")
     path = message_path(config, kind, message_id)
     if kind == "outgoing":
@@ -1190,15 +1908,24 @@ def match_route(method, path):
 
 
 class Application:
-    """The WSGI application: route, authenticate, handle, answer JSON."""
+    """The WSGI application: route, authenticate, handle, answer JSON (or plain text)."""
 
-    def __init__(self, config):
+    def __init__(self, config, interval=1.0):
         self.config = config
         self.authenticator = Authenticator(config.users)
+        self.watcher = Watcher(config, interval)
+        self.waiters = threading.BoundedSemaphore(config.max_waiters)
+
+    def start(self):
+        """Start the background watcher (tests may call watcher.tick() instead)."""
+        self.watcher.start()
+
+    def close(self):
+        self.watcher.stop()
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
-        request = Request(environ, self.config)
+        request = Request(environ, self)
         status, headers, body = self.respond(request)
         headers.append(("Content-Length", str(len(body))))
         start_response(f"{status.value} {status.phrase}", headers)
@@ -1206,15 +1933,15 @@ class Application:
         return [b"" if request.method == "HEAD" else body]
 
     def respond(self, request):
-        """Status, headers and body for a request; every error becomes JSON here."""
+        """Status, headers and body for a request; every error is answered here."""
+        headers = []
         try:
             handler, auth, request.args = match_route(request.method, request.path)
             if auth:
                 authenticate(request, self.authenticator)
             status, data = handler(request)
-            return json_response(status, data)
         except ApiError as exc:
-            return json_response(exc.status, {"error": exc.message}, exc.headers)
+            status, data, headers = exc.status, {"error": exc.message}, exc.headers
         except OSError as exc:  # the spool, not the request, is at fault
             log.error(
                 "spool error on %s %s: %s",
@@ -1222,27 +1949,58 @@ class Application:
                 escape(request.path),
                 one_line(exc),
             )
-            return json_response(
-                HTTPStatus.SERVICE_UNAVAILABLE, {"error": "Spool is not readable"}
+            status, data = (
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": "Spool is not readable"},
             )
         except Exception:  # the one place the unexpected is caught
             log.exception(
                 "internal error on %s %s", request.method, escape(request.path)
             )
-            return json_response(
-                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "Internal server error"}
+            status, data = (
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                {"error": "Internal server error"},
             )
+        text = plain_text(data) if wants_plain_text(request) else None
+        if text is not None:
+            return (
+                status,
+                [("Content-Type", "text/plain; charset=utf-8")] + headers,
+                text.encode(),
+            )
+        return json_response(status, data, headers)
 
     def log_request(self, request, status, started):
         log.info(
-            "%s %s %d user=%s ids=%s %.1fms",
+            "%s %s %d user=%s ids=%s%s %.1fms",
             request.method,
             escape(request.path),
             status,
             escape(request.user.name) if request.user else "-",
             ",".join(request.environ.get("smsapi.ids", ())) or "-",
+            " (replayed)" if request.environ.get("smsapi.replayed") else "",
             (time.monotonic() - started) * 1000,
         )
+
+
+def wants_plain_text(request):
+    """True when the client asks for text/plain rather than JSON (curl in a shell script)."""
+    accept = request.header("Accept").lower()
+    return "text/plain" in accept and "json" not in accept
+
+
+def plain_text(data):
+    """The shell-friendly form of an answer: ids one per line, a status word, an error line."""
+    ids = data.get("message_id")
+    if "error" in data and not isinstance(ids, dict):
+        return data["error"] + "\n"
+    if isinstance(ids, dict):
+        return "".join(i + "\n" for i in dict.fromkeys(ids.values()))
+    if isinstance(ids, list):
+        return "".join(i + "\n" for i in ids)
+    if isinstance(data.get("status"), str):
+        return data["status"] + "\n"
+    return None
 
 
 ###############################################################################
@@ -1299,17 +2057,26 @@ def hash_password_command():
     return 0
 
 
-def serve(config, ready=None):
+def serve(config):
     """Serve the API until stopped; waitress when installed, else wsgiref."""
     clean_temp_files(config)
     if not config.users:
         log.warning("no [user:NAME] sections: every message request will be refused")
     app = Application(config)
+    app.start()
     try:
-        import waitress.server
+        return serve_waitress(config, app)
     except ImportError:
         log.warning("waitress is not installed; using the slower wsgiref server")
         return serve_wsgiref(config, app)
+    finally:
+        app.close()
+
+
+def serve_waitress(config, app):
+    """Run waitress on every listen address; ImportError if it is not installed."""
+    import waitress.server
+
     server = waitress.server.create_server(
         app,
         listen=" ".join(config.listen),

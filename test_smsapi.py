@@ -6,6 +6,7 @@ end-to-end tests run Debian's smsd against a GSM modem emulated on loopback.
 """
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from wsgiref.util import setup_testing_defaults
 from wsgiref.validate import validator
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.filterwarnings("error")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PASSWORDS = {
+    "quiet": "quiet-pass",
     "lvv": "SecretPAss",
     "ann": "ann-pass",
     "root": "r00t-pass",
@@ -54,8 +57,9 @@ def make_spool(root):
 
 def write_ini(root, spool, listen="127.0.0.1:0", extra=""):
     """An INI file with the test users over spool; returns its path."""
-    lines = ["[server]", "listen = " + listen, extra, "[spool]"]
-    lines += ["{} = {}".format(*item) for item in spool.items()]
+    state = os.path.join(str(root), "state")
+    lines = ["[server]", "listen = " + listen, "state_dir = " + state, extra, "[spool]"]
+    lines += [f"{kind} = {path}" for kind, path in spool.items()]
     lines += [
         "[user:lvv]",
         "password = " + HASHES["lvv"],
@@ -183,6 +187,7 @@ def put_file(spool, kind, name, headers, text="hello", alphabet=None):
 def test_config_shipped_file_is_loopback_with_no_users(tmp_path, spool):
     with open(os.path.join(HERE, "smsapi.ini")) as file:
         text = file.read().replace("/var/spool/sms", os.path.dirname(spool["outgoing"]))
+    text = text.replace("/var/lib/smsapi", str(tmp_path / "state"))
     path = tmp_path / "shipped.ini"
     path.write_text(text)
     config = smsapi.load_config(str(path))
@@ -795,6 +800,7 @@ def test_incoming_only_for_admins_and_inbox_users(app, spool):
             call(app, "GET", "/api/v1.0/sms/incoming/GSM1.AbC123", user=user).status
             == status
         )
+    app.watcher.tick()
     assert (
         call(app, "GET", "/api/v1.0/sms/incoming/", user="lvv").json()["message_id"]
         == []
@@ -962,6 +968,529 @@ def test_cancel_loses_the_race_to_smsd_with_409(config, spool):
 
 
 ###############################################################################
+# Lifecycle: delivery reports, waiting, idempotency, inbox, dry run ############
+###############################################################################
+
+SMSD_TIME = "%y-%m-%d %H:%M:%S"
+
+
+def smsd_sends(spool, message_id, ref, when=None, modem="GSM1"):
+    """Do what smsd does on success: move the file to sent/ and add its headers."""
+    when = time.time() if when is None else when
+    with open(os.path.join(spool["outgoing"], message_id), "rb") as file:
+        head, _, body = file.read().partition(b"\n\n")
+    os.remove(os.path.join(spool["outgoing"], message_id))
+    extra = f"\nModem: {modem}\nSent: {time.strftime(SMSD_TIME, time.localtime(when))}\nMessage_id: {ref}"
+    with open(os.path.join(spool["sent"], message_id), "wb") as file:
+        file.write(head + extra.encode() + b"\n\n" + body)
+
+
+def smsd_fails(spool, message_id, reason="+CMS ERROR: 500 (Unknown error)"):
+    with open(os.path.join(spool["outgoing"], message_id), "rb") as file:
+        head, _, body = file.read().partition(b"\n\n")
+    os.remove(os.path.join(spool["outgoing"], message_id))
+    extra = f"\nFailed: {time.strftime(SMSD_TIME)}\nFail_reason: {reason}"
+    with open(os.path.join(spool["failed"], message_id), "wb") as file:
+        file.write(head + extra.encode() + b"\n\n" + body)
+
+
+def smsd_reports(
+    spool, to, ref, code=0, received=None, submitted=None, modem="GSM1", kind="incoming"
+):
+    """Write a status report file as smsd files it (GSM1.xxxxxx in incoming)."""
+    received = time.time() if received is None else received
+    submitted = received if submitted is None else submitted
+    text = {
+        0: "0,Ok,short message received by the SME",
+        70: "70,Error,SM validity period expired",
+        48: "48,Temporary error,congestion",
+    }[code]
+    name = "GSM1." + base64.b32encode(os.urandom(5)).decode()[:6]
+    headers = {
+        "From": to,
+        "Sent": time.strftime(SMSD_TIME, time.localtime(submitted)),
+        "Received": time.strftime(SMSD_TIME, time.localtime(received)),
+        "Modem": modem,
+    }
+    body = f"SMS STATUS REPORT\nMessage_id: {ref}\nDischarge_timestamp: 26-11-24 10:00:00\nStatus: {text}"
+    put_file(spool, kind, name, headers, body, "UTF-8")
+    return name
+
+
+def status_of(app, message_id, user="lvv"):
+    return call(app, "GET", "/api/v1.0/sms/status/" + message_id, user=user).json()
+
+
+def sent_id(app, number="79680000000", **fields):
+    response = send(app, [number], **fields)
+    assert response.status == 201, response.body
+    return response.json()["message_id"][number]
+
+
+def test_report_option_defaults_from_user_then_server(tmp_path, spool):
+    path = write_ini(tmp_path, spool, extra="report = yes")
+    with open(path, "a") as file:
+        file.write(f"[user:quiet]\npassword = {HASHES['quiet']}\nreport = no\n")
+    app = smsapi.Application(smsapi.load_config(path))
+    for user, field, header in (
+        ("lvv", None, b"Report: yes"),
+        ("quiet", None, b"Report: no"),
+        ("lvv", False, b"Report: no"),
+        ("quiet", True, b"Report: yes"),
+    ):
+        fields = {} if field is None else {"report": field}
+        message_id = sent_id(app, user=user, **fields)
+        assert header in read_spool_file(spool, "outgoing", message_id)
+
+
+def test_delivery_report_attaches_to_its_message(app, spool):
+    delivered, undelivered = (
+        sent_id(app, report=True),
+        sent_id(app, "79680000001", report=True),
+    )
+    app.watcher.tick()
+    assert status_of(app, delivered) == {
+        "message_id": delivered,
+        "status": "queued",
+        "to": "79680000000",
+    }
+    smsd_sends(spool, delivered, 7)
+    smsd_sends(spool, undelivered, 8)
+    app.watcher.tick()
+    assert status_of(app, delivered)["report"] == "pending"
+    smsd_reports(spool, "79680000000", 7)
+    smsd_reports(spool, "79680000001", 8, code=70)
+    app.watcher.tick()
+    status = status_of(app, delivered)
+    assert (
+        status["status"] == "delivered"
+        and status["delivered_at"] == "26-11-24 10:00:00"
+    )
+    status = status_of(app, undelivered)
+    assert (
+        status["status"] == "undelivered"
+        and status["reason"] == "SM validity period expired"
+    )
+
+
+def test_delivery_report_never_attached_on_reference_alone(app, spool):
+    message_id = sent_id(app, report=True)
+    app.watcher.tick()
+    smsd_sends(spool, message_id, 9)
+    app.watcher.tick()
+    smsd_reports(spool, "79680000099", 9)  # another recipient
+    smsd_reports(spool, "79680000000", 9, modem="GSM2")  # another modem
+    smsd_reports(spool, "79680000000", 10)  # another reference
+    smsd_reports(
+        spool, "79680000000", 9, received=time.time() - 3600
+    )  # before it was sent
+    smsd_reports(spool, "79680000000", 9, code=48)  # the SMSC is still trying
+    app.watcher.tick()
+    assert status_of(app, message_id)["status"] == "sent"
+
+
+def test_delivery_reports_with_references_colliding_modulo_256(app, spool):
+    first, second = sent_id(app, report=True), sent_id(app, report=True)
+    app.watcher.tick()
+    now = time.time()
+    smsd_sends(spool, first, 42, when=now - 600)
+    smsd_sends(spool, second, 42, when=now - 5)
+    app.watcher.tick()
+    smsd_reports(spool, "79680000000", 42, code=70, received=now, submitted=now - 5)
+    app.watcher.tick()
+    assert status_of(app, second)["status"] == "undelivered"
+    assert status_of(app, first)["status"] == "sent"
+    smsd_reports(spool, "79680000000", 42, received=now, submitted=now - 600)
+    app.watcher.tick()
+    assert status_of(app, first)["status"] == "delivered"
+
+
+def test_delivery_index_survives_restart_and_is_rebuilt_when_lost(config, spool):
+    app = smsapi.Application(config)
+    kept, rebuilt = sent_id(app, report=True), sent_id(app, "79680000001", report=True)
+    app.watcher.tick()
+    smsd_sends(spool, kept, 1)
+    smsd_sends(spool, rebuilt, 2)
+    app.watcher.tick()
+    smsd_reports(spool, "79680000000", 1)
+    app.watcher.tick()
+    restarted = smsapi.Application(config)
+    assert (
+        status_of(restarted, kept)["status"] == "delivered"
+    )  # before any tick: from the saved index
+    os.remove(os.path.join(config.state_dir, "reports.json"))
+    smsd_reports(spool, "79680000001", 2)
+    lost = smsapi.Application(config)
+    lost.watcher.tick()
+    assert status_of(lost, rebuilt)["status"] == "delivered"
+    assert status_of(lost, kept)["status"] == "delivered"
+
+
+def test_reports_in_smsds_own_report_directory(tmp_path, spool):
+    spool = dict(
+        spool, report=os.path.join(os.path.dirname(spool["incoming"]), "report")
+    )
+    os.mkdir(spool["report"])
+    app = smsapi.Application(smsapi.load_config(write_ini(tmp_path, spool)))
+    message_id = sent_id(app, report=True)
+    app.watcher.tick()
+    smsd_sends(spool, message_id, 3)
+    app.watcher.tick()
+    smsd_reports(spool, "79680000000", 3, kind="report")
+    app.watcher.tick()
+    assert status_of(app, message_id)["status"] == "delivered"
+
+
+@pytest.fixture
+def running(config):
+    """An app whose watcher really runs, ticking fast."""
+    app = smsapi.Application(config, interval=0.05)
+    app.start()
+    yield app
+    app.close()
+
+
+def later(delay, action, *args, **kwargs):
+    """Do what smsd would do, after delay, in another thread."""
+    timer = threading.Timer(delay, action, args, kwargs)
+    timer.start()
+    return timer
+
+
+def wait_send(app, numbers, query="wait=5", user="lvv", **fields):
+    body = {"mobiles": numbers, "text": "wait for me", **fields}
+    return call(app, "POST", "/api/v1.0/sms/outgoing", body, user, query=query)
+
+
+def queued_ids(spool, count, timeout=5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = [n for n in os.listdir(spool["outgoing"]) if not n.startswith(".")]
+        if len(names) >= count:
+            return names
+        time.sleep(0.01)
+    raise AssertionError("nothing queued")
+
+
+def test_send_and_wait_answers_when_sent(running, spool):
+    later(0.3, lambda: smsd_sends(spool, queued_ids(spool, 1)[0], 1))
+    started = time.monotonic()
+    response = wait_send(running, ["79680000000"])
+    assert response.status == 201 and time.monotonic() - started < 3
+    (message_id,) = response.json()["message_id"].values()
+    assert response.json()["messages"][message_id]["status"] == "sent"
+
+
+def test_send_and_wait_502_when_any_failed(running, spool):
+    def smsd():
+        first, second = queued_ids(spool, 2)
+        smsd_sends(spool, first, 1)
+        smsd_fails(spool, second)
+
+    later(0.3, smsd)
+    response = wait_send(running, ["79680000000", "79680000001"])
+    assert response.status == 502
+    data = response.json()
+    assert "CMS ERROR: 500" in data["error"]
+    assert sorted(m["status"] for m in data["messages"].values()) == ["failed", "sent"]
+
+
+def test_send_and_wait_504_leaves_messages_queued(running, spool):
+    response = wait_send(running, ["79680000000"], query="wait=1")
+    assert response.status == 504
+    (message_id,) = response.json()["message_id"].values()
+    assert "stay queued" in response.json()["error"]
+    assert os.path.exists(os.path.join(spool["outgoing"], message_id))
+
+
+def test_send_and_wait_for_delivery(running, spool):
+    def smsd():
+        message_id = queued_ids(spool, 1)[0]
+        smsd_sends(spool, message_id, 5)
+        time.sleep(0.3)
+        smsd_reports(spool, "79680000000", 5)
+
+    later(0.2, smsd)
+    response = wait_send(
+        running, ["79680000000"], query="wait=5&wait_for=delivered", report=True
+    )
+    assert response.status == 201
+    assert [m["status"] for m in response.json()["messages"].values()] == ["delivered"]
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ("wait=61", "wait"),
+        ("wait=x", "wait"),
+        ("wait=5&wait_for=delivered", "report"),
+        ("wait=5&wait_for=read", "wait_for"),
+    ],
+)
+def test_send_and_wait_bad_parameters(app, spool, query, message):
+    response = wait_send(app, ["79680000000"], query=query)
+    assert response.status == 400 and message in response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+def test_send_and_wait_bounds_the_waiters(running, spool):
+    results = []
+    waiters = [
+        threading.Thread(
+            target=lambda: results.append(
+                wait_send(running, ["79680000000"], query="wait=2")
+            )
+        )
+        for _ in range(2)
+    ]
+    for thread in waiters:
+        thread.start()
+    queued_ids(spool, 2)
+    refused = wait_send(running, ["79680000001"], query="wait=2")
+    assert refused.status == 503 and refused.headers["Retry-After"]
+    assert send(running, ["79680000002"]).status == 201  # a plain send is never blocked
+    for thread in waiters:
+        thread.join()
+    assert [r.status for r in results] == [504, 504]
+    assert len(queued_ids(spool, 3)) == 3  # the refused one wrote nothing
+
+
+def idempotent(
+    app, key, text="once", user="lvv", numbers=("79680000000", "79680000001")
+):
+    body = {"mobiles": list(numbers), "text": text}
+    return call(
+        app, "POST", "/api/v1.0/sms/outgoing", body, user, {"Idempotency-Key": key}
+    )
+
+
+def test_idempotency_key_repeat_returns_the_first_answer(app, spool):
+    first = idempotent(app, "job-42")
+    files = spool_snapshot(spool)
+    again = idempotent(app, "job-42")
+    assert (
+        (again.status, again.json())
+        == (first.status, first.json())
+        == (201, first.json())
+    )
+    assert spool_snapshot(spool) == files and len(files) == 2
+    assert (
+        idempotent(app, "job-42", user="ann").json() != first.json()
+    )  # keys are per user
+    different = idempotent(app, "job-42", text="other")
+    assert different.status == 422
+    assert len(spool_snapshot(spool)) == 4
+
+
+def test_idempotency_key_holds_across_restart(config, spool):
+    first = idempotent(smsapi.Application(config), "nightly backup")
+    again = idempotent(smsapi.Application(config), "nightly backup")
+    assert again.json() == first.json() and len(spool_snapshot(spool)) == 2
+
+
+def test_idempotency_key_racing_requests_write_one_set(app, spool):
+    answers = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(idempotent(app, "race").json()))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(spool_snapshot(spool)) == 2
+    assert all(a == answers[0] for a in answers)
+
+
+def test_idempotency_key_retry_after_crash_finishes_the_same_files(app, config, spool):
+    # The crash came after the record and the first file, before the second.
+    store = app.watcher.idempotency
+    first = idempotent(app, "warm-up", numbers=["79680000000", "79680000001"])
+    record = smsapi.read_json(store.path("lvv", "warm-up"))
+    del record["response"], record["status"]
+    store.save(store.path("lvv", "crashed"), record)
+    survivor, lost = record["ids"]["79680000000"], record["ids"]["79680000001"]
+    os.remove(os.path.join(spool["outgoing"], lost))
+    smsd_sends(spool, survivor, 1)
+    retry = idempotent(app, "crashed", numbers=["79680000000", "79680000001"])
+    assert retry.status == 201 and retry.json() == first.json()
+    assert os.path.exists(os.path.join(spool["outgoing"], lost))
+    assert not os.path.exists(os.path.join(spool["outgoing"], survivor))
+
+
+def test_idempotency_key_expires_after_a_day(app, spool):
+    idempotent(app, "daily")
+    path = app.watcher.idempotency.path("lvv", "daily")
+    record = smsapi.read_json(path)
+    record["created"] -= 25 * 3600
+    smsapi.write_json_atomically(path, record)
+    assert idempotent(app, "daily").status == 201
+    assert len(spool_snapshot(spool)) == 4
+    record["created"] -= 0
+    smsapi.write_json_atomically(path, record)
+    app.watcher.idempotency.expire()
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("key", [" lead", "trail ", "x" * 256, "tab\tkey", "ключ"])
+def test_idempotency_key_must_be_printable(app, spool, key):
+    # A WSGI server hands header bytes over as latin-1 text.
+    response = idempotent(app, key.encode("utf-8").decode("latin-1"))
+    assert response.status == 400 and "Idempotency-Key" in response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+def test_inbox_lists_sender_time_text_without_reports(app, spool):
+    now = time.time()
+    for i, (sender, text) in enumerate(
+        [
+            ("358401111111", "first"),
+            ("358402222222", "second"),
+            ("358401111111", "third"),
+        ]
+    ):
+        path = put_file(
+            spool,
+            "incoming",
+            f"GSM1.m{i}",
+            {
+                "From": sender,
+                "Received": time.strftime(
+                    SMSD_TIME, time.localtime(now - 300 + 100 * i)
+                ),
+            },
+            text,
+            "UTF-8",
+        )
+        os.utime(path, (now, now))
+    smsd_reports(spool, "79680000000", 1)
+    app.watcher.tick()
+    data = call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox").json()
+    assert (
+        data["message_id"] == ["GSM1.m2", "GSM1.m1", "GSM1.m0"]
+        and data["total_count"] == 3
+    )
+    assert data["messages"][0] == {
+        "message_id": "GSM1.m2",
+        "type": "sms",
+        "from": "358401111111",
+        "received": smsapi.iso_time(
+            smsapi.smsd_time(time.strftime(SMSD_TIME, time.localtime(now - 100)))
+        ),
+        "text": "third",
+    }
+    page = call(
+        app,
+        "GET",
+        "/api/v1.0/sms/incoming/",
+        user="inbox",
+        query="since=GSM1.m0&limit=1",
+    ).json()
+    assert page["message_id"] == ["GSM1.m2"] and page["total_count"] == 2
+    since = smsapi.iso_time(now - 150)
+    query = "since=" + urllib.parse.quote(since) + "&from=%2B358401111111"
+    assert call(
+        app, "GET", "/api/v1.0/sms/incoming/", user="inbox", query=query
+    ).json()["message_id"] == ["GSM1.m2"]
+    reports = call(
+        app, "GET", "/api/v1.0/sms/incoming/", user="inbox", query="type=report"
+    ).json()
+    assert [m["type"] for m in reports["messages"]] == ["report"]
+    assert (
+        call(
+            app, "GET", "/api/v1.0/sms/incoming/", user="inbox", query="type=all"
+        ).json()["total_count"]
+        == 4
+    )
+    assert (
+        call(
+            app, "GET", "/api/v1.0/sms/incoming/", user="inbox", query="since=yesterday"
+        ).status
+        == 400
+    )
+
+
+def test_inbox_user_may_delete_received_messages(app, spool):
+    put_file(spool, "incoming", "GSM1.del", {"From": "358401111111"})
+    assert (
+        call(app, "DELETE", "/api/v1.0/sms/incoming/GSM1.del", user="lvv").status == 404
+    )
+    assert (
+        call(app, "DELETE", "/api/v1.0/sms/incoming/GSM1.del", user="inbox").status
+        == 200
+    )
+    assert spool_snapshot(spool) == {}
+
+
+def test_dry_run_describes_and_writes_nothing(app, spool):
+    body = {"mobiles": ["+7 968 000 00 00"], "text": "Voilà ça `x`", "flash": True}
+    response = call(
+        app, "POST", "/api/v1.0/sms/outgoing", body, "lvv", query="dry_run=1"
+    )
+    assert response.status == 200
+    assert response.json() == {
+        "dry_run": True,
+        "recipients": {"+7 968 000 00 00": "79680000000"},
+        "encoding": "UCS2",
+        "parts_count": 1,
+        "units": 12,
+        "non_gsm_characters": ["`", "ç"],
+        "headers": {"Flash": "yes"},
+        "sent_text": "Voilà ça `x`",
+    }
+    straddle = call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000000"], "text": "x" * 152 + "€" * 5},
+        "lvv",
+        query="dry_run=1",
+    ).json()
+    assert (
+        straddle["encoding"] == "UCS2"
+        and straddle["non_gsm_characters"] == []
+        and straddle["ucs2_reason"]
+    )
+    forbidden = call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["1234567"], "text": "x"},
+        "lvv",
+        query="dry_run=1",
+    )
+    assert forbidden.status == 403
+    assert spool_snapshot(spool) == {}
+
+
+def test_plain_text_answers_for_shell_scripts(app):
+    plain = {"Accept": "text/plain"}
+    response = call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000000", "79680000001"], "text": "x"},
+        "lvv",
+        plain,
+    )
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    ids = response.body.decode().splitlines()
+    assert len(ids) == 2 and all(i.startswith("smsapi.") for i in ids)
+    status = call(
+        app, "GET", "/api/v1.0/sms/status/" + ids[0], user="lvv", headers=plain
+    )
+    assert status.body == b"queued\n"
+    missing = call(
+        app, "GET", "/api/v1.0/sms/status/smsapi.none", user="lvv", headers=plain
+    )
+    assert (missing.status, missing.body) == (404, b"Not found\n")
+    query = "mobiles=79680000002&text=cron"
+    assert call(
+        app, "GET", "/api/v1.0/sms/outgoing", user="lvv", headers=plain, query=query
+    ).body.startswith(b"smsapi.")
+
+
+###############################################################################
 # Monitoring, authentication, routing ##########################################
 ###############################################################################
 
@@ -1076,11 +1605,8 @@ def test_head_has_headers_and_no_body(app):
 def test_spool_read_error_is_503_not_500(tmp_path, spool):
     broken = dict(spool, sent=str(tmp_path / "spool" / "sent-file"))
     open(broken["sent"], "w").close()
-    app = smsapi.Application(
-        smsapi.Config(
-            spool=broken, users=smsapi.load_config(write_ini(tmp_path, spool)).users
-        )
-    )
+    config = smsapi.load_config(write_ini(tmp_path, spool))
+    app = smsapi.Application(dataclasses.replace(config, spool=broken))
     response = call(app, "GET", "/api/v1.0/sms/sent/", user="lvv")
     assert response.status == 503 and "Traceback" not in response.body.decode()
 
@@ -1385,6 +1911,7 @@ class ModemEmulator:
         self.submits = []  # decoded SMS-SUBMITs, in order
         self.fail, self.undelivered = set(), set()
         self.storage = {}  # SIM index -> PDU hex
+        self.hold_reports, self.held = False, []  # status reports kept back
         self.mr = 0
         self.closed = False
         threading.Thread(target=self.accept, daemon=True).start()
@@ -1397,6 +1924,13 @@ class ModemEmulator:
         with self.lock:
             index = next(i for i in range(1, 21) if i not in self.storage)
             self.storage[index] = pdu
+
+    def release_reports(self, reverse=False):
+        """Put the held status reports into storage, newest first if reverse."""
+        self.hold_reports = False
+        for pdu in reversed(self.held) if reverse else self.held:
+            self.store(pdu)
+        self.held = []
 
     def parts_to(self, number):
         with self.lock:
@@ -1446,7 +1980,13 @@ class ModemEmulator:
                 return "\r\n+CMS ERROR: 500\r\n"
             self.mr = (self.mr + 1) % 256
             mr = self.mr
-        if info["srr"]:
+        if info["srr"] and self.hold_reports:
+            self.held.append(
+                status_report_pdu(
+                    mr, info["to"], info["to"] not in self.undelivered, time.time()
+                )
+            )
+        elif info["srr"]:
             self.store(
                 status_report_pdu(
                     mr, info["to"], info["to"] not in self.undelivered, time.time()
@@ -1521,6 +2061,10 @@ class SmsdStack:
             stderr=subprocess.DEVNULL,
         )
         self.api = Server(write_ini(root, self.spool), root)
+
+    def restart_api(self):
+        self.api.stop()
+        self.api = Server(os.path.join(self.root, "smsapi.ini"), self.root)
 
     def pause_smsd(self):
         os.killpg(self.smsd.pid, signal.SIGSTOP)
@@ -1765,27 +2309,121 @@ def test_smsd_inbox_gsm_and_ucs2(stack):
     )
 
 
-@needs_smsd
-def test_smsd_status_report_lands_in_incoming(stack):
-    _status, _, data = stack.api.request(
-        "POST",
-        "/api/v1.0/sms/outgoing",
-        {"mobiles": ["79680000041"], "text": "report me", "report": True},
-        "lvv",
+def post(stack, numbers, text="hello", user="lvv", query="", headers=None, **fields):
+    """POST a send to the live stack; returns (status, data)."""
+    body = json.dumps({"mobiles": numbers, "text": text, **fields}).encode()
+    req = urllib.request.Request(
+        stack.api.url + "/api/v1.0/sms/outgoing" + ("?" + query if query else ""),
+        data=body,
+        method="POST",
     )
-    message_id = data["message_id"]["79680000041"]
-    assert stack.wait_final(message_id)["status"] == "sent"
-    assert stack.modem.parts_to("79680000041")[0]["srr"]
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", auth(user))
+    for name, value in (headers or {}).items():
+        req.add_header(name, value)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
-    def report():
-        for name in os.listdir(stack.spool["incoming"]):
-            with open(os.path.join(stack.spool["incoming"], name), "rb") as file:
-                content = file.read().decode("utf-8", "replace")
-            if "SMS STATUS REPORT" in content and "79680000041" in content:
-                return content
-        return None
 
-    content = stack.wait_for(report, what="a status report")
-    assert re.search(r"Status: 0,", content)
-    sent = stack.api.request("GET", "/api/v1.0/sms/sent/" + message_id, user="lvv")[2]
-    assert "Message_id" in sent
+def wait_status(stack, message_id, wanted, timeout=60):
+    def reached():
+        status = stack.status(message_id)
+        return status if status.get("status") in wanted else None
+
+    return stack.wait_for(reached, timeout, f"{message_id} to become {wanted}")
+
+
+@needs_smsd
+@pytest.mark.parametrize("text", ["one part", "three parts " * 30])
+def test_smsd_delivery_reports_delivered_and_undelivered(stack, text):
+    good, bad = (
+        f"79680000{100 + len(text) % 100:03d}",
+        f"79680000{200 + len(text) % 100:03d}",
+    )
+    stack.modem.undelivered.add(bad)
+    status, data = post(stack, [good, bad], text, report=True)
+    assert status == 201
+    delivered = wait_status(
+        stack, data["message_id"][good], ("delivered", "undelivered")
+    )
+    undelivered = wait_status(
+        stack, data["message_id"][bad], ("delivered", "undelivered")
+    )
+    assert delivered["status"] == "delivered" and delivered["delivered_at"]
+    assert (
+        undelivered["status"] == "undelivered"
+        and undelivered["reason"] == "SM validity period expired"
+    )
+    parts = stack.modem.parts_to(good)
+    assert len(parts) == data["parts_count"] and all(p["srr"] for p in parts)
+
+
+@needs_smsd
+def test_smsd_delivery_reports_with_colliding_references(stack):
+    # Two messages to one number carry the same reference (it wraps at 256);
+    # both reports come back after both were sent, the later one first.
+    number = "79680000300"
+    stack.modem.hold_reports = True
+    stack.modem.mr = 99  # the next submit gets reference 100
+    first = post(stack, [number], "first", report=True)[1]["message_id"][number]
+    assert stack.wait_final(first)["status"] == "sent"
+    time.sleep(2)  # smsd's Sent times differ by whole seconds
+    stack.modem.undelivered.add(number)
+    stack.modem.mr = 99
+    second = post(stack, [number], "second", report=True)[1]["message_id"][number]
+    assert stack.wait_final(second)["status"] == "sent"
+    stack.modem.release_reports(reverse=True)
+    assert (
+        wait_status(stack, second, ("undelivered", "delivered"))["status"]
+        == "undelivered"
+    )
+    assert (
+        wait_status(stack, first, ("undelivered", "delivered"))["status"] == "delivered"
+    )
+    sent = [
+        stack.api.request("GET", "/api/v1.0/sms/sent/" + i, user="lvv")[2]
+        for i in (first, second)
+    ]
+    assert [m["Message_id"] for m in sent] == ["100", "100"]
+
+
+@needs_smsd
+def test_smsd_send_and_wait(stack):
+    stack.modem.fail.add("79680000402")
+    status, data = post(stack, ["79680000401"], query="wait=30")
+    assert status == 201 and next(iter(data["messages"].values()))["status"] == "sent"
+    status, data = post(stack, ["79680000401", "79680000402"], query="wait=30")
+    assert status == 502 and "CMS ERROR: 500" in data["error"]
+    status, data = post(
+        stack, ["79680000403"], query="wait=30&wait_for=delivered", report=True
+    )
+    assert (
+        status == 201 and next(iter(data["messages"].values()))["status"] == "delivered"
+    )
+    stack.pause_smsd()
+    try:
+        status, data = post(stack, ["79680000404"], query="wait=2")
+        assert (
+            status == 504
+            and next(iter(data["messages"].values()))["status"] == "queued"
+        )
+    finally:
+        stack.resume_smsd()
+    assert stack.wait_final(data["message_id"]["79680000404"])["status"] == "sent"
+
+
+@needs_smsd
+def test_smsd_idempotent_retry_after_restart(stack):
+    key = {"Idempotency-Key": "backup-2026-11-24"}
+    status, first = post(stack, ["79680000501"], "backup done", headers=key)
+    assert status == 201
+    stack.restart_api()
+    status, again = post(stack, ["79680000501"], "backup done", headers=key)
+    assert (status, again) == (201, first)
+    assert post(stack, ["79680000501"], "something else", headers=key)[0] == 422
+    assert stack.wait_final(first["message_id"]["79680000501"])["status"] == "sent"
+    time.sleep(2)  # a second file would be sent within this
+    assert len(stack.modem.parts_to("79680000501")) == 1
