@@ -35,6 +35,7 @@ import functools
 import getpass
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -158,6 +159,9 @@ class Config:
     max_waiters: int = 2
     report: bool = None  # default for "report" on send; None: smsd's setting
     report_window: int = 7 * 86400
+    connection_limit: int = 1000
+    channel_timeout: int = 60
+    trusted_proxies: tuple = ()
     spool: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPOOL))
     users: dict = dataclasses.field(default_factory=dict)
 
@@ -219,6 +223,14 @@ def parse_address(address):
     return host, int(port)
 
 
+def as_addresses(value):
+    """Space-separated IP addresses (of reverse proxies)."""
+    addresses = tuple(value.split())
+    for address in addresses:
+        ipaddress.ip_address(address)  # ValueError names the bad one
+    return addresses
+
+
 def as_queues(value):
     """Space-separated smsd queue (provider) names."""
     names = tuple(value.split())
@@ -267,6 +279,9 @@ SERVER_OPTIONS = {
     "max_waiters": as_count,
     "report": as_bool,
     "report_window": as_duration,
+    "connection_limit": as_count,
+    "channel_timeout": as_duration,
+    "trusted_proxies": as_addresses,
 }
 SPOOL_OPTIONS = {kind: as_path for kind in (*KINDS, "report")}
 USER_OPTIONS = {
@@ -1234,7 +1249,10 @@ class Authenticator:
         self.users = users
         self.key = secrets.token_bytes(32)
         self.verified = {}  # (user, stored hash) -> HMAC of the password
-        self.dummy = hash_password(secrets.token_urlsafe(16))
+        # Unknown users are checked against this: same cost, matches nothing.
+        salt, digest = b64(secrets.token_bytes(16)), b64(secrets.token_bytes(32))
+        self.dummy = f"$scrypt$ln={SCRYPT_N.bit_length() - 1},r={SCRYPT_R},p={SCRYPT_P}${salt}${digest}"
+        self.hashes_checked = 0  # scrypt runs: the same for every kind of failure
 
     def check(self, name, password):
         """The User for these credentials, or None; same cost for unknown users."""
@@ -1245,6 +1263,7 @@ class Authenticator:
         if cached is not None and hmac.compare_digest(cached, tag):
             return user
         # Every failure costs one scrypt, so timing tells nothing about names.
+        self.hashes_checked += 1
         n, r, p, salt, digest = parse_password_hash(stored)
         good = hmac.compare_digest(scrypt(password, salt, n, r, p), digest)
         if good and user is not None:
@@ -1253,21 +1272,102 @@ class Authenticator:
         return None
 
 
-def authenticate(request, authenticator):
-    """Set request.user from the Authorization header, or raise 401."""
+FAILURE_LIMIT, FAILURE_WINDOW, MAX_LOCKOUT = 10, 60.0, 900.0
+
+
+class Throttle:
+    """Slows password guessing down, per client address and per user name.
+
+    Ten failures within a minute from one address block that address. Ten
+    for one user block that user from the addresses that failed for it, so
+    the real user elsewhere keeps working. Every attempt while blocked counts
+    too and doubles the delay, up to 15 minutes; it costs no scrypt.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counters = {}  # key -> [failures, window start, blocked until]
+
+    def retry_after(self, address, user):
+        """Whole seconds the caller must wait before trying again, or 0."""
+        now = time.monotonic()
+        with self.lock:
+            keys = [("address", address)]
+            if self.live(("pair", user, address), now):
+                keys.append(("user", user))
+            blocked = [k for k in keys if self.counters.get(k, (0, 0, 0))[2] > now]
+            if not blocked:
+                return 0
+            for key in blocked:  # hammering while blocked makes it longer
+                self.count(key, now)
+            return max(math.ceil(self.counters[k][2] - now) for k in blocked)
+
+    def failed(self, address, user):
+        """Count one failed attempt by address for user."""
+        now = time.monotonic()
+        with self.lock:
+            for key in (("address", address), ("user", user), ("pair", user, address)):
+                self.count(key, now)
+            if len(self.counters) > 100_000:
+                self.prune(now)
+
+    def live(self, key, now):
+        entry = self.counters.get(key)
+        return entry is not None and (now - entry[1] < FAILURE_WINDOW or entry[2] > now)
+
+    def count(self, key, now):
+        entry = self.counters.get(key)
+        if entry is None or not self.live(key, now):
+            entry = self.counters[key] = [0, now, 0.0]
+        entry[0] += 1
+        if entry[0] >= FAILURE_LIMIT:
+            entry[2] = now + min(2.0 ** (entry[0] - FAILURE_LIMIT), MAX_LOCKOUT)
+
+    def prune(self, now):
+        for key in [k for k in self.counters if not self.live(k, now)]:
+            del self.counters[key]
+
+
+def client_address(request):
+    """The caller's address; behind a trusted proxy, the one it forwarded."""
+    address = request.environ.get("REMOTE_ADDR", "")
+    if address in request.config.trusted_proxies:
+        forwarded = request.header("X-Forwarded-For").split(",")[-1].strip()
+        address = forwarded or address
+    return address
+
+
+def authenticate(request, authenticator, throttle):
+    """Set request.user from the Authorization header, or raise 401 (429 when throttled)."""
     scheme, _, credentials = request.header("Authorization").strip().partition(" ")
-    if scheme.lower() != "basic":
-        raise unauthorized()
-    try:
-        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise unauthorized() from None
-    name, colon, password = decoded.partition(":")
-    if not colon:
-        raise unauthorized()
-    request.user = authenticator.check(name, password)
+    name, password = "", None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode(
+                "utf-8"
+            )
+        except (binascii.Error, ValueError):
+            decoded = ""
+        name, colon, password = decoded.partition(":")
+        password = password if colon else None
+    address = client_address(request)
+    wait = throttle.retry_after(address, name)
+    if wait:
+        log.warning("throttled: %s for user %s", escape(address), escape(name))
+        raise ApiError(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            "Too many failed logins; retry later",
+            [("Retry-After", str(wait))],
+        )
+    request.user = None if password is None else authenticator.check(name, password)
     if request.user is None:
-        log.warning("authentication failed for user %s", escape(name))
+        if scheme:  # no header at all is a client asking for the challenge
+            throttle.failed(address, name)
+            log.warning(
+                "authentication failed for user %s from %s",
+                escape(name),
+                escape(address),
+            )
         raise unauthorized()
 
 
@@ -1836,6 +1936,11 @@ def take_from_smsd(config, path, message_id):
         )
 
 
+def openapi(request):
+    """The OpenAPI 3 document of this API."""
+    return HTTPStatus.OK, request.app.openapi
+
+
 def monitoring(request):
     """Is the spool usable? 200 {"monitoring": "ok"} or 503 with the reason."""
     problems = [p.split(": ", 1)[-1] for p in check_spool(request.config)]
@@ -1848,6 +1953,394 @@ def monitoring(request):
 
 
 ###############################################################################
+# OpenAPI document #############################################################
+###############################################################################
+
+
+def schema_ref(name):
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def answer(description, schema, plain=False):
+    """An OpenAPI response: JSON, and the text/plain form where there is one."""
+    content = {"application/json": {"schema": schema}}
+    if plain:
+        content["text/plain"] = {"schema": {"type": "string"}}
+    return {"description": description, "content": content}
+
+
+def errors(*codes):
+    """The error responses of a route, all {"error": "..."}."""
+    return {
+        str(c): answer(HTTPStatus(c).phrase, schema_ref("Error"), plain=True)
+        for c in codes
+    }
+
+
+def query(name, schema, description):
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def required(parameter):
+    return dict(parameter, required=True)
+
+
+STRING = {"type": "string"}
+MOBILE_SCHEMA = r"^\+?[1-9][0-9]{2,14}$"
+VALIDITY_SCHEMA = "^[0-9]{1,3}(min|hour|day|week|month|year)$"
+NUMBERS = {"type": "string", "pattern": r"^\+?[1-9][0-9]{2,14}(,\+?[1-9][0-9]{2,14})*$"}
+NULLABLE_STRING = {"type": "string", "nullable": True}
+SEND_PROPERTIES = {
+    "mobiles": {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "string",
+            "pattern": MOBILE_SCHEMA,
+            "example": "+79680000000",
+        },
+    },
+    "text": {"type": "string", "minLength": 1, "example": "Hi, Jack!"},
+    "queue": STRING,
+    "flash": {"type": "boolean"},
+    "report": {"type": "boolean"},
+    "priority": {"type": "string", "enum": ["high", "normal"]},
+    "validity": {"type": "string", "pattern": VALIDITY_SCHEMA, "example": "2hour"},
+    "retries": {"type": "integer", "minimum": 0, "maximum": 100},
+    "class": {"type": "integer", "minimum": 0, "maximum": 3},
+}
+MESSAGE_STATUS = {
+    "type": "object",
+    "required": ["message_id", "status"],
+    "properties": {
+        "message_id": STRING,
+        "status": {
+            "type": "string",
+            "enum": [
+                "queued",
+                "sending",
+                "sent",
+                "failed",
+                "delivered",
+                "undelivered",
+                "gone",
+            ],
+        },
+        "to": NULLABLE_STRING,
+        "sent_at": NULLABLE_STRING,
+        "modem": NULLABLE_STRING,
+        "failed_at": NULLABLE_STRING,
+        "reason": NULLABLE_STRING,
+        "delivered_at": STRING,
+        "undelivered_at": STRING,
+        "report": STRING,
+    },
+}
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": STRING}},
+    "Send": {
+        "type": "object",
+        "required": ["mobiles", "text"],
+        "additionalProperties": False,
+        "properties": SEND_PROPERTIES,
+    },
+    "Sent": {
+        "type": "object",
+        "required": ["message_id", "parts_count", "sent_text", "encoding"],
+        "properties": {
+            "message_id": {
+                "type": "object",
+                "additionalProperties": STRING,
+                "description": "each number as given -> the id of its message",
+            },
+            "parts_count": {"type": "integer", "minimum": 1},
+            "sent_text": STRING,
+            "encoding": {"type": "string", "enum": ["GSM", "UCS2"]},
+            "messages": {
+                "type": "object",
+                "additionalProperties": MESSAGE_STATUS,
+                "description": "with ?wait: each message's status",
+            },
+            "error": {"type": "string", "description": "with ?wait, on 502 and 504"},
+        },
+    },
+    "DryRun": {
+        "type": "object",
+        "required": [
+            "dry_run",
+            "recipients",
+            "encoding",
+            "parts_count",
+            "units",
+            "non_gsm_characters",
+        ],
+        "properties": {
+            "dry_run": {"type": "boolean"},
+            "recipients": {"type": "object", "additionalProperties": STRING},
+            "encoding": {"type": "string", "enum": ["GSM", "UCS2"]},
+            "parts_count": {"type": "integer"},
+            "units": {"type": "integer"},
+            "non_gsm_characters": {"type": "array", "items": STRING},
+            "headers": {"type": "object", "additionalProperties": STRING},
+            "sent_text": STRING,
+            "ucs2_reason": STRING,
+        },
+    },
+    "Status": MESSAGE_STATUS,
+    "MessageFile": {
+        "type": "object",
+        "required": ["message_id"],
+        "description": "every header of the smsd file as a key, plus message_id and text",
+        "properties": {"message_id": STRING, "text": NULLABLE_STRING},
+        "additionalProperties": STRING,
+    },
+    "List": {
+        "type": "object",
+        "required": ["message_id", "total_count", "limit", "offset"],
+        "properties": {
+            "message_id": {"type": "array", "items": STRING},
+            "total_count": {"type": "integer"},
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "messages": {
+                "type": "array",
+                "description": "incoming only: the received messages themselves",
+                "items": {
+                    "type": "object",
+                    "required": ["message_id", "type", "from", "received", "text"],
+                    "properties": {
+                        "message_id": STRING,
+                        "type": {"type": "string", "enum": ["sms", "report"]},
+                        "from": STRING,
+                        "received": STRING,
+                        "text": NULLABLE_STRING,
+                    },
+                },
+            },
+        },
+    },
+    "Deleted": {
+        "type": "object",
+        "required": ["message_id", "deleted"],
+        "properties": {"message_id": STRING, "deleted": {"type": "boolean"}},
+    },
+    "Monitoring": {
+        "type": "object",
+        "required": ["monitoring"],
+        "properties": {
+            "monitoring": {"type": "string", "enum": ["ok", "fail"]},
+            "error": STRING,
+        },
+    },
+}
+KIND = {
+    "name": "kind",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "enum": list(KINDS)},
+}
+MESSAGE_ID_PARAM = {
+    "name": "message_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^" + MESSAGE_ID.pattern + "$"},
+}
+
+
+def send_control(config):
+    """The query and header parameters of a send."""
+    return [
+        query(
+            "wait",
+            {"type": "integer", "minimum": 0, "maximum": config.max_wait},
+            "answer once sent, at most N seconds",
+        ),
+        query(
+            "wait_for",
+            {"type": "string", "enum": ["sent", "delivered"]},
+            "what ?wait waits for",
+        ),
+        query(
+            "dry_run",
+            {"type": "string", "enum": ["1", "0", "yes", "no"]},
+            "say what would be sent, write nothing",
+        ),
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            "description": "send once per key and user",
+        },
+    ]
+
+
+SEND_ANSWERS = {
+    "200": answer("Dry run: what a send would do", schema_ref("DryRun")),
+    "201": answer(
+        "Queued (or, with ?wait, sent or delivered)", schema_ref("Sent"), plain=True
+    ),
+    "502": answer(
+        "With ?wait: a message failed or was not delivered",
+        schema_ref("Sent"),
+        plain=True,
+    ),
+    "504": answer(
+        "With ?wait: time ran out, the messages stay queued",
+        schema_ref("Sent"),
+        plain=True,
+    ),
+    **errors(400, 401, 403, 413, 415, 422, 429, 503, 507),
+}
+SECURED = [{"basic": []}]
+
+
+def openapi_document(config):
+    """The OpenAPI 3 description of this API, built from the tables above."""
+    sms = API + "/sms"
+    queues = {"type": "string", "enum": list(config.queues) or [""]}
+    send = dict(SCHEMAS["Send"], properties=dict(SEND_PROPERTIES, queue=queues))
+    form = {
+        "type": "object",
+        "required": ["mobiles", "text"],
+        "properties": dict(send["properties"], mobiles=NUMBERS),
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "smsapi",
+            "version": __version__,
+            "description": "HTTP API for the SMS Server Tools 3 spool",
+        },
+        "components": {
+            "schemas": dict(SCHEMAS, Send=send),
+            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+        },
+        "paths": {
+            API + "/monitoring": {
+                "get": {
+                    "summary": "Is the spool usable?",
+                    "security": [],
+                    "responses": {
+                        "200": answer("Usable", schema_ref("Monitoring")),
+                        "503": answer(
+                            "Not usable, with the reason", schema_ref("Monitoring")
+                        ),
+                    },
+                }
+            },
+            API + "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {"200": answer("OpenAPI 3", {"type": "object"})},
+                }
+            },
+            sms + "/outgoing": {
+                "post": {
+                    "summary": "Send a text to one or more numbers",
+                    "security": SECURED,
+                    "parameters": send_control(config),
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": schema_ref("Send")},
+                            "application/x-www-form-urlencoded": {"schema": form},
+                        },
+                    },
+                    "responses": SEND_ANSWERS,
+                },
+                "get": {
+                    "summary": "Send, for scripts that can only GET",
+                    "security": SECURED,
+                    "parameters": [
+                        required(query("mobiles", NUMBERS, "numbers, comma-separated")),
+                        required(
+                            query(
+                                "text", {"type": "string", "minLength": 1}, "the text"
+                            )
+                        ),
+                        *send_control(config),
+                    ],
+                    "responses": SEND_ANSWERS,
+                },
+            },
+            sms + "/status/{message_id}": {
+                "get": {
+                    "summary": "Where a message is now",
+                    "security": SECURED,
+                    "parameters": [MESSAGE_ID_PARAM],
+                    "responses": {
+                        "200": answer("Status", schema_ref("Status"), plain=True),
+                        **errors(401, 404, 429, 503),
+                    },
+                }
+            },
+            sms + "/{kind}/": {
+                "get": {
+                    "summary": "Messages in one spool, newest first",
+                    "security": SECURED,
+                    "parameters": [
+                        KIND,
+                        query(
+                            "limit",
+                            {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "page size",
+                        ),
+                        query(
+                            "offset", {"type": "integer", "minimum": 0}, "page start"
+                        ),
+                        query(
+                            "type",
+                            {"type": "string", "enum": ["sms", "report", "all"]},
+                            "incoming only",
+                        ),
+                        query(
+                            "since",
+                            {"type": "string"},
+                            "incoming only: ISO 8601 time or message id",
+                        ),
+                        query(
+                            "from", {"type": "string"}, "incoming only: sender number"
+                        ),
+                    ],
+                    "responses": {
+                        "200": answer("A page", schema_ref("List"), plain=True),
+                        **errors(400, 401, 404, 429, 503),
+                    },
+                }
+            },
+            sms + "/{kind}/{message_id}": {
+                "get": {
+                    "summary": "One message file",
+                    "security": SECURED,
+                    "parameters": [KIND, MESSAGE_ID_PARAM],
+                    "responses": {
+                        "200": answer("Headers and text", schema_ref("MessageFile")),
+                        **errors(401, 404, 429, 503),
+                    },
+                },
+                "delete": {
+                    "summary": "Cancel a queued message, or delete one",
+                    "security": SECURED,
+                    "parameters": [KIND, MESSAGE_ID_PARAM],
+                    "responses": {
+                        "200": answer("Deleted", schema_ref("Deleted")),
+                        **errors(401, 404, 409, 429, 503),
+                    },
+                },
+            },
+        },
+    }
+
+
+###############################################################################
 # Routes #######################################################################
 ###############################################################################
 
@@ -1855,6 +2348,7 @@ def monitoring(request):
 #: {message_id} is one path segment, checked against MESSAGE_ID by the spool.
 ROUTES = [
     ("GET", API + "/monitoring", monitoring, False),
+    ("GET", API + "/openapi.json", openapi, False),
     ("POST GET", API + "/sms/outgoing", send_message, True),
     ("GET", API + "/sms/status/{message_id}", get_status, True),
     ("GET", API + "/sms/{kind}/", list_messages, True),
@@ -1913,6 +2407,8 @@ class Application:
     def __init__(self, config, interval=1.0):
         self.config = config
         self.authenticator = Authenticator(config.users)
+        self.throttle = Throttle()
+        self.openapi = openapi_document(config)
         self.watcher = Watcher(config, interval)
         self.waiters = threading.BoundedSemaphore(config.max_waiters)
 
@@ -1938,7 +2434,7 @@ class Application:
         try:
             handler, auth, request.args = match_route(request.method, request.path)
             if auth:
-                authenticate(request, self.authenticator)
+                authenticate(request, self.authenticator, self.throttle)
             status, data = handler(request)
         except ApiError as exc:
             status, data, headers = exc.status, {"error": exc.message}, exc.headers
@@ -2085,6 +2581,9 @@ def serve_waitress(config, app):
         # waitress answers absurd bodies itself; up to this much, the app
         # gives the JSON 413 after looking at Content-Length.
         max_request_body_size=config.max_body * 16,
+        connection_limit=config.connection_limit,
+        channel_timeout=config.channel_timeout,
+        asyncore_use_poll=True,  # select() stops at 1024 descriptors
     )
     for address in listen_urls(server):
         log.info("smsapi %s listening on %s", __version__, address)

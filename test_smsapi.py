@@ -7,6 +7,8 @@ end-to-end tests run Debian's smsd against a GSM modem emulated on loopback.
 
 import base64
 import dataclasses
+import errno
+import http.client
 import io
 import json
 import os
@@ -25,6 +27,8 @@ import urllib.request
 from wsgiref.util import setup_testing_defaults
 from wsgiref.validate import validator
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 import smsapi
@@ -109,9 +113,19 @@ class Response:
         return json.loads(self.body.decode("utf-8"))
 
 
-def call(app, method, path, body=None, user=None, headers=None, query=""):
+def call(
+    app,
+    method,
+    path,
+    body=None,
+    user=None,
+    headers=None,
+    query="",
+    remote_addr="127.0.0.1",
+):
     """Run one request through the app, checked by wsgiref's validator."""
     environ = {
+        "REMOTE_ADDR": remote_addr,
         "REQUEST_METHOD": method,
         "SCRIPT_NAME": "",
         "PATH_INFO": path,
@@ -1491,6 +1505,536 @@ def test_plain_text_answers_for_shell_scripts(app):
 
 
 ###############################################################################
+# Reliability and security #####################################################
+###############################################################################
+
+
+def remote(app, method, path, address, user=None, password=None):
+    """A request from another client address, with explicit credentials."""
+    environ_user = None
+    headers = {}
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = "Basic " + token
+    return call(
+        app, method, path, user=environ_user, headers=headers, remote_addr=address
+    )
+
+
+def test_throttle_blocks_a_guessing_address_but_not_the_real_user_elsewhere(app):
+    for _ in range(10):
+        assert (
+            remote(
+                app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "lvv", "guess"
+            ).status
+            == 401
+        )
+    blocked = remote(
+        app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "lvv", PASSWORDS["lvv"]
+    )
+    assert blocked.status == 429 and int(blocked.headers["Retry-After"]) >= 1
+    assert (
+        remote(
+            app, "GET", "/api/v1.0/sms/sent/", "198.51.100.1", "lvv", PASSWORDS["lvv"]
+        ).status
+        == 200
+    )
+    assert (
+        remote(
+            app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "ann", PASSWORDS["ann"]
+        ).status
+        == 429
+    )
+
+
+def test_throttle_per_user_across_addresses(app):
+    for i in range(10):
+        remote(app, "GET", "/api/v1.0/sms/sent/", f"192.0.2.{i}", "lvv", "guess")
+    # every guessing address is now blocked for lvv; ann from there, and lvv elsewhere, are not
+    assert (
+        remote(
+            app, "GET", "/api/v1.0/sms/sent/", "192.0.2.3", "lvv", PASSWORDS["lvv"]
+        ).status
+        == 429
+    )
+    assert (
+        remote(
+            app, "GET", "/api/v1.0/sms/sent/", "192.0.2.3", "ann", PASSWORDS["ann"]
+        ).status
+        == 200
+    )
+    assert (
+        remote(
+            app, "GET", "/api/v1.0/sms/sent/", "203.0.113.9", "lvv", PASSWORDS["lvv"]
+        ).status
+        == 200
+    )
+
+
+def test_throttle_delay_grows_and_costs_no_scrypt(app):
+    for _ in range(10):
+        remote(app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "nobody", "x")
+    checked = app.authenticator.hashes_checked
+    delays = [
+        int(
+            remote(
+                app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "nobody", "x"
+            ).headers["Retry-After"]
+        )
+        for _ in range(4)
+    ]
+    assert delays == sorted(delays) and delays[-1] >= 4 * delays[0]
+    assert app.authenticator.hashes_checked == checked
+
+
+def test_throttle_trusts_forwarded_address_only_from_a_trusted_proxy(tmp_path, spool):
+    app = smsapi.Application(
+        smsapi.load_config(
+            write_ini(tmp_path, spool, extra="trusted_proxies = 127.0.0.1")
+        )
+    )
+    bad = {"Authorization": "Basic " + base64.b64encode(b"lvv:guess").decode()}
+    for _ in range(10):
+        call(
+            app,
+            "GET",
+            "/api/v1.0/sms/sent/",
+            headers=dict(bad, **{"X-Forwarded-For": "192.0.2.7"}),
+        )
+    good = {"Authorization": auth("lvv")}
+    assert (
+        call(
+            app,
+            "GET",
+            "/api/v1.0/sms/sent/",
+            headers=dict(good, **{"X-Forwarded-For": "192.0.2.7"}),
+        ).status
+        == 429
+    )
+    assert (
+        call(
+            app,
+            "GET",
+            "/api/v1.0/sms/sent/",
+            headers=dict(good, **{"X-Forwarded-For": "192.0.2.8"}),
+        ).status
+        == 200
+    )
+    # an untrusted client cannot pick its address
+    spoofed = dict(good, **{"X-Forwarded-For": "192.0.2.8"})
+    for _ in range(10):
+        remote(app, "GET", "/api/v1.0/sms/sent/", "198.51.100.5", "lvv", "guess")
+    assert (
+        call(
+            app,
+            "GET",
+            "/api/v1.0/sms/sent/",
+            headers=spoofed,
+            remote_addr="198.51.100.5",
+        ).status
+        == 429
+    )
+
+
+def test_auth_every_failure_costs_the_same_one_scrypt(config):
+    checker = smsapi.Authenticator(config.users)
+    password = PASSWORDS["lvv"]
+    checker.check("lvv", password)
+    for name, attempt in (
+        ("lvv", "X" + password[1:]),
+        ("lvv", password[:-1] + "X"),
+        ("nobody", password),
+        ("lvv", ""),
+        ("lvv", password * 50),
+    ):
+        before = checker.hashes_checked
+        assert checker.check(name, attempt) is None
+        assert checker.hashes_checked == before + 1
+    before = checker.hashes_checked
+    assert checker.check("lvv", password) is config.users["lvv"]
+    assert checker.hashes_checked == before  # a known good credential costs one HMAC
+
+
+def test_isolation_a_user_cannot_reach_another_users_message(app, spool):
+    message_id = sent_id(app)
+    for method, path in (
+        ("GET", "/api/v1.0/sms/outgoing/"),
+        ("GET", "/api/v1.0/sms/status/"),
+        ("DELETE", "/api/v1.0/sms/outgoing/"),
+    ):
+        response = call(app, method, path + message_id, user="ann")
+        assert (response.status, response.json()) == (404, {"error": "Not found"})
+    assert (
+        message_id
+        not in call(app, "GET", "/api/v1.0/sms/outgoing/", user="ann").json()[
+            "message_id"
+        ]
+    )
+    assert os.path.exists(os.path.join(spool["outgoing"], message_id))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "+79990000000",
+        "7 999 000 00 00",
+        "007968000000",
+        "0079680000000",
+        "+7968０000000",
+        "٧٩٦٨٠٠٠٠٠٠٠",
+        "79680000000\u200b",
+        "+ 7968000000x",
+    ],
+)
+def test_isolation_allow_list_holds_for_every_spelling(app, spool, spelling):
+    response = send(app, [spelling])
+    assert response.status in (400, 403)
+    assert spool_snapshot(spool) == {}
+
+
+def test_hostile_ten_thousand_recipients(app, spool):
+    numbers = [f"7968{i:07d}" for i in range(10000)]
+    assert send(app, numbers).status == 413  # 170 kB: over max_body
+    big = smsapi.Application(dataclasses.replace(app.config, max_body=1 << 20))
+    response = send(big, numbers)
+    assert response.status == 400 and "Too many recipients" in response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+def test_hostile_header_injection_through_every_field(app, spool):
+    for fields in (
+        {"mobiles": ["79680000000\nInclude: /etc/shadow"], "text": "x"},
+        {
+            "mobiles": ["79680000000"],
+            "text": "x",
+            "queue": "fast\nInclude: /etc/shadow",
+        },
+        {
+            "mobiles": ["79680000000"],
+            "text": "x",
+            "validity": "1day\nInclude: /etc/shadow",
+        },
+        {
+            "mobiles": ["79680000000"],
+            "text": "x",
+            "priority": "high\nInclude: /etc/shadow",
+        },
+    ):
+        assert call(app, "POST", "/api/v1.0/sms/outgoing", fields, "lvv").status == 400
+    assert spool_snapshot(spool) == {}
+    message_id = sent_id(app, text="line\n\nInclude: /etc/shadow\nTo: 1")
+    head = read_spool_file(spool, "outgoing", message_id).split(b"\n\n")[0]
+    assert head == b"From: lvv\nTo: 79680000000\nAlphabet: UTF-8"
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(tmp_path_factory):
+    """One app and spool for every hypothesis example."""
+    root = tmp_path_factory.mktemp("fuzz")
+    spool = make_spool(root)
+    return smsapi.Application(smsapi.load_config(write_ini(root, spool))), spool
+
+
+@hypothesis.settings(
+    max_examples=300, deadline=None, suppress_health_check=list(hypothesis.HealthCheck)
+)
+@hypothesis.given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=200).map(str.encode),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "mobiles",
+                            "text",
+                            "queue",
+                            "flash",
+                            "report",
+                            "priority",
+                            "validity",
+                            "retries",
+                            "class",
+                            "x",
+                        ]
+                    ),
+                    inner,
+                    max_size=5,
+                )
+            ),
+            max_leaves=12,
+        ).map(lambda v: json.dumps(v).encode()),
+    ),
+    content_type=st.sampled_from(
+        [
+            "application/json",
+            "application/x-www-form-urlencoded",
+            "text/plain",
+            "",
+            "application/json; charset=latin-1",
+            "multipart/form-data",
+        ]
+    ),
+    query=st.text(max_size=60),
+    accept=st.sampled_from(["", "text/plain", "application/json", "*/*"]),
+)
+def test_fuzz_request_parser_never_fails_and_rejects_write_nothing(
+    fuzz_app, body, content_type, query, accept
+):
+    app, spool = fuzz_app
+    headers = {"Content-Type": content_type, "Accept": accept}
+    query = urllib.parse.quote(query, safe="=&+%,")
+    for method in ("POST", "GET"):
+        response = call(
+            app,
+            method,
+            "/api/v1.0/sms/outgoing",
+            body if method == "POST" else b"",
+            "lvv",
+            headers,
+            query=query,
+        )
+        assert response.status < 500
+        assert b"Traceback" not in response.body
+        if response.status != 201:
+            assert spool_snapshot(spool) == {}
+        for name in os.listdir(spool["outgoing"]):
+            os.remove(os.path.join(spool["outgoing"], name))
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(data=st.binary(max_size=400))
+def test_fuzz_spool_file_parser_takes_any_bytes(data):
+    headers, text = smsapi.parse_message(data)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+    assert text is None or isinstance(text, str)
+    smsapi.parse_report(headers, text, 0.0)
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(
+    text=st.text(min_size=1, max_size=400).filter(lambda t: "\0" not in t)
+)
+def test_fuzz_rendered_file_reads_back_the_exact_text(text):
+    encoding = smsapi.encode_text(text)
+    headers, body_text = smsapi.parse_message(
+        smsapi.render_message("lvv", "79680000000", encoding, [])
+    )
+    assert headers == {"From": "lvv", "To": "79680000000", "Alphabet": encoding.header}
+    assert body_text == text
+
+
+def mount_tmpfs(path, options):
+    """Mount a tmpfs on path; False where that is not allowed (not root)."""
+    if os.geteuid() != 0:
+        return False
+    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+    return (
+        subprocess.run(command, stderr=subprocess.DEVNULL, check=False).returncode == 0
+    )
+
+
+@pytest.fixture
+def small_outgoing(tmp_path, spool):
+    """outgoing on a 64 kB tmpfs (root), else skip."""
+    if not mount_tmpfs(spool["outgoing"], "size=64k,mode=0770"):
+        pytest.skip("needs root to mount a small tmpfs")
+    yield spool["outgoing"]
+    subprocess.run(["umount", "-l", spool["outgoing"]], check=True)
+
+
+def test_disk_full_is_507_leaves_nothing_and_recovers(config, small_outgoing):
+    app = smsapi.Application(config)
+    filler = os.path.join(small_outgoing, ".filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"x" * 4096):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    response = send(app, ["79680000000", "79680000001"], text="Ж" * 300)
+    assert response.status == 507 and "full" in response.json()["error"]
+    assert os.listdir(small_outgoing) == [".filler"]
+    os.remove(filler)
+    assert send(app, ["79680000000"]).status == 201
+
+
+def test_read_only_or_missing_outgoing_makes_monitoring_503(config, small_outgoing):
+    app = smsapi.Application(config)
+    assert call(app, "GET", "/api/v1.0/monitoring").status == 200
+    subprocess.run(["mount", "-o", "remount,ro", small_outgoing], check=True)
+    response = call(app, "GET", "/api/v1.0/monitoring")
+    assert response.status == 503 and "not writable" in response.json()["error"]
+    assert send(app, ["79680000000"]).status == 503
+
+
+def blast(server, keys, until=None):
+    """POST one message per Idempotency-Key from 8 clients; {key: id} of the 201s.
+
+    Stops early once `until` messages were accepted and the server is killed.
+    """
+    accepted, lock, todo = {}, threading.Lock(), list(keys)
+
+    def client():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                key = todo.pop()
+            body = {"mobiles": ["79680000000"], "text": f"{key} " + "Ж" * 80}
+            try:
+                status, _, data = server.request(
+                    "POST",
+                    "/api/v1.0/sms/outgoing",
+                    body,
+                    "lvv",
+                    timeout=10,
+                    headers={"Idempotency-Key": key},
+                )
+            except (OSError, ValueError, http.client.HTTPException):
+                return  # the server is gone
+            if status == 201:
+                with lock:
+                    accepted[key] = data["message_id"]["79680000000"]
+                    if until is not None and len(accepted) == until:
+                        server.process.kill()  # SIGKILL, with requests in flight
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    return accepted
+
+
+def test_crash_kill_9_loses_no_accepted_message(live, spool):
+    keys = [f"k{n:04d}" for n in range(2400)]
+    server = live()
+    accepted = blast(server, keys, until=1200)
+    server.process.wait()
+    assert len(accepted) >= 1200
+    for name in os.listdir(spool["outgoing"]):  # everything smsd could take is whole
+        if not name.startswith("."):
+            headers, text = smsapi.parse_message(
+                read_spool_file(spool, "outgoing", name)
+            )
+            assert headers["To"] == "79680000000" and headers["Alphabet"] == "UCS2"
+            assert re.fullmatch(r"k\d{4} Ж{80}", text), name
+    for key, message_id in accepted.items():  # every 201 is on disk
+        assert smsapi.parse_message(read_spool_file(spool, "outgoing", message_id))[
+            1
+        ].startswith(key + " ")
+    restarted = live()
+    assert not [
+        n for n in os.listdir(spool["outgoing"]) if n.startswith(smsapi.TEMP_PREFIX)
+    ]
+    # Retrying every key, the ones cut off by the crash included, sends each exactly once.
+    again = blast(restarted, keys)
+    assert len(again) == len(keys) >= 2000
+    assert all(again[key] == message_id for key, message_id in accepted.items())
+    names = [n for n in os.listdir(spool["outgoing"]) if not n.startswith(".")]
+    assert sorted(names) == sorted(again.values())
+
+
+def raw_http(server, payload, timeout=10):
+    """Send raw bytes to the live server; return the whole answer."""
+    host, port = server.url[len("http://") :].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_live_hostile_paths_and_bodies(live, spool):
+    server = live()
+    token = auth("root").encode()
+    for path in (
+        b"/api/v1.0/sms/sent/%2e%2e",
+        b"/api/v1.0/sms/sent/..%2f..%2fetc%2fpasswd",
+        b"/api/v1.0/sms/sent/%00",
+        b"/api/v1.0/sms/sent/%2Fetc%2Fpasswd",
+        b"/api/v1.0/sms/sent/" + b"a" * 300,
+        b"/api/v1.0/sms/status/..%2F..%2Fsmsapi.ini",
+    ):
+        answer = raw_http(
+            server,
+            b"GET "
+            + path
+            + b" HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            + token
+            + b"\r\nConnection: close\r\n\r\n",
+        )
+        assert answer.startswith(b"HTTP/1.1 404"), (path, answer[:60])
+    body = json.dumps({"mobiles": ["79680000000"], "text": "chunked"}).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    answer = raw_http(
+        server,
+        b"POST /api/v1.0/sms/outgoing HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        + token
+        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + chunked,
+    )
+    assert answer.startswith(b"HTTP/1.1 201")
+    big = b"[" * 70000
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big)
+    answer = raw_http(
+        server,
+        b"POST /api/v1.0/sms/outgoing HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        + token
+        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + chunked,
+    )
+    assert answer.startswith(b"HTTP/1.1 413") and b'"error"' in answer
+    answer = raw_http(
+        server,
+        b"POST /api/v1.0/sms/outgoing HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        + token
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 12\r\nConnection: close\r\n\r\n"
+        + b'{"text":"\xff"}',
+    )
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert len(os.listdir(spool["outgoing"])) == 1
+
+
+def test_live_slow_and_idle_clients_do_not_block_others(live):
+    server = live()
+    host, port = server.url[len("http://") :].rsplit(":", 1)
+    slow = socket.create_connection((host, int(port)))
+    idle = []
+    try:
+        slow.sendall(
+            b"GET /api/v1.0/monitoring HT"
+        )  # and then nothing for a long while
+        for _ in range(500):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"GET /api/v1.0/monitoring HTTP/1.1\r\nHost: x\r\n\r\n")
+            idle.append(sock)
+        for sock in idle[:5]:
+            assert sock.recv(20).startswith(b"HTTP/1.1 200")  # kept alive, now idle
+        started = time.monotonic()
+        status, _, _data = server.request(
+            "POST",
+            "/api/v1.0/sms/outgoing",
+            {"mobiles": ["79680000000"], "text": "still here"},
+            "lvv",
+            timeout=10,
+        )
+        assert status == 201 and time.monotonic() - started < 5
+    finally:
+        slow.close()
+        for sock in idle:
+            sock.close()
+
+
+###############################################################################
 # Monitoring, authentication, routing ##########################################
 ###############################################################################
 
@@ -1652,9 +2196,11 @@ class Server:
         with open(self.log_path) as file:
             return file.read()
 
-    def request(self, method, path, body=None, user=None, timeout=30):
+    def request(self, method, path, body=None, user=None, timeout=30, headers=None):
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers=headers or {}
+        )
         if body is not None:
             req.add_header("Content-Type", "application/json")
         if user:
