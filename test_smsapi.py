@@ -988,24 +988,33 @@ def test_cancel_loses_the_race_to_smsd_with_409(config, spool):
 SMSD_TIME = "%y-%m-%d %H:%M:%S"
 
 
-def smsd_sends(spool, message_id, ref, when=None, modem="GSM1"):
-    """Do what smsd does on success: move the file to sent/ and add its headers."""
-    when = time.time() if when is None else when
+def smsd_moves(spool, message_id, kind, extra):
+    """Move a file from outgoing to kind, adding header lines, as smsd does."""
     with open(os.path.join(spool["outgoing"], message_id), "rb") as file:
         head, _, body = file.read().partition(b"\n\n")
     os.remove(os.path.join(spool["outgoing"], message_id))
-    extra = f"\nModem: {modem}\nSent: {time.strftime(SMSD_TIME, time.localtime(when))}\nMessage_id: {ref}"
-    with open(os.path.join(spool["sent"], message_id), "wb") as file:
-        file.write(head + extra.encode() + b"\n\n" + body)
+    lines = "".join(f"\n{name}: {value}" for name, value in extra.items())
+    with open(os.path.join(spool[kind], message_id), "wb") as file:
+        file.write(head + lines.encode() + b"\n\n" + body)
+
+
+def smsd_sends(spool, message_id, ref, when=None, modem="GSM1"):
+    """Do what smsd does on success: move the file to sent/ and add its headers."""
+    sent = time.strftime(
+        SMSD_TIME, time.localtime(time.time() if when is None else when)
+    )
+    smsd_moves(
+        spool, message_id, "sent", {"Modem": modem, "Sent": sent, "Message_id": ref}
+    )
 
 
 def smsd_fails(spool, message_id, reason="+CMS ERROR: 500 (Unknown error)"):
-    with open(os.path.join(spool["outgoing"], message_id), "rb") as file:
-        head, _, body = file.read().partition(b"\n\n")
-    os.remove(os.path.join(spool["outgoing"], message_id))
-    extra = f"\nFailed: {time.strftime(SMSD_TIME)}\nFail_reason: {reason}"
-    with open(os.path.join(spool["failed"], message_id), "wb") as file:
-        file.write(head + extra.encode() + b"\n\n" + body)
+    smsd_moves(
+        spool,
+        message_id,
+        "failed",
+        {"Failed": time.strftime(SMSD_TIME), "Fail_reason": reason},
+    )
 
 
 def smsd_reports(
@@ -1509,78 +1518,38 @@ def test_plain_text_answers_for_shell_scripts(app):
 ###############################################################################
 
 
-def remote(app, method, path, address, user=None, password=None):
-    """A request from another client address, with explicit credentials."""
-    environ_user = None
-    headers = {}
-    if user is not None:
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        headers["Authorization"] = "Basic " + token
-    return call(
-        app, method, path, user=environ_user, headers=headers, remote_addr=address
-    )
+def login(app, address, user, password=None):
+    """GET a listing from address as user (with its real password unless given)."""
+    password = PASSWORDS.get(user, "") if password is None else password
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    headers = {"Authorization": "Basic " + token}
+    return call(app, "GET", "/api/v1.0/sms/sent/", headers=headers, remote_addr=address)
 
 
 def test_throttle_blocks_a_guessing_address_but_not_the_real_user_elsewhere(app):
     for _ in range(10):
-        assert (
-            remote(
-                app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "lvv", "guess"
-            ).status
-            == 401
-        )
-    blocked = remote(
-        app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "lvv", PASSWORDS["lvv"]
-    )
+        assert login(app, "192.0.2.7", "lvv", "guess").status == 401
+    blocked = login(app, "192.0.2.7", "lvv")
     assert blocked.status == 429 and int(blocked.headers["Retry-After"]) >= 1
-    assert (
-        remote(
-            app, "GET", "/api/v1.0/sms/sent/", "198.51.100.1", "lvv", PASSWORDS["lvv"]
-        ).status
-        == 200
-    )
-    assert (
-        remote(
-            app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "ann", PASSWORDS["ann"]
-        ).status
-        == 429
-    )
+    assert login(app, "198.51.100.1", "lvv").status == 200
+    assert login(app, "192.0.2.7", "ann").status == 429
 
 
 def test_throttle_per_user_across_addresses(app):
     for i in range(10):
-        remote(app, "GET", "/api/v1.0/sms/sent/", f"192.0.2.{i}", "lvv", "guess")
-    # every guessing address is now blocked for lvv; ann from there, and lvv elsewhere, are not
-    assert (
-        remote(
-            app, "GET", "/api/v1.0/sms/sent/", "192.0.2.3", "lvv", PASSWORDS["lvv"]
-        ).status
-        == 429
-    )
-    assert (
-        remote(
-            app, "GET", "/api/v1.0/sms/sent/", "192.0.2.3", "ann", PASSWORDS["ann"]
-        ).status
-        == 200
-    )
-    assert (
-        remote(
-            app, "GET", "/api/v1.0/sms/sent/", "203.0.113.9", "lvv", PASSWORDS["lvv"]
-        ).status
-        == 200
-    )
+        login(app, f"192.0.2.{i}", "lvv", "guess")
+    # Each guessing address is blocked for lvv; ann there, and lvv elsewhere, are not.
+    assert login(app, "192.0.2.3", "lvv").status == 429
+    assert login(app, "192.0.2.3", "ann").status == 200
+    assert login(app, "203.0.113.9", "lvv").status == 200
 
 
 def test_throttle_delay_grows_and_costs_no_scrypt(app):
     for _ in range(10):
-        remote(app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "nobody", "x")
+        login(app, "192.0.2.7", "nobody", "x")
     checked = app.authenticator.hashes_checked
     delays = [
-        int(
-            remote(
-                app, "GET", "/api/v1.0/sms/sent/", "192.0.2.7", "nobody", "x"
-            ).headers["Retry-After"]
-        )
+        int(login(app, "192.0.2.7", "nobody", "x").headers["Retry-After"])
         for _ in range(4)
     ]
     assert delays == sorted(delays) and delays[-1] >= 4 * delays[0]
@@ -1623,7 +1592,7 @@ def test_throttle_trusts_forwarded_address_only_from_a_trusted_proxy(tmp_path, s
     # an untrusted client cannot pick its address
     spoofed = dict(good, **{"X-Forwarded-For": "192.0.2.8"})
     for _ in range(10):
-        remote(app, "GET", "/api/v1.0/sms/sent/", "198.51.100.5", "lvv", "guess")
+        login(app, "198.51.100.5", "lvv", "guess")
     assert (
         call(
             app,
@@ -1747,20 +1716,7 @@ def fuzz_app(tmp_path_factory):
             lambda inner: (
                 st.lists(inner, max_size=4)
                 | st.dictionaries(
-                    st.sampled_from(
-                        [
-                            "mobiles",
-                            "text",
-                            "queue",
-                            "flash",
-                            "report",
-                            "priority",
-                            "validity",
-                            "retries",
-                            "class",
-                            "x",
-                        ]
-                    ),
+                    st.sampled_from([*sorted(smsapi.SEND_FIELDS), "x"]),
                     inner,
                     max_size=5,
                 )
@@ -1941,10 +1897,17 @@ def test_crash_kill_9_loses_no_accepted_message(live, spool):
     assert sorted(names) == sorted(again.values())
 
 
-def raw_http(server, payload, timeout=10):
-    """Send raw bytes to the live server; return the whole answer."""
+def raw_http(server, request_line, headers=(), body=b"", user="root"):
+    """Send one hand-made request to the live server; return the whole answer."""
+    lines = [
+        request_line,
+        b"Host: x",
+        b"Connection: close",
+        b"Authorization: " + auth(user).encode(),
+    ]
+    payload = b"\r\n".join([*lines, *headers, b"", b""]) + body
     host, port = server.url[len("http://") :].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         answer = b""
@@ -1953,52 +1916,38 @@ def raw_http(server, payload, timeout=10):
     return answer
 
 
+def chunked(body):
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
 def test_live_hostile_paths_and_bodies(live, spool):
     server = live()
-    token = auth("root").encode()
-    for path in (
-        b"/api/v1.0/sms/sent/%2e%2e",
-        b"/api/v1.0/sms/sent/..%2f..%2fetc%2fpasswd",
-        b"/api/v1.0/sms/sent/%00",
-        b"/api/v1.0/sms/sent/%2Fetc%2Fpasswd",
-        b"/api/v1.0/sms/sent/" + b"a" * 300,
-        b"/api/v1.0/sms/status/..%2F..%2Fsmsapi.ini",
-    ):
-        answer = raw_http(
-            server,
-            b"GET "
-            + path
-            + b" HTTP/1.1\r\nHost: x\r\nAuthorization: "
-            + token
-            + b"\r\nConnection: close\r\n\r\n",
-        )
-        assert answer.startswith(b"HTTP/1.1 404"), (path, answer[:60])
+    paths = [
+        b"%2e%2e",
+        b"..%2f..%2fetc%2fpasswd",
+        b"%00",
+        b"%2Fetc%2Fpasswd",
+        b"a" * 300,
+        b"..%5c..%5cx",
+    ]
+    for path in paths:
+        for kind in (b"sent/", b"status/"):
+            answer = raw_http(
+                server, b"GET /api/v1.0/sms/" + kind + path + b" HTTP/1.1"
+            )
+            assert answer.startswith(b"HTTP/1.1 404"), (path, answer[:60])
+    post = b"POST /api/v1.0/sms/outgoing HTTP/1.1"
+    as_json = b"Content-Type: application/json"
     body = json.dumps({"mobiles": ["79680000000"], "text": "chunked"}).encode()
-    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    answer = raw_http(
-        server,
-        b"POST /api/v1.0/sms/outgoing HTTP/1.1\r\nHost: x\r\nAuthorization: "
-        + token
-        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-        + chunked,
+    te = b"Transfer-Encoding: chunked"
+    assert raw_http(server, post, [as_json, te], chunked(body)).startswith(
+        b"HTTP/1.1 201"
     )
-    assert answer.startswith(b"HTTP/1.1 201")
-    big = b"[" * 70000
-    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big)
-    answer = raw_http(
-        server,
-        b"POST /api/v1.0/sms/outgoing HTTP/1.1\r\nHost: x\r\nAuthorization: "
-        + token
-        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-        + chunked,
-    )
+    answer = raw_http(server, post, [as_json, te], chunked(b"[" * 70000))
     assert answer.startswith(b"HTTP/1.1 413") and b'"error"' in answer
+    bad_utf8 = b'{"text":"\xff"}'
     answer = raw_http(
-        server,
-        b"POST /api/v1.0/sms/outgoing HTTP/1.1\r\nHost: x\r\nAuthorization: "
-        + token
-        + b"\r\nContent-Type: application/json\r\nContent-Length: 12\r\nConnection: close\r\n\r\n"
-        + b'{"text":"\xff"}',
+        server, post, [as_json, b"Content-Length: %d" % len(bad_utf8)], bad_utf8
     )
     assert answer.startswith(b"HTTP/1.1 400")
     assert len(os.listdir(spool["outgoing"])) == 1
