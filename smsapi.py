@@ -184,6 +184,13 @@ def as_count(value):
     return number
 
 
+def as_whole(value):
+    """A whole number, 0 or more."""
+    if not value.strip().isdigit():
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(value)
+
+
 def as_size(value):
     """A byte count, with an optional k or M suffix."""
     text = value.strip().lower()
@@ -275,7 +282,7 @@ SERVER_OPTIONS = {
     "fsync": as_bool,
     "queues": as_queues,
     "state_dir": as_path,
-    "max_wait": as_count,
+    "max_wait": as_whole,
     "max_waiters": as_count,
     "report": as_bool,
     "report_window": as_duration,

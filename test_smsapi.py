@@ -1256,6 +1256,15 @@ def test_send_and_wait_bad_parameters(app, spool, query, message):
     assert spool_snapshot(spool) == {}
 
 
+def test_send_and_wait_can_be_turned_off(tmp_path, spool):
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra="max_wait = 0"))
+    )
+    response = wait_send(app, ["79680000000"], query="wait=1")
+    assert response.status == 400 and "from 0 to 0" in response.json()["error"]
+    assert wait_send(app, ["79680000000"], query="wait=0").status == 201
+
+
 def test_send_and_wait_bounds_the_waiters(running, spool):
     results = []
     waiters = [
