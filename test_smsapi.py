@@ -1966,27 +1966,36 @@ def test_live_slow_and_idle_clients_do_not_block_others(live):
     server = live()
     host, port = server.url[len("http://") :].rsplit(":", 1)
     slow = socket.create_connection((host, int(port)))
+    stop = threading.Event()
+
+    def dribble():  # the request headers, one byte a second
+        for byte in b"GET /api/v1.0/monitoring HTTP/1.1\r\nHost: x\r\n":
+            if stop.wait(1.0):
+                return
+            slow.send(bytes([byte]))
+
+    dribbler = threading.Thread(target=dribble)
+    dribbler.start()
     idle = []
     try:
-        slow.sendall(
-            b"GET /api/v1.0/monitoring HT"
-        )  # and then nothing for a long while
         for _ in range(500):
             sock = socket.create_connection((host, int(port)), timeout=10)
             sock.sendall(b"GET /api/v1.0/monitoring HTTP/1.1\r\nHost: x\r\n\r\n")
             idle.append(sock)
-        for sock in idle[:5]:
+        for sock in idle[::50]:
             assert sock.recv(20).startswith(b"HTTP/1.1 200")  # kept alive, now idle
-        started = time.monotonic()
-        status, _, _data = server.request(
-            "POST",
-            "/api/v1.0/sms/outgoing",
-            {"mobiles": ["79680000000"], "text": "still here"},
-            "lvv",
-            timeout=10,
-        )
-        assert status == 201 and time.monotonic() - started < 5
+        time.sleep(2)  # the slow client is well into its headers
+        for n in range(5):
+            started = time.monotonic()
+            body = {"mobiles": ["79680000000"], "text": f"still here {n}"}
+            status, _, _ = server.request(
+                "POST", "/api/v1.0/sms/outgoing", body, "lvv", timeout=10
+            )
+            assert status == 201 and time.monotonic() - started < 2
+        assert dribbler.is_alive()  # it was dribbling all along
     finally:
+        stop.set()
+        dribbler.join()
         slow.close()
         for sock in idle:
             sock.close()
