@@ -63,6 +63,7 @@ EX_CONFIG = 78  # sysexits.h: configuration error
 #: A message id is a spool file name: nothing that could leave the directory,
 #: nothing smsd would skip (a leading dot), nothing longer than a sane name.
 MESSAGE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}", re.ASCII)
+OUR_ID = re.compile(r"smsapi\.([a-z2-7]{6})\.([0-9a-z]{10})[A-Za-z0-9_-]{16}", re.ASCII)
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 #: International format: digits only, no leading zero, at most 15 (E.164).
@@ -471,9 +472,32 @@ def non_gsm_chars(text):
 ###############################################################################
 
 
-def new_message_id():
-    """A fresh spool file name: recognisable prefix, 96 random bits."""
-    return "smsapi." + secrets.token_urlsafe(12)
+def new_message_id(user, now=None):
+    """A fresh spool file name: prefix, owner tag, creation time, 96 random bits.
+
+    The tag and the time let a listing pick one user's messages, newest
+    first, from the names alone, without opening or stat-ing every file.
+    """
+    micros = int((time.time() if now is None else now) * 1e6)
+    return f"smsapi.{owner_tag(user)}.{base36(micros):0>10}{secrets.token_urlsafe(12)}"
+
+
+@functools.lru_cache(maxsize=1024)
+def owner_tag(user):
+    """Six characters derived from the user name, for message ids."""
+    return (
+        base64.b32encode(hashlib.sha256(user.encode()).digest()[:5])
+        .decode()[:6]
+        .lower()
+    )
+
+
+def base36(number):
+    digits = ""
+    while number:
+        number, digit = divmod(number, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
+    return digits or "0"
 
 
 def render_message(user, mobile, encoding, options):
@@ -483,7 +507,43 @@ def render_message(user, mobile, encoding, options):
     return ("\n".join(lines) + "\n\n").encode("ascii") + encoding.body
 
 
-def write_messages(config, files):
+class DirectorySync:
+    """fsyncs one directory for many writers at once (a group commit).
+
+    A writer that has renamed its file waits for an fsync that started after
+    its rename; one fsync then covers every writer that came before it.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.changed = threading.Condition()
+        self.requested = self.done = 0  # generations
+        self.running = False
+        self.fsyncs = 0
+
+    def sync(self):
+        with self.changed:
+            self.requested += 1
+            mine = self.requested
+            while self.done < mine:
+                if self.running:
+                    self.changed.wait()
+                    continue
+                self.running, covered = True, self.requested
+                try:
+                    self.changed.release()
+                    try:
+                        fsync_directory(self.path)
+                        self.fsyncs += 1
+                    finally:
+                        self.changed.acquire()
+                    self.done = max(self.done, covered)
+                finally:
+                    self.running = False
+                    self.changed.notify_all()
+
+
+def write_messages(config, files, directory_sync=None):
     """Put {message_id: bytes} into outgoing atomically; all or nothing.
 
     Each file is written and fsynced under a dot name smsd skips, then all are
@@ -498,7 +558,9 @@ def write_messages(config, files):
             temps.append((temp, os.path.join(outgoing, message_id)))
         for temp, final in temps:
             os.rename(temp, final)
-        if config.fsync:
+        if config.fsync and directory_sync:
+            directory_sync.sync()
+        elif config.fsync:
             fsync_directory(outgoing)
     except OSError as exc:
         for temp, _ in temps:
@@ -630,12 +692,20 @@ def find_message(config, message_id):
     return None
 
 
-def list_names(config, kind):
-    """File names in spool kind that are messages, newest first."""
+def list_names(config, kind, owner=None):
+    """Message file names in spool kind, newest first; only owner's if given.
+
+    Our own ids carry their owner and creation time; only other names (files
+    smsd or other tools wrote) cost a stat, and only when listing them all.
+    """
+    tag = owner and owner_tag(owner)
     entries = []
     with os.scandir(config.spool[kind]) as scan:
         for entry in scan:
-            if is_message_name(entry.name):
+            ours = OUR_ID.fullmatch(entry.name)
+            if ours and (tag is None or ours.group(1) == tag):
+                entries.append((int(ours.group(2), 36) / 1e6, entry.name))
+            elif not ours and tag is None and is_message_name(entry.name):
                 try:
                     entries.append((entry.stat().st_mtime, entry.name))
                 except FileNotFoundError:
@@ -1182,7 +1252,7 @@ def form_bool(name, value):
 
 def json_response(status, data, headers=()):
     """Status line, headers and body bytes of a JSON response."""
-    body = (json.dumps(data, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    body = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
     return (
         status,
         [("Content-Type", "application/json; charset=utf-8")] + list(headers),
@@ -1247,15 +1317,15 @@ def unb64(text):
 class Authenticator:
     """Checks Basic credentials against the config, with a cache of successes.
 
-    The cache keeps an HMAC of the password under a key that lives only in
-    this process, so a hot credential costs one HMAC, not one scrypt, and the
-    memory never holds the password itself.
+    The cache keeps a keyed BLAKE2b hash of the password, under a key that
+    lives only in this process, so a hot credential costs one fast hash, not
+    one scrypt, and memory never holds the password itself.
     """
 
     def __init__(self, users):
         self.users = users
         self.key = secrets.token_bytes(32)
-        self.verified = {}  # (user, stored hash) -> HMAC of the password
+        self.verified = {}  # (user, stored hash) -> keyed hash of the password
         # Unknown users are checked against this: same cost, matches nothing.
         salt, digest = b64(secrets.token_bytes(16)), b64(secrets.token_bytes(32))
         self.dummy = f"$scrypt$ln={SCRYPT_N.bit_length() - 1},r={SCRYPT_R},p={SCRYPT_P}${salt}${digest}"
@@ -1265,7 +1335,9 @@ class Authenticator:
         """The User for these credentials, or None; same cost for unknown users."""
         user = self.users.get(name)
         stored = user.password if user else self.dummy
-        tag = hmac.new(self.key, password.encode("utf-8", "replace"), "sha256").digest()
+        tag = hashlib.blake2b(
+            password.encode("utf-8", "replace"), key=self.key, digest_size=32
+        ).digest()
         cached = self.verified.get((name, stored)) if user else None
         if cached is not None and hmac.compare_digest(cached, tag):
             return user
@@ -1415,11 +1487,18 @@ class SendPlan:
     encoding: Encoding
     options: list  # [(smsd header, value)]
     report: bool
-    fingerprint: str  # what an Idempotency-Key is bound to
 
     @property
     def numbers(self):
         return list(dict.fromkeys(self.recipients.values()))
+
+    @property
+    def fingerprint(self):
+        """What an Idempotency-Key is bound to: everything that shapes the files."""
+        canonical = json.dumps(
+            [self.recipients, self.text, self.options], sort_keys=True
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def send_message(request):
@@ -1430,7 +1509,7 @@ def send_message(request):
     wait = read_wait(request, plan)
     key = request.header("Idempotency-Key")
     if not key:
-        ids = {number: new_message_id() for number in plan.numbers}
+        ids = {number: new_message_id(request.user.name) for number in plan.numbers}
         return deliver(request, plan, ids, wait, retry=False)
     if not IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(
@@ -1463,15 +1542,7 @@ def plan_send(request):
         report = user.report if user.report is not None else config.report
         fields = dict(fields, report=report)
     options = message_options(config, fields)
-    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=True, default=str)
-    return SendPlan(
-        recipients,
-        text,
-        encoding,
-        options,
-        bool(report),
-        hashlib.sha256(canonical.encode()).hexdigest(),
-    )
+    return SendPlan(recipients, text, encoding, options, bool(report))
 
 
 def describe_plan(plan):
@@ -1517,7 +1588,7 @@ def send_once(request, plan, key, wait):
             request.environ["smsapi.replayed"] = True
             return HTTPStatus(record["status"]), record["response"]
         if record is None:
-            ids = {number: new_message_id() for number in plan.numbers}
+            ids = {number: new_message_id(request.user.name) for number in plan.numbers}
             record = {
                 "created": time.time(),
                 "fingerprint": plan.fingerprint,
@@ -1554,7 +1625,7 @@ def deliver(request, plan, ids, wait, retry):
             for number in plan.numbers
             if not retry or find_message(config, ids[number]) is None
         }
-        write_messages(config, files)
+        write_messages(config, files, request.app.outgoing_sync)
         request.environ["smsapi.ids"] = list(files)
         if plan.report and files:
             request.app.watcher.expect_report(list(files))
@@ -1787,11 +1858,16 @@ def list_messages(request):
     if kind == "incoming":
         return list_inbox(request)
     limit, offset = page(request)
-    names = list_names(request.config, kind)
-    if not request.user.admin:
-        names = [n for n in names if visible_name(request, kind, n)]
+    if request.user.admin:
+        names = list_names(request.config, kind)
+        shown = names[offset : offset + limit]
+    else:  # the tag narrows it down; the page's files confirm the owner
+        names = list_names(request.config, kind, request.user.name)
+        shown = [
+            n for n in names[offset : offset + limit] if visible_name(request, kind, n)
+        ]
     return HTTPStatus.OK, {
-        "message_id": names[offset : offset + limit],
+        "message_id": shown,
         "total_count": len(names),
         "limit": limit,
         "offset": offset,
@@ -2418,6 +2494,7 @@ class Application:
         self.openapi = openapi_document(config)
         self.watcher = Watcher(config, interval)
         self.waiters = threading.BoundedSemaphore(config.max_waiters)
+        self.outgoing_sync = DirectorySync(config.spool["outgoing"])
 
     def start(self):
         """Start the background watcher (tests may call watcher.tick() instead)."""

@@ -398,11 +398,15 @@ def test_encode_non_gsm_chars_names_the_culprits():
 
 
 def test_new_message_id_form_and_uniqueness():
-    ids = {smsapi.new_message_id() for _ in range(1000)}
-    assert len(ids) == 1000
+    ids = [smsapi.new_message_id("lvv") for _ in range(1000)]
+    assert len(set(ids)) == 1000
     for message_id in ids:
-        assert smsapi.MESSAGE_ID.fullmatch(message_id)
-        assert message_id.startswith("smsapi.") and len(message_id) >= 7 + 16
+        assert smsapi.MESSAGE_ID.fullmatch(message_id) and smsapi.OUR_ID.fullmatch(
+            message_id
+        )
+        assert message_id.startswith("smsapi." + smsapi.owner_tag("lvv") + ".")
+    assert smsapi.owner_tag("lvv") != smsapi.owner_tag("ann")
+    assert smsapi.new_message_id("lvv", 1.0) < smsapi.new_message_id("lvv", 2.0)
 
 
 def test_write_messages_durable_group_writable_no_leftovers(config, spool):
@@ -425,6 +429,26 @@ def test_write_messages_failure_leaves_nothing(config, spool):
         )
     assert info.value.status == 503
     assert os.listdir(spool["outgoing"]) == [smsapi.TEMP_PREFIX + "smsapi.b"]
+
+
+def test_directory_sync_one_fsync_covers_many_writers(spool):
+    sync = smsapi.DirectorySync(spool["outgoing"])
+    barrier = threading.Barrier(16)
+
+    def writer():
+        barrier.wait()
+        sync.sync()
+
+    threads = [threading.Thread(target=writer) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sync.done == sync.requested == 16
+    assert 1 <= sync.fsyncs < 16  # they shared
+    sync.sync()
+    assert sync.fsyncs >= 2  # a later writer always gets an fsync of its own
 
 
 def test_clean_temp_files_removes_only_temporaries(config, spool):
@@ -908,35 +932,53 @@ def test_status_follows_the_file_through_the_spool(app, spool):
 
 def test_list_newest_first_paginated_and_filtered(app, spool):
     now = time.time()
-    for i in range(5):
-        path = put_file(
-            spool, "sent", f"smsapi.l{i}", {"From": "lvv" if i != 2 else "ann"}
-        )
-        os.utime(path, (now - 100 + i, now - 100 + i))
-    open(os.path.join(spool["sent"], "smsapi.l4.LOCK"), "w").close()
+    owners = ["lvv", "lvv", "ann", "lvv", "lvv"]
+    ids = [
+        smsapi.new_message_id(owner, now - 100 + i) for i, owner in enumerate(owners)
+    ]
+    for message_id, owner in zip(ids, owners):
+        put_file(spool, "sent", message_id, {"From": owner})
+    foreign = put_file(
+        spool, "sent", "GSM1.other", {"From": "lvv"}
+    )  # not written by smsapi
+    os.utime(foreign, (now - 97.5, now - 97.5))  # between ids[2] and ids[3]
+    open(os.path.join(spool["sent"], ids[4] + ".LOCK"), "w").close()
     response = call(
         app, "GET", "/api/v1.0/sms/sent/", user="lvv", query="limit=2&offset=1"
     )
     assert response.json() == {
-        "message_id": ["smsapi.l3", "smsapi.l1"],
+        "message_id": [ids[3], ids[1]],
         "total_count": 4,
         "limit": 2,
         "offset": 1,
     }
     everything = call(app, "GET", "/api/v1.0/sms/sent/", user="root").json()
     assert everything["message_id"] == [
-        "smsapi.l4",
-        "smsapi.l3",
-        "smsapi.l2",
-        "smsapi.l1",
-        "smsapi.l0",
+        ids[4],
+        ids[3],
+        "GSM1.other",
+        ids[2],
+        ids[1],
+        ids[0],
     ]
     assert everything["limit"] == 100
+    assert call(app, "GET", "/api/v1.0/sms/sent/", user="ann").json()["message_id"] == [
+        ids[2]
+    ]
     for query in ("limit=0", "limit=1001", "offset=-1", "limit=x"):
         assert (
             call(app, "GET", "/api/v1.0/sms/sent/", user="lvv", query=query).status
             == 400
         )
+
+
+def test_list_confirms_the_owner_of_what_it_shows(app, spool):
+    # A file whose name carries lvv's tag but that lvv did not send is not shown.
+    forged = smsapi.new_message_id("lvv")
+    put_file(spool, "sent", forged, {"From": "ann"})
+    assert (
+        call(app, "GET", "/api/v1.0/sms/sent/", user="lvv").json()["message_id"] == []
+    )
 
 
 def test_cancel_own_queued_message(app, spool):
@@ -1630,7 +1672,9 @@ def test_auth_every_failure_costs_the_same_one_scrypt(config):
         assert checker.hashes_checked == before + 1
     before = checker.hashes_checked
     assert checker.check("lvv", password) is config.users["lvv"]
-    assert checker.hashes_checked == before  # a known good credential costs one HMAC
+    assert (
+        checker.hashes_checked == before
+    )  # a known good credential costs one fast hash
 
 
 def test_isolation_a_user_cannot_reach_another_users_message(app, spool):

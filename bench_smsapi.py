@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""Benchmark smsapi against what cannot be avoided, side by side in one run.
+
+    python3 bench_smsapi.py [--json FILE] [--seconds N]
+
+Starts every server it measures itself, on loopback, over temporary spools,
+and stops them. Load comes from wrk (Debian package wrk). Absolute numbers
+on a shared machine are noise; the ratios, measured minutes apart in the
+same run, are what to read.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMSAPI = os.path.join(HERE, "smsapi.py")
+PASSWORD = "bench-password"
+BODY = json.dumps({"mobiles": ["79680000000"], "text": "Disk full on db1"})
+THREADS, CONNECTIONS = 4, 8
+TARGETS = {  # figure -> (comparison, limit)
+    "send_vs_floor": (">=", 0.75),
+    "status_100k_vs_10": ("<=", 1.2),
+    "sent_100k_vs_10": ("<=", 1.2),
+    "list_100k_ms": ("<=", 150),
+    "rss_idle_mb": ("<=", 16),
+    "rss_20k_mb": ("<=", 20),
+    "startup_ms": ("<=", 150),
+    "idle_cpu_s": ("<", 0.05),
+}
+
+
+# The two reference apps, served by waitress with smsapi's settings ##########
+
+
+def floor_app(spool):
+    """The unavoidable work of a send: read the JSON body, write, fsync, rename."""
+    outgoing = os.path.join(spool, "outgoing")
+    answer = b'{"message_id": {"79680000000": "x"}, "parts_count": 1}\n'
+
+    def app(environ, start_response):
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        json.loads(environ["wsgi.input"].read(size))
+        name = "floor." + base64.urlsafe_b64encode(os.urandom(12)).decode()
+        temp = os.path.join(outgoing, "." + name)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+        os.write(fd, b"To: 79680000000\nAlphabet: UTF-8\n\nDisk full on db1")
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(temp, os.path.join(outgoing, name))
+        start_response(
+            "201 Created",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(answer))),
+            ],
+        )
+        return [answer]
+
+    return app
+
+
+def hello_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    return [b"hello\n"]
+
+
+def serve_reference(kind, spool):
+    """Run a reference app the way smsapi runs (waitress, 4 threads) until killed."""
+    import waitress.server
+
+    app = floor_app(spool) if kind == "floor" else hello_app
+    server = waitress.server.create_server(app, listen="127.0.0.1:0", threads=THREADS)
+    print(f"listening on http://127.0.0.1:{server.effective_port}", flush=True)
+    server.run()
+
+
+# Servers and measurements ###################################################
+
+
+class Server:
+    """A server process on an ephemeral loopback port."""
+
+    def __init__(self, args, log_path):
+        self.log_path = log_path
+        self.started = time.perf_counter()
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.url = self.wait_for_url()
+        host, port = self.url[len("http://") :].rsplit(":", 1)
+        while True:  # the port answers: start-up is over
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.001)
+        self.startup = time.perf_counter() - self.started
+
+    def wait_for_url(self):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with open(self.log_path) as log:
+                match = re.search(r"listening on (http://\S+)", log.read())
+            if match:
+                return match.group(1)
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.001)
+        with open(self.log_path) as log:
+            raise SystemExit("server did not start:\n" + log.read())
+
+    def rss_mb(self):
+        with open(f"/proc/{self.process.pid}/status") as status:
+            kb = int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
+        return kb / 1024
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self):
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def wrk(url, seconds, connections=CONNECTIONS, post=False, auth=None, workdir=None):
+    """Run wrk; return (requests per second, median latency in ms, requests done)."""
+    script = os.path.join(workdir, "wrk.lua")
+    with open(script, "w") as lua:
+        if post:
+            lua.write(f"wrk.method = 'POST'\nwrk.body = '{BODY}'\n")
+            lua.write("wrk.headers['Content-Type'] = 'application/json'\n")
+        if auth:
+            lua.write(f"wrk.headers['Authorization'] = '{auth}'\n")
+    threads = min(2, connections)
+    command = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds}s",
+        "--latency",
+        "-s",
+        script,
+        url,
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in output:
+        raise SystemExit("wrk saw errors from " + url + ":\n" + output)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    done = int(re.search(r"(\d+) requests in", output).group(1))
+    return rate, latency_ms(re.search(r"50%\s+([\d.]+\w+)", output).group(1)), done
+
+
+def median_ms(url, path, auth, count=15):
+    """Median latency of count sequential GETs on one keep-alive connection."""
+    host, port = url[len("http://") :].rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        connection.request("GET", path, headers={"Authorization": auth})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise SystemExit(f"GET {path}: {response.status}")
+        times.append((time.perf_counter() - started) * 1000)
+    connection.close()
+    return statistics.median(times)
+
+
+def latency_ms(text):
+    value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def make_spool(smsapi, root, user_hash, files=0, owner="bench"):
+    """A spool, a config over it, and `files` sent messages; returns (ini, an id in sent/)."""
+    spool = {
+        kind: os.path.join(root, kind)
+        for kind in ("outgoing", "checked", "sent", "failed", "incoming")
+    }
+    for path in spool.values():
+        os.makedirs(path)
+    content = (
+        f"From: {owner}\nTo: 79680000000\nAlphabet: UTF-8\nModem: GSM1\nSent: 26-11-24 10:00:00\n\nhello"
+    ).encode()
+    now = time.time()
+    probe = None
+    for n in range(files):
+        name = smsapi.new_message_id(owner, now - files + n)
+        path = os.path.join(spool["sent"], name)
+        with open(path, "wb") as file:
+            file.write(content)
+        os.utime(path, (now - files + n, now - files + n))
+        probe = name if n == files // 2 else probe
+    ini = os.path.join(root, "smsapi.ini")
+    with open(ini, "w") as file:
+        file.write(
+            f"[server]\nlisten = 127.0.0.1:0\nthreads = {THREADS}\nstate_dir = {root}/state\n[spool]\n"
+        )
+        file.writelines(f"{kind} = {path}\n" for kind, path in spool.items())
+        file.write(
+            f"[user:bench]\npassword = {user_hash}\n[user:admin]\npassword = {user_hash}\nadmin = yes\n"
+        )
+    return ini, probe
+
+
+def best_of(runs, measure):
+    """The best of a few alternating runs: noise only ever slows a run down."""
+    return max(measure() for _ in range(runs))
+
+
+def bench(seconds, workdir):
+    sys.path.insert(0, HERE)
+    import smsapi
+
+    results = {}
+    user_hash = smsapi.hash_password(PASSWORD)
+    token = "Basic " + base64.b64encode(f"bench:{PASSWORD}".encode()).decode()
+    admin = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
+
+    # 1. Send throughput, and 5. start-up, and 4. memory.
+    small_ini, _ = make_spool(smsapi, os.path.join(workdir, "small"), user_hash, files=10)
+    api = Server(
+        [sys.executable, SMSAPI, "--config", small_ini],
+        os.path.join(workdir, "smsapi.log"),
+    )
+    results["startup_ms"] = api.startup * 1000
+    time.sleep(1)
+    results["rss_idle_mb"] = api.rss_mb()
+    floor_spool = os.path.join(workdir, "floor")
+    os.makedirs(os.path.join(floor_spool, "outgoing"))
+    floor = Server(
+        [sys.executable, __file__, "--serve", "floor", floor_spool],
+        os.path.join(workdir, "floor.log"),
+    )
+    hello = Server(
+        [sys.executable, __file__, "--serve", "hello", workdir],
+        os.path.join(workdir, "hello.log"),
+    )
+    results["hello_startup_ms"] = hello.startup * 1000
+    send_url = api.url + "/api/v1.0/sms/outgoing"
+    rates = {"smsapi": [], "floor": [], "hello": []}
+    sent = 0
+    for _ in range(3):  # alternate, so that noise falls on all alike
+        rate, _, done = wrk(send_url, seconds, post=True, auth=token, workdir=workdir)
+        rates["smsapi"].append(rate)
+        sent += done
+        rates["floor"].append(
+            wrk(floor.url + "/", seconds, post=True, workdir=workdir)[0]
+        )
+        rates["hello"].append(wrk(hello.url + "/", seconds, workdir=workdir)[0])
+    for name, values in rates.items():
+        results[f"{name}_send_rps"] = max(values)
+    results["send_vs_floor"] = results["smsapi_send_rps"] / results["floor_send_rps"]
+    results["send_vs_hello"] = results["smsapi_send_rps"] / results["hello_send_rps"]
+    while sent < 20000:
+        sent += wrk(send_url, 2, post=True, auth=token, workdir=workdir)[2]
+    results["requests_before_rss"] = sent
+    results["rss_20k_mb"] = api.rss_mb()
+    results["hello_rss_mb"] = hello.rss_mb()
+    floor.stop()
+    hello.stop()
+
+    # 6. Idle cost.
+    cpu = api.cpu_seconds()
+    time.sleep(30)
+    results["idle_cpu_s"] = api.cpu_seconds() - cpu
+    api.stop()
+
+    # 2. Lookup does not grow with the spool; 3. listing stays bounded.
+    little_ini, little_id = make_spool(
+        os.path.join(workdir, "little"), user_hash, files=10
+    )
+    big_ini, big_id = make_spool(smsapi, os.path.join(workdir, "big"), user_hash, files=100_000)
+    little = Server(
+        [sys.executable, SMSAPI, "--config", little_ini],
+        os.path.join(workdir, "little.log"),
+    )
+    big = Server(
+        [sys.executable, SMSAPI, "--config", big_ini], os.path.join(workdir, "big.log")
+    )
+    for path in ("status", "sent"):
+        medians = {"little": [], "big": []}
+        for _ in range(3):
+            for name, server, probe in (
+                ("little", little, little_id),
+                ("big", big, big_id),
+            ):
+                url = f"{server.url}/api/v1.0/sms/{path}/{probe}"
+                medians[name].append(
+                    wrk(url, max(2, seconds // 2), 1, auth=token, workdir=workdir)[1]
+                )
+        results[f"{path}_10_ms"] = min(medians["little"])
+        results[f"{path}_100k_ms"] = min(medians["big"])
+        results[f"{path}_100k_vs_10"] = (
+            results[f"{path}_100k_ms"] / results[f"{path}_10_ms"]
+        )
+    list_path = "/api/v1.0/sms/sent/?limit=100"
+    results["list_100k_ms"] = median_ms(big.url, list_path, token)
+    results["list_100k_admin_ms"] = median_ms(big.url, list_path, admin)
+    little.stop()
+    big.stop()
+    return results
+
+
+def report(results):
+    """The table, target by target."""
+    lines = [f"{'figure':<22} {'value':>10}  target", "-" * 48]
+    for name, value in results.items():
+        target = TARGETS.get(name)
+        verdict = ""
+        if target:
+            op, limit = target
+            met = (
+                value >= limit
+                if op == ">="
+                else value <= limit
+                if op == "<="
+                else value < limit
+            )
+            verdict = f"{op} {limit:<6} {'ok' if met else 'MISSED'}"
+        lines.append(f"{name:<22} {value:>10.3f}  {verdict}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--seconds", type=int, default=8, help="length of each wrk run (default 8)"
+    )
+    parser.add_argument(
+        "--serve", nargs=2, metavar=("APP", "SPOOL"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.serve:
+        return serve_reference(*args.serve)
+    if not shutil.which("wrk"):
+        print("bench_smsapi.py needs wrk: sudo apt-get install wrk", file=sys.stderr)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="smsapi-bench-")
+    try:
+        results = bench(args.seconds, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
