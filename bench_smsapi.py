@@ -44,8 +44,12 @@ TARGETS = {  # figure -> (comparison, limit)
 # The two reference apps, served by waitress with smsapi's settings ##########
 
 
-def floor_app(spool):
-    """The unavoidable work of a send: read the JSON body, write, fsync, rename."""
+def floor_app(spool, durable=False):
+    """The unavoidable work of a send: read the JSON body, write, fsync, rename.
+
+    durable: also fsync the directory, so that the rename survives a power cut
+    (what smsapi does before it answers 201).
+    """
     outgoing = os.path.join(spool, "outgoing")
     answer = b'{"message_id": {"79680000000": "x"}, "parts_count": 1}\n'
 
@@ -59,6 +63,10 @@ def floor_app(spool):
         os.fsync(fd)
         os.close(fd)
         os.rename(temp, os.path.join(outgoing, name))
+        if durable:
+            directory = os.open(outgoing, os.O_RDONLY)
+            os.fsync(directory)
+            os.close(directory)
         start_response(
             "201 Created",
             [
@@ -80,7 +88,7 @@ def serve_reference(kind, spool):
     """Run a reference app the way smsapi runs (waitress, 4 threads) until killed."""
     import waitress.server
 
-    app = floor_app(spool) if kind == "floor" else hello_app
+    app = hello_app if kind == "hello" else floor_app(spool, durable=kind == "durable")
     server = waitress.server.create_server(app, listen="127.0.0.1:0", threads=THREADS)
     print(f"listening on http://127.0.0.1:{server.effective_port}", flush=True)
     server.run()
@@ -119,6 +127,16 @@ class Server:
             time.sleep(0.001)
         with open(self.log_path) as log:
             raise SystemExit("server did not start:\n" + log.read())
+
+    def wait_for_log(self, text, timeout=120):
+        """Wait until the server logs text (say, that its start-up work is done)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path) as log:
+                if text in log.read():
+                    return
+            time.sleep(0.1)
+        raise SystemExit(f"server never logged {text!r}")
 
     def rss_mb(self):
         with open(f"/proc/{self.process.pid}/status") as status:
@@ -239,7 +257,9 @@ def bench(seconds, workdir):
     admin = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
 
     # 1. Send throughput, and 5. start-up, and 4. memory.
-    small_ini, _ = make_spool(smsapi, os.path.join(workdir, "small"), user_hash, files=10)
+    small_ini, _ = make_spool(
+        smsapi, os.path.join(workdir, "small"), user_hash, files=10
+    )
     api = Server(
         [sys.executable, SMSAPI, "--config", small_ini],
         os.path.join(workdir, "smsapi.log"),
@@ -247,39 +267,43 @@ def bench(seconds, workdir):
     results["startup_ms"] = api.startup * 1000
     time.sleep(1)
     results["rss_idle_mb"] = api.rss_mb()
-    floor_spool = os.path.join(workdir, "floor")
-    os.makedirs(os.path.join(floor_spool, "outgoing"))
-    floor = Server(
-        [sys.executable, __file__, "--serve", "floor", floor_spool],
-        os.path.join(workdir, "floor.log"),
-    )
-    hello = Server(
-        [sys.executable, __file__, "--serve", "hello", workdir],
-        os.path.join(workdir, "hello.log"),
-    )
-    results["hello_startup_ms"] = hello.startup * 1000
+    references = {}
+    for kind in ("floor", "durable", "hello"):
+        spool = os.path.join(workdir, kind)
+        os.makedirs(os.path.join(spool, "outgoing"))
+        log = os.path.join(workdir, kind + ".log")
+        references[kind] = Server(
+            [sys.executable, __file__, "--serve", kind, spool], log
+        )
+    results["hello_startup_ms"] = references["hello"].startup * 1000
     send_url = api.url + "/api/v1.0/sms/outgoing"
-    rates = {"smsapi": [], "floor": [], "hello": []}
+    rates = {"smsapi": [], "floor": [], "durable": [], "hello": []}
     sent = 0
     for _ in range(3):  # alternate, so that noise falls on all alike
         rate, _, done = wrk(send_url, seconds, post=True, auth=token, workdir=workdir)
         rates["smsapi"].append(rate)
         sent += done
-        rates["floor"].append(
-            wrk(floor.url + "/", seconds, post=True, workdir=workdir)[0]
+        for kind in ("floor", "durable"):
+            rates[kind].append(
+                wrk(references[kind].url + "/", seconds, post=True, workdir=workdir)[0]
+            )
+        rates["hello"].append(
+            wrk(references["hello"].url + "/", seconds, workdir=workdir)[0]
         )
-        rates["hello"].append(wrk(hello.url + "/", seconds, workdir=workdir)[0])
     for name, values in rates.items():
         results[f"{name}_send_rps"] = max(values)
     results["send_vs_floor"] = results["smsapi_send_rps"] / results["floor_send_rps"]
+    results["send_vs_durable_floor"] = (
+        results["smsapi_send_rps"] / results["durable_send_rps"]
+    )
     results["send_vs_hello"] = results["smsapi_send_rps"] / results["hello_send_rps"]
     while sent < 20000:
         sent += wrk(send_url, 2, post=True, auth=token, workdir=workdir)[2]
     results["requests_before_rss"] = sent
     results["rss_20k_mb"] = api.rss_mb()
-    results["hello_rss_mb"] = hello.rss_mb()
-    floor.stop()
-    hello.stop()
+    results["hello_rss_mb"] = references["hello"].rss_mb()
+    for server in references.values():
+        server.stop()
 
     # 6. Idle cost.
     cpu = api.cpu_seconds()
@@ -289,9 +313,11 @@ def bench(seconds, workdir):
 
     # 2. Lookup does not grow with the spool; 3. listing stays bounded.
     little_ini, little_id = make_spool(
-        os.path.join(workdir, "little"), user_hash, files=10
+        smsapi, os.path.join(workdir, "little"), user_hash, files=10
     )
-    big_ini, big_id = make_spool(smsapi, os.path.join(workdir, "big"), user_hash, files=100_000)
+    big_ini, big_id = make_spool(
+        smsapi, os.path.join(workdir, "big"), user_hash, files=100_000
+    )
     little = Server(
         [sys.executable, SMSAPI, "--config", little_ini],
         os.path.join(workdir, "little.log"),
@@ -299,6 +325,8 @@ def bench(seconds, workdir):
     big = Server(
         [sys.executable, SMSAPI, "--config", big_ini], os.path.join(workdir, "big.log")
     )
+    for server in (little, big):  # a first start reads sent/ once, in the background
+        server.wait_for_log("delivery report index rebuilt")
     for path in ("status", "sent"):
         medians = {"little": [], "big": []}
         for _ in range(3):

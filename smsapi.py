@@ -64,6 +64,7 @@ EX_CONFIG = 78  # sysexits.h: configuration error
 #: nothing smsd would skip (a leading dot), nothing longer than a sane name.
 MESSAGE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}", re.ASCII)
 OUR_ID = re.compile(r"smsapi\.([a-z2-7]{6})\.([0-9a-z]{10})[A-Za-z0-9_-]{16}", re.ASCII)
+ID_TIME = slice(14, 24)  # where the creation time stands in one of our ids
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 #: International format: digits only, no leading zero, at most 15 (E.164).
@@ -695,23 +696,27 @@ def find_message(config, message_id):
 def list_names(config, kind, owner=None):
     """Message file names in spool kind, newest first; only owner's if given.
 
-    Our own ids carry their owner and creation time; only other names (files
-    smsd or other tools wrote) cost a stat, and only when listing them all.
+    Our ids carry owner tag and creation time (fixed width, base 36), so one
+    user's names sort by time as plain strings; only names that other tools
+    wrote cost a stat, and only in a listing of everything.
     """
-    tag = owner and owner_tag(owner)
-    entries = []
-    with os.scandir(config.spool[kind]) as scan:
-        for entry in scan:
-            ours = OUR_ID.fullmatch(entry.name)
-            if ours and (tag is None or ours.group(1) == tag):
-                entries.append((int(ours.group(2), 36) / 1e6, entry.name))
-            elif not ours and tag is None and is_message_name(entry.name):
-                try:
-                    entries.append((entry.stat().st_mtime, entry.name))
-                except FileNotFoundError:
-                    continue  # smsd moved it meanwhile
-    entries.sort(reverse=True)
-    return [name for _, name in entries]
+    names = os.listdir(config.spool[kind])
+    if owner:
+        prefix = f"smsapi.{owner_tag(owner)}."
+        mine = [n for n in names if n.startswith(prefix) and OUR_ID.fullmatch(n)]
+        return sorted(mine, reverse=True)
+    keyed = []
+    for name in names:
+        if OUR_ID.fullmatch(name):
+            keyed.append((name[ID_TIME], name))
+        elif is_message_name(name):
+            try:
+                mtime = os.stat(os.path.join(config.spool[kind], name)).st_mtime
+            except FileNotFoundError:
+                continue  # smsd moved it meanwhile
+            keyed.append((f"{base36(int(mtime * 1e6)):0>10}", name))
+    keyed.sort(reverse=True)
+    return [name for _, name in keyed]
 
 
 def is_message_name(name):
@@ -820,6 +825,7 @@ class Idempotency:
 ###############################################################################
 
 SMSD_TIME = "%y-%m-%d %H:%M:%S"
+REBUILD_CHUNK = 2000  # sent files read per tick when rebuilding the index
 REPORT_BODY = "SMS STATUS REPORT"
 FINAL = frozenset(["sent", "failed"])
 
@@ -917,6 +923,7 @@ class Watcher:
         self.idempotency = Idempotency(config)
         state = read_json(self.path)
         self.lost = state is None or state.get("version") != 1
+        self.rebuilding = None  # names of sent/ still to read, while rebuilding
         if not self.lost:
             self.pending = state.get("pending", {})
             self.awaiting = state.get("awaiting", {})
@@ -936,16 +943,27 @@ class Watcher:
             log.error("cannot save %s: %s", self.path, one_line(exc))
 
     def rebuild(self):
-        """Learn from sent/ every message still waiting for its report."""
-        log.warning(
-            "delivery report index %s missing: rebuilding it from the spool", self.path
-        )
+        """Learn from sent/ the messages still waiting for a report, a chunk a tick."""
+        if self.rebuilding is None:
+            log.warning(
+                "delivery report index %s missing: rebuilding it from the spool",
+                self.path,
+            )
+            names = os.listdir(self.config.spool["sent"])
+            self.rebuilding = [n for n in names if is_message_name(n)]
         cutoff = time.time() - self.config.report_window
-        for name in filter(is_message_name, os.listdir(self.config.spool["sent"])):
+        chunk = self.rebuilding[:REBUILD_CHUNK]
+        del self.rebuilding[:REBUILD_CHUNK]
+        for name in chunk:
             message = read_message(self.config, "sent", name)
             if message is not None and message.mtime > cutoff:
                 self.learn_sent(message)
-        self.lost = False
+        if not self.rebuilding:
+            self.lost, self.rebuilding = False, None
+            log.info(
+                "delivery report index rebuilt: %d sent messages await reports",
+                len(self.awaiting),
+            )
         return True
 
     # -- the tick ----------------------------------------------------------

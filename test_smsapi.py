@@ -1191,6 +1191,28 @@ def test_delivery_index_survives_restart_and_is_rebuilt_when_lost(config, spool)
     assert status_of(lost, kept)["status"] == "delivered"
 
 
+def test_delivery_index_rebuild_reads_sent_a_chunk_a_tick(config, spool):
+    sent = time.strftime(SMSD_TIME)
+    count = smsapi.REBUILD_CHUNK + 10
+    for n in range(count):
+        headers = {
+            "From": "lvv",
+            "To": "79680000000",
+            "Report": "yes",
+            "Modem": "GSM1",
+            "Sent": sent,
+            "Message_id": str(n % 256),
+        }
+        put_file(
+            spool, "sent", smsapi.new_message_id("lvv", time.time() + n / 1e3), headers
+        )
+    app = smsapi.Application(config)
+    app.watcher.tick()
+    assert app.watcher.lost and len(app.watcher.awaiting) == smsapi.REBUILD_CHUNK
+    app.watcher.tick()
+    assert not app.watcher.lost and len(app.watcher.awaiting) == count
+
+
 def test_reports_in_smsds_own_report_directory(tmp_path, spool):
     spool = dict(
         spool, report=os.path.join(os.path.dirname(spool["incoming"]), "report")
