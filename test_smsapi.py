@@ -1031,13 +1031,20 @@ SMSD_TIME = "%y-%m-%d %H:%M:%S"
 
 
 def smsd_moves(spool, message_id, kind, extra):
-    """Move a file from outgoing to kind, adding header lines, as smsd does."""
-    with open(os.path.join(spool["outgoing"], message_id), "rb") as file:
+    """Move a file from outgoing to kind, adding header lines, as smsd does.
+
+    The new file is complete before the old one goes: at no moment is the
+    message nowhere.
+    """
+    source = os.path.join(spool["outgoing"], message_id)
+    with open(source, "rb") as file:
         head, _, body = file.read().partition(b"\n\n")
-    os.remove(os.path.join(spool["outgoing"], message_id))
     lines = "".join(f"\n{name}: {value}" for name, value in extra.items())
-    with open(os.path.join(spool[kind], message_id), "wb") as file:
+    temp = os.path.join(spool[kind], "." + message_id)
+    with open(temp, "wb") as file:
         file.write(head + lines.encode() + b"\n\n" + body)
+    os.rename(temp, os.path.join(spool[kind], message_id))
+    os.remove(source)
 
 
 def smsd_sends(spool, message_id, ref, when=None, modem="GSM1"):
