@@ -34,6 +34,7 @@ import errno
 import functools
 import getpass
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import json
@@ -65,6 +66,7 @@ EX_CONFIG = 78  # sysexits.h: configuration error
 MESSAGE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}", re.ASCII)
 OUR_ID = re.compile(r"smsapi\.([a-z2-7]{6})\.([0-9a-z]{10})[A-Za-z0-9_-]{16}", re.ASCII)
 ID_TIME = slice(14, 24)  # where the creation time stands in one of our ids
+ID_LENGTH = 40
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 #: International format: digits only, no leading zero, at most 15 (E.164).
@@ -693,18 +695,18 @@ def find_message(config, message_id):
     return None
 
 
-def list_names(config, kind, owner=None):
-    """Message file names in spool kind, newest first; only owner's if given.
+def list_page(config, kind, offset, limit, owner=None):
+    """(how many, one page of names) of messages in spool kind, newest first.
 
-    Our ids carry owner tag and creation time (fixed width, base 36), so one
-    user's names sort by time as plain strings; only names that other tools
-    wrote cost a stat, and only in a listing of everything.
+    Only owner's, if given. Our ids carry owner tag and creation time (fixed
+    width, base 36), so one user's names order by time as plain strings; only
+    names other tools wrote cost a stat, and only in a listing of everything.
     """
     names = os.listdir(config.spool[kind])
     if owner:
         prefix = f"smsapi.{owner_tag(owner)}."
-        mine = [n for n in names if n.startswith(prefix) and OUR_ID.fullmatch(n)]
-        return sorted(mine, reverse=True)
+        mine = [n for n in names if n.startswith(prefix) and len(n) == ID_LENGTH]
+        return len(mine), heapq.nlargest(offset + limit, mine)[offset:]
     keyed = []
     for name in names:
         if OUR_ID.fullmatch(name):
@@ -715,8 +717,9 @@ def list_names(config, kind, owner=None):
             except FileNotFoundError:
                 continue  # smsd moved it meanwhile
             keyed.append((f"{base36(int(mtime * 1e6)):0>10}", name))
-    keyed.sort(reverse=True)
-    return [name for _, name in keyed]
+    return len(keyed), [
+        name for _, name in heapq.nlargest(offset + limit, keyed)[offset:]
+    ]
 
 
 def is_message_name(name):
@@ -1877,16 +1880,13 @@ def list_messages(request):
         return list_inbox(request)
     limit, offset = page(request)
     if request.user.admin:
-        names = list_names(request.config, kind)
-        shown = names[offset : offset + limit]
+        total, shown = list_page(request.config, kind, offset, limit)
     else:  # the tag narrows it down; the page's files confirm the owner
-        names = list_names(request.config, kind, request.user.name)
-        shown = [
-            n for n in names[offset : offset + limit] if visible_name(request, kind, n)
-        ]
+        total, shown = list_page(request.config, kind, offset, limit, request.user.name)
+        shown = [n for n in shown if visible_name(request, kind, n)]
     return HTTPStatus.OK, {
         "message_id": shown,
-        "total_count": len(names),
+        "total_count": total,
         "limit": limit,
         "offset": offset,
     }
