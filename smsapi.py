@@ -22,6 +22,7 @@ Speak plain HTTP on loopback only, or put a TLS reverse proxy in front.
 # Imports ######################################################################
 ###############################################################################
 
+import _strptime  # noqa: F401 (time.strptime would import it on first use, in any thread)
 import argparse
 import base64
 import binascii
@@ -30,6 +31,8 @@ import configparser
 import contextlib
 import dataclasses
 import datetime
+import encodings.iso8859_15  # the codecs too: loaded at start, not on a first request
+import encodings.utf_16_be  # noqa: F401
 import errno
 import functools
 import getpass

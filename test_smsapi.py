@@ -2186,6 +2186,53 @@ def test_head_has_headers_and_no_body(app):
     assert int(response.headers["Content-Length"]) > 0
 
 
+def test_no_request_imports_anything(app, spool):
+    # Everything a request needs is imported at start: no first-request stall.
+    send(app, ["79680000000"])  # warm up once: code paths, not modules, differ
+    before = set(sys.modules)
+    message_id = send(app, ["79680000001"], text="Ж€😀", report=True).json()[
+        "message_id"
+    ]["79680000001"]
+    call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000002"], "text": "x"},
+        "lvv",
+        {"Idempotency-Key": "k"},
+        query="dry_run=1",
+    )
+    call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000002"], "text": "x"},
+        "lvv",
+        {"Idempotency-Key": "k"},
+    )
+    call(
+        app,
+        "GET",
+        "/api/v1.0/sms/status/" + message_id,
+        user="lvv",
+        headers={"Accept": "text/plain"},
+    )
+    call(app, "GET", "/api/v1.0/sms/outgoing/", user="lvv")
+    call(
+        app,
+        "GET",
+        "/api/v1.0/sms/incoming/",
+        user="inbox",
+        query="since=2026-01-01T00:00:00Z",
+    )
+    put_file(spool, "sent", "GSM1.iso", {"From": "lvv", "Alphabet": "ISO"})
+    call(app, "GET", "/api/v1.0/sms/sent/GSM1.iso", user="root")
+    call(app, "GET", "/api/v1.0/openapi.json")
+    call(app, "GET", "/api/v1.0/monitoring")
+    app.watcher.tick()
+    assert set(sys.modules) - before == set()
+
+
 def test_spool_read_error_is_503_not_500(tmp_path, spool):
     broken = dict(spool, sent=str(tmp_path / "spool" / "sent-file"))
     open(broken["sent"], "w").close()
