@@ -173,6 +173,11 @@ class Config:
     users: dict = dataclasses.field(default_factory=dict)
 
 
+def is_number(text):
+    """True for ASCII digits only: str.isdigit() also takes '²' and '٣', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def as_bool(value):
     """yes/no, true/false, on/off, 1/0."""
     word = value.strip().lower()
@@ -185,7 +190,7 @@ def as_bool(value):
 
 def as_count(value):
     """A whole number of at least 1."""
-    number = int(value) if value.strip().isdigit() else 0
+    number = int(value) if is_number(value.strip()) else 0
     if number < 1:
         raise ValueError(f"expected a number of at least 1, got {value!r}")
     return number
@@ -193,7 +198,7 @@ def as_count(value):
 
 def as_whole(value):
     """A whole number, 0 or more."""
-    if not value.strip().isdigit():
+    if not is_number(value.strip()):
         raise ValueError(f"expected a whole number, got {value!r}")
     return int(value)
 
@@ -232,7 +237,7 @@ def parse_address(address):
         host = host[1:-1]
     if not sep or not host or ":" in host and "[" not in address:
         raise ValueError(f"expected host:port or [ipv6]:port, got {address!r}")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not is_number(port) or not 0 <= int(port) <= 65535:
         raise ValueError(f"bad port in {address!r}")
     return host, int(port)
 
@@ -880,7 +885,7 @@ def parse_report(headers, text, mtime):
         return None
     fields = dict(line.partition(": ")[::2] for line in text.splitlines()[1:])
     code, _, detail = fields.get("Status", "").partition(",")
-    if not fields.get("Message_id", "").isdigit() or not code.strip().isdigit():
+    if not is_number(fields.get("Message_id", "")) or not is_number(code.strip()):
         return None
     return Report(
         modem=headers.get("Modem", ""),
@@ -1030,7 +1035,7 @@ class Watcher:
         """Remember a sent message by what its status report will carry."""
         headers = message.headers
         ref, sent = headers.get("Message_id", ""), smsd_time(headers.get("Sent"))
-        if headers.get("Report", "").lower() == "yes" and ref.isdigit() and sent:
+        if headers.get("Report", "").lower() == "yes" and is_number(ref) and sent:
             self.awaiting[message.message_id] = [
                 headers.get("Modem", ""),
                 int(ref),
@@ -1170,7 +1175,10 @@ class Request:
     @functools.cached_property
     def query(self):
         """The query string as {name: [values]}; 400 unless it is UTF-8."""
-        return parse_form(self.environ.get("QUERY_STRING", "").encode("latin-1"))
+        # PEP 3333 hands bytes over as latin-1; anything else becomes "?".
+        return parse_form(
+            self.environ.get("QUERY_STRING", "").encode("latin-1", "replace")
+        )
 
     def header(self, name):
         """A request header by its HTTP name, or ''."""
@@ -1184,7 +1192,7 @@ class Request:
         limit = self.config.max_body
         length = self.header("Content-Length").strip()
         if length:
-            if not length.isdigit():
+            if not is_number(length):
                 raise ApiError(HTTPStatus.BAD_REQUEST, "Bad Content-Length")
             if int(length) > limit:
                 raise too_large(limit)
@@ -1262,7 +1270,7 @@ def form_fields(query):
         if name in fields:
             fields[name] = form_bool(name, fields[name])
     for name in ("retries", "class"):
-        if name in fields and fields[name].strip().isdigit():
+        if name in fields and is_number(fields[name].strip()):
             fields[name] = int(fields[name])
     return fields
 
@@ -1978,7 +1986,7 @@ def query_int(request, name, default, low, high):
     value = request.param(name)
     if value is None:
         return default
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not is_number(value) or not low <= int(value) <= high:
         raise ApiError(
             HTTPStatus.BAD_REQUEST,
             f"{name} must be a number from {low} to {high}",

@@ -669,6 +669,38 @@ def test_send_bad_fields_are_refused_and_write_nothing(
     assert spool_snapshot(spool) == {}
 
 
+@pytest.mark.parametrize(
+    "query", ["limit=%C2%B2", "offset=%D9%A3", "limit=1%C2%B2", "offset=٣"]
+)
+def test_unicode_digits_in_numbers_are_400_not_500(app, query):
+    assert (
+        call(app, "GET", "/api/v1.0/sms/sent/", user="lvv", query=query).status == 400
+    )
+
+
+def test_unicode_digits_in_form_numbers_are_400_not_500(app, spool):
+    body = "mobiles=79680000000&text=x&retries=²".encode()
+    response = call(
+        app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        body,
+        "lvv",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 400 and spool_snapshot(spool) == {}
+    assert (
+        call(
+            app,
+            "GET",
+            "/api/v1.0/sms/outgoing",
+            user="lvv",
+            query="mobiles=79680000000&text=x&wait=%C2%B2",
+        ).status
+        == 400
+    )
+
+
 def test_send_surrogate_text_is_refused(app, spool):
     body = b'{"mobiles": ["79680000000"], "text": "\\ud800"}'
     response = call(
