@@ -1958,12 +1958,11 @@ def read_since(since, entries):
         if name == since:
             return received
     try:
-        moment = datetime.datetime.fromisoformat(since.replace("Z", "+00:00"))
-    except ValueError:
+        return datetime.datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):  # also year 1 in local time
         raise ApiError(
             HTTPStatus.BAD_REQUEST, "since must be an ISO 8601 time or a message id"
         ) from None
-    return moment.timestamp()
 
 
 def inbox_entry(request, received, name, sender, kind):

@@ -1545,6 +1545,26 @@ def test_inbox_lists_sender_time_text_without_reports(app, spool):
     )
 
 
+@pytest.mark.parametrize(
+    "since, status",
+    [
+        ("0001-01-01T00:00:00", 400),
+        ("9999-12-31T23:59:59", 200),
+        ("2026-13-01", 400),
+        ("x" * 200, 400),
+    ],
+)
+def test_inbox_since_at_the_edges_of_time(app, since, status):
+    query = "since=" + urllib.parse.quote(since)
+    response = call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox", query=query)
+    assert response.status == status
+    assert (
+        "since" in response.json()["error"]
+        if status == 400
+        else response.json()["message_id"] == []
+    )
+
+
 def test_inbox_user_may_delete_received_messages(app, spool):
     put_file(spool, "incoming", "GSM1.del", {"From": "358401111111"})
     assert (
