@@ -46,6 +46,8 @@ import math
 import os
 import re
 import secrets
+import signal
+import socket
 import sys
 import threading
 import time
@@ -419,12 +421,44 @@ def one_line(exc):
     return escape(str(exc) or type(exc).__name__)
 
 
+SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """journald adds the time itself; a <N> prefix gives each line its priority."""
+
+    def format(self, record):
+        return f"<{SYSLOG_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
 def setup_logging():
-    """Log to stderr; journald (JOURNAL_STREAM) adds its own timestamps."""
-    fmt = "%(levelname)s %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+    """Log to stderr: under journald with priorities, elsewhere with ISO timestamps."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"
+            )
+        )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def sd_notify(state):
+    """Tell systemd about our state (READY=1, STOPPING=1, WATCHDOG=1) if it listens."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+        ) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", one_line(exc))
 
 
 ###############################################################################
@@ -991,11 +1025,16 @@ class Watcher:
             self.thread.join(10)
 
     def run(self):
+        # systemd's watchdog (WatchdogSec=) hears from the watcher: if it hangs, a restart follows.
+        pid = os.environ.get("WATCHDOG_PID", str(os.getpid()))
+        watchdog = bool(os.environ.get("WATCHDOG_USEC")) and pid == str(os.getpid())
         while not self.stopping.is_set():
             try:
                 self.tick()
             except Exception:  # one odd file must not stop the watching
                 log.exception("watcher tick failed")
+            if watchdog:
+                sd_notify("WATCHDOG=1")
             self.stopping.wait(self.interval)
 
     def tick(self):
@@ -2672,6 +2711,7 @@ def serve(config):
         log.warning("no [user:NAME] sections: every message request will be refused")
     app = Application(config)
     app.start()
+    signal.signal(signal.SIGTERM, stop_serving)  # systemd's stop: leave like Ctrl-C
     try:
         return serve_waitress(config, app)
     except ImportError:
@@ -2679,6 +2719,11 @@ def serve(config):
         return serve_wsgiref(config, app)
     finally:
         app.close()
+
+
+def stop_serving(signum, frame):
+    """SIGTERM: end the server loop the way Ctrl-C does, so that it closes cleanly."""
+    raise KeyboardInterrupt
 
 
 def serve_waitress(config, app):
@@ -2697,13 +2742,16 @@ def serve_waitress(config, app):
         channel_timeout=config.channel_timeout,
         asyncore_use_poll=True,  # select() stops at 1024 descriptors
     )
-    for address in listen_urls(server):
+    urls = listen_urls(server)
+    for address in urls:
         log.info("smsapi %s listening on %s", __version__, address)
+    sd_notify("READY=1\nSTATUS=listening on " + " ".join(urls))
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
+        sd_notify("STOPPING=1")
         server.close()
     return 0
 
@@ -2718,7 +2766,6 @@ def listen_urls(server):
 
 def serve_wsgiref(config, app):
     """The fallback: the standard library's threading WSGI server, first address only."""
-    import socket
     import socketserver
     from wsgiref import simple_server
 
@@ -2740,10 +2787,12 @@ def serve_wsgiref(config, app):
             f"[{bound[0]}]" if ":" in bound[0] else bound[0],
             bound[1],
         )
+        sd_notify("READY=1")
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             pass
+        sd_notify("STOPPING=1")
     return 0
 
 

@@ -2302,7 +2302,7 @@ def test_spool_read_error_is_503_not_500(tmp_path, spool):
 class Server:
     """smsapi.py running as a subprocess on an ephemeral loopback port."""
 
-    def __init__(self, ini, tmp_path, python_args=()):
+    def __init__(self, ini, tmp_path, python_args=(), env=None):
         self.log_path = os.path.join(str(tmp_path), f"server-{time.monotonic_ns()}.log")
         self.log = open(self.log_path, "w+")  # noqa: SIM115 (lives as long as the server)
         self.process = subprocess.Popen(
@@ -2315,6 +2315,7 @@ class Server:
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         self.url = self.wait_for_url()
 
@@ -2369,8 +2370,8 @@ class Server:
 def live(tmp_path, spool):
     servers = []
 
-    def start(python_args=()):
-        servers.append(Server(write_ini(tmp_path, spool), tmp_path, python_args))
+    def start(python_args=(), env=None):
+        servers.append(Server(write_ini(tmp_path, spool), tmp_path, python_args, env))
         return servers[-1]
 
     yield start
@@ -2402,6 +2403,55 @@ def test_live_waitress_smoke(live, spool):
     )
 
 
+#: Run smsapi.py as if waitress were not installed (its import fails).
+WITHOUT_WAITRESS = [
+    "-c",
+    (
+        "import sys, runpy; sys.modules['waitress'] = None; "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    ),
+]
+
+
+@pytest.mark.parametrize("waitress", [True, False])
+def test_live_systemd_notify_ready_watchdog_stopping(live, tmp_path, waitress):
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(10)
+        env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}
+        server = live([] if waitress else WITHOUT_WAITRESS, env)
+        messages = [notify.recv(1024).decode() for _ in range(3)]
+        assert (
+            len([m for m in messages if m.startswith("READY=1")]) == 1
+            and "WATCHDOG=1" in messages
+        )
+        assert (
+            server.request("GET", "/api/v1.0/monitoring")[0] == 200
+        )  # READY came once the port was bound
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(15) == 0
+        while notify.recv(1024) != b"STOPPING=1":  # a timeout here fails the test
+            pass
+
+
+def test_live_log_lines_for_journald_and_elsewhere(live):
+    journal = live(env={"JOURNAL_STREAM": "8:12345"})
+    journal.request("GET", "/api/v1.0/monitoring")
+    lines = journal.output().splitlines()
+    assert any(
+        re.fullmatch(r"<6>GET /api/v1\.0/monitoring 200 user=- ids=- [\d.]+ms", line)
+        for line in lines
+    )
+    assert all(re.match(r"<[2-7]>", line) for line in lines)  # a priority, no timestamp
+    plain = live()
+    plain.request("GET", "/api/v1.0/monitoring")
+    stamped = (
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} INFO GET /api/v1\.0/monitoring 200 .*"
+    )
+    assert any(re.fullmatch(stamped, line) for line in plain.output().splitlines())
+
+
 def test_live_waitress_turns_away_huge_bodies(live):
     server = live()
     host, port = server.url[len("http://") :].rsplit(":", 1)
@@ -2414,15 +2464,7 @@ def test_live_waitress_turns_away_huge_bodies(live):
 
 
 def test_live_wsgiref_fallback_without_waitress(live):
-    server = live(
-        [
-            "-c",
-            (
-                "import sys, runpy; sys.modules['waitress'] = None; "
-                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-            ),
-        ]
-    )
+    server = live(WITHOUT_WAITRESS)
     assert "waitress is not installed" in server.output()
     status, _, data = server.request(
         "POST",
