@@ -2346,9 +2346,23 @@ SEND_ANSWERS = {
         schema_ref("Sent"),
         plain=True,
     ),
-    **errors(400, 401, 403, 413, 415, 422, 429, 503, 507),
+    **errors(400, 403, 413, 415, 422, 507),
 }
 SECURED = [{"basic": []}]
+LIST_PARAMETERS = [
+    KIND,
+    query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "page size"),
+    query("offset", {"type": "integer", "minimum": 0}, "page start"),
+    query(
+        "type", {"type": "string", "enum": ["sms", "report", "all"]}, "incoming only"
+    ),
+    query("since", {"type": "string"}, "incoming only: ISO 8601 time or message id"),
+    query("from", {"type": "string"}, "incoming only: sender number"),
+]
+LIST_ANSWERS = {
+    "200": answer("A page", schema_ref("List"), plain=True),
+    **errors(400, 404),
+}
 
 
 def openapi_document(config):
@@ -2374,42 +2388,43 @@ def openapi_document(config):
         },
         "paths": {
             API + "/monitoring": {
-                "get": {
-                    "summary": "Is the spool usable?",
-                    "security": [],
-                    "responses": {
+                "get": operation(
+                    "Is the spool usable?",
+                    {
                         "200": answer("Usable", schema_ref("Monitoring")),
                         "503": answer(
                             "Not usable, with the reason", schema_ref("Monitoring")
                         ),
                     },
-                }
+                    public=True,
+                )
             },
             API + "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "security": [],
-                    "responses": {"200": answer("OpenAPI 3", {"type": "object"})},
-                }
+                "get": operation(
+                    "This document",
+                    {"200": answer("OpenAPI 3", {"type": "object"})},
+                    public=True,
+                )
             },
             sms + "/outgoing": {
-                "post": {
-                    "summary": "Send a text to one or more numbers",
-                    "security": SECURED,
-                    "parameters": send_control(config),
-                    "requestBody": {
+                "post": dict(
+                    operation(
+                        "Send a text to one or more numbers",
+                        SEND_ANSWERS,
+                        send_control(config),
+                    ),
+                    requestBody={
                         "required": True,
                         "content": {
                             "application/json": {"schema": schema_ref("Send")},
                             "application/x-www-form-urlencoded": {"schema": form},
                         },
                     },
-                    "responses": SEND_ANSWERS,
-                },
-                "get": {
-                    "summary": "Send, for scripts that can only GET",
-                    "security": SECURED,
-                    "parameters": [
+                ),
+                "get": operation(
+                    "Send, for scripts that can only GET",
+                    SEND_ANSWERS,
+                    [
                         required(query("mobiles", NUMBERS, "numbers, comma-separated")),
                         required(
                             query(
@@ -2418,75 +2433,54 @@ def openapi_document(config):
                         ),
                         *send_control(config),
                     ],
-                    "responses": SEND_ANSWERS,
-                },
+                ),
             },
             sms + "/status/{message_id}": {
-                "get": {
-                    "summary": "Where a message is now",
-                    "security": SECURED,
-                    "parameters": [MESSAGE_ID_PARAM],
-                    "responses": {
+                "get": operation(
+                    "Where a message is now",
+                    {
                         "200": answer("Status", schema_ref("Status"), plain=True),
-                        **errors(401, 404, 429, 503),
+                        **errors(404),
                     },
-                }
+                    [MESSAGE_ID_PARAM],
+                )
             },
             sms + "/{kind}/": {
-                "get": {
-                    "summary": "Messages in one spool, newest first",
-                    "security": SECURED,
-                    "parameters": [
-                        KIND,
-                        query(
-                            "limit",
-                            {"type": "integer", "minimum": 1, "maximum": 1000},
-                            "page size",
-                        ),
-                        query(
-                            "offset", {"type": "integer", "minimum": 0}, "page start"
-                        ),
-                        query(
-                            "type",
-                            {"type": "string", "enum": ["sms", "report", "all"]},
-                            "incoming only",
-                        ),
-                        query(
-                            "since",
-                            {"type": "string"},
-                            "incoming only: ISO 8601 time or message id",
-                        ),
-                        query(
-                            "from", {"type": "string"}, "incoming only: sender number"
-                        ),
-                    ],
-                    "responses": {
-                        "200": answer("A page", schema_ref("List"), plain=True),
-                        **errors(400, 401, 404, 429, 503),
-                    },
-                }
+                "get": operation(
+                    "Messages in one spool, newest first", LIST_ANSWERS, LIST_PARAMETERS
+                )
             },
             sms + "/{kind}/{message_id}": {
-                "get": {
-                    "summary": "One message file",
-                    "security": SECURED,
-                    "parameters": [KIND, MESSAGE_ID_PARAM],
-                    "responses": {
+                "get": operation(
+                    "One message file",
+                    {
                         "200": answer("Headers and text", schema_ref("MessageFile")),
-                        **errors(401, 404, 429, 503),
+                        **errors(404),
                     },
-                },
-                "delete": {
-                    "summary": "Cancel a queued message, or delete one",
-                    "security": SECURED,
-                    "parameters": [KIND, MESSAGE_ID_PARAM],
-                    "responses": {
+                    [KIND, MESSAGE_ID_PARAM],
+                ),
+                "delete": operation(
+                    "Cancel a queued message, or delete one",
+                    {
                         "200": answer("Deleted", schema_ref("Deleted")),
-                        **errors(401, 404, 409, 429, 503),
+                        **errors(404, 409),
                     },
-                },
+                    [KIND, MESSAGE_ID_PARAM],
+                ),
             },
         },
+    }
+
+
+def operation(summary, responses, parameters=(), public=False):
+    """One OpenAPI operation; every authenticated one may also answer 401, 429 and 503."""
+    if public:
+        return {"summary": summary, "security": [], "responses": responses}
+    return {
+        "summary": summary,
+        "security": SECURED,
+        "parameters": list(parameters),
+        "responses": {**errors(401, 429, 503), **responses},
     }
 
 
