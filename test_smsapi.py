@@ -161,14 +161,16 @@ def call(
     return Response(captured["status"], captured["headers"], data)
 
 
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def post_send(app, body=None, user=None, headers=None, query=""):
+    """POST to the send route; body, user, headers and query as for call()."""
+    return call(app, "POST", "/api/v1.0/sms/outgoing", body, user, headers, query)
+
+
 def send(app, mobiles, text="Hi, Jack!", user="lvv", **fields):
-    return call(
-        app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
-        {"mobiles": mobiles, "text": text, **fields},
-        user,
-    )
+    return post_send(app, {"mobiles": mobiles, "text": text, **fields}, user)
 
 
 def spool_snapshot(spool):
@@ -530,13 +532,11 @@ def test_send_ucs2_body(app, spool):
 
 def test_send_form_body_comma_and_repeated(app, spool):
     body = b"mobiles=79680000001,79680000002&mobiles=%2B79680000003&text=caf%C3%A9"
-    response = call(
+    response = post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         body,
         "lvv",
-        {"Content-Type": "application/x-www-form-urlencoded"},
+        FORM,
     )
     assert response.status == 201
     assert sorted(response.json()["message_id"]) == [
@@ -663,7 +663,7 @@ def test_send_options_become_smsd_headers(app, spool):
 def test_send_bad_fields_are_refused_and_write_nothing(
     app, spool, fields, status, message
 ):
-    response = call(app, "POST", "/api/v1.0/sms/outgoing", fields, "lvv")
+    response = post_send(app, fields, "lvv")
     assert response.status == status
     assert message in response.json()["error"]
     assert spool_snapshot(spool) == {}
@@ -680,13 +680,11 @@ def test_unicode_digits_in_numbers_are_400_not_500(app, query):
 
 def test_unicode_digits_in_form_numbers_are_400_not_500(app, spool):
     body = "mobiles=79680000000&text=x&retries=²".encode()
-    response = call(
+    response = post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         body,
         "lvv",
-        {"Content-Type": "application/x-www-form-urlencoded"},
+        FORM,
     )
     assert response.status == 400 and spool_snapshot(spool) == {}
     assert (
@@ -703,10 +701,8 @@ def test_unicode_digits_in_form_numbers_are_400_not_500(app, spool):
 
 def test_send_surrogate_text_is_refused(app, spool):
     body = b'{"mobiles": ["79680000000"], "text": "\\ud800"}'
-    response = call(
+    response = post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         body,
         "lvv",
         {"Content-Type": "application/json"},
@@ -734,10 +730,8 @@ def test_send_at_max_parts_is_accepted(app, spool):
     ],
 )
 def test_send_bad_bodies(app, spool, body, content_type, status):
-    response = call(
+    response = post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         body,
         "lvv",
         {"Content-Type": content_type},
@@ -1285,7 +1279,7 @@ def later(delay, action, *args, **kwargs):
 
 def wait_send(app, numbers, query="wait=5", user="lvv", **fields):
     body = {"mobiles": numbers, "text": "wait for me", **fields}
-    return call(app, "POST", "/api/v1.0/sms/outgoing", body, user, query=query)
+    return post_send(app, body, user, query=query)
 
 
 def queued_ids(spool, count, timeout=5):
@@ -1394,9 +1388,7 @@ def idempotent(
     app, key, text="once", user="lvv", numbers=("79680000000", "79680000001")
 ):
     body = {"mobiles": list(numbers), "text": text}
-    return call(
-        app, "POST", "/api/v1.0/sms/outgoing", body, user, {"Idempotency-Key": key}
-    )
+    return post_send(app, body, user, {"Idempotency-Key": key})
 
 
 def test_idempotency_key_repeat_returns_the_first_answer(app, spool):
@@ -1579,9 +1571,7 @@ def test_inbox_user_may_delete_received_messages(app, spool):
 
 def test_dry_run_describes_and_writes_nothing(app, spool):
     body = {"mobiles": ["+7 968 000 00 00"], "text": "Voilà ça `x`", "flash": True}
-    response = call(
-        app, "POST", "/api/v1.0/sms/outgoing", body, "lvv", query="dry_run=1"
-    )
+    response = post_send(app, body, "lvv", query="dry_run=1")
     assert response.status == 200
     assert response.json() == {
         "dry_run": True,
@@ -1593,10 +1583,8 @@ def test_dry_run_describes_and_writes_nothing(app, spool):
         "headers": {"Flash": "yes"},
         "sent_text": "Voilà ça `x`",
     }
-    straddle = call(
+    straddle = post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         {"mobiles": ["79680000000"], "text": "x" * 152 + "€" * 5},
         "lvv",
         query="dry_run=1",
@@ -1606,10 +1594,8 @@ def test_dry_run_describes_and_writes_nothing(app, spool):
         and straddle["non_gsm_characters"] == []
         and straddle["ucs2_reason"]
     )
-    forbidden = call(
+    forbidden = post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         {"mobiles": ["1234567"], "text": "x"},
         "lvv",
         query="dry_run=1",
@@ -1620,10 +1606,8 @@ def test_dry_run_describes_and_writes_nothing(app, spool):
 
 def test_plain_text_answers_for_shell_scripts(app):
     plain = {"Accept": "text/plain"}
-    response = call(
+    response = post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         {"mobiles": ["79680000000", "79680000001"], "text": "x"},
         "lvv",
         plain,
@@ -1823,7 +1807,7 @@ def test_hostile_header_injection_through_every_field(app, spool):
             "priority": "high\nInclude: /etc/shadow",
         },
     ):
-        assert call(app, "POST", "/api/v1.0/sms/outgoing", fields, "lvv").status == 400
+        assert post_send(app, fields, "lvv").status == 400
     assert spool_snapshot(spool) == {}
     message_id = sent_id(app, text="line\n\nInclude: /etc/shadow\nTo: 1")
     head = read_spool_file(spool, "outgoing", message_id).split(b"\n\n")[0]
@@ -2159,10 +2143,8 @@ def test_monitoring_503_when_the_spool_is_gone(app, spool):
 )
 def test_auth_refusals_are_401_with_challenge(app, spool, header):
     headers = {"Authorization": header} if header else {}
-    response = call(
+    response = post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         {"mobiles": ["79680000000"], "text": "x"},
         headers=headers,
     )
@@ -2245,19 +2227,15 @@ def test_no_request_imports_anything(app, spool):
     message_id = send(app, ["79680000001"], text="Ж€😀", report=True).json()[
         "message_id"
     ]["79680000001"]
-    call(
+    post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         {"mobiles": ["79680000002"], "text": "x"},
         "lvv",
         {"Idempotency-Key": "k"},
         query="dry_run=1",
     )
-    call(
+    post_send(
         app,
-        "POST",
-        "/api/v1.0/sms/outgoing",
         {"mobiles": ["79680000002"], "text": "x"},
         "lvv",
         {"Idempotency-Key": "k"},
