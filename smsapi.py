@@ -990,8 +990,8 @@ class Watcher:
     def rebuild(self):
         """Learn from sent/ the messages still waiting for a report, a chunk a tick."""
         if self.rebuilding is None:
-            log.warning(
-                "delivery report index %s missing: rebuilding it from the spool",
+            log.info(
+                "delivery report index %s missing: building it from the spool",
                 self.path,
             )
             names = os.listdir(self.config.spool["sent"])
@@ -2705,7 +2705,8 @@ def serve(config):
         log.warning("no [user:NAME] sections: every message request will be refused")
     app = Application(config)
     app.start()
-    signal.signal(signal.SIGTERM, stop_serving)  # systemd's stop: leave like Ctrl-C
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, and systemd's stop
+        signal.signal(signum, stop_serving)
     try:
         return serve_waitress(config, app)
     except ImportError:
@@ -2716,7 +2717,9 @@ def serve(config):
 
 
 def stop_serving(signum, frame):
-    """SIGTERM: end the server loop the way Ctrl-C does, so that it closes cleanly."""
+    """End the server loop; further signals must not break the orderly stop that follows."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -2411,6 +2412,16 @@ def test_live_systemd_notify_ready_watchdog_stopping(live, tmp_path, waitress):
         assert server.process.wait(15) == 0
         while notify.recv(1024) != b"STOPPING=1":  # a timeout here fails the test
             pass
+
+
+def test_live_stops_cleanly_on_repeated_signals(live):
+    server = live()
+    server.process.send_signal(signal.SIGINT)
+    for _ in range(20):  # an impatient Ctrl-C, and a relayed SIGTERM or two
+        time.sleep(0.01)
+        server.process.send_signal(random.choice([signal.SIGINT, signal.SIGTERM]))
+    assert server.process.wait(20) == 0
+    assert "Traceback" not in server.output()
 
 
 def test_live_log_lines_for_journald_and_elsewhere(live):
