@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import re
 import secrets
 import signal
@@ -64,6 +65,8 @@ API = "/api/v1.0"
 KINDS = ("outgoing", "checked", "sent", "failed", "incoming")
 DEFAULT_CONFIGS = ("smsapi.ini", "/etc/smsapi/smsapi.ini")
 DEFAULT_SPOOL = {kind: "/var/spool/sms/" + kind for kind in KINDS}  # Debian's
+SMSD_CONF = "/etc/smsd.conf"  # spool paths, pid file and stats directory come from it
+SMSD_PIDFILE = "/var/run/smsd.pid"  # smsd's default when smsd.conf names none
 EX_CONFIG = 78  # sysexits.h: configuration error
 
 #: A message id is a spool file name: nothing that could leave the directory,
@@ -73,6 +76,7 @@ OUR_ID = re.compile(r"smsapi\.([a-z2-7]{6})\.([0-9a-z]{10})[A-Za-z0-9_-]{16}", r
 ID_TIME = slice(14, 24)  # where the creation time stands in one of our ids
 ID_LENGTH = 40
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+UNIX_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}\$?", re.ASCII)
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 #: International format: digits only, no leading zero, at most 15 (E.164).
 MOBILE = re.compile(r"[1-9][0-9]{2,14}", re.ASCII)
@@ -85,6 +89,7 @@ VALIDITY = re.compile(r"([0-9]{1,3})\s*(min|hour|day|week|month|year)?", re.ASCI
 
 MAX_SPOOL_FILE = 1 << 20  # bytes read from one spool file at the most
 TEMP_PREFIX = ".smsapi-"  # smsd skips names that start with a dot
+PEER_UID = "smsapi.peer_uid"  # WSGI environ key: the uid of a unix-socket caller
 
 #: Characters of the GSM 03.38 basic table that smsd 3.1.21 converts exactly
 #: from a UTF-8 file. The currency sign U+00A4 is left out on purpose: smsd
@@ -140,6 +145,8 @@ class User:
     admin: bool = False
     inbox: bool = False
     report: bool = None  # default for "report" on send; None: the server's
+    unix_users: tuple = ()  # local accounts that are this user on the unix socket
+    metrics: bool = False  # may read /metrics from anywhere
 
     def may_send_to(self, mobile):
         """True when the normalised number is on this user's allow-list."""
@@ -171,8 +178,26 @@ class Config:
     connection_limit: int = 1000
     channel_timeout: int = 60
     trusted_proxies: tuple = ()
+    metrics: str = "local"  # who may read /metrics: local, users, open or off
     spool: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPOOL))
+    smsd: dict = dataclasses.field(
+        default_factory=dict
+    )  # pidfile, stats; {}: no smsd.conf
+    health: dict = dataclasses.field(default_factory=lambda: dict(HEALTH_DEFAULTS))
+    retention: dict = dataclasses.field(default_factory=dict)  # kind -> age in seconds
     users: dict = dataclasses.field(default_factory=dict)
+    unix_users: dict = dataclasses.field(default_factory=dict)  # Unix name -> User
+
+
+#: Thresholds of GET /health: queued files, age of the oldest (s), failures in the last hour.
+HEALTH_DEFAULTS = {
+    "queue_warn": 50,
+    "queue_fail": 500,
+    "queue_age_warn": 600,
+    "queue_age_fail": 3600,
+    "failed_warn": 1,
+    "failed_fail": 10,
+}
 
 
 def is_number(text):
@@ -223,13 +248,25 @@ def as_duration(value):
 
 
 def as_listen(value):
-    """Space-separated host:port addresses; IPv6 hosts in brackets."""
+    """Space-separated host:port addresses (IPv6 hosts in brackets) or unix:/path."""
     addresses = tuple(value.split())
     if not addresses:
         raise ValueError("expected host:port")
     for address in addresses:
-        parse_address(address)
+        if address.startswith("unix:"):
+            as_socket_path(address[5:])
+        else:
+            parse_address(address)
     return addresses
+
+
+def as_socket_path(value):
+    """An absolute path short enough for a unix socket."""
+    if not value.startswith("/") or len(os.fsencode(value)) > 107:
+        raise ValueError(
+            f"expected unix:/absolute/path (107 bytes at most), got {value!r}"
+        )
+    return value
 
 
 def parse_address(address):
@@ -286,6 +323,36 @@ def as_path(value):
     return value.strip()
 
 
+def as_optional_path(value):
+    """A filesystem path, or empty for none."""
+    return value.strip()
+
+
+def as_age(value):
+    """A duration of at least a minute (files younger than that are never removed)."""
+    seconds = as_duration(value)
+    if seconds < 60:
+        raise ValueError(f"expected at least 1min, got {value!r}")
+    return seconds
+
+
+def as_unix_names(value):
+    """Space-separated local account names."""
+    names = tuple(value.split())
+    for name in names:
+        if not UNIX_NAME.fullmatch(name):
+            raise ValueError(f"bad user name {name!r}")
+    return names
+
+
+def as_metrics_access(value):
+    """local (no password from loopback and the unix socket), users, open or off."""
+    word = value.strip().lower()
+    if word not in ("local", "users", "open", "off"):
+        raise ValueError(f"expected local, users, open or off, got {value!r}")
+    return word
+
+
 #: The schema: section -> option -> converter; [user:NAME] sections use USER_OPTIONS.
 SERVER_OPTIONS = {
     "listen": as_listen,
@@ -303,14 +370,28 @@ SERVER_OPTIONS = {
     "connection_limit": as_count,
     "channel_timeout": as_duration,
     "trusted_proxies": as_addresses,
+    "metrics": as_metrics_access,
 }
 SPOOL_OPTIONS = {kind: as_path for kind in (*KINDS, "report")}
+SPOOL_OPTIONS["smsd_conf"] = as_optional_path
+HEALTH_OPTIONS = {
+    key: as_duration if "age" in key else as_count for key in HEALTH_DEFAULTS
+}
+RETENTION_OPTIONS = {kind: as_age for kind in ("sent", "failed", "incoming", "state")}
+SECTIONS = {
+    "server": SERVER_OPTIONS,
+    "spool": SPOOL_OPTIONS,
+    "health": HEALTH_OPTIONS,
+    "retention": RETENTION_OPTIONS,
+}
 USER_OPTIONS = {
     "password": as_password_hash,
     "mobiles": as_mobile_patterns,
     "admin": as_bool,
     "inbox": as_bool,
     "report": as_bool,
+    "unix_users": as_unix_names,
+    "metrics": as_bool,
 }
 
 
@@ -331,20 +412,34 @@ def load_config(path):
             parser.read_file(file)
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
         raise ConfigError([f"{path}: cannot read: {one_line(exc)}"]) from None
-    problems = []
-    values = {"path": path, "spool": dict(DEFAULT_SPOOL), "users": {}}
+    problems, users = [], {}
+    read = {name: {} for name in SECTIONS}
     for section in parser.sections():
-        if section == "server":
-            values.update(read_section(parser, path, section, SERVER_OPTIONS, problems))
-        elif section == "spool":
-            values["spool"].update(
-                read_section(parser, path, section, SPOOL_OPTIONS, problems)
+        if section in SECTIONS:
+            read[section] = read_section(
+                parser, path, section, SECTIONS[section], problems
             )
         elif section.startswith("user:") and USER_NAME.fullmatch(section[5:]):
-            values["users"][section[5:]] = read_user(parser, path, section, problems)
+            users[section[5:]] = read_user(parser, path, section, problems)
         else:
             problems.append(f"{path}: [{section}]: unknown section")
-    config = Config(**values)
+    spool, smsd = spool_settings(path, read["spool"], problems)
+    health = {**HEALTH_DEFAULTS, **read["health"]}
+    problems += [
+        f"{path}: [health] {name}_warn: must not be above {name}_fail"
+        for name in ("queue", "queue_age", "failed")
+        if health[name + "_warn"] > health[name + "_fail"]
+    ]
+    config = Config(
+        path=path,
+        **read["server"],
+        spool=spool,
+        smsd=smsd,
+        health=health,
+        retention=read["retention"],
+        users=users,
+        unix_users=unix_user_map(path, users, problems),
+    )
     problems += check_spool(config)
     if problems:
         raise ConfigError(problems)
@@ -368,10 +463,61 @@ def read_section(parser, path, section, schema, problems):
 
 def read_user(parser, path, section, problems):
     """Build the User of one [user:NAME] section, collecting problems."""
-    if not parser.has_option(section, "password"):
-        problems.append(f"{path}: [{section}] password: missing")
     values = read_section(parser, path, section, USER_OPTIONS, problems)
+    if not parser.has_option(section, "password") and not values.get("unix_users"):
+        problems.append(f"{path}: [{section}] password: missing")
     return User(name=section[5:], **{"password": "", **values})
+
+
+def unix_user_map(path, users, problems):
+    """{local account name: User} from the users' unix_users; one user per account."""
+    mapping = {}
+    for user in users.values():
+        for name in user.unix_users:
+            if name in mapping:
+                problems.append(
+                    f"{path}: [user:{user.name}] unix_users: {name} is already"
+                    f" [user:{mapping[name].name}]"
+                )
+            mapping.setdefault(name, user)
+    return mapping
+
+
+def spool_settings(path, spool, problems):
+    """The spool directories, and smsd's pid file and stats directory.
+
+    What [spool] leaves out comes from smsd.conf, else Debian's defaults.
+    """
+    conf = spool.pop("smsd_conf", SMSD_CONF)
+    try:
+        settings = read_smsd_conf(conf) if conf else None
+    except OSError as exc:
+        if conf != SMSD_CONF or exc.errno != errno.ENOENT:
+            problems.append(f"{path}: [spool] smsd_conf: {one_line(exc)}")
+        settings = None
+    if settings is None:
+        return {**DEFAULT_SPOOL, **spool}, {}
+    from_smsd = {k: v for k, v in settings.items() if k in KINDS or k == "report"}
+    smsd = {
+        "conf": conf,
+        "pidfile": settings.get("pidfile", SMSD_PIDFILE),
+        "stats": settings.get("stats", ""),
+    }
+    return {**DEFAULT_SPOOL, **from_smsd, **spool}, smsd
+
+
+def read_smsd_conf(path):
+    """The global settings of smsd's config file (before its first [section])."""
+    settings = {}
+    with open(path, encoding="utf-8", errors="replace") as file:
+        for line in file:
+            line = line.strip()
+            if line.startswith("["):
+                break
+            key, equals, value = line.partition("=")
+            if equals and not key.startswith("#") and value.strip():
+                settings[key.strip().lower()] = value.strip()
+    return settings
 
 
 def check_spool(config):
@@ -803,7 +949,7 @@ def read_json(path):
 
 
 class Idempotency:
-    """Remembers, per user and Idempotency-Key, the first answer for 24 hours.
+    """Remembers, per user and Idempotency-Key, the first answer ([retention] state, 1day).
 
     A record is written, fsynced, before the message files, holding the ids
     the files will get; a retry after a crash finishes the same files instead
@@ -813,6 +959,7 @@ class Idempotency:
     def __init__(self, config):
         self.directory = os.path.join(config.state_dir, "idempotency")
         self.sync = config.fsync
+        self.ttl = config.retention.get("state", IDEMPOTENCY_TTL)
         self.guard = threading.Lock()
         self.locks = {}  # record path -> [lock, users]
 
@@ -838,7 +985,7 @@ class Idempotency:
     def load(self, path, fingerprint):
         """The live record at path, None, or 422 if it was for another body."""
         record = read_json(path)
-        if record is None or record.get("created", 0) < time.time() - IDEMPOTENCY_TTL:
+        if record is None or record.get("created", 0) < time.time() - self.ttl:
             return None
         if record.get("fingerprint") != fingerprint:
             raise ApiError(
@@ -852,12 +999,12 @@ class Idempotency:
         write_json_atomically(path, record, self.sync)
 
     def expire(self):
-        """Delete records older than a day."""
+        """Delete the records that have outlived their time."""
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return
-        cutoff = time.time() - IDEMPOTENCY_TTL
+        cutoff = time.time() - self.ttl
         for name in names:
             path = os.path.join(self.directory, name)
             record = read_json(path)
@@ -933,6 +1080,55 @@ def parse_report(headers, text, mtime):
     )
 
 
+RETENTION_EVERY = 300  # seconds between passes that remove old files
+RETENTION_CHUNK = 5000  # files removed in one pass at most
+
+
+def our_queued_ids(config):
+    """The ids of our messages now in outgoing and checked."""
+    ids = []
+    for kind in ("outgoing", "checked"):
+        with contextlib.suppress(OSError):
+            ids += [n for n in os.listdir(config.spool[kind]) if OUR_ID.fullmatch(n)]
+    return ids
+
+
+def spool_kind(config, message_id):
+    """Where a message file is now (a stat per directory, in lifecycle order), or None."""
+    for kind in ("outgoing", "checked", "sent", "failed"):
+        if os.path.exists(os.path.join(config.spool[kind], message_id)):
+            return kind
+    return None
+
+
+def remove_older(directory, cutoff, limit):
+    """Remove up to limit message files last changed before cutoff; return how many went."""
+    removed, refused = 0, None
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if removed >= limit:
+                    break
+                if not is_message_name(entry.name):
+                    continue
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                    if stat.st_mtime < cutoff and entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:  # smsd or a client was quicker
+                    pass
+                except OSError as exc:
+                    refused = exc
+    except OSError as exc:
+        refused = exc
+    if refused is not None:
+        log.warning(
+            "retention: cannot remove from %s: %s", directory, one_line(refused)
+        )
+    return removed
+
+
 class Watcher:
     """The one background watcher of smsd's spool.
 
@@ -965,6 +1161,10 @@ class Watcher:
         }
         self.stamps = {}  # directory -> its mtime when last listed
         self.swept = time.time()
+        self.retained = 0.0  # when old files were last removed
+        # our ids last seen in outgoing or checked, followed for the metrics
+        self.queued = set(our_queued_ids(config))
+        self.finished = collections.Counter()  # sent, failed, delivered, ..., removed
         self.idempotency = Idempotency(config)
         state = read_json(self.path)
         self.lost = state is None or state.get("version") != 1
@@ -1043,6 +1243,7 @@ class Watcher:
             changed = self.lost and self.rebuild()
             changed |= self.follow_pending()
             changed |= self.read_reports()
+            self.follow_queued()
             if time.time() - self.swept > 3600:
                 changed |= self.sweep()
             if changed:
@@ -1051,6 +1252,36 @@ class Watcher:
                 message = find_message(self.config, message_id)
                 self.where[message_id] = message.kind if message else None
             self.lock.notify_all()
+        self.retain()
+
+    def moved(self, directory):
+        """True when a file came into or left directory since the last look."""
+        try:
+            stamp = os.stat(directory).st_mtime_ns
+        except OSError as exc:
+            log.error("cannot read %s: %s", directory, one_line(exc))
+            return False
+        if stamp == self.stamps.get(directory):
+            return False
+        self.stamps[directory] = stamp
+        return True
+
+    def track(self, ids):
+        """Follow freshly queued ids until smsd files them in sent/ or failed/."""
+        with self.lock:
+            self.queued.update(ids)
+
+    def follow_queued(self):
+        """Count the queued messages that smsd has finished with, when sent/ or failed/ changed."""
+        moved = [self.moved(self.config.spool[kind]) for kind in FINAL]
+        if not any(moved):
+            return
+        for message_id in list(self.queued):
+            kind = spool_kind(self.config, message_id)
+            if kind not in ("outgoing", "checked"):
+                self.queued.discard(message_id)
+                if kind is not None:
+                    self.finished[kind] += 1
 
     def expect_report(self, ids):
         """Follow freshly queued ids until their status reports arrive."""
@@ -1086,15 +1317,14 @@ class Watcher:
         """Read the files that are new in incoming (and the report directory)."""
         changed = False
         for directory, seen in self.seen.items():
+            if not self.moved(directory):
+                continue
             try:
-                stamp = os.stat(directory).st_mtime_ns
-                if stamp == self.stamps.get(directory):
-                    continue
                 names = set(filter(is_message_name, os.listdir(directory)))
             except OSError as exc:
                 log.error("cannot read %s: %s", directory, one_line(exc))
+                del self.stamps[directory]  # try again next tick
                 continue
-            self.stamps[directory] = stamp
             for name in names.difference(seen):
                 entry = self.read_new(directory, name)
                 if entry is not None:
@@ -1142,6 +1372,7 @@ class Watcher:
                 "at": report.discharged,
                 "detail": report.detail,
             }
+            self.finished[report.outcome] += 1
 
     def sweep(self):
         """Forget what is older than report_window, and expired idempotency records."""
@@ -1155,6 +1386,22 @@ class Watcher:
                 index.pop(message_id, None)
         self.idempotency.expire()
         return bool(stale)
+
+    def retain(self):
+        """Remove spool files older than [retention] allows, every few minutes."""
+        now = time.time()
+        if not self.config.retention or now - self.retained < RETENTION_EVERY:
+            return
+        self.retained, budget = now, RETENTION_CHUNK
+        for kind, age in self.config.retention.items():
+            directories = [self.config.spool.get(kind)]
+            if kind == "incoming":
+                directories.append(self.report_dir)
+            for directory in dict.fromkeys(filter(None, directories)):
+                budget -= remove_older(directory, now - age, budget)
+        self.finished["removed"] += RETENTION_CHUNK - budget
+        if budget <= 0:
+            self.retained = 0.0  # more to do: carry on next tick
 
     # -- questions from requests ---------------------------------------------
 
@@ -1195,6 +1442,300 @@ class Watcher:
 
 
 ###############################################################################
+# Health and metrics ###########################################################
+###############################################################################
+
+GRADES = ("pass", "warn", "fail")
+SIGNAL = re.compile(r"ssi: (-?[0-9]+) dBm(?: \((\w+)\))?")
+MODEM_STATES = (
+    "Idle",
+    "Sending",
+    "Receiving",
+)  # what smsd's status file says of a working modem
+
+
+def health_checks(config):
+    """Every check of GET /health: {name: {"status": pass|warn|fail, "output", ...}}."""
+    now = time.time()
+    checks = {
+        "spool": spool_check(config),
+        "smsd": smsd_check(config),
+        "queue": queue_check(config, now),
+        "failed": failed_check(config, now),
+    }
+    checks.update(modem_checks(config))
+    return checks
+
+
+def worst(statuses):
+    return max(statuses, key=GRADES.index, default="pass")
+
+
+def graded(value, warn, fail):
+    return "fail" if value >= fail else "warn" if value >= warn else "pass"
+
+
+def spool_problems(config):
+    """What is wrong with the spool and state directories, without the config path."""
+    return [p.split(": ", 1)[-1] for p in check_spool(config)]
+
+
+def spool_check(config):
+    problems = spool_problems(config)
+    if problems:
+        return {"status": "fail", "output": "; ".join(problems)}
+    return {"status": "pass", "output": "spool and state directories usable"}
+
+
+def smsd_check(config):
+    """Is smsd running? Its pid file (from smsd.conf) must name a live smsd."""
+    pid = smsd_pid(config)
+    if pid is None:
+        return {"status": "warn", "output": "no smsd.conf read: cannot tell"}
+    if not pid:
+        return {
+            "status": "fail",
+            "output": f"smsd is not running (no pid in {config.smsd['pidfile']})",
+        }
+    return {"status": "pass", "output": f"smsd runs as pid {pid}", "pid": pid}
+
+
+def smsd_pid(config):
+    """smsd's pid if it runs, 0 if it does not, None without smsd.conf."""
+    if not config.smsd:
+        return None
+    try:
+        with open(config.smsd["pidfile"], "rb") as file:
+            pid = int(file.read(32).strip() or 0)
+    except (OSError, ValueError):
+        return 0
+    return pid if pid > 1 and is_smsd(pid) else 0
+
+
+def is_smsd(pid):
+    """True if pid is a live smsd (or a live process we may not look at)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as file:
+            return file.read().startswith(b"smsd")  # else the pid was reused
+    except OSError:  # hidden from us (ProtectProc=invisible): trust kill()
+        return True
+
+
+def queue_state(config, now):
+    """(files waiting in outgoing and checked, age in seconds of the oldest)."""
+    mtimes = []
+    for kind in ("outgoing", "checked"):
+        mtimes += spool_mtimes(config.spool[kind])
+    return len(mtimes), max(0.0, now - min(mtimes)) if mtimes else 0.0
+
+
+def spool_mtimes(directory):
+    """The mtime of each message file in directory."""
+    mtimes = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if is_message_name(entry.name):
+                try:
+                    mtimes.append(entry.stat(follow_symlinks=False).st_mtime)
+                except FileNotFoundError:  # smsd moved it on meanwhile
+                    pass
+    return mtimes
+
+
+def queue_check(config, now):
+    try:
+        depth, age = queue_state(config, now)
+    except OSError as exc:
+        return {"status": "fail", "output": one_line(exc)}
+    limits = config.health
+    status = worst(
+        [
+            graded(depth, limits["queue_warn"], limits["queue_fail"]),
+            graded(age, limits["queue_age_warn"], limits["queue_age_fail"]),
+        ]
+    )
+    return {
+        "status": status,
+        "output": f"{depth} messages queued, the oldest for {age:.0f} s",
+        "queued": depth,
+        "oldest_seconds": round(age),
+    }
+
+
+def failed_check(config, now):
+    try:
+        failed = sum(t > now - 3600 for t in spool_mtimes(config.spool["failed"]))
+    except OSError as exc:
+        return {"status": "fail", "output": one_line(exc)}
+    limits = config.health
+    return {
+        "status": graded(failed, limits["failed_warn"], limits["failed_fail"]),
+        "output": f"{failed} messages failed in the last hour",
+        "last_hour": failed,
+    }
+
+
+def modem_checks(config):
+    """One check per modem in smsd's status file (in its stats directory), if any."""
+    if not config.smsd.get("stats"):
+        return {}
+    path = os.path.join(config.smsd["stats"], "status")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = file.read(65536).splitlines()
+    except OSError as exc:
+        return {"modems": {"status": "warn", "output": one_line(exc)}}
+    checks = {}
+    for line in lines:
+        name, colon, rest = line.partition(":")
+        fields = [f.strip() for f in rest.split(",", 5)]
+        if colon and len(fields) > 1 and name not in ("Status", "Start"):
+            checks["modem:" + name] = modem_check(fields)
+    return checks
+
+
+def modem_check(fields):
+    """A modem line of smsd's status file: time, state, three counters, signal."""
+    state = fields[1]
+    match = SIGNAL.search(fields[5]) if len(fields) > 5 else None
+    dbm, quality = (int(match.group(1)), match.group(2)) if match else (None, None)
+    status = "pass"
+    if state not in MODEM_STATES:
+        status = "fail" if state == "Trouble" else "warn"
+    elif match is None or quality == "Marginal":
+        status = "warn"
+    signal = f"{dbm} dBm ({quality or 'unknown'})" if match else "signal unknown"
+    return {
+        "status": status,
+        "output": f"{state} since {fields[0]}, {signal}",
+        "state": state,
+        "signal_dbm": dbm,
+    }
+
+
+class Metrics:
+    """What this process counts for GET /metrics."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.requests = collections.Counter()  # (route, method, code) -> count
+        self.durations = {}  # route -> [count per bucket..., +Inf count, sum]
+        self.accepted = 0  # message files written
+
+    def observe(self, route, method, code, seconds):
+        with self.lock:
+            self.requests[route, method, code] += 1
+            counts = self.durations.setdefault(route, [0] * (len(self.BUCKETS) + 2))
+            for i, bound in enumerate(self.BUCKETS):
+                counts[i] += seconds <= bound
+            counts[-2] += 1
+            counts[-1] += seconds
+
+    def render(self, app):
+        """The Prometheus text exposition of the counters and of the spool now."""
+        with self.lock:
+            requests = sorted(self.requests.items())
+            durations = {r: list(c) for r, c in sorted(self.durations.items())}
+        config, watcher = app.config, app.watcher
+        queue = queue_check(config, time.time())
+        pid = smsd_pid(config)
+        out = Exposition()
+        out.family("smsapi_build_info", "gauge", "Version of smsapi and Python.")
+        out.sample("", {"version": __version__, "python": sys.version.split()[0]}, 1)
+        out.family("smsapi_start_time_seconds", "gauge", "When this process started.")
+        out.sample("", {}, self.started)
+        out.family("smsapi_requests_total", "counter", "HTTP requests answered.")
+        for (route, method, code), count in requests:
+            out.sample("", {"route": route, "method": method, "code": code}, count)
+        out.family(
+            "smsapi_request_duration_seconds", "histogram", "Time to answer a request."
+        )
+        for route, counts in durations.items():
+            for bound, count in zip((*self.BUCKETS, "+Inf"), counts):
+                out.sample("_bucket", {"route": route, "le": bound}, count)
+            out.sample("_sum", {"route": route}, counts[-1])
+            out.sample("_count", {"route": route}, counts[-2])
+        out.family(
+            "smsapi_messages_total",
+            "counter",
+            "Message files written by smsapi (accepted), and what became of them.",
+        )
+        out.sample("", {"state": "accepted"}, self.accepted)
+        for state in ("sent", "failed", "delivered", "undelivered"):
+            out.sample("", {"state": state}, watcher.finished[state])
+        if "queued" in queue:  # else the spool is unreadable
+            out.family(
+                "smsapi_queue_messages", "gauge", "Files in outgoing and checked."
+            )
+            out.sample("", {}, queue["queued"])
+            out.family(
+                "smsapi_queue_oldest_seconds", "gauge", "Age of the oldest queued file."
+            )
+            out.sample("", {}, queue["oldest_seconds"])
+        out.family(
+            "smsapi_retention_removed_total", "counter", "Old spool files removed."
+        )
+        out.sample("", {}, watcher.finished["removed"])
+        if pid is not None:
+            out.family(
+                "smsapi_smsd_up", "gauge", "1 if smsd's pid file names a live smsd."
+            )
+            out.sample("", {}, int(bool(pid)))
+        modems = modem_checks(config)
+        signals = [
+            (n[6:], c["signal_dbm"])
+            for n, c in modems.items()
+            if c.get("signal_dbm") is not None
+        ]
+        if signals:
+            out.family(
+                "smsapi_modem_signal_dbm",
+                "gauge",
+                "Modem signal, from smsd's status file.",
+            )
+            for modem, dbm in signals:
+                out.sample("", {"modem": modem}, dbm)
+        return out.text()
+
+
+class Exposition:
+    """Prometheus text format, written by hand: families of labelled samples."""
+
+    def __init__(self):
+        self.lines = []
+        self.name = ""
+
+    def family(self, name, kind, help_text):
+        self.name = name
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+    def sample(self, suffix, labels, value):
+        text = ",".join(f'{k}="{label_value(v)}"' for k, v in labels.items())
+        self.lines.append(
+            f"{self.name}{suffix}{{{text}}} {value}"
+            if text
+            else f"{self.name}{suffix} {value}"
+        )
+
+    def text(self):
+        return "\n".join(self.lines) + "\n"
+
+
+def label_value(value):
+    """A label value escaped for the text format."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+###############################################################################
 # HTTP helpers #################################################################
 ###############################################################################
 
@@ -1209,6 +1750,7 @@ class Request:
         self.method = environ["REQUEST_METHOD"].upper()
         self.path = environ.get("PATH_INFO", "") or "/"
         self.args = {}  # filled by the router
+        self.route = "other"  # the route template, for the metrics
         self.user = None  # filled by authenticate()
 
     @functools.cached_property
@@ -1321,6 +1863,17 @@ def form_bool(name, value):
         raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be yes or no") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Raw:
+    """A handler's answer that is not JSON: the body and its Content-Type."""
+
+    body: bytes
+    content_type: str
+
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
 def json_response(status, data, headers=()):
     """Status line, headers and body bytes of a JSON response."""
     body = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
@@ -1393,8 +1946,7 @@ class Authenticator:
     one scrypt, and memory never holds the password itself.
     """
 
-    def __init__(self, users):
-        self.users = users
+    def __init__(self):
         self.key = secrets.token_bytes(32)
         self.verified = {}  # (user, stored hash) -> keyed hash of the password
         # Unknown users are checked against this: same cost, matches nothing.
@@ -1402,9 +1954,11 @@ class Authenticator:
         self.dummy = f"$scrypt$ln={SCRYPT_N.bit_length() - 1},r={SCRYPT_R},p={SCRYPT_P}${salt}${digest}"
         self.hashes_checked = 0  # scrypt runs: the same for every kind of failure
 
-    def check(self, name, password):
-        """The User for these credentials, or None; same cost for unknown users."""
-        user = self.users.get(name)
+    def check(self, users, name, password):
+        """The User of users for these credentials, or None; same cost for unknown users."""
+        user = users.get(name)
+        if user is not None and not user.password:  # a unix_users-only user
+            user = None
         stored = user.password if user else self.dummy
         tag = hashlib.blake2b(
             password.encode("utf-8", "replace"), key=self.key, digest_size=32
@@ -1509,7 +2063,14 @@ def authenticate(request, authenticator, throttle):
             "Too many failed logins; retry later",
             [("Retry-After", str(wait))],
         )
-    request.user = None if password is None else authenticator.check(name, password)
+    if not scheme:
+        request.user = unix_peer_user(request)
+        if request.user is not None:
+            return
+    users = request.config.users
+    request.user = (
+        None if password is None else authenticator.check(users, name, password)
+    )
     if request.user is None:
         if scheme:  # no header at all is a client asking for the challenge
             throttle.failed(address, name)
@@ -1519,6 +2080,16 @@ def authenticate(request, authenticator, throttle):
                 escape(address),
             )
         raise unauthorized()
+
+
+def unix_peer_user(request):
+    """The API user a caller on the unix socket is, by its local account, or None."""
+    uid = request.environ.get(PEER_UID)
+    try:
+        name = pwd.getpwuid(uid).pw_name if uid is not None else None
+    except KeyError:  # an account without a name
+        return None
+    return request.config.unix_users.get(name)
 
 
 def unauthorized():
@@ -1697,7 +2268,17 @@ def deliver(request, plan, ids, wait, retry):
             if not retry or find_message(config, ids[number]) is None
         }
         write_messages(config, files, request.app.outgoing_sync)
+        request.app.accepted(list(files))
         request.environ["smsapi.ids"] = list(files)
+        for number in plan.numbers:
+            if ids[number] in files:
+                log.info(
+                    "queued %s from %s to %s, %d parts",
+                    ids[number],
+                    escape(request.user.name),
+                    number,
+                    plan.encoding.parts,
+                )
         if plan.report and files:
             request.app.watcher.expect_report(list(files))
         data = {
@@ -2092,14 +2673,47 @@ def openapi(request):
 
 
 def monitoring(request):
-    """Is the spool usable? 200 {"monitoring": "ok"} or 503 with the reason."""
-    problems = [p.split(": ", 1)[-1] for p in check_spool(request.config)]
-    if problems:
+    """Is the spool usable? 200 "ok" or 503 with the reason, as v0.1 said; plus each check's grade."""
+    checks = health_checks(request.config)
+    details = {name: check["status"] for name, check in checks.items()}
+    if checks["spool"]["status"] == "fail":
         return HTTPStatus.SERVICE_UNAVAILABLE, {
             "monitoring": "fail",
-            "error": "; ".join(problems),
+            "error": checks["spool"]["output"],
+            "details": details,
         }
-    return HTTPStatus.OK, {"monitoring": "ok"}
+    return HTTPStatus.OK, {"monitoring": "ok", "details": details}
+
+
+def health(request):
+    """Every check graded pass, warn or fail; 503 when one fails, for curl -f."""
+    checks = health_checks(request.config)
+    status = worst([check["status"] for check in checks.values()])
+    code = HTTPStatus.SERVICE_UNAVAILABLE if status == "fail" else HTTPStatus.OK
+    return code, {"status": status, "checks": checks}
+
+
+def metrics(request):
+    """Prometheus text format; [server] metrics says who may read it."""
+    access = request.config.metrics
+    if access == "off":
+        raise not_found()
+    if access == "users" or access == "local" and not is_local(request):
+        authenticate(request, request.app.authenticator, request.app.throttle)
+        if not (request.user.metrics or request.user.admin):
+            raise ApiError(HTTPStatus.FORBIDDEN, "This user may not read metrics")
+    text = request.app.metrics.render(request.app)
+    return HTTPStatus.OK, Raw(text.encode(), PROMETHEUS_TEXT)
+
+
+def is_local(request):
+    """True on the unix socket and from loopback (behind a trusted proxy: the client's)."""
+    if PEER_UID in request.environ:
+        return True
+    try:
+        return ipaddress.ip_address(client_address(request)).is_loopback
+    except ValueError:
+        return False
 
 
 ###############################################################################
@@ -2146,6 +2760,7 @@ MOBILE_SCHEMA = r"^\+?[1-9][0-9]{2,14}$"
 VALIDITY_SCHEMA = "^[0-9]{1,3}(min|hour|day|week|month|year)$"
 NUMBERS = {"type": "string", "pattern": r"^\+?[1-9][0-9]{2,14}(,\+?[1-9][0-9]{2,14})*$"}
 NULLABLE_STRING = {"type": "string", "nullable": True}
+GRADE = {"type": "string", "enum": list(GRADES)}
 SEND_PROPERTIES = {
     "mobiles": {
         "type": "array",
@@ -2286,6 +2901,23 @@ SCHEMAS = {
         "properties": {
             "monitoring": {"type": "string", "enum": ["ok", "fail"]},
             "error": STRING,
+            "details": {"type": "object", "additionalProperties": GRADE},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": GRADE,
+            "checks": {
+                "type": "object",
+                "description": "spool, smsd, queue, failed, and modem:NAME per modem",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["status", "output"],
+                    "properties": {"status": GRADE, "output": STRING},
+                },
+            },
         },
     },
 }
@@ -2399,6 +3031,29 @@ def openapi_document(config):
                     public=True,
                 )
             },
+            API + "/health": {
+                "get": operation(
+                    "Checks of the spool, smsd, the queue and the modems",
+                    {
+                        "200": answer("All pass or warn", schema_ref("Health"), True),
+                        "503": answer("A check fails", schema_ref("Health"), True),
+                    },
+                    public=True,
+                )
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics; [server] metrics says who may read",
+                    "security": [{}, *SECURED],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format 0.0.4",
+                            "content": {"text/plain": {"schema": STRING}},
+                        },
+                        **errors(401, 403, 404, 429),
+                    },
+                }
+            },
             API + "/openapi.json": {
                 "get": operation(
                     "This document",
@@ -2492,6 +3147,8 @@ def operation(summary, responses, parameters=(), public=False):
 #: {message_id} is one path segment, checked against MESSAGE_ID by the spool.
 ROUTES = [
     ("GET", API + "/monitoring", monitoring, False),
+    ("GET", API + "/health", health, False),
+    ("GET", "/metrics", metrics, False),
     ("GET", API + "/openapi.json", openapi, False),
     ("POST GET", API + "/sms/outgoing", send_message, True),
     ("GET", API + "/sms/status/{message_id}", get_status, True),
@@ -2514,20 +3171,20 @@ def compile_route(template):
 
 
 COMPILED_ROUTES = [
-    (frozenset(methods.split()), compile_route(template), handler, auth)
+    (frozenset(methods.split()), compile_route(template), handler, auth, template)
     for methods, template, handler, auth in ROUTES
 ]
 
 
 def match_route(method, path):
-    """(handler, needs auth, args) for the request, or 404/405."""
+    """(handler, needs auth, args, route template) for the request, or 404/405."""
     allowed = set()
-    for methods, pattern, handler, auth in COMPILED_ROUTES:
+    for methods, pattern, handler, auth, template in COMPILED_ROUTES:
         match = pattern.fullmatch(path)
         if match is None:
             continue
         if method in methods or method == "HEAD" and "GET" in methods:
-            return handler, auth, match.groupdict()
+            return handler, auth, match.groupdict(), template
         allowed |= methods
     if not allowed:
         raise not_found()
@@ -2545,17 +3202,33 @@ def match_route(method, path):
 ###############################################################################
 
 
+#: Settings a reload (SIGHUP) cannot change: the sockets, threads and files in use.
+RESTART_ONLY = (
+    "path",
+    "listen",
+    "threads",
+    "connection_limit",
+    "channel_timeout",
+    "state_dir",
+    "max_waiters",
+    "fsync",
+    "spool",
+)
+KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "DELETE"])
+
+
 class Application:
     """The WSGI application: route, authenticate, handle, answer JSON (or plain text)."""
 
     def __init__(self, config, interval=1.0):
         self.config = config
-        self.authenticator = Authenticator(config.users)
+        self.authenticator = Authenticator()
         self.throttle = Throttle()
         self.openapi = openapi_document(config)
         self.watcher = Watcher(config, interval)
         self.waiters = threading.BoundedSemaphore(config.max_waiters)
         self.outgoing_sync = DirectorySync(config.spool["outgoing"])
+        self.metrics = Metrics()
 
     def start(self):
         """Start the background watcher (tests may call watcher.tick() instead)."""
@@ -2564,6 +3237,34 @@ class Application:
     def close(self):
         self.watcher.stop()
 
+    def reload(self, path):
+        """Take users, permissions and limits from the config file anew (SIGHUP).
+
+        A config with problems is refused, and the one in use stays. What only
+        a restart can change (addresses, threads, spool, state) is kept.
+        """
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            return False
+        kept = {key: getattr(self.config, key) for key in RESTART_ONLY}
+        for key, value in kept.items():
+            if getattr(new, key) != value:
+                log.warning("reload: %s changes only with a restart", key)
+        config = dataclasses.replace(new, **kept)
+        self.openapi = openapi_document(config)
+        self.watcher.config = self.config = config
+        log.info("reloaded %s: %d users", path, len(config.users))
+        return True
+
+    def accepted(self, ids):
+        """Count and follow message files just written."""
+        with self.metrics.lock:
+            self.metrics.accepted += len(ids)
+        self.watcher.track(ids)
+
     def __call__(self, environ, start_response):
         started = time.monotonic()
         request = Request(environ, self)
@@ -2571,13 +3272,19 @@ class Application:
         headers.append(("Content-Length", str(len(body))))
         start_response(f"{status.value} {status.phrase}", headers)
         self.log_request(request, status, started)
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        self.metrics.observe(
+            request.route, method, status.value, time.monotonic() - started
+        )
         return [b"" if request.method == "HEAD" else body]
 
     def respond(self, request):
         """Status, headers and body for a request; every error is answered here."""
         headers = []
         try:
-            handler, auth, request.args = match_route(request.method, request.path)
+            handler, auth, request.args, request.route = match_route(
+                request.method, request.path
+            )
             if auth:
                 authenticate(request, self.authenticator, self.throttle)
             status, data = handler(request)
@@ -2602,6 +3309,8 @@ class Application:
                 HTTPStatus.INTERNAL_SERVER_ERROR,
                 {"error": "Internal server error"},
             )
+        if isinstance(data, Raw):
+            return status, [("Content-Type", data.content_type)] + headers, data.body
         text = plain_text(data) if wants_plain_text(request) else None
         if text is not None:
             return (
@@ -2632,7 +3341,15 @@ def wants_plain_text(request):
 
 def plain_text(data):
     """The shell-friendly form of an answer: ids one per line, a status word, an error line."""
-    ids = data.get("message_id")
+    ids, checks = data.get("message_id"), data.get("checks")
+    if isinstance(checks, dict):
+        return (
+            data["status"]
+            + "\n"
+            + "".join(
+                f"{name}: {c['status']}: {c['output']}\n" for name, c in checks.items()
+            )
+        )
     if "error" in data and not isinstance(ids, dict):
         return data["error"] + "\n"
     if isinstance(ids, dict):

@@ -60,10 +60,14 @@ def make_spool(root):
     return spool
 
 
-def write_ini(root, spool, listen="127.0.0.1:0", extra=""):
-    """An INI file with the test users over spool; returns its path."""
+def write_ini(root, spool, listen="127.0.0.1:0", extra="", smsd_conf=""):
+    """An INI file with the test users over spool; returns its path.
+
+    smsd_conf is empty unless given, so this machine's /etc/smsd.conf stays out.
+    """
     state = os.path.join(str(root), "state")
-    lines = ["[server]", "listen = " + listen, "state_dir = " + state, extra, "[spool]"]
+    lines = ["[server]", "listen = " + listen, "state_dir = " + state, extra]
+    lines += ["[spool]", "smsd_conf = " + smsd_conf]
     lines += [f"{kind} = {path}" for kind, path in spool.items()]
     lines += [
         "[user:lvv]",
@@ -259,6 +263,76 @@ def test_config_listen_forms():
             smsapi.as_listen(bad)
 
 
+def test_config_unix_socket_listen():
+    assert smsapi.as_listen("unix:/run/smsapi/smsapi.sock 127.0.0.1:5000") == (
+        "unix:/run/smsapi/smsapi.sock",
+        "127.0.0.1:5000",
+    )
+    for bad in ("unix:relative.sock", "unix:/" + "x" * 107):
+        with pytest.raises(ValueError):
+            smsapi.as_listen(bad)
+
+
+def test_config_spool_defaults_come_from_smsd_conf(tmp_path, spool):
+    conf = tmp_path / "smsd.conf"
+    conf.write_text(
+        "devices = GSM1\n# sent = /commented/out\n"
+        f"outgoing = {spool['outgoing']}\nsent={spool['sent']}\n"
+        f"failed = {spool['failed']}\nreport = {spool['incoming']}\n"
+        "pidfile = /run/smstools/smsd.pid\nstats = /var/log/smstools/smsd_stats\n"
+        "[GSM1]\nincoming = /a/modem/setting\n"
+    )
+    given = {kind: spool[kind] for kind in ("checked", "incoming")}
+    config = smsapi.load_config(write_ini(tmp_path, given, smsd_conf=str(conf)))
+    assert config.spool == dict(spool, report=spool["incoming"])
+    assert config.smsd == {
+        "conf": str(conf),
+        "pidfile": "/run/smstools/smsd.pid",
+        "stats": "/var/log/smstools/smsd_stats",
+    }
+
+
+def test_config_named_smsd_conf_must_be_readable(tmp_path, spool):
+    path = write_ini(tmp_path, spool, smsd_conf=str(tmp_path / "none.conf"))
+    with pytest.raises(smsapi.ConfigError) as info:
+        smsapi.load_config(path)
+    assert info.value.problems[0].startswith(f"{path}: [spool] smsd_conf: ")
+
+
+def test_config_unix_users_name_one_api_user_each(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    with open(path, "a") as file:
+        file.write("[user:cron]\nunix_users = root nagios\n")
+    config = smsapi.load_config(path)
+    cron = config.users["cron"]
+    assert config.unix_users == {"root": cron, "nagios": cron}
+    assert cron.password == ""  # no password: it can only come over the socket
+    with open(path, "a") as file:
+        file.write("[user:ops]\nunix_users = nagios\n")
+    with pytest.raises(smsapi.ConfigError) as info:
+        smsapi.load_config(path)
+    assert info.value.problems == [
+        f"{path}: [user:ops] unix_users: nagios is already [user:cron]"
+    ]
+
+
+def test_config_health_and_retention_are_checked(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    with open(path, "a") as file:
+        file.write(
+            "[health]\nqueue_warn = 10\nqueue_fail = 5\nqueue_age_warn = 2hour\n"
+            "[retention]\nsent = 30day\nfailed = 30s\noutgoing = 1day\n"
+        )
+    with pytest.raises(smsapi.ConfigError) as info:
+        smsapi.load_config(path)
+    assert info.value.problems == [
+        f"{path}: [retention] failed: expected at least 1min, got '30s'",
+        f"{path}: [retention] outgoing: unknown option",
+        f"{path}: [health] queue_warn: must not be above queue_fail",
+        f"{path}: [health] queue_age_warn: must not be above queue_age_fail",
+    ]
+
+
 def test_config_missing_file_is_one_clear_error(tmp_path):
     with pytest.raises(smsapi.ConfigError) as info:
         smsapi.load_config(str(tmp_path / "nope.ini"))
@@ -336,9 +410,9 @@ def test_cli_hash_password_output_verifies(tmp_path):
     hashed = result.stdout.strip()
     assert "correct horse" not in hashed
     users = {"u": smsapi.User("u", hashed)}
-    checker = smsapi.Authenticator(users)
-    assert checker.check("u", "correct horse") is users["u"]
-    assert checker.check("u", "correct horsE") is None
+    checker = smsapi.Authenticator()
+    assert checker.check(users, "u", "correct horse") is users["u"]
+    assert checker.check(users, "u", "correct horsE") is None
     assert run_cli("hash-password", stdin="\n").returncode == 1
 
 
@@ -1723,9 +1797,9 @@ def test_throttle_trusts_forwarded_address_only_from_a_trusted_proxy(tmp_path, s
 
 
 def test_auth_every_failure_costs_the_same_one_scrypt(config):
-    checker = smsapi.Authenticator(config.users)
+    checker = smsapi.Authenticator()
     password = PASSWORDS["lvv"]
-    checker.check("lvv", password)
+    checker.check(config.users, "lvv", password)
     for name, attempt in (
         ("lvv", "X" + password[1:]),
         ("lvv", password[:-1] + "X"),
@@ -1734,10 +1808,10 @@ def test_auth_every_failure_costs_the_same_one_scrypt(config):
         ("lvv", password * 50),
     ):
         before = checker.hashes_checked
-        assert checker.check(name, attempt) is None
+        assert checker.check(config.users, name, attempt) is None
         assert checker.hashes_checked == before + 1
     before = checker.hashes_checked
-    assert checker.check("lvv", password) is config.users["lvv"]
+    assert checker.check(config.users, "lvv", password) is config.users["lvv"]
     assert (
         checker.hashes_checked == before
     )  # a known good credential costs one fast hash
@@ -2118,7 +2192,14 @@ def test_live_slow_and_idle_clients_do_not_block_others(live):
 
 def test_monitoring_ok_without_auth(app):
     response = call(app, "GET", "/api/v1.0/monitoring")
-    assert (response.status, response.json()) == (200, {"monitoring": "ok"})
+    assert response.status == 200
+    assert response.json()["monitoring"] == "ok"  # what v0.1 clients read
+    assert response.json()["details"] == {
+        "spool": "pass",
+        "smsd": "warn",  # this config names no smsd.conf
+        "queue": "pass",
+        "failed": "pass",
+    }
 
 
 def test_monitoring_503_when_the_spool_is_gone(app, spool):
@@ -2127,6 +2208,221 @@ def test_monitoring_503_when_the_spool_is_gone(app, spool):
     assert response.status == 503
     assert response.json()["monitoring"] == "fail"
     assert spool["outgoing"] + " is not a directory" in response.json()["error"]
+
+
+#: smsd 3.1.21's status file, as it wrote it in its stats directory (tabs and all).
+SMSD_STATUS = (
+    "Status:\t26-11-24 22:46:21,\ti------------\n"
+    "GSM1:\t26-11-24 22:46:20,\tIdle,\t\t0,\t0,\t0,\tssi: -73 dBm (Excellent), ber: ??\n"
+    "GSM2:\t26-11-24 22:46:20,\tSending,\t\t3,\t0,\t1,\tssi: -109 dBm (Marginal), ber: ??\n"
+)
+
+
+class FakeSmsd:
+    """A process named smsd (a copy of sleep), its pid file and stats directory."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        os.makedirs(self.root)
+        binary = os.path.join(self.root, "smsd")
+        shutil.copy(shutil.which("sleep"), binary)
+        self.process = subprocess.Popen([binary, "600"])
+        self.pidfile = os.path.join(self.root, "smsd.pid")
+        with open(self.pidfile, "w") as file:
+            file.write(f"{self.process.pid}\n")
+        self.stats = os.path.join(self.root, "stats")
+        os.mkdir(self.stats)
+        self.write_status(SMSD_STATUS)
+        self.conf = os.path.join(self.root, "smsd.conf")
+        with open(self.conf, "w") as file:
+            file.write(f"pidfile = {self.pidfile}\nstats = {self.stats}\n")
+
+    def write_status(self, text):
+        with open(os.path.join(self.stats, "status"), "w") as file:
+            file.write(text)
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def fake_smsd(tmp_path):
+    smsd = FakeSmsd(tmp_path / "smsd")
+    yield smsd
+    smsd.stop()
+
+
+def health_app(tmp_path, spool, smsd, extra=""):
+    path = write_ini(tmp_path, spool, smsd_conf=smsd.conf)
+    with open(path, "a") as file:
+        file.write("[health]\nqueue_warn = 2\nqueue_fail = 4\n" + extra)
+    return smsapi.Application(smsapi.load_config(path))
+
+
+def age_file(path, seconds):
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_health_grades_smsd_queue_failures_and_modems(tmp_path, spool, fake_smsd):
+    app = health_app(tmp_path, spool, fake_smsd)
+    response = call(app, "GET", "/api/v1.0/health")
+    assert response.status == 200
+    checks = response.json()["checks"]
+    assert {name: check["status"] for name, check in checks.items()} == {
+        "spool": "pass",
+        "smsd": "pass",
+        "queue": "pass",
+        "failed": "pass",
+        "modem:GSM1": "pass",
+        "modem:GSM2": "warn",  # a marginal signal
+    }
+    assert checks["smsd"]["pid"] == fake_smsd.process.pid
+    assert checks["modem:GSM1"]["signal_dbm"] == -73
+    assert checks["modem:GSM2"]["state"] == "Sending"
+    for name in ("a", "b"):
+        with open(os.path.join(spool["outgoing"], name), "w") as file:
+            file.write("To: 79680000000\n\nhi\n")
+    age_file(os.path.join(spool["outgoing"], "a"), 700)
+    with open(os.path.join(spool["failed"], "f"), "w") as file:
+        file.write("To: 79680000000\nFail_reason: +CMS ERROR: 500\n\nhi\n")
+    old = os.path.join(spool["failed"], "old")
+    shutil.copy(os.path.join(spool["failed"], "f"), old)
+    age_file(old, 7200)  # failed before the last hour
+    checks = call(app, "GET", "/api/v1.0/health").json()["checks"]
+    assert checks["queue"]["status"] == "warn"
+    assert (checks["queue"]["queued"], checks["queue"]["oldest_seconds"]) == (2, 700)
+    assert (checks["failed"]["status"], checks["failed"]["last_hour"]) == ("warn", 1)
+
+
+def test_health_fails_with_503_when_smsd_is_gone(tmp_path, spool, fake_smsd):
+    app = health_app(tmp_path, spool, fake_smsd)
+    fake_smsd.stop()
+    fake_smsd.write_status(SMSD_STATUS.replace("Idle", "Trouble"))
+    response = call(app, "GET", "/api/v1.0/health", headers={"Accept": "text/plain"})
+    assert response.status == 503
+    lines = response.body.decode().splitlines()
+    assert lines[0] == "fail"
+    assert f"smsd: fail: smsd is not running (no pid in {fake_smsd.pidfile})" in lines
+    assert any(line.startswith("modem:GSM1: fail: Trouble since") for line in lines)
+    # the v0.1 monitoring answer looks at the spool only, as it always did
+    response = call(app, "GET", "/api/v1.0/monitoring")
+    assert response.status == 200
+    assert response.json()["details"]["smsd"] == "fail"
+
+
+def test_health_sees_a_reused_pid_as_no_smsd(tmp_path, spool, fake_smsd):
+    with open(fake_smsd.pidfile, "w") as file:
+        file.write(str(os.getpid()))  # alive, but python, not smsd
+    app = health_app(tmp_path, spool, fake_smsd)
+    check = call(app, "GET", "/api/v1.0/health").json()["checks"]["smsd"]
+    assert check["status"] == "fail"
+
+
+def test_health_queue_fails_past_the_limits(tmp_path, spool, fake_smsd):
+    app = health_app(tmp_path, spool, fake_smsd, extra="queue_age_fail = 30min\n")
+    path = os.path.join(spool["checked"], "x")
+    with open(path, "w") as file:
+        file.write("To: 79680000000\n\nhi\n")
+    age_file(path, 3600)
+    response = call(app, "GET", "/api/v1.0/health")
+    assert response.status == 503
+    assert response.json()["checks"]["queue"]["status"] == "fail"
+
+
+def test_retention_removes_old_files_but_never_queued_ones(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    with open(path, "a") as file:
+        file.write("[retention]\nsent = 30day\nincoming = 2hour\n")
+    app = smsapi.Application(smsapi.load_config(path))
+    ages = {"outgoing": 90, "checked": 90, "sent": 40, "failed": 90, "incoming": 1}
+    for kind, days in ages.items():
+        for name, age in (("old", days * 86400), ("new", 3600)):
+            with open(os.path.join(spool[kind], name), "w") as file:
+                file.write("To: 79680000000\n\nhi\n")
+            age_file(os.path.join(spool[kind], name), age)
+    app.watcher.tick()
+    assert {kind: sorted(os.listdir(spool[kind])) for kind in ages} == {
+        "outgoing": ["new", "old"],
+        "checked": ["new", "old"],
+        "sent": ["new"],
+        "failed": ["new", "old"],  # no retention set for failed
+        "incoming": ["new"],
+    }
+    assert app.watcher.finished["removed"] == 2
+    shutil.copy(
+        os.path.join(spool["outgoing"], "old"), os.path.join(spool["sent"], "x")
+    )
+    age_file(os.path.join(spool["sent"], "x"), 40 * 86400)
+    app.watcher.tick()  # the next pass is due in a few minutes, not now
+    assert sorted(os.listdir(spool["sent"])) == ["new", "x"]
+
+
+def scrape(app, **kwargs):
+    """GET /metrics, parsed by the Prometheus client's own text-format parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = call(app, "GET", "/metrics", **kwargs)
+    assert response.status == 200, response.body
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(response.body.decode()):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_metrics_count_requests_messages_and_what_smsd_did(tmp_path, spool, fake_smsd):
+    app = health_app(tmp_path, spool, fake_smsd)
+    sent = send(app, ["79680000000", "79680000001"])
+    assert sent.status == 201
+    assert post_send(app, {"mobiles": ["79680000000"], "text": "x"}).status == 401
+    first, second = sent.json()["message_id"].values()
+    send_route = {"route": "/api/v1.0/sms/outgoing", "method": "POST"}
+    samples = scrape(app)
+    assert metric(samples, "smsapi_requests_total", code="201", **send_route) == 1
+    assert metric(samples, "smsapi_requests_total", code="401", **send_route) == 1
+    duration = "smsapi_request_duration_seconds"
+    assert metric(samples, duration + "_count", route=send_route["route"]) == 2
+    assert (
+        metric(samples, duration + "_bucket", route=send_route["route"], le="+Inf") == 2
+    )
+    assert metric(samples, "smsapi_messages_total", state="accepted") == 2
+    assert metric(samples, "smsapi_messages_total", state="sent") == 0
+    assert metric(samples, "smsapi_queue_messages") == 2
+    assert metric(samples, "smsapi_smsd_up") == 1
+    assert metric(samples, "smsapi_modem_signal_dbm", modem="GSM2") == -109
+    # smsd files one message in sent/, the other in failed/
+    os.rename(
+        os.path.join(spool["outgoing"], first), os.path.join(spool["sent"], first)
+    )
+    os.rename(
+        os.path.join(spool["outgoing"], second), os.path.join(spool["failed"], second)
+    )
+    app.watcher.tick()
+    samples = scrape(app)
+    assert metric(samples, "smsapi_messages_total", state="sent") == 1
+    assert metric(samples, "smsapi_messages_total", state="failed") == 1
+    assert metric(samples, "smsapi_queue_messages") == 0
+    metrics_route = {"route": "/metrics", "method": "GET", "code": "200"}
+    assert metric(samples, "smsapi_requests_total", **metrics_route) == 1
+
+
+def test_metrics_need_a_user_from_afar(tmp_path, spool, fake_smsd):
+    app = health_app(tmp_path, spool, fake_smsd)
+    far = {"remote_addr": "192.0.2.7"}
+    assert call(app, "GET", "/metrics", **far).status == 401
+    assert call(app, "GET", "/metrics", user="lvv", **far).status == 403
+    assert metric(scrape(app, user="root", **far), "smsapi_smsd_up") == 1
+    assert metric(scrape(app, remote_addr="::1"), "smsapi_smsd_up") == 1
+    config = dataclasses.replace(app.config, metrics="off")
+    app.config = config
+    assert call(app, "GET", "/metrics").status == 404
 
 
 @pytest.mark.parametrize(
@@ -2176,18 +2472,17 @@ def test_auth_unknown_user_and_wrong_password_look_the_same(app):
 
 
 def test_auth_cache_holds_no_password_and_follows_the_config(config):
-    checker = smsapi.Authenticator(config.users)
-    assert checker.check("lvv", PASSWORDS["lvv"]) is config.users["lvv"]
+    checker = smsapi.Authenticator()
+    assert checker.check(config.users, "lvv", PASSWORDS["lvv"]) is config.users["lvv"]
     assert (
-        checker.check("lvv", PASSWORDS["lvv"]) is config.users["lvv"]
+        checker.check(config.users, "lvv", PASSWORDS["lvv"]) is config.users["lvv"]
     )  # from the cache
-    assert checker.check("lvv", "nope") is None
+    assert checker.check(config.users, "lvv", "nope") is None
     (cached,) = checker.verified.values()
     assert PASSWORDS["lvv"].encode() not in cached and len(cached) == 32
     changed = {"lvv": smsapi.User("lvv", smsapi.hash_password("new"))}
-    checker.users = changed
-    assert checker.check("lvv", PASSWORDS["lvv"]) is None
-    assert checker.check("lvv", "new") is changed["lvv"]
+    assert checker.check(changed, "lvv", PASSWORDS["lvv"]) is None
+    assert checker.check(changed, "lvv", "new") is changed["lvv"]
 
 
 def test_logs_hold_neither_password_nor_text(app, caplog):
