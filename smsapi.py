@@ -49,6 +49,8 @@ import re
 import secrets
 import signal
 import socket
+import stat
+import struct
 import sys
 import threading
 import time
@@ -90,6 +92,9 @@ VALIDITY = re.compile(r"([0-9]{1,3})\s*(min|hour|day|week|month|year)?", re.ASCI
 MAX_SPOOL_FILE = 1 << 20  # bytes read from one spool file at the most
 TEMP_PREFIX = ".smsapi-"  # smsd skips names that start with a dot
 PEER_UID = "smsapi.peer_uid"  # WSGI environ key: the uid of a unix-socket caller
+BACKLOG = 1024  # connections the kernel holds for us before accept()
+SD_LISTEN_FDS_START = 3  # the first socket systemd hands over (sd_listen_fds(3))
+STOP_GRACE = 10.0  # seconds requests in progress get to finish after SIGTERM
 
 #: Characters of the GSM 03.38 basic table that smsd 3.1.21 converts exactly
 #: from a UTF-8 file. The currency sign U+00A4 is left out on purpose: smsd
@@ -1112,8 +1117,8 @@ def remove_older(directory, cutoff, limit):
                 if not is_message_name(entry.name):
                     continue
                 try:
-                    stat = entry.stat(follow_symlinks=False)
-                    if stat.st_mtime < cutoff and entry.is_file(follow_symlinks=False):
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                    if mtime < cutoff and entry.is_file(follow_symlinks=False):
                         os.unlink(entry.path)
                         removed += 1
                 except FileNotFoundError:  # smsd or a client was quicker
@@ -1220,7 +1225,10 @@ class Watcher:
         self.thread.start()
 
     def stop(self):
+        """Stop watching; waiting requests are answered with what is known now."""
         self.stopping.set()
+        with self.lock:
+            self.lock.notify_all()
         if self.thread:
             self.thread.join(10)
 
@@ -1430,7 +1438,7 @@ class Watcher:
                 while True:
                     states = {i: (self.where[i], self.outcomes.get(i)) for i in ids}
                     remaining = deadline - time.monotonic()
-                    if done(states) or remaining <= 0:
+                    if done(states) or remaining <= 0 or self.stopping.is_set():
                         return states
                     self.lock.wait(remaining)
             finally:
@@ -3416,98 +3424,273 @@ def hash_password_command():
 
 
 def serve(config):
-    """Serve the API until stopped; waitress when installed, else wsgiref."""
+    """Serve the API until SIGTERM or Ctrl-C; waitress when installed, else wsgiref."""
     clean_temp_files(config)
     if not config.users:
         log.warning("no [user:NAME] sections: every message request will be refused")
+    try:
+        sockets, inherited = listening_sockets(config)
+    except OSError as exc:
+        log.error("cannot listen: %s", one_line(exc))
+        return 1
     app = Application(config)
     app.start()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, and systemd's stop
-        signal.signal(signum, stop_serving)
+    signals = Signals()
+    signal.signal(signal.SIGINT, signals.stop)  # Ctrl-C
+    signal.signal(signal.SIGTERM, signals.stop)  # systemctl stop
+    signal.signal(signal.SIGHUP, signals.reload)  # systemctl reload
     try:
-        return serve_waitress(config, app)
+        return serve_waitress(config, app, sockets, signals)
     except ImportError:
         log.warning("waitress is not installed; using the slower wsgiref server")
-        return serve_wsgiref(config, app)
+        return serve_wsgiref(config, app, sockets, signals)
     finally:
         app.close()
+        for sock in sockets:
+            if sock.family == socket.AF_UNIX and not inherited:
+                remove_quietly(sock.getsockname())
+            sock.close()
 
 
-def stop_serving(signum, frame):
-    """End the server loop; further signals must not break the orderly stop that follows."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
+class Signals:
+    """What signals ask of the main loop: plain flags, as a handler can interrupt any code."""
+
+    def __init__(self):
+        self.stopping = False
+        self.reloading = False
+
+    def stop(self, signum, frame):
+        self.stopping = True
+
+    def reload(self, signum, frame):
+        self.reloading = True
 
 
-def serve_waitress(config, app):
-    """Run waitress on every listen address; ImportError if it is not installed."""
-    import waitress.server
+def run_until_stopped(step, app, signals):
+    """Call step() (one turn of a server loop) until a stop signal; reload on SIGHUP."""
+    while not signals.stopping:
+        step()
+        if signals.reloading:
+            signals.reloading = False
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            app.reload(app.config.path)
+            sd_notify("READY=1")
+    sd_notify("STOPPING=1")
+    log.info("stopping: finishing the requests in progress")
 
-    server = waitress.server.create_server(
-        app,
-        listen=" ".join(config.listen),
-        threads=config.threads,
-        ident="smsapi",
-        # waitress answers absurd bodies itself; up to this much, the app
-        # gives the JSON 413 after looking at Content-Length.
-        max_request_body_size=config.max_body * 16,
-        connection_limit=config.connection_limit,
-        channel_timeout=config.channel_timeout,
-        asyncore_use_poll=True,  # select() stops at 1024 descriptors
-    )
-    urls = listen_urls(server)
-    for address in urls:
-        log.info("smsapi %s listening on %s", __version__, address)
-    sd_notify("READY=1\nSTATUS=listening on " + " ".join(urls))
+
+def listening_sockets(config):
+    """(sockets, inherited): systemd's (socket activation), else bound from listen."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()):
+        count = os.environ.get("LISTEN_FDS", "")
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        if is_number(count) and int(count) > 0:
+            log.info(
+                "listening on %s sockets from systemd, not on [server] listen", count
+            )
+            fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count))
+            for fd in fds:
+                os.set_inheritable(fd, False)
+            return [socket.socket(fileno=fd) for fd in fds], True
+    sockets = []
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sd_notify("STOPPING=1")
-        server.close()
+        for address in config.listen:
+            sockets += bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets, False
+
+
+def bind(address):
+    """The listening sockets of one listen address (a host name may stand for several)."""
+    if address.startswith("unix:"):
+        return [bind_unix(address[5:])]
+    host, port = parse_address(address)
+    found = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets = []
+    try:
+        for family, sockaddr in dict.fromkeys((f[0], f[4]) for f in found):
+            sockets.append(
+                socket.create_server(sockaddr, family=family, backlog=BACKLOG)
+            )
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def bind_unix(path):
+    """A unix socket any local user may connect to; unix_users then says who is who."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # left by an earlier run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_uid(sock):
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    size = struct.calcsize("3i")
+    return struct.unpack(
+        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size)
+    )[1]
+
+
+def socket_url(sock):
+    """http://host:port, or unix:/path, of a listening socket."""
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + sock.getsockname()
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def announce(sockets):
+    urls = [socket_url(sock) for sock in sockets]
+    for url in urls:
+        log.info("smsapi %s listening on %s", __version__, url)
+    sd_notify("READY=1\nSTATUS=listening on " + " ".join(urls))
+
+
+def serve_waitress(config, app, sockets, signals):
+    """Run waitress on the sockets; ImportError if it is not installed."""
+    import waitress.channel
+    import waitress.server
+    import waitress.task
+    from waitress import wasyncore
+
+    class UnixTask(waitress.task.WSGITask):
+        def get_environment(self):
+            environ = super().get_environment()
+            environ[PEER_UID] = self.channel.peer_uid
+            return environ
+
+    class UnixChannel(waitress.channel.HTTPChannel):
+        """A connection on the unix socket: it knows the caller's uid."""
+
+        task_class = UnixTask
+
+        def __init__(self, server, sock, addr, adj, map=None):
+            self.peer_uid = peer_uid(sock)
+            super().__init__(server, sock, addr, adj, map)
+
+    channels = {}  # every socket waitress serves, listening or connected
+    unix = [sock for sock in sockets if sock.family == socket.AF_UNIX]
+    tcp = [sock for sock in sockets if sock.family != socket.AF_UNIX]
+    servers = [
+        waitress.server.create_server(
+            app,
+            map=channels,
+            sockets=group,  # waitress takes unix and TCP sockets only apart
+            threads=config.threads,
+            ident="smsapi",
+            # waitress answers absurd bodies itself; up to this much, the app
+            # gives the JSON 413 after looking at Content-Length.
+            max_request_body_size=config.max_body * 16,
+            connection_limit=config.connection_limit,
+            channel_timeout=config.channel_timeout,
+            asyncore_use_poll=True,  # select() stops at 1024 descriptors
+        )
+        for group in (tcp, unix)
+        if group
+    ]
+    listeners = [
+        c for c in channels.values() if isinstance(c, waitress.server.BaseWSGIServer)
+    ]
+    for listener in listeners:
+        if listener.socket.family == socket.AF_UNIX:
+            listener.channel_class = UnixChannel
+    announce(sockets)
+
+    def turn(timeout=1.0):
+        wasyncore.loop(timeout=timeout, use_poll=True, map=channels, count=1)
+
+    run_until_stopped(turn, app, signals)
+    for listener in listeners:  # accept no more, without closing waitress's trigger
+        wasyncore.dispatcher.close(listener)
+    app.watcher.stop()  # requests that wait for smsd answer now
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline and any(map(is_busy, channels.values())):
+        turn(0.05)
+    for server in servers:
+        server.task_dispatcher.shutdown()
+    wasyncore.close_all(channels)
     return 0
 
 
-def listen_urls(server):
-    """http:// URLs of every socket waitress bound, ports resolved."""
-    pairs = getattr(server, "effective_listen", None) or [
-        (server.effective_host, server.effective_port)
-    ]
-    return [f"http://{f'[{h}]' if ':' in h else h}:{p}" for h, p in pairs]
+def is_busy(channel):
+    """True for a waitress connection with a request in hand or an answer unsent."""
+    return bool(getattr(channel, "requests", None)) or bool(
+        getattr(channel, "total_outbufs_len", 0)
+    )
 
 
-def serve_wsgiref(config, app):
-    """The fallback: the standard library's threading WSGI server, first address only."""
-    import socketserver
+def serve_wsgiref(config, app, sockets, signals):
+    """The fallback: the standard library's WSGI server, a thread per connection."""
     from wsgiref import simple_server
 
-    host, port = parse_address(config.listen[0])
-
-    class Server(socketserver.ThreadingMixIn, simple_server.WSGIServer):
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
     class Handler(simple_server.WSGIRequestHandler):
+        timeout = config.channel_timeout
+
+        def setup(self):
+            super().setup()
+            self.peer_uid = None
+            if self.connection.family == socket.AF_UNIX:
+                self.client_address = ("localhost", 0)
+                self.peer_uid = peer_uid(self.connection)
+
+        def get_environ(self):
+            environ = super().get_environ()
+            if self.peer_uid is not None:
+                environ[PEER_UID] = self.peer_uid
+            return environ
+
         def log_message(self, *args):  # the app logs each request itself
             pass
 
-    with simple_server.make_server(host, port, app, Server, Handler) as server:
-        bound = server.socket.getsockname()
-        log.info(
-            "smsapi %s listening on http://%s:%d",
-            __version__,
-            f"[{bound[0]}]" if ":" in bound[0] else bound[0],
-            bound[1],
-        )
-        sd_notify("READY=1")
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        sd_notify("STOPPING=1")
+    servers = [wsgiref_server(sock, app, Handler) for sock in sockets]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, args=(0.5,), daemon=True).start()
+    announce(sockets)
+    run_until_stopped(lambda: time.sleep(0.5), app, signals)
+    for server in servers:
+        server.shutdown()  # accept no more
+    app.watcher.stop()  # requests that wait for smsd answer now
+    for server in servers:
+        server.server_close()  # waits for the requests in progress
     return 0
+
+
+def wsgiref_server(sock, app, handler):
+    """A threading wsgiref server on a socket that is already listening."""
+    import socketserver
+    from wsgiref import simple_server
+
+    class Server(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+        def __init__(self):
+            socketserver.BaseServer.__init__(self, sock.getsockname(), handler)
+            self.socket = sock
+            self.server_name = "localhost"
+            self.server_port = (
+                self.server_address[1] if sock.family != socket.AF_UNIX else 0
+            )
+            self.setup_environ()
+
+    server = Server()
+    server.set_app(app)
+    return server
 
 
 if __name__ == "__main__":

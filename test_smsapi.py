@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import pwd
 import random
 import re
 import shutil
@@ -20,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -176,6 +178,17 @@ def post_send(app, body=None, user=None, headers=None, query=""):
 
 def send(app, mobiles, text="Hi, Jack!", user="lvv", **fields):
     return post_send(app, {"mobiles": mobiles, "text": text, **fields}, user)
+
+
+def wait_until(predicate, timeout=20, what="a condition"):
+    """predicate()'s first true value within timeout seconds; else the test fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
 
 
 def spool_snapshot(spool):
@@ -2717,6 +2730,188 @@ def test_live_stops_cleanly_on_repeated_signals(live):
         server.process.send_signal(random.choice([signal.SIGINT, signal.SIGTERM]))
     assert server.process.wait(20) == 0
     assert "Traceback" not in server.output()
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket, as curl --unix-socket does."""
+
+    def __init__(self, socket_path, timeout=10):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def unix_request(socket_path, method, path, body=None, user=None):
+    """(status, JSON answer) of one request over the unix socket."""
+    headers = {"Content-Type": "application/json"}
+    if user:
+        headers["Authorization"] = auth(user)
+    connection = UnixConnection(socket_path)
+    try:
+        connection.request(method, path, json.dumps(body) if body else None, headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+#: A client run as another local account: prints the status line it got.
+OTHER_USER_CLIENT = """
+import socket, sys
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    s.sendall(b"GET /api/v1.0/sms/outgoing/ HTTP/1.0\\r\\n\\r\\n")
+    print(s.recv(64).split(b"\\r\\n")[0].decode())
+"""
+
+
+@pytest.mark.parametrize("waitress", [True, False])
+def test_live_unix_socket_knows_the_local_user(tmp_path, spool, waitress):
+    directory = tempfile.mkdtemp(prefix="smsapi-")  # in /tmp: other accounts reach it
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, "smsapi.sock")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    ini = write_ini(tmp_path, spool, listen=f"127.0.0.1:0 unix:{path}")
+    with open(ini, "a") as file:
+        file.write(f"[user:cron]\nunix_users = {me}\nmobiles = 7968*\n")
+    server = Server(ini, tmp_path, [] if waitress else WITHOUT_WAITRESS)
+    try:
+        assert f"listening on unix:{path}" in server.output()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
+        body = {"mobiles": ["79680000000"], "text": "from cron"}
+        status, data = unix_request(path, "POST", "/api/v1.0/sms/outgoing", body)
+        assert status == 201
+        (message_id,) = data["message_id"].values()
+        assert f"201 user=cron ids={message_id}" in server.output()
+        # a password still works on the socket; the local account counts only there
+        status, data = unix_request(path, "GET", "/api/v1.0/sms/outgoing/", user="lvv")
+        assert (status, data["message_id"]) == (200, [])
+        assert server.request("POST", "/api/v1.0/sms/outgoing", body)[0] == 401
+        if os.getuid() == 0:  # an account no unix_users names gets the challenge
+            other = subprocess.run(
+                ["/usr/bin/python3", "-c", OTHER_USER_CLIENT, path],
+                user="nobody",
+                cwd="/",
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert other.stdout.split()[1] == "401", other
+    finally:
+        server.stop()
+        shutil.rmtree(directory)
+    assert not os.path.exists(path)  # removed on the way out
+
+
+def test_live_sighup_reloads_users_and_keeps_connections(live, tmp_path):
+    server = live()
+    body = {"mobiles": ["79680000000"], "text": "reload"}
+    assert server.request("POST", "/api/v1.0/sms/outgoing", body, "lvv")[0] == 201
+    host, port = urllib.parse.urlsplit(server.url).netloc.rsplit(":", 1)
+    kept = http.client.HTTPConnection(host, int(port), timeout=10)
+    kept.request("GET", "/api/v1.0/monitoring")
+    assert kept.getresponse().read()
+    ini = tmp_path / "smsapi.ini"
+    text = ini.read_text()
+    changed = text.replace("mobiles = 7968* 79160000000", "mobiles = 7916*")
+    changed = changed.replace(f"[user:ann]\npassword = {HASHES['ann']}\n", "")
+    assert changed.count("[user:") == text.count("[user:") - 1
+    ini.write_text(changed.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:1"))
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded" in server.output(), what="the reload")
+    assert "reload: listen changes only with a restart" in server.output()
+    assert server.request("POST", "/api/v1.0/sms/outgoing", body, "lvv")[0] == 403
+    assert server.request("GET", "/api/v1.0/sms/outgoing/", user="ann")[0] == 401
+    kept.request("GET", "/api/v1.0/monitoring")  # the same connection, still open
+    assert kept.getresponse().status == 200
+    kept.close()
+    ini.write_text(changed + "threads = 0\n")  # lands in the last user's section
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in server.output(), what="the refusal")
+    assert "reload refused: " + str(ini) + ": [user:inbox] threads: unknown option" in (
+        server.output()
+    )
+    status = server.request("GET", "/api/v1.0/sms/outgoing/", user="lvv")[0]
+    assert status == 200  # the config in use stays
+    assert server.process.poll() is None
+
+
+def test_live_socket_activation(tmp_path, spool):
+    listener = socket.create_server(("127.0.0.1", 0))
+    fd, port = listener.fileno(), listener.getsockname()[1]
+    # an address this host does not have: binding it would fail
+    ini = write_ini(tmp_path, spool, listen="192.0.2.1:5000")
+    with open(tmp_path / "activated.log", "w+") as log:
+        process = subprocess.Popen(
+            ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", sys.executable]
+            + [os.path.join(HERE, "smsapi.py"), "--config", ini],
+            env={**os.environ, "LISTEN_FDS": "1"},
+            pass_fds=(fd, 3),
+            preexec_fn=lambda: os.dup2(fd, 3),  # noqa: PLW1509 (fd 3, as systemd hands it)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        listener.close()
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/api/v1.0/monitoring", timeout=20
+            ) as response:
+                assert response.status == 200
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+        log.seek(0)
+        output = log.read()
+    assert "listening on 1 sockets from systemd" in output
+    assert f"listening on http://127.0.0.1:{port}" in output
+
+
+@pytest.mark.parametrize("waitress", [True, False])
+def test_live_sigterm_answers_requests_in_progress(tmp_path, spool, waitress):
+    ini = write_ini(tmp_path, spool, extra="threads = 1")
+    server = Server(ini, tmp_path, [] if waitress else WITHOUT_WAITRESS)
+    answers = {}
+
+    def ask(name, *args):
+        try:
+            answers[name] = server.request(*args)
+        except OSError as exc:
+            answers[name] = exc
+
+    body = {"mobiles": ["79680000000"], "text": "in flight"}
+    clients = [
+        threading.Thread(
+            target=ask,
+            args=("send", "POST", "/api/v1.0/sms/outgoing?wait=30", body, "lvv"),
+        ),
+        threading.Thread(target=ask, args=("queued", "GET", "/api/v1.0/monitoring")),
+    ]
+    try:
+        clients[0].start()
+        wait_until(lambda: os.listdir(spool["outgoing"]), what="the message file")
+        clients[1].start()  # waits for the one thread, busy with the send
+        time.sleep(0.3)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        for client in clients:
+            client.join(15)
+        assert server.process.wait(15) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
+    assert not isinstance(answers["send"], OSError), answers["send"]
+    assert not isinstance(answers["queued"], OSError), answers["queued"]
+    status, _, data = answers["send"]  # smsd is not there: still queued
+    assert status == 504
+    assert data["message_id"]["79680000000"] in os.listdir(spool["outgoing"])
+    assert answers["queued"][0] == 200
+    with pytest.raises(OSError):
+        server.request("GET", "/api/v1.0/monitoring", timeout=2)
 
 
 def test_live_log_lines_for_journald_and_elsewhere(live):
