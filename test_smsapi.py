@@ -3244,6 +3244,7 @@ class SmsdStack:
                         "logfile = " + self.smsd_log,
                         f"infofile = {self.root}/smsd.working",
                         f"pidfile = {self.root}/smsd.pid",
+                        f"stats = {self.root}/stats",
                         "loglevel = 7",
                         "delaytime = 1",
                         "delaytime_mainprocess = 1",
@@ -3266,7 +3267,8 @@ class SmsdStack:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.api = Server(write_ini(root, self.spool), root)
+        os.mkdir(os.path.join(self.root, "stats"))
+        self.api = Server(write_ini(root, self.spool, smsd_conf=conf), root)
 
     def restart_api(self):
         self.api.stop()
@@ -3420,6 +3422,48 @@ def test_smsd_lifecycle_queued_then_sent(stack):
         and sent["Sent"] == final["sent_at"]
     )
     assert sent["IMSI"] == "244070123456789" and sent["text"] == "cycle"
+
+
+@needs_smsd
+def test_smsd_health_and_metrics_see_the_real_smsd(stack):
+    with open(os.path.join(stack.root, "smsd.pid")) as file:
+        pid = int(file.read())
+
+    def modem_seen():
+        checks = stack.api.request("GET", "/api/v1.0/health")[2]["checks"]
+        return checks if "modem:GSM1" in checks else None
+
+    checks = stack.wait_for(modem_seen, what="smsd's status file")
+    assert checks["smsd"] == {
+        "status": "pass",
+        "output": f"smsd runs as pid {pid}",
+        "pid": pid,
+    }
+    modem = checks["modem:GSM1"]
+    assert modem["signal_dbm"] == -73  # the emulator answers +CSQ: 20
+    assert modem["state"] in ("Idle", "Sending", "Receiving"), modem
+    _, _, data = stack.api.request(
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        {"mobiles": ["79680000019"], "text": "counted"},
+        "lvv",
+    )
+    assert stack.wait_final(data["message_id"]["79680000019"])["status"] == "sent"
+
+    def sent_counted():
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(stack.api.url + "/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "smsapi_messages_total" and sample.labels == {
+                    "state": "sent"
+                }:
+                    return sample.value >= 1
+        return False
+
+    stack.wait_for(sent_counted, what="the sent message in the metrics")
 
 
 @needs_smsd
