@@ -2281,7 +2281,7 @@ def deliver(request, plan, ids, wait, retry):
         for number in plan.numbers:
             if ids[number] in files:
                 log.info(
-                    "queued %s from %s to %s, %d parts",
+                    "queued %s from %s to %s, parts=%d",
                     ids[number],
                     escape(request.user.name),
                     number,
@@ -3433,6 +3433,7 @@ def serve(config):
     except OSError as exc:
         log.error("cannot listen: %s", one_line(exc))
         return 1
+    bound = [s.getsockname() for s in sockets if s.family == socket.AF_UNIX]
     app = Application(config)
     app.start()
     signals = Signals()
@@ -3447,9 +3448,10 @@ def serve(config):
     finally:
         app.close()
         for sock in sockets:
-            if sock.family == socket.AF_UNIX and not inherited:
-                remove_quietly(sock.getsockname())
             sock.close()
+        if not inherited:  # systemd's socket files are systemd's to remove
+            for path in bound:
+                remove_quietly(path)
 
 
 class Signals:

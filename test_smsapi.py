@@ -219,8 +219,12 @@ def put_file(spool, kind, name, headers, text="hello", alphabet=None):
 
 
 def test_config_shipped_file_is_loopback_with_no_users(tmp_path, spool):
+    smsd_conf = tmp_path / "smsd.conf"  # the spool comes from smsd's config
+    smsd_conf.write_text("".join(f"{k} = {path}\n" for k, path in spool.items()))
     with open(os.path.join(HERE, "smsapi.ini")) as file:
-        text = file.read().replace("/var/spool/sms", os.path.dirname(spool["outgoing"]))
+        text = file.read().replace(
+            ";smsd_conf = /etc/smsd.conf", f"smsd_conf = {smsd_conf}"
+        )
     text = text.replace("/var/lib/smsapi", str(tmp_path / "state"))
     path = tmp_path / "shipped.ini"
     path.write_text(text)
@@ -228,6 +232,43 @@ def test_config_shipped_file_is_loopback_with_no_users(tmp_path, spool):
     assert config.users == {}
     assert config.listen == ("127.0.0.1:5000",)
     assert config.spool == spool
+
+
+def test_install_script_places_files_and_keeps_the_config(tmp_path):
+    root = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(root)}
+    run = subprocess.run(
+        ["sh", os.path.join(HERE, "install.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if os.geteuid() != 0:
+        assert run.returncode == 1 and "run it as root" in run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    ini = root / "etc/smsapi/smsapi.ini"
+    modes = {
+        "usr/local/lib/smsapi/smsapi.py": 0o644,
+        "usr/local/share/doc/smsapi/README.md": 0o644,
+        "etc/systemd/system/smsapi.service": 0o644,
+        "etc/smsapi": 0o750,
+        "etc/smsapi/smsapi.ini": 0o640,
+    }
+    assert {p: stat.S_IMODE(os.stat(root / p).st_mode) for p in modes} == modes
+    with open(os.path.join(HERE, "smsapi.service")) as file:
+        assert (root / "etc/systemd/system/smsapi.service").read_text() == file.read()
+    ini.write_text(ini.read_text() + "[user:cron]\nunix_users = root\n")
+    again = subprocess.run(
+        ["sh", os.path.join(HERE, "install.sh")],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert f"kept {ini}" in again.stdout
+    assert ini.read_text().endswith("[user:cron]\nunix_users = root\n")
 
 
 def test_config_reads_every_option(config, spool):
@@ -2804,8 +2845,11 @@ def test_live_unix_socket_knows_the_local_user(tmp_path, spool, waitress):
             assert other.stdout.split()[1] == "401", other
     finally:
         server.stop()
-        shutil.rmtree(directory)
-    assert not os.path.exists(path)  # removed on the way out
+        left_behind = os.path.exists(path)
+        shutil.rmtree(directory, ignore_errors=True)
+    assert "Traceback" not in server.output()
+    assert server.process.returncode == 0
+    assert not left_behind  # the socket file goes with the server
 
 
 def test_live_sighup_reloads_users_and_keeps_connections(live, tmp_path):

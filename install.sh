@@ -1,0 +1,47 @@
+#!/bin/sh
+# Install (or update) smsapi on Debian, as README.md "Install on Debian" says:
+#   sudo apt-get install -y smstools python3-waitress && sudo sh install.sh
+# Safe to run again: files are replaced, the config is kept, the user made once.
+# DESTDIR=/some/dir places the files under that directory only (no user, no systemctl).
+set -eu
+cd "$(dirname "$0")"
+root=${DESTDIR:-}
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run it as root: sudo sh install.sh" >&2
+    exit 1
+fi
+group=root
+if [ -z "$root" ]; then
+    if ! getent group smsd >/dev/null; then
+        echo "install.sh: no smsd group; install smsd first: apt-get install smstools" >&2
+        exit 1
+    fi
+    python3 -c 'import waitress' 2>/dev/null ||
+        echo "install.sh: python3-waitress is missing; smsapi will run on the slower wsgiref server" >&2
+    if ! id smsapi >/dev/null 2>&1; then
+        useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin smsapi
+        echo "made the system user smsapi"
+    fi
+    usermod -a -G smsd smsapi  # smsd's spool is group smsd
+    group=smsapi
+fi
+
+install -d -m 0755 "$root/usr/local/lib/smsapi" "$root/usr/local/share/doc/smsapi" \
+    "$root/etc/systemd/system"
+install -m 0644 smsapi.py "$root/usr/local/lib/smsapi/smsapi.py"
+install -m 0644 README.md "$root/usr/local/share/doc/smsapi/README.md"
+install -m 0644 smsapi.service "$root/etc/systemd/system/smsapi.service"
+# The config holds password hashes: readable by root and the service only.
+install -d -m 0750 -g "$group" "$root/etc/smsapi"
+if [ -e "$root/etc/smsapi/smsapi.ini" ]; then
+    echo "kept $root/etc/smsapi/smsapi.ini"
+else
+    install -m 0640 -g "$group" smsapi.ini "$root/etc/smsapi/smsapi.ini"
+    echo "installed $root/etc/smsapi/smsapi.ini: add a [user:NAME] section to it"
+fi
+if [ -z "$root" ] && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    echo "next: systemctl enable --now smsapi; after config changes: systemctl reload smsapi"
+fi
