@@ -1649,18 +1649,25 @@ class Metrics:
             counts[-1] += seconds
 
     def render(self, app):
-        """The Prometheus text exposition of the counters and of the spool now."""
+        """The Prometheus text exposition: these counters, then the spool and smsd now."""
         with self.lock:
             requests = sorted(self.requests.items())
             durations = {r: list(c) for r, c in sorted(self.durations.items())}
-        config, watcher = app.config, app.watcher
-        queue = queue_check(config, time.time())
-        pid = smsd_pid(config)
+            accepted = self.accepted
         out = Exposition()
-        out.family("smsapi_build_info", "gauge", "Version of smsapi and Python.")
-        out.sample("", {"version": __version__, "python": sys.version.split()[0]}, 1)
-        out.family("smsapi_start_time_seconds", "gauge", "When this process started.")
-        out.sample("", {}, self.started)
+        out.one(
+            "smsapi_build_info",
+            "gauge",
+            "Version of smsapi and Python.",
+            1,
+            {"version": __version__, "python": sys.version.split()[0]},
+        )
+        out.one(
+            "smsapi_start_time_seconds",
+            "gauge",
+            "When this process started.",
+            self.started,
+        )
         out.family("smsapi_requests_total", "counter", "HTTP requests answered.")
         for (route, method, code), count in requests:
             out.sample("", {"route": route, "method": method, "code": code}, count)
@@ -1677,42 +1684,54 @@ class Metrics:
             "counter",
             "Message files written by smsapi (accepted), and what became of them.",
         )
-        out.sample("", {"state": "accepted"}, self.accepted)
+        out.sample("", {"state": "accepted"}, accepted)
         for state in ("sent", "failed", "delivered", "undelivered"):
-            out.sample("", {"state": state}, watcher.finished[state])
-        if "queued" in queue:  # else the spool is unreadable
-            out.family(
-                "smsapi_queue_messages", "gauge", "Files in outgoing and checked."
-            )
-            out.sample("", {}, queue["queued"])
-            out.family(
-                "smsapi_queue_oldest_seconds", "gauge", "Age of the oldest queued file."
-            )
-            out.sample("", {}, queue["oldest_seconds"])
-        out.family(
-            "smsapi_retention_removed_total", "counter", "Old spool files removed."
+            out.sample("", {"state": state}, app.watcher.finished[state])
+        out.one(
+            "smsapi_retention_removed_total",
+            "counter",
+            "Old spool files removed.",
+            app.watcher.finished["removed"],
         )
-        out.sample("", {}, watcher.finished["removed"])
-        if pid is not None:
-            out.family(
-                "smsapi_smsd_up", "gauge", "1 if smsd's pid file names a live smsd."
-            )
-            out.sample("", {}, int(bool(pid)))
-        modems = modem_checks(config)
-        signals = [
-            (n[6:], c["signal_dbm"])
-            for n, c in modems.items()
-            if c.get("signal_dbm") is not None
-        ]
-        if signals:
-            out.family(
-                "smsapi_modem_signal_dbm",
-                "gauge",
-                "Modem signal, from smsd's status file.",
-            )
-            for modem, dbm in signals:
-                out.sample("", {"modem": modem}, dbm)
+        spool_gauges(out, app.config)
         return out.text()
+
+
+def spool_gauges(out, config):
+    """The queue, smsd and the modems as they are now (what can be read of them)."""
+    queue = queue_check(config, time.time())
+    if "queued" in queue:  # else the spool is unreadable
+        out.one(
+            "smsapi_queue_messages",
+            "gauge",
+            "Files in outgoing and checked.",
+            queue["queued"],
+        )
+        out.one(
+            "smsapi_queue_oldest_seconds",
+            "gauge",
+            "Age of the oldest queued file.",
+            queue["oldest_seconds"],
+        )
+    pid = smsd_pid(config)
+    if pid is not None:
+        out.one(
+            "smsapi_smsd_up",
+            "gauge",
+            "1 if smsd's pid file names a live smsd.",
+            int(bool(pid)),
+        )
+    signals = [
+        (name[6:], check["signal_dbm"])
+        for name, check in modem_checks(config).items()
+        if check.get("signal_dbm") is not None
+    ]
+    if signals:
+        out.family(
+            "smsapi_modem_signal_dbm", "gauge", "Signal, from smsd's status file."
+        )
+        for modem, dbm in signals:
+            out.sample("", {"modem": modem}, dbm)
 
 
 class Exposition:
@@ -1733,6 +1752,11 @@ class Exposition:
             if text
             else f"{self.name}{suffix} {value}"
         )
+
+    def one(self, name, kind, help_text, value, labels=None):
+        """A family of one sample."""
+        self.family(name, kind, help_text)
+        self.sample("", labels or {}, value)
 
     def text(self):
         return "\n".join(self.lines) + "\n"
