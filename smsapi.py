@@ -184,6 +184,7 @@ class Config:
     channel_timeout: int = 60
     trusted_proxies: tuple = ()
     metrics: str = "local"  # who may read /metrics: local, users, open or off
+    log_text: bool = False  # put each message's text in its log line
     spool: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPOOL))
     smsd: dict = dataclasses.field(
         default_factory=dict
@@ -376,6 +377,7 @@ SERVER_OPTIONS = {
     "channel_timeout": as_duration,
     "trusted_proxies": as_addresses,
     "metrics": as_metrics_access,
+    "log_text": as_bool,
 }
 SPOOL_OPTIONS = {kind: as_path for kind in (*KINDS, "report")}
 SPOOL_OPTIONS["smsd_conf"] = as_optional_path
@@ -1128,8 +1130,12 @@ def remove_older(directory, cutoff, limit):
     except OSError as exc:
         refused = exc
     if refused is not None:
+        hint = ""
+        with contextlib.suppress(OSError):
+            if os.stat(directory).st_mode & stat.S_ISVTX:
+                hint = " (a sticky directory: only a file's owner may remove it)"
         log.warning(
-            "retention: cannot remove from %s: %s", directory, one_line(refused)
+            "retention: cannot remove from %s: %s%s", directory, one_line(refused), hint
         )
     return removed
 
@@ -2302,14 +2308,16 @@ def deliver(request, plan, ids, wait, retry):
         write_messages(config, files, request.app.outgoing_sync)
         request.app.accepted(list(files))
         request.environ["smsapi.ids"] = list(files)
+        text = f' text="{escape(plan.text)}"' if config.log_text else ""
         for number in plan.numbers:
             if ids[number] in files:
                 log.info(
-                    "queued %s from %s to %s, parts=%d",
+                    "queued %s from %s to %s, parts=%d%s",
                     ids[number],
                     escape(request.user.name),
                     number,
                     plan.encoding.parts,
+                    text,
                 )
         if plan.report and files:
             request.app.watcher.expect_report(list(files))

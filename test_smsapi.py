@@ -2551,8 +2551,20 @@ def test_logs_hold_neither_password_nor_text(app, caplog):
     call(app, "GET", "/api/v1.0/sms/sent/\x1b[31mred", user="lvv")
     logged = caplog.text
     assert "POST /api/v1.0/sms/outgoing 201 user=lvv" in logged
+    assert re.search(r"queued smsapi\.\S+ from lvv to 79680000000, parts=1\n", logged)
     assert "TOPSECRETTEXT" not in logged and PASSWORDS["lvv"] not in logged
     assert "\x1b" not in logged and "\\x1b[31mred" in logged
+
+
+def test_logs_hold_the_text_when_log_text_says_so(tmp_path, spool, caplog):
+    path = write_ini(tmp_path, spool, extra="log_text = yes")
+    app = smsapi.Application(smsapi.load_config(path))
+    caplog.set_level("INFO", logger="smsapi")
+    message_id = send(app, ["79680000000"], text="Disk\nfull").json()["message_id"]
+    assert (
+        f"queued {message_id['79680000000']} from lvv to 79680000000, parts=1"
+        ' text="Disk\\x0afull"' in caplog.text
+    )
 
 
 def test_unknown_path_404_wrong_method_405_with_allow(app):
@@ -2757,6 +2769,11 @@ def test_live_systemd_notify_ready_watchdog_stopping(live, tmp_path, waitress):
         assert (
             server.request("GET", "/api/v1.0/monitoring")[0] == 200
         )  # READY came once the port was bound
+        server.process.send_signal(signal.SIGHUP)
+        while not notify.recv(1024).startswith(b"RELOADING=1\nMONOTONIC_USEC="):
+            pass  # watchdog pings meanwhile; a timeout here fails the test
+        while notify.recv(1024) != b"READY=1":
+            pass
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(15) == 0
         while notify.recv(1024) != b"STOPPING=1":  # a timeout here fails the test
