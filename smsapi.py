@@ -3600,25 +3600,8 @@ def announce(sockets):
 
 def serve_waitress(config, app, sockets, signals):
     """Run waitress on the sockets; ImportError if it is not installed."""
-    import waitress.channel
     import waitress.server
-    import waitress.task
     from waitress import wasyncore
-
-    class UnixTask(waitress.task.WSGITask):
-        def get_environment(self):
-            environ = super().get_environment()
-            environ[PEER_UID] = self.channel.peer_uid
-            return environ
-
-    class UnixChannel(waitress.channel.HTTPChannel):
-        """A connection on the unix socket: it knows the caller's uid."""
-
-        task_class = UnixTask
-
-        def __init__(self, server, sock, addr, adj, map=None):
-            self.peer_uid = peer_uid(sock)
-            super().__init__(server, sock, addr, adj, map)
 
     channels = {}  # every socket waitress serves, listening or connected
     unix = [sock for sock in sockets if sock.family == socket.AF_UNIX]
@@ -3645,7 +3628,7 @@ def serve_waitress(config, app, sockets, signals):
     ]
     for listener in listeners:
         if listener.socket.family == socket.AF_UNIX:
-            listener.channel_class = UnixChannel
+            listener.channel_class = unix_channel_class()
     announce(sockets)
 
     def turn(timeout=1.0):
@@ -3662,6 +3645,27 @@ def serve_waitress(config, app, sockets, signals):
         server.task_dispatcher.shutdown()
     wasyncore.close_all(channels)
     return 0
+
+
+def unix_channel_class():
+    """waitress's connection class, for the unix socket: it knows the caller's uid."""
+    import waitress.channel
+    import waitress.task
+
+    class UnixTask(waitress.task.WSGITask):
+        def get_environment(self):
+            environ = super().get_environment()
+            environ[PEER_UID] = self.channel.peer_uid
+            return environ
+
+    class UnixChannel(waitress.channel.HTTPChannel):
+        task_class = UnixTask
+
+        def __init__(self, server, sock, addr, adj, map=None):
+            self.peer_uid = peer_uid(sock)
+            super().__init__(server, sock, addr, adj, map)
+
+    return UnixChannel
 
 
 def is_busy(channel):
