@@ -3528,13 +3528,15 @@ def listening_sockets(config):
                 os.set_inheritable(fd, False)
             return [socket.socket(fileno=fd) for fd in fds], True
     sockets = []
-    try:
-        for address in config.listen:
+    for address in config.listen:
+        try:
             sockets += bind(address)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
+        except OSError as exc:
+            for sock in sockets:  # undo the addresses bound so far
+                if sock.family == socket.AF_UNIX:
+                    remove_quietly(sock.getsockname())
+                sock.close()
+            raise OSError(exc.errno, f"{address}: {exc.strerror or exc}") from None
     return sockets, False
 
 

@@ -2869,6 +2869,23 @@ def test_live_unix_socket_knows_the_local_user(tmp_path, spool, waitress):
     assert not left_behind  # the socket file goes with the server
 
 
+def test_live_port_in_use_is_one_clear_line(tmp_path, spool):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        ini = write_ini(tmp_path, spool, listen=f"unix:{tmp_path}/ok.sock {address}")
+        run = subprocess.run(
+            [sys.executable, os.path.join(HERE, "smsapi.py"), "--config", ini],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert run.returncode == 1
+    assert f"cannot listen: [Errno {errno.EADDRINUSE}] {address}: " in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not os.path.exists(tmp_path / "ok.sock")  # closed again, not left bound
+
+
 def test_live_sighup_reloads_users_and_keeps_connections(live, tmp_path):
     server = live()
     body = {"mobiles": ["79680000000"], "text": "reload"}
