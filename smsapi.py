@@ -29,6 +29,7 @@ import binascii
 import collections
 import configparser
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import encodings.iso8859_15  # the codecs too: loaded at start, not on a first request
@@ -55,6 +56,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 from http import HTTPStatus
 
 __version__ = "1.0.0"
@@ -1091,21 +1093,45 @@ RETENTION_EVERY = 300  # seconds between passes that remove old files
 RETENTION_CHUNK = 5000  # files removed in one pass at most
 
 
-def our_queued_ids(config):
-    """The ids of our messages now in outgoing and checked."""
-    ids = []
-    for kind in ("outgoing", "checked"):
-        with contextlib.suppress(OSError):
-            ids += [n for n in os.listdir(config.spool[kind]) if OUR_ID.fullmatch(n)]
-    return ids
+class Arrivals:
+    """Names that land in some directories, as Linux inotify tells (no polling, no lists)."""
 
+    IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+    EVENT = struct.Struct("iIII")  # struct inotify_event, then len bytes of name
 
-def spool_kind(config, message_id):
-    """Where a message file is now (a stat per directory, in lifecycle order), or None."""
-    for kind in ("outgoing", "checked", "sent", "failed"):
-        if os.path.exists(os.path.join(config.spool[kind], message_id)):
-            return kind
-    return None
+    def __init__(self, directories):
+        """directories: {kind: path}; OSError if inotify is not to be had."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.kinds = {}  # watch descriptor -> kind
+        mask = self.IN_CREATE | self.IN_MOVED_TO
+        for kind, path in directories.items():
+            watch = libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+            if watch < 0:
+                error = ctypes.get_errno()
+                os.close(self.fd)
+                raise OSError(error, f"cannot watch {path}")
+            self.kinds[watch] = kind
+        # closed when its owner goes, even one never stopped (a test's)
+        self.close = weakref.finalize(self, os.close, self.fd)
+
+    def read(self):
+        """[(kind, name)] of what arrived since the last read."""
+        arrived = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return arrived
+            offset = 0
+            while offset + self.EVENT.size <= len(data):
+                watch, _, _, length = self.EVENT.unpack_from(data, offset)
+                offset += self.EVENT.size + length
+                name = data[offset - length : offset].rstrip(b"\0")
+                if watch in self.kinds:
+                    arrived.append((self.kinds[watch], os.fsdecode(name)))
 
 
 def remove_older(directory, cutoff, limit):
@@ -1173,9 +1199,12 @@ class Watcher:
         self.stamps = {}  # directory -> its mtime when last listed
         self.swept = time.time()
         self.retained = 0.0  # when old files were last removed
-        # our ids last seen in outgoing or checked, followed for the metrics
-        self.queued = set(our_queued_ids(config))
         self.finished = collections.Counter()  # sent, failed, delivered, ..., removed
+        try:  # our messages that smsd files in sent/ and failed/, for the metrics
+            self.arrivals = Arrivals({k: config.spool[k] for k in FINAL})
+        except OSError as exc:
+            log.warning("cannot count sent and failed messages: %s", one_line(exc))
+            self.arrivals = None
         self.idempotency = Idempotency(config)
         state = read_json(self.path)
         self.lost = state is None or state.get("version") != 1
@@ -1237,6 +1266,8 @@ class Watcher:
             self.lock.notify_all()
         if self.thread:
             self.thread.join(10)
+        if self.arrivals:
+            self.arrivals.close()
 
     def run(self):
         # systemd's watchdog (WatchdogSec=) hears from the watcher: if it hangs, a restart follows.
@@ -1257,7 +1288,7 @@ class Watcher:
             changed = self.lost and self.rebuild()
             changed |= self.follow_pending()
             changed |= self.read_reports()
-            self.follow_queued()
+            self.count_finished()
             if time.time() - self.swept > 3600:
                 changed |= self.sweep()
             if changed:
@@ -1280,22 +1311,11 @@ class Watcher:
         self.stamps[directory] = stamp
         return True
 
-    def track(self, ids):
-        """Follow freshly queued ids until smsd files them in sent/ or failed/."""
-        with self.lock:
-            self.queued.update(ids)
-
-    def follow_queued(self):
-        """Count the queued messages that smsd has finished with, when sent/ or failed/ changed."""
-        moved = [self.moved(self.config.spool[kind]) for kind in FINAL]
-        if not any(moved):
-            return
-        for message_id in list(self.queued):
-            kind = spool_kind(self.config, message_id)
-            if kind not in ("outgoing", "checked"):
-                self.queued.discard(message_id)
-                if kind is not None:
-                    self.finished[kind] += 1
+    def count_finished(self):
+        """Count our messages that smsd has just filed in sent/ or failed/."""
+        for kind, name in self.arrivals.read() if self.arrivals else ():
+            if OUR_ID.fullmatch(name):
+                self.finished[kind] += 1
 
     def expect_report(self, ids):
         """Follow freshly queued ids until their status reports arrive."""
@@ -3300,10 +3320,9 @@ class Application:
         return True
 
     def accepted(self, ids):
-        """Count and follow message files just written."""
+        """Count message files just written."""
         with self.metrics.lock:
             self.metrics.accepted += len(ids)
-        self.watcher.track(ids)
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
