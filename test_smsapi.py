@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import pathlib
 import pwd
 import random
 import re
@@ -2281,6 +2282,9 @@ class FakeSmsd:
         binary = os.path.join(self.root, "smsd")
         shutil.copy(shutil.which("sleep"), binary)
         self.process = subprocess.Popen([binary, "600"])
+        comm = pathlib.Path(f"/proc/{self.process.pid}/comm")
+        # a forked child is "python3" until its exec is done
+        wait_until(lambda: comm.read_text() == "smsd\n", what="the exec of smsd")
         self.pidfile = os.path.join(self.root, "smsd.pid")
         with open(self.pidfile, "w") as file:
             file.write(f"{self.process.pid}\n")
