@@ -11,10 +11,12 @@ Run it:
     python3 smsapi.py check-config [--config P] validate the config and spool
 
 Security stance: every message route needs HTTP Basic auth against salted
-scrypt hashes from the config (no password is stored or logged in clear); a
-user sees only its own messages; message ids are unguessable and are checked
-against a strict pattern before any file is touched; message files are
-written atomically under names smsd ignores, so smsd never sees half a file.
+scrypt hashes from the config (no password is stored or logged in clear), or,
+on the optional unix socket, a local account the kernel vouches for
+(SO_PEERCRED) and the config maps to a user; a user sees only its own
+messages; message ids are unguessable and are checked against a strict
+pattern before any file is touched; message files are written atomically
+under names smsd ignores, so smsd never sees half a file.
 Speak plain HTTP on loopback only, or put a TLS reverse proxy in front.
 """
 
