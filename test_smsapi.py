@@ -280,17 +280,24 @@ def test_config_reads_every_option(config, spool):
     assert config.users["inbox"].inbox
 
 
+def config_problems(path, appended=""):
+    """What load_config says is wrong with the INI at path, once appended is added."""
+    with open(path, "a") as file:
+        file.write(appended)
+    with pytest.raises(smsapi.ConfigError) as info:
+        smsapi.load_config(path)
+    return info.value.problems
+
+
 def test_config_reports_every_problem_with_file_section_and_key(tmp_path, spool):
     spool = dict(spool, sent=str(tmp_path / "missing"))
     path = write_ini(tmp_path, spool, extra="fsync = maybe\nthreads = 0\ncolour = blue")
-    with open(path, "a") as file:
-        file.write(
-            "[user:eve]\npassword = hunter2\n[user:bob]\nadmin = yes\n"
-            "[user:amy]\npassword = $scrypt$ln=14,r=8,p=1$abc$def\nmobiles = 79x\n[extra]\n"
-        )
-    with pytest.raises(smsapi.ConfigError) as info:
-        smsapi.load_config(path)
-    problems = "\n".join(info.value.problems)
+    found = config_problems(
+        path,
+        "[user:eve]\npassword = hunter2\n[user:bob]\nadmin = yes\n"
+        "[user:amy]\npassword = $scrypt$ln=14,r=8,p=1$abc$def\nmobiles = 79x\n[extra]\n",
+    )
+    problems = "\n".join(found)
     expected = [
         "[server] fsync: expected yes or no",
         "[server] threads: expected a number of at least 1",
@@ -304,7 +311,7 @@ def test_config_reports_every_problem_with_file_section_and_key(tmp_path, spool)
     ]
     for line in expected:
         assert path + ": " + line in problems
-    assert len(info.value.problems) == len(expected)
+    assert len(found) == len(expected)
     assert "hunter2" not in problems
 
 
@@ -349,9 +356,7 @@ def test_config_spool_defaults_come_from_smsd_conf(tmp_path, spool):
 
 def test_config_named_smsd_conf_must_be_readable(tmp_path, spool):
     path = write_ini(tmp_path, spool, smsd_conf=str(tmp_path / "none.conf"))
-    with pytest.raises(smsapi.ConfigError) as info:
-        smsapi.load_config(path)
-    assert info.value.problems[0].startswith(f"{path}: [spool] smsd_conf: ")
+    assert config_problems(path)[0].startswith(f"{path}: [spool] smsd_conf: ")
 
 
 def test_config_unix_users_name_one_api_user_each(tmp_path, spool):
@@ -362,25 +367,18 @@ def test_config_unix_users_name_one_api_user_each(tmp_path, spool):
     cron = config.users["cron"]
     assert config.unix_users == {"root": cron, "nagios": cron}
     assert cron.password == ""  # no password: it can only come over the socket
-    with open(path, "a") as file:
-        file.write("[user:ops]\nunix_users = nagios\n")
-    with pytest.raises(smsapi.ConfigError) as info:
-        smsapi.load_config(path)
-    assert info.value.problems == [
+    assert config_problems(path, "[user:ops]\nunix_users = nagios\n") == [
         f"{path}: [user:ops] unix_users: nagios is already [user:cron]"
     ]
 
 
 def test_config_health_and_retention_are_checked(tmp_path, spool):
     path = write_ini(tmp_path, spool)
-    with open(path, "a") as file:
-        file.write(
-            "[health]\nqueue_warn = 10\nqueue_fail = 5\nqueue_age_warn = 2hour\n"
-            "[retention]\nsent = 30day\nfailed = 30s\noutgoing = 1day\n"
-        )
-    with pytest.raises(smsapi.ConfigError) as info:
-        smsapi.load_config(path)
-    assert info.value.problems == [
+    assert config_problems(
+        path,
+        "[health]\nqueue_warn = 10\nqueue_fail = 5\nqueue_age_warn = 2hour\n"
+        "[retention]\nsent = 30day\nfailed = 30s\noutgoing = 1day\n",
+    ) == [
         f"{path}: [retention] failed: expected at least 1min, got '30s'",
         f"{path}: [retention] outgoing: unknown option",
         f"{path}: [health] queue_warn: must not be above queue_fail",
@@ -410,9 +408,7 @@ def test_config_unwritable_outgoing_is_an_error(tmp_path, spool):
         ro.chmod(0o555)
     try:
         path = write_ini(tmp_path, dict(spool, outgoing=str(ro)))
-        with pytest.raises(smsapi.ConfigError) as info:
-            smsapi.load_config(path)
-        assert info.value.problems == [
+        assert config_problems(path) == [
             f"{path}: [spool] outgoing: {ro} is not writable by this process"
         ]
     finally:
