@@ -167,6 +167,17 @@ class User:
         )
 
 
+#: Thresholds of GET /health: queued files, age of the oldest (s), failures in the last hour.
+HEALTH_DEFAULTS = {
+    "queue_warn": 50,
+    "queue_fail": 500,
+    "queue_age_warn": 600,
+    "queue_age_fail": 3600,
+    "failed_warn": 1,
+    "failed_fail": 10,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything the daemon reads from its INI file, validated."""
@@ -190,24 +201,11 @@ class Config:
     metrics: str = "local"  # who may read /metrics: local, users, open or off
     log_text: bool = False  # put each message's text in its log line
     spool: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPOOL))
-    smsd: dict = dataclasses.field(
-        default_factory=dict
-    )  # pidfile, stats; {}: no smsd.conf
+    smsd: dict = dataclasses.field(default_factory=dict)  # pidfile, stats, or {}
     health: dict = dataclasses.field(default_factory=lambda: dict(HEALTH_DEFAULTS))
     retention: dict = dataclasses.field(default_factory=dict)  # kind -> age in seconds
     users: dict = dataclasses.field(default_factory=dict)
     unix_users: dict = dataclasses.field(default_factory=dict)  # Unix name -> User
-
-
-#: Thresholds of GET /health: queued files, age of the oldest (s), failures in the last hour.
-HEALTH_DEFAULTS = {
-    "queue_warn": 50,
-    "queue_fail": 500,
-    "queue_age_warn": 600,
-    "queue_age_fail": 3600,
-    "failed_warn": 1,
-    "failed_fail": 10,
-}
 
 
 def is_number(text):
