@@ -3316,6 +3316,7 @@ class Application:
         config = dataclasses.replace(new, **kept)
         self.openapi = openapi_document(config)
         self.watcher.config = self.config = config
+        self.watcher.idempotency.ttl = config.retention.get("state", IDEMPOTENCY_TTL)
         log.info("reloaded %s: %d users", path, len(config.users))
         return True
 

@@ -2385,6 +2385,20 @@ def test_health_queue_fails_past_the_limits(tmp_path, spool, fake_smsd):
     assert response.json()["checks"]["queue"]["status"] == "fail"
 
 
+def test_reload_takes_limits_and_keeps_what_needs_a_restart(tmp_path, spool, caplog):
+    path = write_ini(tmp_path, spool)
+    app = smsapi.Application(smsapi.load_config(path))
+    with open(path) as file:
+        text = file.read().replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:9")
+    with open(path, "w") as file:
+        file.write(text + "[retention]\nstate = 2hour\n")
+    assert app.reload(path)
+    assert app.config.retention == {"state": 7200}
+    assert app.watcher.idempotency.ttl == 7200  # the records' lifetime, at once
+    assert app.config.listen == ("127.0.0.1:0",)
+    assert "reload: listen changes only with a restart" in caplog.text
+
+
 def test_retention_removes_old_files_but_never_queued_ones(tmp_path, spool):
     path = write_ini(tmp_path, spool)
     with open(path, "a") as file:
