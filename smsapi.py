@@ -93,7 +93,15 @@ DURATION = re.compile(r"([0-9]{1,9})\s*(s|min|hour|day)?", re.ASCII)
 DURATION_UNITS = {"s": 1, "min": 60, "hour": 3600, "day": 86400}
 VALIDITY = re.compile(r"([0-9]{1,3})\s*(min|hour|day|week|month|year)?", re.ASCII)
 
-MAX_SPOOL_FILE = 1 << 20  # bytes read from one spool file at the most
+#: Bytes read from one spool file at the most. The longest SMS smsd can join
+#: (255 parts) is under 64 KiB as a file; anything bigger is not a message.
+MAX_SPOOL_FILE = 128 << 10
+MAX_PAGE_READ = 2 << 20  # bytes of files one inbox page reads at the most
+#: Times read from the spool are clamped to this range (a file may say 1969
+#: or the year 33658); both ends print as ISO 8601 in any time zone.
+EARLIEST, LATEST = 0.0, 32503680000.0  # 1970 and 3000
+#: How spool files are opened: never through a symlink, never waiting on a FIFO.
+SPOOL_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 TEMP_PREFIX = ".smsapi-"  # smsd skips names that start with a dot
 PEER_UID = "smsapi.peer_uid"  # WSGI environ key: the uid of a unix-socket caller
 BACKLOG = 1024  # connections the kernel holds for us before accept()
@@ -693,8 +701,9 @@ def owner_tag(user):
 
 
 def base36(number):
+    """number (0 or more) in base 36; negative numbers count as 0."""
     digits = ""
-    while number:
+    while number > 0:
         number, digit = divmod(number, 36)
         digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
     return digits or "0"
@@ -845,17 +854,48 @@ def message_path(config, kind, message_id):
     return os.path.join(config.spool[kind], message_id)
 
 
-def read_message(config, kind, message_id):
+def read_message(config, kind, message_id, limit=MAX_SPOOL_FILE):
     """The Message stored under message_id in kind, or None if there is none."""
-    path = message_path(config, kind, message_id)
+    found = read_spool_file(message_path(config, kind, message_id), limit)
+    if found is None:
+        return None
+    headers, text = parse_message(found[0])
+    return Message(message_id, kind, headers, text, found[1])
+
+
+def read_spool_file(path, limit=MAX_SPOOL_FILE):
+    """(up to limit bytes, clamped mtime) of the regular file at path, else None.
+
+    A spool file is hostile input: a symlink, a FIFO, a device or a directory
+    under a message's name is no message, and is neither followed nor waited on.
+    """
     try:
-        with open(path, "rb") as file:
-            mtime = os.fstat(file.fileno()).st_mtime
-            data = file.read(MAX_SPOOL_FILE)
+        fd = os.open(path, SPOOL_OPEN)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-    headers, text = parse_message(data)
-    return Message(message_id, kind, headers, text, mtime)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES):  # a symlink, a socket
+            return None
+        raise
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            return None
+        chunks, wanted = [], min(limit, status.st_size + 1)
+        while wanted > 0:
+            chunk = os.read(fd, wanted)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            wanted -= len(chunk)
+        return b"".join(chunks)[:limit], clamp_time(status.st_mtime)
+    finally:
+        os.close(fd)
+
+
+def clamp_time(seconds):
+    """A time read from the spool, within what the API can print."""
+    return min(max(seconds, EARLIEST), LATEST)
 
 
 def parse_message(data):
@@ -910,10 +950,10 @@ def list_page(config, kind, offset, limit, owner=None):
             keyed.append((name[ID_TIME], name))
         elif is_message_name(name):
             try:
-                mtime = os.stat(os.path.join(config.spool[kind], name)).st_mtime
-            except FileNotFoundError:
+                mtime = os.lstat(os.path.join(config.spool[kind], name)).st_mtime
+            except OSError:
                 continue  # smsd moved it meanwhile
-            keyed.append((f"{base36(int(mtime * 1e6)):0>10}", name))
+            keyed.append((f"{base36(int(clamp_time(mtime) * 1e6)):0>10}", name))
     return len(keyed), [
         name for _, name in heapq.nlargest(offset + limit, keyed)[offset:]
     ]
@@ -950,11 +990,20 @@ def write_json_atomically(path, data, sync=True):
 def read_json(path):
     """The JSON object stored at path, or None if it is missing or damaged."""
     try:
-        with open(path, "rb") as file:
-            data = json.loads(file.read(MAX_SPOOL_FILE))
-    except (OSError, ValueError):
+        found = read_spool_file(path)
+        data = json.loads(found[0]) if found else None
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def is_time(value):
+    """True for a JSON number that can be a time (not a bool, not NaN)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (EARLIEST <= value <= LATEST)
+    )
 
 
 class Idempotency:
@@ -971,6 +1020,7 @@ class Idempotency:
         self.ttl = config.retention.get("state", IDEMPOTENCY_TTL)
         self.guard = threading.Lock()
         self.locks = {}  # record path -> [lock, users]
+        self.expired = time.time()  # when old records were last removed
 
     def path(self, user, key):
         digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()
@@ -991,10 +1041,13 @@ class Idempotency:
                 if not entry[1]:
                     del self.locks[path]
 
-    def load(self, path, fingerprint):
+    def load(self, path, fingerprint, numbers):
         """The live record at path, None, or 422 if it was for another body."""
         record = read_json(path)
-        if record is None or record.get("created", 0) < time.time() - self.ttl:
+        if record is not None and not is_record(record, numbers):
+            log.warning("idempotency record %s is damaged: ignored", path)
+            return None
+        if record is None or record["created"] < time.time() - self.ttl:
             return None
         if record.get("fingerprint") != fingerprint:
             raise ApiError(
@@ -1007,34 +1060,264 @@ class Idempotency:
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
         write_json_atomically(path, record, self.sync)
 
-    def expire(self):
-        """Delete the records that have outlived their time."""
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return
-        cutoff = time.time() - self.ttl
-        for name in names:
-            path = os.path.join(self.directory, name)
-            record = read_json(path)
-            if record is None or record.get("created", 0) < cutoff:
-                remove_quietly(path)
+    def expire(self, now=None):
+        """Delete the records that have outlived their time (their files' mtime tells)."""
+        self.expired = now = time.time() if now is None else now
+        with (
+            contextlib.suppress(FileNotFoundError),
+            os.scandir(self.directory) as found,
+        ):
+            for entry in found:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < now - self.ttl:
+                        os.unlink(entry.path)
+
+    def expire_hourly(self, now):
+        if now - self.expired > 3600:
+            self.expire(now)
+
+
+def is_record(record, numbers):
+    """True for an idempotency record as Idempotency.save() writes it, for these numbers."""
+    ids, status = record.get("ids"), record.get("status", 201)
+    return (
+        is_time(record.get("created"))
+        and isinstance(record.get("fingerprint"), str)
+        and isinstance(ids, dict)
+        and set(ids) == set(numbers)
+        and all(isinstance(i, str) and MESSAGE_ID.fullmatch(i) for i in ids.values())
+        and isinstance(record.get("response", {}), dict)
+        and isinstance(status, int)
+        and 200 <= status < 600
+    )
 
 
 ###############################################################################
-# Delivery reports and the watcher #############################################
+# Spool changes ################################################################
+###############################################################################
+
+CREATED, WRITTEN, MOVED_IN, GONE, RESCAN = (
+    "created",
+    "written",
+    "moved in",
+    "gone",
+    "rescan",
+)
+SETTLE = 1.0  # seconds a polled file must stand unchanged before it is read
+
+
+class Change(collections.namedtuple("Change", "kind name event")):
+    """A name that came into or left one spool directory (kind).
+
+    RESCAN (with no name) says the whole directory must be looked at again:
+    at start, when a watch was lost and is back, when events were dropped.
+    """
+
+    __slots__ = ()
+
+    @property
+    def complete(self):
+        """The file is all there: smsd closed it after writing, or renamed it in."""
+        return self.event in (WRITTEN, MOVED_IN)
+
+    @property
+    def new(self):
+        """The name has just appeared (counted once per file)."""
+        return self.event in (CREATED, MOVED_IN)
+
+
+class Inotify:
+    """Linux inotify through ctypes (stdlib): the names that come and go in directories."""
+
+    IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x8, 0x40, 0x80
+    IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+    IN_Q_OVERFLOW, IN_IGNORED, IN_ONLYDIR = 0x4000, 0x8000, 0x1000000
+    EVENTS = (
+        (IN_CREATE, CREATED),
+        (IN_CLOSE_WRITE, WRITTEN),
+        (IN_MOVED_TO, MOVED_IN),
+        (IN_DELETE | IN_MOVED_FROM, GONE),
+    )
+    MASK = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+    MASK |= IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+    EVENT = struct.Struct("iIII")  # struct inotify_event, then len bytes of name
+
+    def __init__(self):
+        """OSError if inotify is not to be had."""
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        # closed when its owner goes, even one never stopped (a test's)
+        self.close = weakref.finalize(self, os.close, self.fd)
+
+    def watch(self, path):
+        """A new (or the existing) watch descriptor for directory path."""
+        watch = self.libc.inotify_add_watch(self.fd, os.fsencode(path), self.MASK)
+        if watch < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), path)
+        return watch
+
+    def unwatch(self, watch):
+        self.libc.inotify_rm_watch(self.fd, watch)
+
+    def events(self):
+        """[(watch, mask, name)] of what happened since the last call."""
+        found = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return found
+            offset = 0
+            while offset + self.EVENT.size <= len(data):
+                watch, mask, _, length = self.EVENT.unpack_from(data, offset)
+                offset += self.EVENT.size + length
+                name = data[offset - length : offset].rstrip(b"\0")
+                found.append((watch, mask, os.fsdecode(name)))
+
+
+class SpoolChanges:
+    """The one stream of changes in the spool, for everything that follows smsd.
+
+    inotify tells each name that comes and goes, so a tick costs what changed,
+    not what is queued. A directory removed and made anew is watched again.
+    Without inotify, the directories smsd files into are listed again when
+    their mtime moves (the queue is not: that would cost O(queued) a tick).
+    """
+
+    POLLED = ("sent", "failed", "incoming", "report")
+
+    def __init__(self, directories, inotify=True):
+        self.directories = directories  # kind -> path
+        self.watches = {}  # watch descriptor -> kinds
+        self.lost = set(directories)  # kinds with no watch yet
+        self.complained = set()  # kinds whose trouble is logged already
+        self.inotify = None
+        if inotify:
+            try:
+                self.inotify = Inotify()
+            except OSError as exc:
+                log.warning("no inotify (%s): polling the spool", one_line(exc))
+        self.known = {}  # polling: kind -> names seen
+        self.stamps = {}  # polling: kind -> the directory's mtime when listed
+        self.unsettled = set()  # polling: kinds with files still being written
+        self.started = self.rewatch() if self.inotify else []  # watching from now on
+
+    def read(self):
+        """[Change] since the last read; every directory has a RESCAN first."""
+        if self.inotify is None:
+            return self.poll()
+        changes, self.started = self.started, []
+        for watch, mask, name in self.inotify.events():
+            if mask & Inotify.IN_Q_OVERFLOW:
+                log.warning("inotify dropped events: looking at the spool again")
+                changes += [Change(k, "", RESCAN) for k in self.directories]
+            kinds = self.watches.get(watch, ())
+            if mask & (Inotify.IN_IGNORED | Inotify.IN_MOVE_SELF) and kinds:
+                self.lose(watch)
+                continue
+            for bits, event in Inotify.EVENTS:
+                if mask & bits and name:
+                    changes += [Change(kind, name, event) for kind in kinds]
+        return changes + self.rewatch()
+
+    def lose(self, watch):
+        """A watched directory was removed or moved away: watch its path again later."""
+        kinds = self.watches.pop(watch)
+        with contextlib.suppress(OSError):
+            self.inotify.unwatch(watch)
+        self.lost.update(kinds)
+        log.warning("spool directory %s went away: watching for it", kinds[0])
+
+    def rewatch(self):
+        """Watch the directories that have no watch; a RESCAN for each one that is back."""
+        changes = []
+        for kind in [
+            k for k in self.directories if k in self.lost
+        ]:  # sent before incoming
+            try:
+                watch = self.inotify.watch(self.directories[kind])
+            except OSError as exc:
+                self.complain(kind, exc)
+                continue
+            self.watches[watch] = self.watches.get(watch, ()) + (kind,)
+            self.lost.discard(kind)
+            self.complained.discard(kind)
+            changes.append(Change(kind, "", RESCAN))
+        return changes
+
+    def complain(self, kind, exc):
+        """Log a directory's trouble once, not every tick."""
+        if kind not in self.complained:
+            self.complained.add(kind)
+            log.error("cannot watch the %s spool: %s", kind, one_line(exc))
+
+    def poll(self):
+        """The changes since the last poll, from listing the directories that moved."""
+        changes = []
+        for kind in self.POLLED:
+            path = self.directories.get(kind)
+            if path is None:
+                continue
+            try:
+                stamp = os.stat(path).st_mtime_ns
+                if stamp == self.stamps.get(kind) and kind not in self.unsettled:
+                    continue
+                names = set(os.listdir(path))
+            except OSError as exc:
+                self.complain(kind, exc)
+                self.known.pop(kind, None)  # a RESCAN when it is back
+                self.stamps.pop(kind, None)
+                continue
+            self.complained.discard(kind)
+            self.stamps[kind] = stamp
+            changes += self.compare(kind, path, names)
+        return changes
+
+    def compare(self, kind, path, names):
+        """The changes between the names known of kind and names, as now listed."""
+        known = self.known.get(kind)
+        if known is None:
+            self.known[kind] = names
+            return [Change(kind, "", RESCAN)]
+        ready = {n for n in names - known if settled(path, n)}
+        self.unsettled.discard(kind)
+        if names - known - ready:
+            self.unsettled.add(kind)  # look again next tick
+        self.known[kind] = (known & names) | ready
+        return [Change(kind, n, GONE) for n in known - names] + [
+            Change(kind, n, MOVED_IN) for n in ready
+        ]
+
+
+def settled(directory, name):
+    """True when a polled file is no longer being written: no lock, an older mtime."""
+    try:
+        old = os.lstat(os.path.join(directory, name)).st_mtime < time.time() - SETTLE
+    except OSError:
+        return True  # gone again; the next listing tells
+    return old and not os.path.lexists(os.path.join(directory, name + ".LOCK"))
+
+
+###############################################################################
+# Delivery reports #############################################################
 ###############################################################################
 
 SMSD_TIME = "%y-%m-%d %H:%M:%S"
-REBUILD_CHUNK = 2000  # sent files read per tick when rebuilding the index
+REBUILD_CHUNK = 2000  # sent files read per tick when catching up
 REPORT_BODY = "SMS STATUS REPORT"
+REPORT_NUMBER = re.compile(r"[0-9]{1,3}", re.ASCII)  # TP-MR and TP-ST: one octet
 FINAL = frozenset(["sent", "failed"])
+JOURNAL = "reports.journal"
+CLOCK_MARGIN = 5.0  # seconds before the journal's last clock that a restart reads again
 
 
 def smsd_time(value):
     """Seconds since the epoch of an smsd timestamp (local time), or None."""
     try:
-        return time.mktime(time.strptime(value or "", SMSD_TIME))
+        return clamp_time(time.mktime(time.strptime(value or "", SMSD_TIME)))
     except (ValueError, OverflowError):
         return None
 
@@ -1042,7 +1325,7 @@ def smsd_time(value):
 def iso_time(seconds):
     """An ISO 8601 local time with offset, for JSON answers."""
     return (
-        datetime.datetime.fromtimestamp(seconds)
+        datetime.datetime.fromtimestamp(clamp_time(seconds))
         .astimezone()
         .isoformat(timespec="seconds")
     )
@@ -1052,6 +1335,7 @@ def iso_time(seconds):
 class Report:
     """An smsd status report file, parsed."""
 
+    name: str  # the file's name: a report is attached once, whatever reads it again
     modem: str
     message_ref: int  # TP-MR, 0-255, smsd's Message_id
     to: str  # the recipient the report is about (the file's From)
@@ -1069,69 +1353,385 @@ class Report:
         return None if self.code < 64 else "undelivered"
 
 
-def parse_report(headers, text, mtime):
-    """A Report from a file in smsd's report directory, or None if it is not one."""
+def parse_report(name, headers, text, received):
+    """A Report from a status report file's name, headers and text; None if it is not one."""
     if not (text or "").startswith(REPORT_BODY):
         return None
-    fields = dict(line.partition(": ")[::2] for line in text.splitlines()[1:])
+    fields = {}
+    for line in text.splitlines()[1:8]:  # smsd writes four lines
+        key, _, value = line.partition(": ")
+        fields.setdefault(key, value)
+    ref = fields.get("Message_id", "")
     code, _, detail = fields.get("Status", "").partition(",")
-    if not is_number(fields.get("Message_id", "")) or not is_number(code.strip()):
+    if not (REPORT_NUMBER.fullmatch(ref) and REPORT_NUMBER.fullmatch(code.strip())):
+        return None
+    if int(ref) > 255 or int(code) > 255:
         return None
     return Report(
+        name=name,
         modem=headers.get("Modem", ""),
-        message_ref=int(fields["Message_id"]),
+        message_ref=int(ref),
         to=headers.get("From", "").lstrip("+"),
-        received=smsd_time(headers.get("Received")) or mtime,
+        received=received,
         submitted=smsd_time(headers.get("Sent")),
         code=int(code),
         detail=detail.partition(",")[2] or detail,
-        discharged=fields.get("Discharge_timestamp", ""),
+        discharged=fields.get("Discharge_timestamp", "")[:32],
     )
 
+
+def genuine_report(kind, name, headers, text, received):
+    """The Report smsd filed as one, never an SMS whose text reads like one.
+
+    With smsd's own report directory, only files there are reports: no SMS
+    can reach it. Without one, smsd 3.1.21 writes "UDH: no" into a status
+    report's file and no UDH line into an SMS's (see the README on smsd).
+    """
+    if kind == "incoming" and headers.get("UDH") != "no":
+        return None
+    return parse_report(name, headers, text, received)
+
+
+class Awaiting(collections.namedtuple("Awaiting", "modem ref to sent")):
+    """A sent message that asked for a report: what the report will carry."""
+
+    __slots__ = ()
+
+
+class Outcome(collections.namedtuple("Outcome", "status at detail report")):
+    """What a status report said: delivered or undelivered, when, why; its file's name."""
+
+    __slots__ = ()
+
+
+class ReportIndex:
+    """Which sent message each status report belongs to.
+
+    Each message smsd files in sent/ that asked for a report is remembered by
+    modem, message reference and recipient until its report comes. The index
+    lives in an append-only journal in the state directory: a tick appends
+    its changes (O(change)), and the journal is rewritten when mostly stale.
+    After a restart the sent files newer than the journal's clock are read
+    again; without a journal, every sent file within report_window is.
+    """
+
+    def __init__(self, config, counts):
+        self.config = config
+        self.counts = counts  # delivered and undelivered are counted here
+        self.path = os.path.join(config.state_dir, JOURNAL)
+        self.awaiting = {}  # message id -> Awaiting
+        self.outcomes = {}  # message id -> Outcome
+        self.attached = {}  # report file name -> message id
+        self.deferred = []  # Reports that came while catching up, matching nothing yet
+        self.unsaved = []  # journal lines of this tick
+        self.lines = 0  # lines in the journal file
+        self.to_read = []  # names in sent/ to read, a chunk a tick
+        self.clock = self.load()  # when the journal last saw the spool, or None
+        self.swept = time.time()
+
+    def outcome(self, message_id):
+        """The Outcome of message_id's report, or None."""
+        return self.outcomes.get(message_id)
+
+    # -- what the spool tells --------------------------------------------------
+
+    def learn(self, message):
+        """Remember a message just filed in sent/, if it asked for a report."""
+        headers = message.headers
+        ref, sent = headers.get("Message_id", ""), smsd_time(headers.get("Sent"))
+        if headers.get("Report", "").lower() != "yes" or not sent:
+            return
+        if not REPORT_NUMBER.fullmatch(ref) or int(ref) > 255:
+            return
+        if message.message_id in self.outcomes:
+            return
+        entry = Awaiting(
+            headers.get("Modem", "")[:64], int(ref), headers.get("To", "")[:32], sent
+        )
+        if self.awaiting.get(message.message_id) != entry:
+            self.record(["await", message.message_id, *entry])
+
+    def attach(self, report):
+        """Give a report to the one sent message it can belong to, if any.
+
+        A candidate has the same modem, message reference and recipient, and
+        was sent before the report came, within report_window. Of several (the
+        reference wraps at 256) the one sent closest to the SMSC's timestamp
+        of the original, then the oldest, wins.
+        """
+        if report.outcome is None or report.name in self.attached:
+            return  # the SMSC is still trying, or this file was read before
+        key, window = (
+            (report.modem, report.message_ref, report.to),
+            self.config.report_window,
+        )
+        candidates = [
+            (
+                abs(report.submitted - entry.sent) if report.submitted else 0,
+                entry.sent,
+                message_id,
+            )
+            for message_id, entry in self.awaiting.items()
+            if entry[:3] == key
+            and entry.sent - 60 <= report.received <= entry.sent + window
+        ]
+        if candidates:
+            message_id = min(candidates)[2]
+            outcome = Outcome(
+                report.outcome, report.discharged, report.detail, report.name
+            )
+            self.record(["outcome", message_id, *outcome])
+            self.counts[report.outcome] += 1
+        elif self.to_read:
+            self.deferred.append(report)  # its message may be among those still to read
+
+    def forget(self, message_id):
+        """A sent file went away: nothing about it is worth keeping."""
+        if message_id in self.awaiting or message_id in self.outcomes:
+            self.record(["forget", message_id])
+
+    def catch_up(self, now):
+        """Plan to read the sent files that may have come while nobody looked."""
+        since = now - self.config.report_window
+        if self.clock is not None:
+            since = max(since, self.clock - CLOCK_MARGIN)
+        else:
+            log.info(
+                "delivery report index %s missing: building it from the spool",
+                self.path,
+            )
+        with os.scandir(self.config.spool["sent"]) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime >= since:
+                        self.to_read.append(entry.name)
+
+    def next_chunk(self):
+        """The names in sent/ to read this tick."""
+        chunk, self.to_read = self.to_read[:REBUILD_CHUNK], self.to_read[REBUILD_CHUNK:]
+        return chunk
+
+    def retry_deferred(self):
+        """Once caught up, the reports that came meanwhile try again."""
+        if not self.to_read:
+            deferred, self.deferred = self.deferred, []
+            for report in deferred:
+                self.attach(report)
+
+    def sweep(self, now):
+        """Hourly: forget reports never to come, and outcomes of files gone."""
+        self.swept = now
+        cutoff = now - self.config.report_window
+        for message_id in [i for i, e in self.awaiting.items() if e.sent < cutoff]:
+            self.forget(message_id)
+        for message_id in list(self.outcomes):
+            if not os.path.lexists(os.path.join(self.config.spool["sent"], message_id)):
+                self.forget(message_id)
+
+    # -- the journal ------------------------------------------------------------
+
+    def record(self, line):
+        """Apply one journal line now; it is written at the end of the tick."""
+        self.apply(line)
+        self.unsaved.append(line)
+
+    def apply(self, line):
+        """Change the index by one journal line; ValueError if it is not one."""
+        verb, message_id, *rest = line
+        if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
+            raise ValueError("not a message id")
+        if verb == "await" and valid_awaiting(rest):
+            self.awaiting[message_id] = Awaiting(*rest)
+        elif verb == "outcome" and valid_outcome(rest):
+            self.awaiting.pop(message_id, None)
+            self.outcomes[message_id] = Outcome(*rest)
+            self.attached[rest[3]] = message_id
+        elif verb == "forget" and not rest:
+            self.awaiting.pop(message_id, None)
+            outcome = self.outcomes.pop(message_id, None)
+            if outcome:
+                self.attached.pop(outcome.report, None)
+        else:
+            raise ValueError("not a journal line")
+
+    def load(self):
+        """Replay the journal; the last clock in it, or None if there is none."""
+        clock, damaged = None, 0
+        try:
+            with open(self.path, "rb") as file:
+                journal = file.readlines()
+        except FileNotFoundError:
+            return None
+        for raw in journal:
+            self.lines += 1
+            try:
+                line = json.loads(raw)
+                if line[0] == "clock" and is_time(line[1]):
+                    clock = line[1]
+                else:
+                    self.apply(line)
+            except (ValueError, TypeError, IndexError, KeyError, RecursionError):
+                damaged += 1
+        if damaged:
+            log.warning("%s: %d damaged lines skipped", self.path, damaged)
+        return clock
+
+    def save(self, now):
+        """Append this tick's lines and the clock; rewrite the journal when mostly stale."""
+        if not self.unsaved and self.clock is not None and now - self.clock < 60:
+            return
+        lines = self.unsaved + [["clock", now]]
+        self.unsaved = []
+        live = len(self.awaiting) + len(self.outcomes)
+        try:
+            if self.lines + len(lines) > max(1000, 4 * live):
+                self.compact(now)
+            else:
+                append_lines(self.path, lines, self.config.fsync)
+                self.lines += len(lines)
+            self.clock = now
+        except OSError as exc:
+            log.error("cannot save %s: %s", self.path, one_line(exc))
+
+    def compact(self, now):
+        """Write the journal anew with only what is live."""
+        lines = [["await", i, *e] for i, e in self.awaiting.items()]
+        lines += [["outcome", i, *o] for i, o in self.outcomes.items()]
+        lines.append(["clock", now])
+        temp = f"{self.path}.{secrets.token_hex(4)}"
+        try:
+            append_lines(temp, lines, self.config.fsync)
+            os.replace(temp, self.path)
+        finally:
+            remove_quietly(temp)
+        if self.config.fsync:
+            fsync_directory(os.path.dirname(self.path))
+        self.lines = len(lines)
+
+
+def valid_awaiting(fields):
+    modem, ref, to, sent = fields  # ValueError if there are not four
+    return (
+        isinstance(modem, str)
+        and isinstance(ref, int)
+        and 0 <= ref <= 255
+        and isinstance(to, str)
+        and is_time(sent)
+    )
+
+
+def valid_outcome(fields):
+    status, at, detail, report = fields  # ValueError if there are not four
+    return status in ("delivered", "undelivered") and all(
+        isinstance(field, str) for field in (at, detail, report)
+    )
+
+
+def append_lines(path, lines, sync):
+    """Append JSON lines to path (made 0640 if new), fsynced if sync."""
+    data = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data.encode())
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+###############################################################################
+# The inbox index ##############################################################
+###############################################################################
+
+CONCATENATED = re.compile(r".*-concatenated", re.ASCII)  # smsd's store of parts
+
+
+class InboxEntry(collections.namedtuple("InboxEntry", "received name sender kind")):
+    """A received file as the inbox lists it: kind is sms or report."""
+
+    __slots__ = ()
+
+
+class InboxIndex:
+    """The received messages and status reports in incoming, by name.
+
+    Requests read it under a lock that guards only the dictionary: files are
+    read by the watcher, outside it.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries = {}  # name -> InboxEntry
+
+    def add(self, entry):
+        with self.lock:
+            self.entries[entry.name] = entry
+
+    def remove(self, name):
+        with self.lock:
+            self.entries.pop(name, None)
+
+    def keep_only(self, names):
+        """Forget every entry whose file is not among names; the names not known yet."""
+        with self.lock:
+            for name in set(self.entries).difference(names):
+                del self.entries[name]
+            return [n for n in names if n not in self.entries]
+
+    def listing(self, kinds):
+        """InboxEntries of the given kinds, newest first."""
+        with self.lock:
+            found = [e for e in self.entries.values() if e.kind in kinds]
+        return sorted(found, reverse=True)
+
+
+def inbox_name(name):
+    """True for a file in incoming that is a message (not smsd's store of parts)."""
+    return is_message_name(name) and not CONCATENATED.fullmatch(name)
+
+
+###############################################################################
+# Retention ####################################################################
+###############################################################################
 
 RETENTION_EVERY = 300  # seconds between passes that remove old files
 RETENTION_CHUNK = 5000  # files removed in one pass at most
 
 
-class Arrivals:
-    """Names that land in some directories, as Linux inotify tells (no polling, no lists)."""
+class Retention:
+    """Removes spool files older than [retention] allows, every few minutes, a chunk a pass."""
 
-    IN_CREATE, IN_MOVED_TO = 0x100, 0x80
-    EVENT = struct.Struct("iIII")  # struct inotify_event, then len bytes of name
+    def __init__(self, config, counts, chunk=RETENTION_CHUNK):
+        self.config = config
+        self.counts = counts  # "removed" is counted here
+        self.chunk = chunk
+        self.last = 0.0  # when the last pass ran
 
-    def __init__(self, directories):
-        """directories: {kind: path}; OSError if inotify is not to be had."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        self.kinds = {}  # watch descriptor -> kind
-        mask = self.IN_CREATE | self.IN_MOVED_TO
-        for kind, path in directories.items():
-            watch = libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
-            if watch < 0:
-                error = ctypes.get_errno()
-                os.close(self.fd)
-                raise OSError(error, f"cannot watch {path}")
-            self.kinds[watch] = kind
-        # closed when its owner goes, even one never stopped (a test's)
-        self.close = weakref.finalize(self, os.close, self.fd)
+    def due(self, now):
+        return bool(self.config.retention) and now - self.last >= RETENTION_EVERY
 
-    def read(self):
-        """[(kind, name)] of what arrived since the last read."""
-        arrived = []
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return arrived
-            offset = 0
-            while offset + self.EVENT.size <= len(data):
-                watch, _, _, length = self.EVENT.unpack_from(data, offset)
-                offset += self.EVENT.size + length
-                name = data[offset - length : offset].rstrip(b"\0")
-                if watch in self.kinds:
-                    arrived.append((self.kinds[watch], os.fsdecode(name)))
+    def run(self, now):
+        """One pass; when a chunk was not enough, the next tick goes on."""
+        if not self.due(now):
+            return
+        self.last, budget = now, self.chunk
+        for directory, age in self.directories():
+            budget -= remove_older(directory, now - age, budget)
+        self.counts["removed"] += self.chunk - budget
+        if budget <= 0:
+            self.last = 0.0  # more to do: carry on next tick
+
+    def directories(self):
+        """(directory, age) for each spool directory with a retention age."""
+        spool, found = self.config.spool, {}
+        for kind, age in self.config.retention.items():
+            if kind in spool:
+                found[spool[kind]] = age
+            if kind == "incoming" and "report" in spool:
+                found[spool["report"]] = age
+        return found.items()
 
 
 def remove_older(directory, cutoff, limit):
@@ -1166,92 +1766,93 @@ def remove_older(directory, cutoff, limit):
     return removed
 
 
-class Watcher:
-    """The one background watcher of smsd's spool.
+###############################################################################
+# Waiters ######################################################################
+###############################################################################
 
-    Every tick it follows the messages that asked for a delivery report until
-    smsd files them in sent/ (learning modem and message reference), reads
-    the new files in the report directory, attaches each status report to the
-    sent message it belongs to, keeps the inbox index, and wakes the requests
-    that wait. The report index is saved in the state directory and rebuilt
-    from the spool if lost, so no request scans a spool directory to answer.
+
+class Waiters:
+    """Requests that wait for smsd: woken when a name they wait for changes.
+
+    The lock guards only the registry; a woken request looks its messages up
+    itself, so no file is read while the lock is held.
     """
 
-    def __init__(self, config, interval=1.0):
+    RECHECK = 5.0  # seconds: a waiter looks again even if nothing woke it
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.watched = collections.Counter()  # ids that requests wait for
+        self.generation = 0
+        self.stopping = False
+
+    def wake(self, names):
+        """Wake the requests waiting for any of names (all of them for None)."""
+        with self.changed:
+            if names is None or not self.watched.keys().isdisjoint(names):
+                self.generation += 1
+                self.changed.notify_all()
+
+    def stop(self):
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+
+    def wait(self, ids, look, done, deadline):
+        """Block until done(look()) or the monotonic deadline; return the last look()."""
+        with self.changed:
+            self.watched.update(ids)
+        try:
+            while True:
+                with self.changed:
+                    generation = self.generation
+                states = look()
+                remaining = deadline - time.monotonic()
+                if done(states) or remaining <= 0 or self.stopping:
+                    return states
+                with self.changed:
+                    if self.generation == generation and not self.stopping:
+                        self.changed.wait(min(remaining, self.RECHECK))
+        finally:
+            with self.changed:
+                self.watched.subtract(ids)
+                self.watched += collections.Counter()  # drops the ids at zero
+
+
+###############################################################################
+# The watcher ##################################################################
+###############################################################################
+
+
+class Watcher:
+    """The one background thread that follows smsd: a thin loop feeding the parts.
+
+    Each tick reads the spool's changes and hands them on: the report index
+    learns what smsd filed in sent/ and attaches the reports that arrive, the
+    inbox index keeps the received files, the waiting requests are woken, the
+    sent and failed messages are counted; then retention and the expiry of
+    idempotency records get their turn. Every file is read once, when it
+    arrives, and a file that cannot be read or parsed is logged and skipped.
+    """
+
+    def __init__(self, config, idempotency, interval=1.0, inotify=True):
         os.makedirs(config.state_dir, mode=0o750, exist_ok=True)
         self.config = config
         self.interval = interval
-        self.path = os.path.join(config.state_dir, "reports.json")
-        self.report_dir = config.spool.get("report", config.spool["incoming"])
-        self.lock = threading.Condition()  # guards everything below
+        self.counts = collections.Counter()  # sent, failed, delivered, ..., removed
+        self.changes = SpoolChanges(dict(config.spool), inotify)
+        self.reports = ReportIndex(config, self.counts)
+        self.inbox = InboxIndex()
+        self.retention = Retention(config, self.counts)
+        self.waiters = Waiters()
+        self.idempotency = idempotency
         self.stopping = threading.Event()
         self.thread = None
-        self.watched = collections.Counter()  # ids that requests wait for
-        self.where = {}  # watched id -> spool kind, or None once gone
-        self.pending = {}  # id -> time queued: report asked, not sent yet
-        self.awaiting = {}  # id -> [modem, message_ref, to, sent time]
-        self.outcomes = {}  # id -> {"status", "at", "detail"}
-        # directory -> {file name: (type, received, sender)}: incoming, and
-        # smsd's report directory when it has its own
-        self.seen = {
-            d: {} for d in dict.fromkeys([config.spool["incoming"], self.report_dir])
-        }
-        self.stamps = {}  # directory -> its mtime when last listed
-        self.swept = time.time()
-        self.retained = 0.0  # when old files were last removed
-        self.finished = collections.Counter()  # sent, failed, delivered, ..., removed
-        try:  # our messages that smsd files in sent/ and failed/, for the metrics
-            self.arrivals = Arrivals({k: config.spool[k] for k in FINAL})
-        except OSError as exc:
-            log.warning("cannot count sent and failed messages: %s", one_line(exc))
-            self.arrivals = None
-        self.idempotency = Idempotency(config)
-        state = read_json(self.path)
-        self.lost = state is None or state.get("version") != 1
-        self.rebuilding = None  # names of sent/ still to read, while rebuilding
-        if not self.lost:
-            self.pending = state.get("pending", {})
-            self.awaiting = state.get("awaiting", {})
-            self.outcomes = state.get("outcomes", {})
 
-    def save(self):
-        """Write the report index; called with the lock held."""
-        state = {
-            "version": 1,
-            "pending": self.pending,
-            "awaiting": self.awaiting,
-            "outcomes": self.outcomes,
-        }
-        try:
-            write_json_atomically(self.path, state, self.config.fsync)
-        except OSError as exc:
-            log.error("cannot save %s: %s", self.path, one_line(exc))
-
-    def rebuild(self):
-        """Learn from sent/ the messages still waiting for a report, a chunk a tick."""
-        if self.rebuilding is None:
-            log.info(
-                "delivery report index %s missing: building it from the spool",
-                self.path,
-            )
-            names = os.listdir(self.config.spool["sent"])
-            self.rebuilding = [n for n in names if is_message_name(n)]
-        cutoff = time.time() - self.config.report_window
-        chunk = self.rebuilding[:REBUILD_CHUNK]
-        del self.rebuilding[:REBUILD_CHUNK]
-        for name in chunk:
-            message = read_message(self.config, "sent", name)
-            if message is not None and message.mtime > cutoff:
-                self.learn_sent(message)
-        if not self.rebuilding:
-            self.lost, self.rebuilding = False, None
-            log.info(
-                "delivery report index rebuilt: %d sent messages await reports",
-                len(self.awaiting),
-            )
-        return True
-
-    # -- the tick ----------------------------------------------------------
+    def reconfigure(self, config):
+        """Take report_window, [retention] and the records' lifetime from a reloaded config."""
+        self.config = self.reports.config = self.retention.config = config
+        self.idempotency.ttl = config.retention.get("state", IDEMPOTENCY_TTL)
 
     def start(self):
         self.thread = threading.Thread(
@@ -1262,12 +1863,11 @@ class Watcher:
     def stop(self):
         """Stop watching; waiting requests are answered with what is known now."""
         self.stopping.set()
-        with self.lock:
-            self.lock.notify_all()
+        self.waiters.stop()
         if self.thread:
             self.thread.join(10)
-        if self.arrivals:
-            self.arrivals.close()
+        if self.changes.inotify:
+            self.changes.inotify.close()
 
     def run(self):
         # systemd's watchdog (WatchdogSec=) hears from the watcher: if it hangs, a restart follows.
@@ -1276,203 +1876,90 @@ class Watcher:
         while not self.stopping.is_set():
             try:
                 self.tick()
-            except Exception:  # one odd file must not stop the watching
+            except Exception:  # a bug must not stop the watching
                 log.exception("watcher tick failed")
             if watchdog:
                 sd_notify("WATCHDOG=1")
             self.stopping.wait(self.interval)
 
     def tick(self):
-        """One pass over what changed; then wake every waiting request."""
-        with self.lock:
-            changed = self.lost and self.rebuild()
-            changed |= self.follow_pending()
-            changed |= self.read_reports()
-            self.count_finished()
-            if time.time() - self.swept > 3600:
-                changed |= self.sweep()
-            if changed:
-                self.save()
-            for message_id in self.watched:
-                message = find_message(self.config, message_id)
-                self.where[message_id] = message.kind if message else None
-            self.lock.notify_all()
-        self.retain()
-
-    def moved(self, directory):
-        """True when a file came into or left directory since the last look."""
-        try:
-            stamp = os.stat(directory).st_mtime_ns
-        except OSError as exc:
-            log.error("cannot read %s: %s", directory, one_line(exc))
-            return False
-        if stamp == self.stamps.get(directory):
-            return False
-        self.stamps[directory] = stamp
-        return True
-
-    def count_finished(self):
-        """Count our messages that smsd has just filed in sent/ or failed/."""
-        for kind, name in self.arrivals.read() if self.arrivals else ():
-            if OUR_ID.fullmatch(name):
-                self.finished[kind] += 1
-
-    def expect_report(self, ids):
-        """Follow freshly queued ids until their status reports arrive."""
-        with self.lock:
-            self.pending.update(dict.fromkeys(ids, time.time()))
-            self.save()
-
-    def follow_pending(self):
-        """Move the pending ids that smsd has finished with out of pending."""
-        changed = False
-        for message_id in list(self.pending):
-            message = find_message(self.config, message_id)
-            if message is None or message.kind in FINAL:
-                del self.pending[message_id]
-                changed = True
-                if message is not None and message.kind == "sent":
-                    self.learn_sent(message)
-        return changed
-
-    def learn_sent(self, message):
-        """Remember a sent message by what its status report will carry."""
-        headers = message.headers
-        ref, sent = headers.get("Message_id", ""), smsd_time(headers.get("Sent"))
-        if headers.get("Report", "").lower() == "yes" and is_number(ref) and sent:
-            self.awaiting[message.message_id] = [
-                headers.get("Modem", ""),
-                int(ref),
-                headers.get("To", ""),
-                sent,
-            ]
-
-    def read_reports(self):
-        """Read the files that are new in incoming (and the report directory)."""
-        changed = False
-        for directory, seen in self.seen.items():
-            if not self.moved(directory):
-                continue
-            try:
-                names = set(filter(is_message_name, os.listdir(directory)))
-            except OSError as exc:
-                log.error("cannot read %s: %s", directory, one_line(exc))
-                del self.stamps[directory]  # try again next tick
-                continue
-            for name in names.difference(seen):
-                entry = self.read_new(directory, name)
-                if entry is not None:
-                    seen[name] = entry
-                    changed |= entry[0] == "report"
-            for name in set(seen).difference(names):
-                del seen[name]
-        return changed
-
-    def read_new(self, directory, name):
-        """Attach a status report; return the file's inbox entry."""
-        try:
-            with open(os.path.join(directory, name), "rb") as file:
-                mtime = os.fstat(file.fileno()).st_mtime
-                headers, text = parse_message(file.read(MAX_SPOOL_FILE))
-        except OSError:
-            return None
-        received = smsd_time(headers.get("Received")) or mtime
-        report = parse_report(headers, text, received)
-        if report is not None:
-            self.attach(report)
-        return ("report" if report else "sms", received, headers.get("From", ""))
-
-    def attach(self, report):
-        """Give a report to the one sent message it can belong to, if any.
-
-        A candidate has the same modem, message reference and recipient, and
-        was sent before the report came, within report_window. Of several (the
-        reference wraps at 256) the one sent closest to the SMSC's timestamp
-        of the original, then the oldest, wins.
-        """
-        if report.outcome is None:
-            return  # the SMSC is still trying; a final report will follow
-        candidates = [
-            (abs(report.submitted - sent) if report.submitted else 0, sent, message_id)
-            for message_id, (modem, ref, to, sent) in self.awaiting.items()
-            if (modem, ref, to) == (report.modem, report.message_ref, report.to)
-            and sent - 60 <= report.received <= sent + self.config.report_window
-        ]
-        if candidates:
-            message_id = min(candidates)[2]
-            del self.awaiting[message_id]
-            self.outcomes[message_id] = {
-                "status": report.outcome,
-                "at": report.discharged,
-                "detail": report.detail,
-            }
-            self.finished[report.outcome] += 1
-
-    def sweep(self):
-        """Forget what is older than report_window, and expired idempotency records."""
-        self.swept = now = time.time()
-        cutoff = now - self.config.report_window
-        stale = [i for i, entry in self.awaiting.items() if entry[3] < cutoff]
-        stale += [i for i, since in self.pending.items() if since < cutoff]
-        stale += [i for i in self.outcomes if find_message(self.config, i) is None]
-        for message_id in stale:
-            for index in (self.awaiting, self.pending, self.outcomes):
-                index.pop(message_id, None)
-        self.idempotency.expire()
-        return bool(stale)
-
-    def retain(self):
-        """Remove spool files older than [retention] allows, every few minutes."""
+        """One pass over what changed; every part gets its turn."""
         now = time.time()
-        if not self.config.retention or now - self.retained < RETENTION_EVERY:
+        changes = self.changes.read()
+        outcomes = len(self.reports.unsaved)
+        for change in changes:
+            self.isolated(self.follow, change, now)
+        for name in self.reports.next_chunk():
+            self.isolated(self.learn_sent, name)
+        self.reports.retry_deferred()
+        if now - self.reports.swept > 3600:
+            self.isolated(self.reports.sweep, now)
+        touched = {c.name for c in changes}
+        touched.update(line[1] for line in self.reports.unsaved[outcomes:])
+        self.reports.save(now)
+        rescan = any(c.event == RESCAN for c in changes)
+        self.waiters.wake(None if rescan else touched)
+        self.isolated(self.retention.run, now)
+        self.isolated(self.idempotency.expire_hourly, now)
+
+    def isolated(self, action, *args):
+        """Run one step; an error in it is logged with what it was about, and skipped."""
+        try:
+            action(*args)
+        except Exception:  # one odd file must not stop the others
+            log.exception("watcher: skipped %s", escape(args[0]))
+
+    def follow(self, change, now):
+        """Hand one change to the parts that care about its directory."""
+        kind, name = change.kind, change.name
+        if kind in FINAL and change.new and OUR_ID.fullmatch(name):
+            self.counts[kind] += 1
+        if kind == "sent":
+            if change.event == RESCAN:
+                self.reports.catch_up(now)
+            elif change.complete:
+                self.learn_sent(name)
+            elif change.event == GONE:
+                self.reports.forget(name)
+        elif kind in ("incoming", "report"):
+            if change.event == RESCAN:
+                self.rescan_received(kind)
+            elif change.complete:
+                self.read_received(kind, name)
+            elif change.event == GONE and kind == "incoming":
+                self.inbox.remove(name)
+
+    def learn_sent(self, name):
+        if is_message_name(name):
+            message = read_message(self.config, "sent", name)
+            if message is not None:
+                self.reports.learn(message)
+
+    def rescan_received(self, kind):
+        """Read every received file not known yet (at start, or after a lost watch)."""
+        names = [n for n in os.listdir(self.config.spool[kind]) if inbox_name(n)]
+        if kind == "incoming":
+            names = self.inbox.keep_only(names)
+        for name in names:
+            self.isolated(self.read_received, kind, name)
+
+    def read_received(self, kind, name):
+        """Index a received file and attach it if it is a genuine status report."""
+        if not inbox_name(name):
             return
-        self.retained, budget = now, RETENTION_CHUNK
-        for kind, age in self.config.retention.items():
-            directories = [self.config.spool.get(kind)]
-            if kind == "incoming":
-                directories.append(self.report_dir)
-            for directory in dict.fromkeys(filter(None, directories)):
-                budget -= remove_older(directory, now - age, budget)
-        self.finished["removed"] += RETENTION_CHUNK - budget
-        if budget <= 0:
-            self.retained = 0.0  # more to do: carry on next tick
-
-    # -- questions from requests ---------------------------------------------
-
-    def delivery(self, message_id):
-        """{"status": delivered|undelivered, "at", "detail"}, or None."""
-        return self.outcomes.get(message_id)
-
-    def entries(self, kind):
-        """(received, name, sender) of incoming files of kind, newest first."""
-        with self.lock:
-            seen = self.seen[self.config.spool["incoming"]]
-            found = [(e[1], n, e[2]) for n, e in seen.items() if e[0] == kind]
-        return sorted(found, reverse=True)
-
-    def wait(self, ids, done, deadline):
-        """Block until done(states) or the monotonic deadline; return the states.
-
-        states maps each id to (spool kind or None, delivery outcome or None).
-        """
-        with self.lock:
-            self.watched.update(ids)
-            for message_id in ids:
-                message = find_message(self.config, message_id)
-                self.where[message_id] = message.kind if message else None
-            try:
-                while True:
-                    states = {i: (self.where[i], self.outcomes.get(i)) for i in ids}
-                    remaining = deadline - time.monotonic()
-                    if done(states) or remaining <= 0 or self.stopping.is_set():
-                        return states
-                    self.lock.wait(remaining)
-            finally:
-                self.watched.subtract(ids)
-                for message_id in ids:
-                    if self.watched[message_id] <= 0:
-                        del self.watched[message_id]
-                        self.where.pop(message_id, None)
+        found = read_spool_file(os.path.join(self.config.spool[kind], name))
+        if found is None:
+            return
+        headers, text = parse_message(found[0])
+        received = smsd_time(headers.get("Received")) or found[1]
+        report = genuine_report(kind, name, headers, text, received)
+        if report is not None:
+            self.reports.attach(report)
+        if kind == "incoming":
+            sender = headers.get("From", "")[:64]
+            self.inbox.add(
+                InboxEntry(received, name, sender, "report" if report else "sms")
+            )
 
 
 ###############################################################################
@@ -1712,12 +2199,12 @@ class Metrics:
         )
         out.sample("", {"state": "accepted"}, accepted)
         for state in ("sent", "failed", "delivered", "undelivered"):
-            out.sample("", {"state": state}, app.watcher.finished[state])
+            out.sample("", {"state": state}, app.watcher.counts[state])
         out.one(
             "smsapi_retention_removed_total",
             "counter",
             "Old spool files removed.",
-            app.watcher.finished["removed"],
+            app.watcher.counts["removed"],
         )
         spool_gauges(out, app.config)
         return out.text()
@@ -2283,7 +2770,7 @@ def send_once(request, plan, key, wait):
     store = request.app.watcher.idempotency
     path = store.path(request.user.name, key)
     with store.held(path):
-        record = store.load(path, plan.fingerprint)
+        record = store.load(path, plan.fingerprint, plan.numbers)
         if record and "response" in record:
             request.environ["smsapi.replayed"] = True
             return HTTPStatus(record["status"]), record["response"]
@@ -2298,6 +2785,13 @@ def send_once(request, plan, key, wait):
         status, data = deliver(request, plan, record["ids"], wait, retry=True)
         store.save(path, dict(record, status=status.value, response=data))
         return status, data
+
+
+def where_and_outcome(request, message_id):
+    """(the spool kind message_id is in, or None; its report's Outcome, or None)."""
+    message = find_message(request.config, message_id)
+    outcome = request.app.watcher.reports.outcome(message_id)
+    return message.kind if message else None, outcome
 
 
 def status_or_gone(request, message_id):
@@ -2339,8 +2833,6 @@ def deliver(request, plan, ids, wait, retry):
                     plan.encoding.parts,
                     text,
                 )
-        if plan.report and files:
-            request.app.watcher.expect_report(list(files))
         data = {
             "message_id": {
                 given: ids[number] for given, number in plan.recipients.items()
@@ -2367,7 +2859,11 @@ def wait_for(request, data, wait):
             kind != "outgoing" and kind != "checked" for kind, _ in states.values()
         )
 
-    states = request.app.watcher.wait(ids, done, time.monotonic() + seconds)
+    def look():
+        return {i: where_and_outcome(request, i) for i in ids}
+
+    waiters = request.app.watcher.waiters
+    states = waiters.wait(ids, look, done, time.monotonic() + seconds)
     data["messages"] = {i: status_or_gone(request, i) for i in ids}
     if not done(states):
         data["error"] = (
@@ -2546,17 +3042,12 @@ def message_status(request, message_id):
     data = {"message_id": message.message_id, "status": status, "to": headers.get("To")}
     if status == "sent":
         data.update(sent_at=headers.get("Sent"), modem=headers.get("Modem"))
-        delivery = request.app.watcher.delivery(message_id)
-        if delivery:
-            data["status"] = delivery["status"]
-            key = (
-                "delivered_at"
-                if delivery["status"] == "delivered"
-                else "undelivered_at"
-            )
-            data.update({key: delivery["at"], "report": delivery["detail"]})
-            if delivery["status"] == "undelivered":
-                data["reason"] = delivery["detail"]
+        outcome = request.app.watcher.reports.outcome(message_id)
+        if outcome:
+            data["status"] = outcome.status
+            data.update({outcome.status + "_at": outcome.at, "report": outcome.detail})
+            if outcome.status == "undelivered":
+                data["reason"] = outcome.detail
         elif headers.get("Report", "").lower() == "yes":
             data["report"] = "pending"
     elif status == "failed":
@@ -2610,19 +3101,24 @@ def list_inbox(request):
     )
     if kinds is None:
         raise ApiError(HTTPStatus.BAD_REQUEST, "type must be sms, report or all")
-    entries = sorted(
-        (e + (k,) for k in kinds for e in request.app.watcher.entries(k)), reverse=True
-    )
+    entries = request.app.watcher.inbox.listing(kinds)
     since = request.param("since")
     if since:
         after = read_since(since, entries)
-        entries = [e for e in entries if e[0] > after]
+        entries = [e for e in entries if e.received > after]
     sender = request.param("from")
     if sender is not None:
         number = normalise_mobile(sender)
-        entries = [e for e in entries if e[2].lstrip("+") == number]
-    shown = entries[offset : offset + limit]
-    messages = [inbox_entry(request, *entry) for entry in shown]
+        entries = [e for e in entries if e.sender.lstrip("+") == number]
+    messages, budget = [], MAX_PAGE_READ
+    for entry in entries[offset : offset + limit]:
+        found = None
+        if budget > 0:  # past it, texts are null: GET each message instead
+            found = read_spool_file(
+                os.path.join(request.config.spool["incoming"], entry.name)
+            )
+            budget -= len(found[0]) if found else 0
+        messages.append(inbox_entry(entry, found))
     return HTTPStatus.OK, {
         "message_id": [m["message_id"] for m in messages],
         "messages": messages,
@@ -2634,9 +3130,9 @@ def list_inbox(request):
 
 def read_since(since, entries):
     """The received time that ?since= names: an ISO 8601 time, or a message id."""
-    for received, name, *_ in entries:
-        if name == since:
-            return received
+    for entry in entries:
+        if entry.name == since:
+            return entry.received
     try:
         return datetime.datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
     except (ValueError, OverflowError, OSError):  # also year 1 in local time
@@ -2645,14 +3141,14 @@ def read_since(since, entries):
         ) from None
 
 
-def inbox_entry(request, received, name, sender, kind):
-    message = read_message(request.config, "incoming", name)
+def inbox_entry(entry, found):
+    """An InboxEntry as the inbox lists it; found is the file's (bytes, mtime), or None."""
     return {
-        "message_id": name,
-        "type": kind,
-        "from": sender,
-        "received": iso_time(received),
-        "text": message.text if message else None,
+        "message_id": entry.name,
+        "type": entry.kind,
+        "from": entry.sender,
+        "received": iso_time(entry.received),
+        "text": parse_message(found[0])[1] if found else None,
     }
 
 
@@ -3280,12 +3776,12 @@ KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "DELETE"])
 class Application:
     """The WSGI application: route, authenticate, handle, answer JSON (or plain text)."""
 
-    def __init__(self, config, interval=1.0):
+    def __init__(self, config, interval=1.0, inotify=True):
         self.config = config
         self.authenticator = Authenticator()
         self.throttle = Throttle()
         self.openapi = openapi_document(config)
-        self.watcher = Watcher(config, interval)
+        self.watcher = Watcher(config, Idempotency(config), interval, inotify)
         self.waiters = threading.BoundedSemaphore(config.max_waiters)
         self.outgoing_sync = DirectorySync(config.spool["outgoing"])
         self.metrics = Metrics()
@@ -3315,8 +3811,8 @@ class Application:
                 log.warning("reload: %s changes only with a restart", key)
         config = dataclasses.replace(new, **kept)
         self.openapi = openapi_document(config)
-        self.watcher.config = self.config = config
-        self.watcher.idempotency.ttl = config.retention.get("state", IDEMPOTENCY_TTL)
+        self.config = config
+        self.watcher.reconfigure(config)
         log.info("reloaded %s: %d users", path, len(config.users))
         return True
 

@@ -1218,7 +1218,7 @@ def smsd_fails(spool, message_id, reason="+CMS ERROR: 500 (Unknown error)"):
 def smsd_reports(
     spool, to, ref, code=0, received=None, submitted=None, modem="GSM1", kind="incoming"
 ):
-    """Write a status report file as smsd files it (GSM1.xxxxxx in incoming)."""
+    """Write a status report file as smsd 3.1.21 files it (GSM1.xxxxxx in incoming)."""
     received = time.time() if received is None else received
     submitted = received if submitted is None else submitted
     text = {
@@ -1232,6 +1232,7 @@ def smsd_reports(
         "Sent": time.strftime(SMSD_TIME, time.localtime(submitted)),
         "Received": time.strftime(SMSD_TIME, time.localtime(received)),
         "Modem": modem,
+        "UDH": "no",  # smsd writes it for a status report, never for an SMS
     }
     body = f"SMS STATUS REPORT\nMessage_id: {ref}\nDischarge_timestamp: 26-11-24 10:00:00\nStatus: {text}"
     put_file(spool, kind, name, headers, body, "UTF-8")
@@ -1339,7 +1340,7 @@ def test_delivery_index_survives_restart_and_is_rebuilt_when_lost(config, spool)
     assert (
         status_of(restarted, kept)["status"] == "delivered"
     )  # before any tick: from the saved index
-    os.remove(os.path.join(config.state_dir, "reports.json"))
+    os.remove(os.path.join(config.state_dir, smsapi.JOURNAL))
     smsd_reports(spool, "79680000001", 2)
     lost = smsapi.Application(config)
     lost.watcher.tick()
@@ -1364,9 +1365,10 @@ def test_delivery_index_rebuild_reads_sent_a_chunk_a_tick(config, spool):
         )
     app = smsapi.Application(config)
     app.watcher.tick()
-    assert app.watcher.lost and len(app.watcher.awaiting) == smsapi.REBUILD_CHUNK
+    reports = app.watcher.reports
+    assert reports.to_read and len(reports.awaiting) == smsapi.REBUILD_CHUNK
     app.watcher.tick()
-    assert not app.watcher.lost and len(app.watcher.awaiting) == count
+    assert not reports.to_read and len(reports.awaiting) == count
 
 
 def test_reports_in_smsds_own_report_directory(tmp_path, spool):
@@ -1576,8 +1578,10 @@ def test_idempotency_key_expires_after_a_day(app, spool):
     smsapi.write_json_atomically(path, record)
     assert idempotent(app, "daily").status == 201
     assert len(spool_snapshot(spool)) == 4
-    record["created"] -= 0
-    smsapi.write_json_atomically(path, record)
+    app.watcher.idempotency.expire()
+    assert os.path.exists(path)  # written just now
+    aged = time.time() - 25 * 3600
+    os.utime(path, (aged, aged))  # expiry reads mtimes, never the records
     app.watcher.idempotency.expire()
     assert not os.path.exists(path)
 
@@ -2008,7 +2012,7 @@ def test_fuzz_spool_file_parser_takes_any_bytes(data):
     headers, text = smsapi.parse_message(data)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
     assert text is None or isinstance(text, str)
-    smsapi.parse_report(headers, text, 0.0)
+    smsapi.parse_report("GSM1.x", headers, text, 0.0)
 
 
 @hypothesis.settings(max_examples=500, deadline=None)
@@ -2415,7 +2419,7 @@ def test_retention_removes_old_files_but_never_queued_ones(tmp_path, spool):
         "failed": ["new", "old"],  # no retention set for failed
         "incoming": ["new"],
     }
-    assert app.watcher.finished["removed"] == 2
+    assert app.watcher.counts["removed"] == 2
     shutil.copy(
         os.path.join(spool["outgoing"], "old"), os.path.join(spool["sent"], "x")
     )
