@@ -96,7 +96,7 @@ VALIDITY = re.compile(r"([0-9]{1,3})\s*(min|hour|day|week|month|year)?", re.ASCI
 #: Bytes read from one spool file at the most. The longest SMS smsd can join
 #: (255 parts) is under 64 KiB as a file; anything bigger is not a message.
 MAX_SPOOL_FILE = 128 << 10
-MAX_PAGE_READ = 2 << 20  # bytes of files one inbox page reads at the most
+MAX_PAGE_READ = 1 << 20  # bytes of files one inbox page reads at the most
 #: Times read from the spool are clamped to this range (a file may say 1969
 #: or the year 33658); both ends print as ISO 8601 in any time zone.
 EARLIEST, LATEST = 0.0, 32503680000.0  # 1970 and 3000
@@ -1380,16 +1380,16 @@ def parse_report(name, headers, text, received):
     )
 
 
-def genuine_report(kind, name, headers, text, received):
-    """The Report smsd filed as one, never an SMS whose text reads like one.
+def filed_as_report(kind, headers, report_dir):
+    """True when smsd filed a received file as a status report, not an SMS reading like one.
 
-    With smsd's own report directory, only files there are reports: no SMS
+    With its own report directory (report_dir), only files there are: no SMS
     can reach it. Without one, smsd 3.1.21 writes "UDH: no" into a status
     report's file and no UDH line into an SMS's (see the README on smsd).
     """
-    if kind == "incoming" and headers.get("UDH") != "no":
-        return None
-    return parse_report(name, headers, text, received)
+    if report_dir:
+        return kind == "report"
+    return headers.get("UDH") == "no"
 
 
 class Awaiting(collections.namedtuple("Awaiting", "modem ref to sent")):
@@ -1426,6 +1426,7 @@ class ReportIndex:
         self.unsaved = []  # journal lines of this tick
         self.lines = 0  # lines in the journal file
         self.to_read = []  # names in sent/ to read, a chunk a tick
+        self.catching_up = False  # until to_read is done
         self.clock = self.load()  # when the journal last saw the spool, or None
         self.swept = time.time()
 
@@ -1461,10 +1462,8 @@ class ReportIndex:
         """
         if report.outcome is None or report.name in self.attached:
             return  # the SMSC is still trying, or this file was read before
-        key, window = (
-            (report.modem, report.message_ref, report.to),
-            self.config.report_window,
-        )
+        key = (report.modem, report.message_ref, report.to)
+        window = self.config.report_window
         candidates = [
             (
                 abs(report.submitted - entry.sent) if report.submitted else 0,
@@ -1500,6 +1499,7 @@ class ReportIndex:
                 "delivery report index %s missing: building it from the spool",
                 self.path,
             )
+        self.catching_up = True
         with os.scandir(self.config.spool["sent"]) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
@@ -1509,6 +1509,12 @@ class ReportIndex:
     def next_chunk(self):
         """The names in sent/ to read this tick."""
         chunk, self.to_read = self.to_read[:REBUILD_CHUNK], self.to_read[REBUILD_CHUNK:]
+        if self.catching_up and not self.to_read:
+            self.catching_up = False
+            log.info(
+                "delivery report index caught up: %d sent messages await reports",
+                len(self.awaiting),
+            )
         return chunk
 
     def retry_deferred(self):
@@ -1545,7 +1551,8 @@ class ReportIndex:
         elif verb == "outcome" and valid_outcome(rest):
             self.awaiting.pop(message_id, None)
             self.outcomes[message_id] = Outcome(*rest)
-            self.attached[rest[3]] = message_id
+            if rest[3]:  # "" for outcomes taken from smsapi 1.0
+                self.attached[rest[3]] = message_id
         elif verb == "forget" and not rest:
             self.awaiting.pop(message_id, None)
             outcome = self.outcomes.pop(message_id, None)
@@ -1561,6 +1568,7 @@ class ReportIndex:
             with open(self.path, "rb") as file:
                 journal = file.readlines()
         except FileNotFoundError:
+            self.migrate(os.path.join(self.config.state_dir, "reports.json"))
             return None
         for raw in journal:
             self.lines += 1
@@ -1575,6 +1583,21 @@ class ReportIndex:
         if damaged:
             log.warning("%s: %d damaged lines skipped", self.path, damaged)
         return clock
+
+    def migrate(self, path):
+        """Take the outcomes and awaited reports from the index of smsapi 1.0."""
+        old = read_json(path) or {}
+        for message_id, entry in dict_of(old.get("awaiting")).items():
+            with contextlib.suppress(ValueError, TypeError):
+                self.apply(["await", message_id, *entry])
+        for message_id, outcome in dict_of(old.get("outcomes")).items():
+            fields = [dict_of(outcome).get(k) for k in ("status", "at", "detail")]
+            with contextlib.suppress(ValueError, TypeError):
+                self.apply(["outcome", message_id, *fields, ""])
+        if old:  # written first, with no clock: the first start reads all of sent/
+            self.compact(None)
+            log.info("%s: taken into %s", path, self.path)
+            remove_quietly(path)
 
     def save(self, now):
         """Append this tick's lines and the clock; rewrite the journal when mostly stale."""
@@ -1597,7 +1620,7 @@ class ReportIndex:
         """Write the journal anew with only what is live."""
         lines = [["await", i, *e] for i, e in self.awaiting.items()]
         lines += [["outcome", i, *o] for i, o in self.outcomes.items()]
-        lines.append(["clock", now])
+        lines += [["clock", now]] if now else []
         temp = f"{self.path}.{secrets.token_hex(4)}"
         try:
             append_lines(temp, lines, self.config.fsync)
@@ -1607,6 +1630,10 @@ class ReportIndex:
         if self.config.fsync:
             fsync_directory(os.path.dirname(self.path))
         self.lines = len(lines)
+
+
+def dict_of(value):
+    return value if isinstance(value, dict) else {}
 
 
 def valid_awaiting(fields):
@@ -1952,7 +1979,9 @@ class Watcher:
             return
         headers, text = parse_message(found[0])
         received = smsd_time(headers.get("Received")) or found[1]
-        report = genuine_report(kind, name, headers, text, received)
+        report = None
+        if filed_as_report(kind, headers, "report" in self.config.spool):
+            report = parse_report(name, headers, text, received)
         if report is not None:
             self.reports.attach(report)
         if kind == "incoming":

@@ -6,6 +6,8 @@ end-to-end tests run Debian's smsd against a GSM modem emulated on loopback.
 """
 
 import base64
+import collections
+import contextlib
 import dataclasses
 import errno
 import http.client
@@ -1757,6 +1759,571 @@ def test_plain_text_answers_for_shell_scripts(app):
 
 
 ###############################################################################
+# Watcher parts and hostile spool files ########################################
+###############################################################################
+
+SPOOL_OPENS = []  # paths opened while a test counts them (see counting_opens)
+
+
+def _count_open(event, args):
+    if event == "open" and SPOOL_OPENS and isinstance(args[0], str):
+        SPOOL_OPENS[0].append(args[0])
+
+
+sys.addaudithook(_count_open)
+
+
+class counting_opens:
+    """Collect the paths under root that this process opens meanwhile (audit events)."""
+
+    def __init__(self, root):
+        self.root, self.paths = str(root), []
+
+    def __enter__(self):
+        SPOOL_OPENS.append([])
+        return self
+
+    def __exit__(self, *exc):
+        self.paths = [p for p in SPOOL_OPENS.pop() if p.startswith(self.root)]
+
+
+def in_time(action, timeout=5):
+    """action()'s result, or the test fails if it takes longer than timeout (a hang)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(action()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{action} hung"
+    return result[0]
+
+
+def inbox(app, query="type=all"):
+    return call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox", query=query)
+
+
+def test_watcher_poison_report_stops_no_other_file(app, spool):
+    message_id = sent_id(app, report=True)
+    smsd_sends(spool, message_id, 5)
+    poison = "SMS STATUS REPORT\nMessage_id: " + "9" * 4400 + "\nStatus: 0,Ok"
+    put_file(spool, "incoming", "GSM1.poison", {"From": "1", "UDH": "no"}, poison)
+    for n in range(10):
+        put_file(spool, "incoming", f"GSM1.sms{n}", {"From": "3584011"}, f"sms {n}")
+    smsd_reports(spool, "79680000000", 5)
+    app.watcher.tick()
+    listed = inbox(app).json()["messages"]
+    assert {m["message_id"] for m in listed if m["type"] == "sms"} == {
+        "GSM1.poison",
+        *(f"GSM1.sms{n}" for n in range(10)),
+    }
+    assert status_of(app, message_id)["status"] == "delivered"
+    restarted = smsapi.Application(app.config)  # and so it stays after a restart
+    restarted.watcher.tick()
+    assert status_of(restarted, message_id)["status"] == "delivered"
+    assert inbox(restarted).json()["total_count"] == 12
+
+
+def forged_report(spool, to, ref, kind="incoming", udh=None):
+    """An SMS whose text reads like a status report, as smsd files an SMS-DELIVER."""
+    headers = {"From": to, "Received": time.strftime(SMSD_TIME), "Modem": "GSM1"}
+    if udh:
+        headers["UDH"] = udh
+    text = f"SMS STATUS REPORT\nMessage_id: {ref}\nStatus: 0,Ok,short message received by the SME"
+    name = "GSM1." + base64.b32encode(os.urandom(5)).decode()[:6]
+    put_file(spool, kind, name, headers, text, "UTF-8")
+    return name
+
+
+def test_watcher_sms_that_reads_like_a_report_is_not_one(app, spool):
+    message_id = sent_id(app, report=True)
+    smsd_sends(spool, message_id, 1)
+    forged = forged_report(spool, "79680000000", 1)
+    app.watcher.tick()
+    assert status_of(app, message_id)["status"] == "sent"
+    assert [m["type"] for m in inbox(app).json()["messages"]] == ["sms"]
+    smsd_reports(spool, "79680000000", 1, code=70)
+    app.watcher.tick()
+    assert status_of(app, message_id)["status"] == "undelivered"
+    types = {m["message_id"]: m["type"] for m in inbox(app).json()["messages"]}
+    assert types.pop(forged) == "sms" and list(types.values()) == ["report"]
+
+
+def test_watcher_with_a_report_directory_takes_reports_only_from_there(tmp_path, spool):
+    spool = dict(spool, report=str(tmp_path / "spool" / "report"))
+    os.mkdir(spool["report"])
+    app = smsapi.Application(smsapi.load_config(write_ini(tmp_path, spool)))
+    message_id = sent_id(app, report=True)
+    smsd_sends(spool, message_id, 3)
+    forged_report(spool, "79680000000", 3, udh="no")  # even with the header
+    app.watcher.tick()
+    assert status_of(app, message_id)["status"] == "sent"
+    smsd_reports(spool, "79680000000", 3, kind="report")
+    app.watcher.tick()
+    assert status_of(app, message_id)["status"] == "delivered"
+
+
+def test_watcher_attaches_a_report_file_once_however_often_it_is_written(app, spool):
+    first, second = sent_id(app, report=True), sent_id(app, report=True)
+    smsd_sends(spool, first, 100, when=time.time() - 5)
+    smsd_sends(spool, second, 100)
+    report = smsd_reports(spool, "79680000000", 100, code=70)
+    app.watcher.tick()
+    assert status_of(app, second)["status"] == "undelivered"
+    path = os.path.join(spool["incoming"], report)
+    with open(path, "ab") as file:  # written again: one more close event
+        file.write(b"\n")
+    app.watcher.tick()
+    assert status_of(app, first)["status"] == "sent"
+    restarted = smsapi.Application(app.config)
+    restarted.watcher.tick()  # re-reads incoming: the file is known as used
+    assert status_of(restarted, first)["status"] == "sent"
+
+
+def release_fifos(spool):
+    """Open every FIFO in the spool for writing, so a reader stuck in open() goes on."""
+    for path in spool.values():
+        for name in os.listdir(path):
+            full = os.path.join(path, name)
+            if stat.S_ISFIFO(os.lstat(full).st_mode):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(full, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_spool_fifos_block_nothing(app, spool):
+    for kind in ("incoming", "sent"):
+        os.mkfifo(os.path.join(spool[kind], "GSM1.fifo"))
+    try:
+        in_time(app.watcher.tick)
+        assert inbox(app).json()["total_count"] == 0
+        for kind in ("incoming", "sent"):
+            path = f"/api/v1.0/sms/{kind}/GSM1.fifo"
+            assert (
+                in_time(lambda p=path: call(app, "GET", p, user="root").status) == 404
+            )
+        listing = in_time(lambda: call(app, "GET", "/api/v1.0/sms/sent/", user="root"))
+        assert listing.json()["message_id"] == ["GSM1.fifo"]  # a name, never opened
+    finally:
+        release_fifos(spool)
+
+
+def test_spool_times_before_1970_and_far_ahead_are_clamped(app, spool):
+    old = put_file(spool, "sent", "GSM1.old", {"From": "lvv", "To": "1"})
+    os.utime(old, (-365 * 86400, -365 * 86400))
+    listing = in_time(lambda: call(app, "GET", "/api/v1.0/sms/sent/", user="root"))
+    assert listing.status == 200 and listing.json()["message_id"] == ["GSM1.old"]
+    ahead = put_file(spool, "incoming", "GSM1.ahead", {"From": "1"}, "from the future")
+    try:
+        os.utime(ahead, (1e12, 1e12))  # the year 33658, where the file system allows
+    except (OSError, OverflowError):
+        os.utime(ahead, (2**33, 2**33))
+    app.watcher.tick()
+    received = inbox(app).json()["messages"][0]["received"]
+    assert int(received[:4]) > 2200, received  # ext4 itself stops at 2446
+    assert (
+        call(app, "GET", "/api/v1.0/sms/incoming/GSM1.ahead", user="root").status == 200
+    )
+
+
+def test_spool_symlinks_are_never_followed(app, spool, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("From: lvv\nTo: 79680000000\n\nthe config's password hashes")
+    os.symlink(secret, os.path.join(spool["incoming"], "GSM1.link"))
+    os.symlink(secret, os.path.join(spool["sent"], "smsapi.link"))
+    app.watcher.tick()
+    assert inbox(app).json()["total_count"] == 0
+    for kind, name in (("incoming", "GSM1.link"), ("sent", "smsapi.link")):
+        for user in ("root", "lvv"):
+            response = call(app, "GET", f"/api/v1.0/sms/{kind}/{name}", user=user)
+            assert response.status == 404 and b"password" not in response.body
+    assert (
+        call(app, "GET", "/api/v1.0/sms/status/smsapi.link", user="lvv").status == 404
+    )
+
+
+def test_inbox_page_reads_a_bounded_amount_of_files(app, spool):
+    for n in range(100):  # sparse files of 1 MiB each: cheap to make, costly to serve
+        path = put_file(spool, "incoming", f"GSM1.big{n:03d}", {"From": "1"}, "x")
+        os.truncate(path, 1 << 20)
+    app.watcher.tick()
+    response = inbox(app, "limit=100")
+    messages = response.json()["messages"]
+    assert response.status == 200 and len(messages) == 100
+    assert len(response.body) < 8 * smsapi.MAX_PAGE_READ  # escaped NULs are 6 bytes
+    assert messages[-1]["text"] is None  # past the budget: GET it on its own
+    single = call(app, "GET", "/api/v1.0/sms/incoming/GSM1.big000", user="root")
+    assert len(single.json()["text"]) <= smsapi.MAX_SPOOL_FILE
+
+
+def test_state_damaged_report_journal_lines_are_skipped(config, spool, caplog):
+    app = smsapi.Application(config)
+    kept = sent_id(app, report=True)
+    smsd_sends(spool, kept, 1)
+    smsd_reports(spool, "79680000000", 1)
+    app.watcher.tick()
+    other = sent_id(app)
+    smsd_sends(spool, other, 2)
+    journal = os.path.join(config.state_dir, smsapi.JOURNAL)
+    with open(journal, "a") as file:
+        file.writelines(
+            line + "\n"
+            for line in (
+                '{"awaiting": "x"}',
+                '["await", "' + other + '", "GSM1", "x", "1", 0]',
+                '["outcome", "' + other + '", "delivered", 5, "", ""]',
+                '["outcome", "../../etc/passwd", "delivered", "", "", ""]',
+                '["forget"]',
+                '["clock", "yesterday"]',
+                "[" * 100000,
+                '["outcome", "' + other + '", "deliv',  # torn by a crash
+            )
+        )
+    restarted = smsapi.Application(config)
+    assert "8 damaged lines skipped" in caplog.text
+    restarted.watcher.tick()
+    assert status_of(restarted, kept)["status"] == "delivered"
+    assert status_of(restarted, other)["status"] == "sent"
+
+
+def test_state_damaged_idempotency_record_is_ignored_not_a_500(app, spool):
+    assert idempotent(app, "daily").status == 201
+    path = app.watcher.idempotency.path("lvv", "daily")
+    for damaged in (
+        {"created": "yesterday", "fingerprint": "x", "ids": {}},
+        {"created": time.time(), "fingerprint": None, "ids": []},
+        ["not", "an", "object"],
+    ):
+        with open(path, "w") as file:
+            json.dump(damaged, file)
+        response = idempotent(app, "daily")
+        assert response.status == 201, response.body
+
+
+def test_send_with_report_writes_no_state(app, spool, config):
+    sent_id(app, report=True)
+    app.watcher.tick()
+    before = {
+        n: os.stat(os.path.join(config.state_dir, n)).st_size
+        for n in os.listdir(config.state_dir)
+    }
+    for _ in range(20):
+        sent_id(app, report=True)
+    after = {
+        n: os.stat(os.path.join(config.state_dir, n)).st_size
+        for n in os.listdir(config.state_dir)
+    }
+    assert after == before  # the index learns from sent/, not from the send
+
+
+def test_watcher_tick_reads_only_what_changed(app, spool):
+    queued = [sent_id(app, report=True) for _ in range(50)]
+    for n, message_id in enumerate(queued[:40]):
+        smsd_sends(spool, message_id, n)
+    app.watcher.tick()
+    with counting_opens(os.path.dirname(spool["sent"])) as quiet:
+        app.watcher.tick()
+    assert quiet.paths == []  # 10 queued and 40 awaiting reports cost no file read
+    smsd_sends(spool, queued[40], 40)
+    report = smsd_reports(spool, "79680000000", 0)
+    with counting_opens(os.path.dirname(spool["sent"])) as busy:
+        app.watcher.tick()
+    assert sorted(busy.paths) == [  # the two files that came, each read once
+        os.path.join(spool["incoming"], report),
+        os.path.join(spool["sent"], queued[40]),
+    ]
+    assert status_of(app, queued[0])["status"] == "delivered"
+
+
+def test_watcher_saves_a_ticks_progress_when_one_file_fails(
+    app, spool, monkeypatch, caplog
+):
+    good, bad = sent_id(app, report=True), sent_id(app, "79680000001", report=True)
+    smsd_sends(spool, good, 1)
+    smsd_sends(spool, bad, 2)
+    app.watcher.tick()
+    real = smsapi.parse_report
+
+    def planted_bug(name, headers, text, received):
+        if headers.get("From") == "79680000001":
+            raise RuntimeError("a bug planted by the test")
+        return real(name, headers, text, received)
+
+    monkeypatch.setattr(smsapi, "parse_report", planted_bug)
+    smsd_reports(spool, "79680000001", 2)
+    smsd_reports(spool, "79680000000", 1)
+    app.watcher.tick()
+    assert caplog.text.count("RuntimeError: a bug planted") == 1  # logged once
+    app.watcher.tick()
+    assert caplog.text.count("RuntimeError: a bug planted") == 1  # not retried
+    restarted = smsapi.Application(app.config)
+    assert status_of(restarted, good)["status"] == "delivered"  # saved
+
+
+def test_watcher_counts_go_on_after_sent_is_made_anew(app, spool):
+    app.watcher.tick()
+    shutil.rmtree(spool["sent"])
+    app.watcher.tick()
+    os.mkdir(spool["sent"])
+    app.watcher.tick()
+    for _ in range(2):
+        smsd_sends(spool, sent_id(app), 1)
+    app.watcher.tick()
+    assert app.watcher.counts["sent"] == 2
+
+
+def test_inbox_leaves_out_smsds_store_of_parts(app, spool):
+    put_file(spool, "incoming", "GSM1-concatenated", {}, "parts of a long SMS")
+    put_file(spool, "incoming", "GSM1.whole", {"From": "1"}, "a whole SMS")
+    app.watcher.tick()
+    assert inbox(app).json()["message_id"] == ["GSM1.whole"]
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    data=st.binary(max_size=400),
+    mtime=st.floats(min_value=-(2**40), max_value=2**40, allow_nan=False),
+    kind=st.sampled_from(["incoming", "report"]),
+)
+def test_fuzz_received_file_with_any_bytes_and_time(data, mtime, kind):
+    headers, text = smsapi.parse_message(data)
+    received = smsapi.smsd_time(headers.get("Received")) or smsapi.clamp_time(mtime)
+    report = None
+    if smsapi.filed_as_report(kind, headers, report_dir=kind == "report"):
+        report = smsapi.parse_report("GSM1.x", headers, text, received)
+    assert report is None or 0 <= report.message_ref <= 255
+    assert smsapi.iso_time(received)  # printable, whatever the file said
+
+
+def changes_of(stream):
+    """The stream's changes as (kind, name, event), RESCANs left out."""
+    return [tuple(c) for c in stream.read() if c.event != smsapi.RESCAN]
+
+
+def test_spool_changes_from_inotify_name_what_came_and_went(spool):
+    stream = smsapi.SpoolChanges(spool)
+    assert {c.kind for c in stream.read() if c.event == smsapi.RESCAN} == set(spool)
+    path = put_file(spool, "incoming", "GSM1.a", {"From": "1"})
+    os.rename(path, os.path.join(spool["sent"], "GSM1.a"))
+    os.remove(os.path.join(spool["sent"], "GSM1.a"))
+    assert changes_of(stream) == [
+        ("incoming", "GSM1.a", smsapi.CREATED),
+        ("incoming", "GSM1.a", smsapi.WRITTEN),
+        ("incoming", "GSM1.a", smsapi.GONE),
+        ("sent", "GSM1.a", smsapi.MOVED_IN),
+        ("sent", "GSM1.a", smsapi.GONE),
+    ]
+    assert stream.read() == []
+
+
+def test_spool_changes_watch_a_directory_made_anew(spool, caplog):
+    stream = smsapi.SpoolChanges(spool)
+    stream.read()
+    shutil.rmtree(spool["failed"])
+    assert stream.read() == []
+    assert stream.read() == []  # still gone: said once in the log
+    assert caplog.text.count("cannot watch the failed spool") == 1
+    os.mkdir(spool["failed"])
+    assert stream.read() == [smsapi.Change("failed", "", smsapi.RESCAN)]
+    put_file(spool, "failed", "m1", {})
+    assert [c.name for c in stream.read()] == ["m1", "m1"]
+
+
+def test_spool_changes_by_polling_without_inotify(spool):
+    stream = smsapi.SpoolChanges(spool, inotify=False)
+    assert {c.kind for c in stream.read()} == {"sent", "failed", "incoming"}
+    settled_file = put_file(spool, "sent", "m1", {})
+    age_file(settled_file, 5)
+    age_file(spool["sent"], 1)  # the listing's stamp moved
+    put_file(spool, "incoming", "GSM1.new", {})  # being written: not yet
+    assert changes_of(stream) == [("sent", "m1", smsapi.MOVED_IN)]
+    age_file(os.path.join(spool["incoming"], "GSM1.new"), 5)
+    assert changes_of(stream) == [("incoming", "GSM1.new", smsapi.MOVED_IN)]
+    os.remove(settled_file)
+    age_file(spool["sent"], 3)
+    assert changes_of(stream) == [("sent", "m1", smsapi.GONE)]
+
+
+@pytest.fixture(params=[True, False], ids=["inotify", "polling"])
+def watching(request, config):
+    """An app whose watcher hears of changes from inotify, or from polling."""
+    return smsapi.Application(config, inotify=request.param)
+
+
+def settle(spool):
+    """Age every spool file past the polling fallback's settling time."""
+    for path in spool.values():
+        for name in os.listdir(path):
+            age_file(os.path.join(path, name), 2)
+        age_file(path, 2)  # the directory's mtime tells a poll to list it
+
+
+def test_watcher_reports_inbox_and_counts_by_inotify_and_by_polling(watching, spool):
+    app = watching
+    message_id = sent_id(app, report=True)
+    app.watcher.tick()
+    smsd_sends(spool, message_id, 7)
+    settle(spool)
+    app.watcher.tick()
+    smsd_reports(spool, "79680000000", 7)
+    put_file(spool, "incoming", "GSM1.hello", {"From": "358401"}, "hello")
+    settle(spool)
+    app.watcher.tick()
+    assert status_of(app, message_id)["status"] == "delivered"
+    assert inbox(app, "type=sms").json()["message_id"] == ["GSM1.hello"]
+    assert app.watcher.counts["sent"] == 1
+    os.remove(os.path.join(spool["incoming"], "GSM1.hello"))
+    settle(spool)
+    app.watcher.tick()
+    assert inbox(app, "type=sms").json()["message_id"] == []
+
+
+def test_report_index_journal_grows_by_the_change_and_is_compacted(config, spool):
+    os.makedirs(config.state_dir)
+    counts = collections.Counter()
+    index = smsapi.ReportIndex(config, counts)
+    index.save(time.time())  # the first clock
+    path = os.path.join(config.state_dir, smsapi.JOURNAL)
+    sent = time.time()
+    for n in range(600):
+        message = smsapi.Message(
+            f"m{n}",
+            "sent",
+            {
+                "Report": "yes",
+                "Message_id": str(n % 256),
+                "To": "1",
+                "Modem": "GSM1",
+                "Sent": time.strftime(SMSD_TIME, time.localtime(sent)),
+            },
+        )
+        index.learn(message)
+        if n:
+            index.forget(f"m{n - 1}")
+        before = os.path.getsize(path)
+        index.save(time.time())
+        grown = os.path.getsize(path) - before
+        assert grown < 400 or index.lines < 10  # two lines and a clock; or compacted
+    assert list(index.awaiting) == ["m599"]
+    assert index.lines < 1000  # rewritten when mostly stale
+    reloaded = smsapi.ReportIndex(config, counts)
+    assert reloaded.awaiting == index.awaiting and reloaded.clock == index.clock
+
+
+def test_report_index_takes_over_the_index_of_smsapi_1_0(config, spool):
+    os.makedirs(config.state_dir)
+    delivered = sent_id(smsapi.Application(config), report=True)
+    smsd_sends(spool, delivered, 4)
+    legacy = {
+        "version": 1,
+        "pending": {},
+        "awaiting": {"smsapi.other": ["GSM1", 5, "79680000000", time.time()], "x/y": 1},
+        "outcomes": {
+            delivered: {
+                "status": "delivered",
+                "at": "26-11-24 10:00:00",
+                "detail": "ok",
+            }
+        },
+    }
+    smsapi.write_json_atomically(os.path.join(config.state_dir, "reports.json"), legacy)
+    app = smsapi.Application(config)
+    assert status_of(app, delivered)["status"] == "delivered"
+    assert list(app.watcher.reports.awaiting) == ["smsapi.other"]
+    assert not os.path.exists(os.path.join(config.state_dir, "reports.json"))
+    assert status_of(smsapi.Application(config), delivered)["status"] == "delivered"
+
+
+@pytest.mark.parametrize(
+    "ref, status",
+    [("256", "0,Ok"), ("1", "256,Ok"), ("-1", "0,Ok"), ("1", "x,Ok"), ("0x1", "0,Ok")],
+)
+def test_report_numbers_are_one_octet_or_no_report(ref, status):
+    text = f"SMS STATUS REPORT\nMessage_id: {ref}\nStatus: {status}"
+    assert smsapi.parse_report("GSM1.x", {}, text, 0.0) is None
+    good = smsapi.parse_report(
+        "GSM1.x", {}, "SMS STATUS REPORT\nMessage_id: 255\nStatus: 255,x", 0.0
+    )
+    assert (good.message_ref, good.code) == (255, 255)
+
+
+def test_retention_cutoff_is_exact_and_covers_the_report_directory(tmp_path, spool):
+    spool = dict(spool, report=str(tmp_path / "spool" / "report"))
+    os.mkdir(spool["report"])
+    path = write_ini(tmp_path, spool)
+    with open(path, "a") as file:
+        file.write("[retention]\nincoming = 1hour\n")
+    counts = collections.Counter()
+    retention = smsapi.Retention(smsapi.load_config(path), counts)
+    for kind in ("incoming", "report"):
+        for name, age in (("older", 3600 + 30), ("younger", 3600 - 30)):
+            age_file(put_file(spool, kind, f"GSM1.{name}", {}), age)
+    retention.run(time.time())
+    for kind in ("incoming", "report"):
+        assert os.listdir(spool[kind]) == ["GSM1.younger"]
+    assert counts["removed"] == 2
+
+
+def test_retention_goes_on_next_tick_when_a_chunk_was_not_enough(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    with open(path, "a") as file:
+        file.write("[retention]\nsent = 1day\n")
+    retention = smsapi.Retention(
+        smsapi.load_config(path), collections.Counter(), chunk=3
+    )
+    for n in range(5):
+        age_file(put_file(spool, "sent", f"m{n}", {}), 2 * 86400)
+    now = time.time()
+    retention.run(now)
+    assert len(os.listdir(spool["sent"])) == 2
+    retention.run(now + 1)  # not five minutes later: the pass was cut short
+    assert os.listdir(spool["sent"]) == []
+    age_file(put_file(spool, "sent", "late", {}), 2 * 86400)
+    retention.run(now + 2)  # done: the next pass waits its five minutes
+    assert os.listdir(spool["sent"]) == ["late"]
+
+
+def test_waiters_wake_only_for_their_names_and_leave_nothing_behind():
+    waiters = smsapi.Waiters()
+    looks = []
+
+    def look():
+        looks.append(time.monotonic())
+        return len(looks)
+
+    done = threading.Event()
+    thread = threading.Thread(
+        target=lambda: (
+            done.set()
+            or waiters.wait(["a", "b"], look, lambda n: n >= 2, time.monotonic() + 10)
+        )
+    )
+    thread.start()
+    wait_until(lambda: waiters.watched, what="the waiter to register")
+    waiters.wake({"c"})  # another request's message
+    time.sleep(0.2)
+    assert len(looks) == 1
+    waiters.wake({"b"})
+    thread.join(5)
+    assert not thread.is_alive() and len(looks) == 2
+    assert not waiters.watched  # nothing left behind
+
+
+def test_metrics_label_values_are_escaped_for_the_text_format():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = smsapi.Exposition()
+    hostile = 'GSM"1\\\nx'
+    out.one("smsapi_modem_signal_dbm", "gauge", "Signal.", -70, {"modem": hostile})
+    (family,) = text_string_to_metric_families(out.text())
+    assert family.samples[0].labels == {"modem": hostile}
+
+
+def test_error_messages_quote_client_input_escaped(app, spool):
+    response = send(app, ['7968\x07"\\', "79680000000"])
+    assert response.status == 400
+    assert response.json()["error"].endswith('"7968\\\\x07\\"\\\\x5c"')
+    assert spool_snapshot(spool) == {}
+
+
+###############################################################################
 # Reliability and security #####################################################
 ###############################################################################
 
@@ -3181,6 +3748,23 @@ def deliver_pdu(sender, text, when):
     return "00" + tpdu.hex().upper()
 
 
+def deliver_parts(sender, text, when, reference=0x42):
+    """The SMS-DELIVER PDUs of a long GSM text: 153 septets a part after a concatenation UDH."""
+    septets = gsm_encode(text)
+    chunks = [septets[i : i + 153] for i in range(0, len(septets), 153)]
+    address = bytes([len(sender), 0x91]) + semi_octets(sender)
+    pdus = []
+    for number, chunk in enumerate(chunks, 1):
+        udh = bytes([5, 0, 3, reference, len(chunks), number])  # 48 bits, 1 fill bit
+        bits = int.from_bytes(udh, "little")
+        bits |= sum(septet << (49 + 7 * i) for i, septet in enumerate(chunk))
+        udl = 7 + len(chunk)  # in septets, the header's included
+        tpdu = bytes([0x44]) + address + bytes([0x00, 0x00]) + timestamp_octets(when)
+        tpdu += bytes([udl]) + bits.to_bytes((7 * udl + 7) // 8, "little")
+        pdus.append("00" + tpdu.hex().upper())
+    return pdus
+
+
 def status_report_pdu(mr, recipient, delivered, when):
     """An SMS-STATUS-REPORT PDU for message reference mr."""
     address = bytes([len(recipient), 0x91]) + semi_octets(recipient)
@@ -3203,6 +3787,8 @@ class ModemEmulator:
     submit that asked for one (delivered unless the number is in `undelivered`).
     """
 
+    SLOTS = 60  # SIM storage: room for the parts of a long SMS
+
     def __init__(self):
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -3221,7 +3807,7 @@ class ModemEmulator:
 
     def store(self, pdu):
         with self.lock:
-            index = next(i for i in range(1, 21) if i not in self.storage)
+            index = next(i for i in range(1, self.SLOTS + 1) if i not in self.storage)
             self.storage[index] = pdu
 
     def release_reports(self, reverse=False):
@@ -3302,7 +3888,11 @@ class ModemEmulator:
         if command.startswith("AT+CPMS?"):
             with self.lock:
                 used = len(self.storage)
-            return f'\r\n+CPMS: "SM",{used},20,"SM",{used},20,"SM",{used},20\r\n' + ok
+            slots = self.SLOTS
+            return (
+                f'\r\n+CPMS: "SM",{used},{slots},"SM",{used},{slots},"SM",{used},{slots}\r\n'
+                + ok
+            )
         if command.startswith("AT+CGSN"):
             return "\r\n356938035643809\r\n" + ok
         if command.startswith("AT+CIMI"):
@@ -3774,3 +4364,46 @@ def test_smsd_idempotent_retry_after_restart(stack):
     assert stack.wait_final(first["message_id"]["79680000501"])["status"] == "sent"
     time.sleep(2)  # a second file would be sent within this
     assert len(stack.modem.parts_to("79680000501")) == 1
+
+
+@needs_smsd
+def test_smsd_hostile_sms_neither_forge_reports_nor_stop_the_inbox(stack):
+    number, stranger = "79680000600", "358409999999"
+    stack.modem.hold_reports = True
+    stack.modem.undelivered.add(number)
+    message_id = post(stack, [number], "watch this", report=True)[1]["message_id"][
+        number
+    ]
+    assert stack.wait_final(message_id)["status"] == "sent"
+    ref = stack.api.request("GET", "/api/v1.0/sms/sent/" + message_id, user="lvv")[2][
+        "Message_id"
+    ]
+    now = time.time()
+    poison = "SMS STATUS REPORT\nMessage_id: " + "9" * 4400 + "\nStatus: 0,Ok"
+    for pdu in deliver_parts(stranger, poison, now):  # 30 parts, joined by smsd
+        stack.modem.store(pdu)
+    forged = f"SMS STATUS REPORT\nMessage_id: {ref}\nStatus: 0,Ok,short message received by the SME"
+    stack.modem.store(deliver_pdu(number, forged, now))  # from the recipient's number
+    ordinary = {f"ordinary {n}" for n in range(3)}
+    for text in ordinary:
+        stack.modem.store(deliver_pdu(stranger, text, now))
+
+    def received():
+        listed = stack.api.request(
+            "GET", "/api/v1.0/sms/incoming/?type=all&limit=1000", user="inbox"
+        )[2]["messages"]
+        mine = [m for m in listed if m["from"] in (number, stranger)]
+        return (
+            mine if {m["text"] for m in mine} >= ordinary | {poison, forged} else None
+        )
+
+    listed = stack.wait_for(received, what="the hostile and the ordinary SMS")
+    assert {m["type"] for m in listed} == {"sms"}
+    assert stack.status(message_id)["status"] == "sent"  # the forgery changed nothing
+    stack.modem.release_reports()
+    outcome = wait_status(stack, message_id, ("delivered", "undelivered"))
+    assert outcome["status"] == "undelivered"  # the genuine report, and only it
+    reports = stack.api.request(
+        "GET", f"/api/v1.0/sms/incoming/?type=report&from={number}", user="inbox"
+    )[2]["messages"]
+    assert len(reports) == 1 and "Status: 70" in reports[0]["text"]
