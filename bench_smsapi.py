@@ -38,6 +38,8 @@ TARGETS = {  # figure -> (comparison, limit)
     "rss_20k_mb": ("<=", 20),
     "startup_ms": ("<=", 150),
     "idle_cpu_s": ("<", 0.05),
+    "idle_cpu_20k_awaiting_s": ("<", 0.05),
+    "report_send_20k_vs_empty": ("<", 1.5),
 }
 
 
@@ -188,18 +190,19 @@ def wrk(url, seconds, connections=CONNECTIONS, post=False, auth=None, workdir=No
     return rate, latency_ms(re.search(r"50%\s+([\d.]+\w+)", output).group(1)), done
 
 
-def median_ms(url, path, auth, count=15):
-    """Median latency of count sequential GETs on one keep-alive connection."""
+def median_ms(url, path, auth, count=15, method="GET", body=None, expect=200):
+    """Median latency of count sequential requests on one keep-alive connection."""
     host, port = url[len("http://") :].rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Authorization": auth, "Content-Type": "application/json"}
     times = []
     for _ in range(count):
         started = time.perf_counter()
-        connection.request("GET", path, headers={"Authorization": auth})
+        connection.request(method, path, body, headers)
         response = connection.getresponse()
         response.read()
-        if response.status != 200:
-            raise SystemExit(f"GET {path}: {response.status}")
+        if response.status != expect:
+            raise SystemExit(f"{method} {path}: {response.status}")
         times.append((time.perf_counter() - started) * 1000)
     connection.close()
     return statistics.median(times)
@@ -208,6 +211,23 @@ def median_ms(url, path, auth, count=15):
 def latency_ms(text):
     value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def add_awaiting(smsapi, root, count, owner="bench"):
+    """count messages smsd sent asking for a report, and count more still queued."""
+    now = time.time()
+    for n in range(count):
+        name = smsapi.new_message_id(owner, now - count + n)
+        head = f"From: {owner}\nTo: 79680000000\nAlphabet: UTF-8\nReport: yes\n"
+        for kind, extra in (
+            ("outgoing", ""),
+            (
+                "sent",
+                f"Modem: GSM1\nSent: {time.strftime('%y-%m-%d %H:%M:%S')}\nMessage_id: {n % 256}\n",
+            ),
+        ):
+            with open(os.path.join(root, kind, name), "w") as file:
+                file.write(f"{head}{extra}\nhello")
 
 
 def make_spool(smsapi, root, user_hash, files=0, owner="bench"):
@@ -326,7 +346,7 @@ def bench(seconds, workdir):
         [sys.executable, SMSAPI, "--config", big_ini], os.path.join(workdir, "big.log")
     )
     for server in (little, big):  # a first start reads sent/ once, in the background
-        server.wait_for_log("delivery report index rebuilt")
+        server.wait_for_log("delivery report index caught up")
     for path in ("status", "sent"):
         medians = {"little": [], "big": []}
         for _ in range(3):
@@ -348,7 +368,52 @@ def bench(seconds, workdir):
     results["list_100k_admin_ms"] = median_ms(big.url, list_path, admin)
     little.stop()
     big.stop()
+    results.update(bench_awaiting(smsapi, workdir, user_hash, token))
     return results
+
+
+def bench_awaiting(smsapi, workdir, user_hash, token, count=20_000):
+    """7. The watcher's cost with count messages awaiting reports (and count queued)."""
+    results, servers = {}, {}
+    for name, files in (("empty", 0), ("awaiting", count)):
+        root = os.path.join(workdir, name)
+        ini, _ = make_spool(smsapi, root, user_hash)
+        add_awaiting(smsapi, root, files)
+        servers[name] = Server(
+            [sys.executable, SMSAPI, "--config", ini],
+            os.path.join(workdir, name + ".log"),
+        )
+        servers[name].wait_for_log("delivery report index caught up")
+    time.sleep(2)
+    cpu = servers["awaiting"].cpu_seconds()
+    time.sleep(10)
+    results["idle_cpu_20k_awaiting_s"] = servers["awaiting"].cpu_seconds() - cpu
+    body = json.dumps({"mobiles": ["79680000000"], "text": "report me", "report": True})
+    medians = {"empty": [], "awaiting": []}
+    for _ in range(3):  # alternate, so that noise falls on both alike
+        for name, server in servers.items():
+            medians[name].append(
+                median_ms(
+                    server.url, "/api/v1.0/sms/outgoing", token, 50, "POST", body, 201
+                )
+            )
+    results["report_send_empty_ms"] = min(medians["empty"])
+    results["report_send_20k_ms"] = min(medians["awaiting"])
+    results["report_send_20k_vs_empty"] = (
+        results["report_send_20k_ms"] / results["report_send_empty_ms"]
+    )
+    for server in servers.values():
+        server.stop()
+    return results
+
+
+def bench_only_awaiting(workdir):
+    sys.path.insert(0, HERE)
+    import smsapi
+
+    user_hash = smsapi.hash_password(PASSWORD)
+    token = "Basic " + base64.b64encode(f"bench:{PASSWORD}".encode()).decode()
+    return bench_awaiting(smsapi, workdir, user_hash, token)
 
 
 def report(results):
@@ -378,6 +443,11 @@ def main():
         "--seconds", type=int, default=8, help="length of each wrk run (default 8)"
     )
     parser.add_argument(
+        "--only-awaiting",
+        action="store_true",
+        help="measure only the watcher with 20,000 messages awaiting reports",
+    )
+    parser.add_argument(
         "--serve", nargs=2, metavar=("APP", "SPOOL"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -388,7 +458,11 @@ def main():
         return 2
     workdir = tempfile.mkdtemp(prefix="smsapi-bench-")
     try:
-        results = bench(args.seconds, workdir)
+        results = (
+            bench_only_awaiting(workdir)
+            if args.only_awaiting
+            else bench(args.seconds, workdir)
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(results))
