@@ -2169,32 +2169,46 @@ def modem_check(fields):
     }
 
 
+class Histogram:
+    """Request durations of one route: cumulative counts per bucket, all, and their sum."""
+
+    BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self, buckets=None, count=0, total=0.0):
+        self.buckets = list(buckets or [0] * len(self.BOUNDS))
+        self.count, self.total = count, total
+
+    def observe(self, seconds):
+        for i, bound in enumerate(self.BOUNDS):
+            self.buckets[i] += seconds <= bound
+        self.count += 1
+        self.total += seconds
+
+    def copy(self):
+        return Histogram(self.buckets, self.count, self.total)
+
+
 class Metrics:
     """What this process counts for GET /metrics."""
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self):
         self.lock = threading.Lock()
         self.started = time.time()
         self.requests = collections.Counter()  # (route, method, code) -> count
-        self.durations = {}  # route -> [count per bucket..., +Inf count, sum]
+        self.durations = {}  # route -> Histogram
         self.accepted = 0  # message files written
 
     def observe(self, route, method, code, seconds):
         with self.lock:
             self.requests[route, method, code] += 1
-            counts = self.durations.setdefault(route, [0] * (len(self.BUCKETS) + 2))
-            for i, bound in enumerate(self.BUCKETS):
-                counts[i] += seconds <= bound
-            counts[-2] += 1
-            counts[-1] += seconds
+            self.durations.setdefault(route, Histogram()).observe(seconds)
 
     def render(self, app):
         """The Prometheus text exposition: these counters, then the spool and smsd now."""
         with self.lock:
             requests = sorted(self.requests.items())
-            durations = {r: list(c) for r, c in sorted(self.durations.items())}
+            durations = {r: h.copy() for r, h in sorted(self.durations.items())}
             accepted = self.accepted
         out = Exposition()
         out.one(
@@ -2216,11 +2230,12 @@ class Metrics:
         out.family(
             "smsapi_request_duration_seconds", "histogram", "Time to answer a request."
         )
-        for route, counts in durations.items():
-            for bound, count in zip((*self.BUCKETS, "+Inf"), counts):
+        for route, histogram in durations.items():
+            for bound, count in zip(Histogram.BOUNDS, histogram.buckets):
                 out.sample("_bucket", {"route": route, "le": bound}, count)
-            out.sample("_sum", {"route": route}, counts[-1])
-            out.sample("_count", {"route": route}, counts[-2])
+            out.sample("_bucket", {"route": route, "le": "+Inf"}, histogram.count)
+            out.sample("_sum", {"route": route}, histogram.total)
+            out.sample("_count", {"route": route}, histogram.count)
         out.family(
             "smsapi_messages_total",
             "counter",
@@ -2553,6 +2568,15 @@ class Authenticator:
 FAILURE_LIMIT, FAILURE_WINDOW, MAX_LOCKOUT = 10, 60.0, 900.0
 
 
+class Failures:
+    """Failed logins for one key: how many, since when, blocked until when (monotonic)."""
+
+    __slots__ = ("count", "since", "until")
+
+    def __init__(self, now):
+        self.count, self.since, self.until = 0, now, 0.0
+
+
 class Throttle:
     """Slows password guessing down, per client address and per user name.
 
@@ -2564,7 +2588,7 @@ class Throttle:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.counters = {}  # key -> [failures, window start, blocked until]
+        self.counters = {}  # key -> Failures
 
     def retry_after(self, address, user):
         """Whole seconds the caller must wait before trying again, or 0."""
@@ -2573,12 +2597,14 @@ class Throttle:
             keys = [("address", address)]
             if self.live(("pair", user, address), now):
                 keys.append(("user", user))
-            blocked = [k for k in keys if self.counters.get(k, (0, 0, 0))[2] > now]
+            blocked = [
+                k for k in keys if k in self.counters and self.counters[k].until > now
+            ]
             if not blocked:
                 return 0
             for key in blocked:  # hammering while blocked makes it longer
                 self.count(key, now)
-            return max(math.ceil(self.counters[k][2] - now) for k in blocked)
+            return max(math.ceil(self.counters[k].until - now) for k in blocked)
 
     def failed(self, address, user):
         """Count one failed attempt by address for user."""
@@ -2591,15 +2617,17 @@ class Throttle:
 
     def live(self, key, now):
         entry = self.counters.get(key)
-        return entry is not None and (now - entry[1] < FAILURE_WINDOW or entry[2] > now)
+        return entry is not None and (
+            now - entry.since < FAILURE_WINDOW or entry.until > now
+        )
 
     def count(self, key, now):
         entry = self.counters.get(key)
         if entry is None or not self.live(key, now):
-            entry = self.counters[key] = [0, now, 0.0]
-        entry[0] += 1
-        if entry[0] >= FAILURE_LIMIT:
-            entry[2] = now + min(2.0 ** (entry[0] - FAILURE_LIMIT), MAX_LOCKOUT)
+            entry = self.counters[key] = Failures(now)
+        entry.count += 1
+        if entry.count >= FAILURE_LIMIT:
+            entry.until = now + min(2.0 ** (entry.count - FAILURE_LIMIT), MAX_LOCKOUT)
 
     def prune(self, now):
         for key in [k for k in self.counters if not self.live(k, now)]:
