@@ -217,8 +217,9 @@ class Config:
 
 
 def is_number(text):
-    """True for ASCII digits only: str.isdigit() also takes '²' and '٣', which int() refuses."""
-    return text.isascii() and text.isdigit()
+    """True for 1 to 18 ASCII digits: str.isdigit() also takes '²' and '٣', which
+    int() refuses, and int() refuses 4,301 digits; no number here needs 19."""
+    return len(text) <= 18 and text.isascii() and text.isdigit()
 
 
 def as_bool(value):
@@ -1027,14 +1028,19 @@ class Idempotency:
         return os.path.join(self.directory, digest + ".json")
 
     @contextlib.contextmanager
-    def held(self, path):
-        """Hold the in-process lock of one record."""
+    def held(self, path, blocked=contextlib.nullcontext):
+        """Hold the in-process lock of one record; inside blocked() while it is busy."""
         with self.guard:
             entry = self.locks.setdefault(path, [threading.Lock(), 0])
             entry[1] += 1
         try:
-            with entry[0]:
+            if not entry[0].acquire(blocking=False):
+                with blocked():
+                    entry[0].acquire()
+            try:
                 yield
+            finally:
+                entry[0].release()
         finally:
             with self.guard:
                 entry[1] -= 1
@@ -1057,8 +1063,12 @@ class Idempotency:
         return record
 
     def save(self, path, record):
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        write_json_atomically(path, record, self.sync)
+        """Write a record durably; 507 or 503 if the state directory refuses."""
+        try:
+            os.makedirs(self.directory, mode=0o750, exist_ok=True)
+            write_json_atomically(path, record, self.sync)
+        except OSError as exc:
+            raise storage_error(exc) from exc
 
     def expire(self, now=None):
         """Delete the records that have outlived their time (their files' mtime tells)."""
@@ -2421,6 +2431,12 @@ def json_fields(body):
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(HTTPStatus.BAD_REQUEST, "Body is not valid JSON") from None
+    try:  # in a key as well as in a value
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, "Body holds a lone surrogate (\\ud800): not Unicode"
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(HTTPStatus.BAD_REQUEST, "Body must be a JSON object")
     return data
@@ -2655,11 +2671,12 @@ def authenticate(request, authenticator, throttle):
         except (binascii.Error, ValueError):
             decoded = ""
         name, colon, password = decoded.partition(":")
-        password = password if colon else None
+        if not colon:  # no "name:password": never log what might be a password
+            name, password = "(malformed credentials)", None
     address = client_address(request)
     wait = throttle.retry_after(address, name)
     if wait:
-        log.warning("throttled: %s for user %s", escape(address), escape(name))
+        log.warning("throttled: %s for user %s", escape(address), logged_name(name))
         raise ApiError(
             HTTPStatus.TOO_MANY_REQUESTS,
             "Too many failed logins; retry later",
@@ -2678,10 +2695,15 @@ def authenticate(request, authenticator, throttle):
             throttle.failed(address, name)
             log.warning(
                 "authentication failed for user %s from %s",
-                escape(name),
+                logged_name(name),
                 escape(address),
             )
         raise unauthorized()
+
+
+def logged_name(name):
+    """A client-supplied user name for a log line: escaped, and cut short."""
+    return escape(name[:64]) + ("..." if len(name) > 64 else "")
 
 
 def unix_peer_user(request):
@@ -2752,15 +2774,32 @@ def send_message(request):
         return HTTPStatus.OK, describe_plan(plan)
     wait = read_wait(request, plan)
     key = request.header("Idempotency-Key")
-    if not key:
-        ids = {number: new_message_id(request.user.name) for number in plan.numbers}
-        return deliver(request, plan, ids, wait, retry=False)
-    if not IDEMPOTENCY_KEY.fullmatch(key):
+    if key and not IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(
             HTTPStatus.BAD_REQUEST,
             "Idempotency-Key must be 1-255 printable ASCII characters",
         )
-    return send_once(request, plan, key, wait)
+    with waiter_slot(request) if wait else contextlib.nullcontext():
+        if key:
+            return send_once(request, plan, key, wait)
+        ids = {number: new_message_id(request.user.name) for number in plan.numbers}
+        return deliver(request, plan, ids, wait, retry=False)
+
+
+@contextlib.contextmanager
+def waiter_slot(request):
+    """Hold one of max_waiters slots while waiting; 503 at once when none is free."""
+    slots = request.app.waiters
+    if not slots.acquire(blocking=False):
+        raise ApiError(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "Too many requests are waiting; try again or send without wait",
+            [("Retry-After", "5")],
+        )
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def plan_send(request):
@@ -2826,12 +2865,17 @@ def send_once(request, plan, key, wait):
     """Send under an Idempotency-Key: the first request does the work, repeats get its answer."""
     store = request.app.watcher.idempotency
     path = store.path(request.user.name, key)
-    with store.held(path):
+    # Blocked behind another request with this key, a request waits like ?wait does.
+    blocked = (
+        contextlib.nullcontext if wait else functools.partial(waiter_slot, request)
+    )
+    with store.held(path, blocked):
         record = store.load(path, plan.fingerprint, plan.numbers)
         if record and "response" in record:
             request.environ["smsapi.replayed"] = True
             return HTTPStatus(record["status"]), record["response"]
-        if record is None:
+        new = record is None
+        if new:
             ids = {number: new_message_id(request.user.name) for number in plan.numbers}
             record = {
                 "created": time.time(),
@@ -2839,8 +2883,15 @@ def send_once(request, plan, key, wait):
                 "ids": ids,
             }
             store.save(path, record)  # before the files: a retry reuses these ids
-        status, data = deliver(request, plan, record["ids"], wait, retry=True)
-        store.save(path, dict(record, status=status.value, response=data))
+        try:
+            status, data = deliver(request, plan, record["ids"], wait, retry=True)
+        except ApiError:
+            if new:  # nothing was written: neither is the record
+                remove_quietly(path)
+            raise
+        # If this write fails, the files are queued all the same; a retry finds them.
+        with contextlib.suppress(ApiError):
+            store.save(path, dict(record, status=status.value, response=data))
         return status, data
 
 
@@ -2861,47 +2912,35 @@ def status_or_gone(request, message_id):
 
 def deliver(request, plan, ids, wait, retry):
     """Write one file per number (on a retry, only those not queued yet); then maybe wait."""
-    config, slots = request.config, request.app.waiters
-    if wait and not slots.acquire(blocking=False):
-        raise ApiError(
-            HTTPStatus.SERVICE_UNAVAILABLE,
-            "Too many requests are waiting; try again or send without wait",
-            [("Retry-After", "5")],
+    config = request.config
+    files = {
+        ids[number]: render_message(
+            request.user.name, number, plan.encoding, plan.options
         )
-    try:
-        files = {
-            ids[number]: render_message(
-                request.user.name, number, plan.encoding, plan.options
+        for number in plan.numbers
+        if not retry or find_message(config, ids[number]) is None
+    }
+    write_messages(config, files, request.app.outgoing_sync)
+    request.app.accepted(list(files))
+    request.environ["smsapi.ids"] = list(files)
+    text = f' text="{escape(plan.text)}"' if config.log_text else ""
+    for number in plan.numbers:
+        if ids[number] in files:
+            log.info(
+                "queued %s from %s to %s, parts=%d%s",
+                ids[number],
+                escape(request.user.name),
+                number,
+                plan.encoding.parts,
+                text,
             )
-            for number in plan.numbers
-            if not retry or find_message(config, ids[number]) is None
-        }
-        write_messages(config, files, request.app.outgoing_sync)
-        request.app.accepted(list(files))
-        request.environ["smsapi.ids"] = list(files)
-        text = f' text="{escape(plan.text)}"' if config.log_text else ""
-        for number in plan.numbers:
-            if ids[number] in files:
-                log.info(
-                    "queued %s from %s to %s, parts=%d%s",
-                    ids[number],
-                    escape(request.user.name),
-                    number,
-                    plan.encoding.parts,
-                    text,
-                )
-        data = {
-            "message_id": {
-                given: ids[number] for given, number in plan.recipients.items()
-            },
-            "parts_count": plan.encoding.parts,
-            "sent_text": plan.text,
-            "encoding": plan.encoding.alphabet,
-        }
-        return wait_for(request, data, wait) if wait else (HTTPStatus.CREATED, data)
-    finally:
-        if wait:
-            slots.release()
+    data = {
+        "message_id": {given: ids[number] for given, number in plan.recipients.items()},
+        "parts_count": plan.encoding.parts,
+        "sent_text": plan.text,
+        "encoding": plan.encoding.alphabet,
+    }
+    return wait_for(request, data, wait) if wait else (HTTPStatus.CREATED, data)
 
 
 def wait_for(request, data, wait):
@@ -3796,13 +3835,12 @@ def match_route(method, path):
         match = pattern.fullmatch(path)
         if match is None:
             continue
-        if method in methods or method == "HEAD" and "GET" in methods:
+        head = "GET" in methods and handler is not send_message  # its GET sends (v0.1)
+        if method in methods or method == "HEAD" and head:
             return handler, auth, match.groupdict(), template
-        allowed |= methods
+        allowed |= methods | ({"HEAD"} if head else set())
     if not allowed:
         raise not_found()
-    if "GET" in allowed:
-        allowed.add("HEAD")
     raise ApiError(
         HTTPStatus.METHOD_NOT_ALLOWED,
         "Method not allowed",

@@ -3152,7 +3152,7 @@ def test_logs_hold_the_text_when_log_text_says_so(tmp_path, spool, caplog):
 def test_unknown_path_404_wrong_method_405_with_allow(app):
     assert call(app, "GET", "/api/v2/whatever").status == 404
     response = call(app, "PUT", "/api/v1.0/sms/outgoing", user="lvv")
-    assert response.status == 405 and response.headers["Allow"] == "GET, HEAD, POST"
+    assert response.status == 405 and response.headers["Allow"] == "GET, POST"
     response = call(app, "POST", "/api/v1.0/sms/sent/x", user="lvv")
     assert response.status == 405 and response.headers["Allow"] == "DELETE, GET, HEAD"
     assert response.json() == {"error": "Method not allowed"}
@@ -3162,6 +3162,198 @@ def test_head_has_headers_and_no_body(app):
     response = call(app, "HEAD", "/api/v1.0/monitoring")
     assert response.status == 200 and response.body == b""
     assert int(response.headers["Content-Length"]) > 0
+
+
+def test_head_on_the_send_route_sends_nothing(app, spool):
+    query = "mobiles=79680000000&text=hello"
+    response = call(app, "HEAD", "/api/v1.0/sms/outgoing", user="lvv", query=query)
+    assert response.status == 405 and "HEAD" not in response.headers["Allow"]
+    assert spool_snapshot(spool) == {}
+    assert call(app, "HEAD", "/api/v1.0/sms/sent/", user="lvv").status == 200
+
+
+def test_lone_surrogate_in_a_json_key_is_400(app, spool, caplog):
+    caplog.set_level("INFO", logger="smsapi")
+    for body in (
+        b'{"\\ud800": 1}',
+        b'{"mobiles": ["79680000000"], "text": "x", "\\udfff": 1}',
+    ):
+        response = post_send(app, body, "lvv", {"Content-Type": "application/json"})
+        assert response.status == 400 and "surrogate" in response.json()["error"]
+    assert caplog.text.count("POST /api/v1.0/sms/outgoing 400") == 2  # logged, counted
+    assert spool_snapshot(spool) == {}
+
+
+@pytest.mark.parametrize("name", ["limit", "offset", "wait"])
+def test_number_parameters_of_4301_digits_are_400(app, spool, name):
+    digits = "9" * 4301
+    route = "/api/v1.0/sms/outgoing" if name == "wait" else "/api/v1.0/sms/sent/"
+    method = "POST" if name == "wait" else "GET"
+    body = {"mobiles": ["79680000000"], "text": "x"} if name == "wait" else None
+    response = call(app, method, route, body, "lvv", query=f"{name}={digits}")
+    assert response.status == 400 and name in response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+@pytest.mark.parametrize("field", ["retries", "class"])
+def test_form_numbers_of_4301_digits_are_400(app, spool, field):
+    body = f"mobiles=79680000000&text=x&{field}={'9' * 4301}".encode()
+    response = post_send(app, body, "lvv", FORM)
+    assert response.status == 400 and field in response.json()["error"]
+    json_body = b'{"mobiles": ["79680000000"], "text": "x", "%s": %s}' % (
+        field.encode(),
+        b"9" * 4301,
+    )
+    response = post_send(app, json_body, "lvv", {"Content-Type": "application/json"})
+    assert response.status == 400
+    assert spool_snapshot(spool) == {}
+
+
+def test_credential_without_colon_is_never_logged(app, caplog):
+    secret = "S3cretPassw0rd"
+    header = "Basic " + base64.b64encode(secret.encode()).decode()
+    response = call(
+        app, "GET", "/api/v1.0/sms/sent/", headers={"Authorization": header}
+    )
+    assert response.status == 401
+    assert secret not in caplog.text and "malformed credentials" in caplog.text
+    long_name = "n" * 150_000
+    header = "Basic " + base64.b64encode(f"{long_name}:x".encode()).decode()
+    call(app, "GET", "/api/v1.0/sms/sent/", headers={"Authorization": header})
+    assert len(caplog.text) < 2000  # the name is cut short in the log
+
+
+def state_files(config):
+    """Every file under the state directory but the report journal."""
+    found = []
+    for root, _, names in os.walk(config.state_dir):
+        found += [os.path.join(root, n) for n in names if n != smsapi.JOURNAL]
+    return found
+
+
+def test_rejected_keyed_requests_write_no_record(app, spool, config):
+    slots = [app.waiters.acquire(blocking=False) for _ in range(config.max_waiters)]
+    assert all(slots)
+    try:
+        for n in range(3):
+            response = post_send(
+                app,
+                {"mobiles": ["79680000000"], "text": "x"},
+                "lvv",
+                {"Idempotency-Key": f"key-{n}"},
+                query="wait=5",
+            )
+            assert response.status == 503
+    finally:
+        for _ in slots:
+            app.waiters.release()
+    assert state_files(config) == [] and spool_snapshot(spool) == {}
+    os.rename(spool["outgoing"], spool["outgoing"] + ".away")  # the write fails
+    try:
+        assert idempotent(app, "lost").status == 503
+    finally:
+        os.rename(spool["outgoing"] + ".away", spool["outgoing"])
+    assert state_files(config) == []
+
+
+def test_unwritable_state_refuses_a_keyed_send_before_any_file(app, spool, config):
+    os.makedirs(config.state_dir, exist_ok=True)
+    with open(os.path.join(config.state_dir, "idempotency"), "w"):
+        pass  # where the records' directory should be
+    response = idempotent(app, "daily")
+    assert response.status in (503, 507) and "not stored" in response.json()["error"]
+    assert spool_snapshot(spool) == {}
+
+
+def test_requests_blocked_on_one_key_count_as_waiters(app, spool, config):
+    store = app.watcher.idempotency
+    answers = []
+
+    def keyed():
+        answers.append(idempotent(app, "shared").status)
+
+    with store.held(store.path("lvv", "shared")):  # as if a first request waited long
+        threads = [threading.Thread(target=keyed) for _ in range(config.max_waiters)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: app.waiters._value == 0, what="the waiter slots to fill")
+        assert idempotent(app, "shared").status == 503  # no thread more is held
+        plain = post_send(
+            app, {"mobiles": ["79680000000"], "text": "x"}, "lvv", query="wait=1"
+        )
+        assert plain.status == 503
+    for thread in threads:
+        thread.join(10)
+    assert sorted(answers) == [201] * config.max_waiters
+    assert len(os.listdir(spool["outgoing"])) == 2  # one send, two numbers
+
+
+ANY_CHARACTER = st.integers(0, 0x10FFFF).map(chr)  # lone surrogates too
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(
+    body=st.dictionaries(
+        st.text(ANY_CHARACTER, max_size=8),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.text(ANY_CHARACTER, max_size=8),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(ANY_CHARACTER, max_size=4), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+        max_size=6,
+    )
+)
+def test_fuzz_send_with_any_json_object(tmp_path_factory, body):
+    root = tmp_path_factory.mktemp("fuzz")
+    spool = make_spool(root)
+    app = smsapi.Application(smsapi.load_config(write_ini(root, spool)))
+    encoded = json.dumps(body).encode()  # surrogates as \\ud800 escapes
+    response = post_send(app, encoded, "lvv", {"Content-Type": "application/json"})
+    assert response.status < 500, response.body
+    if response.status != 201:
+        assert spool_snapshot(spool) == {}
+
+
+NUMBER_FIELDS = [
+    ("query", "limit"),
+    ("query", "offset"),
+    ("query", "wait"),
+    ("form", "retries"),
+    ("form", "class"),
+    ("form", "validity"),
+]
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    where=st.sampled_from(NUMBER_FIELDS),
+    digits=st.integers(3, 6000),  # 777 is past max_wait: no example waits
+    lead=st.sampled_from(["", "+", "-", " ", "0"]),
+)
+def test_fuzz_long_digit_strings_in_every_number_field(
+    tmp_path_factory, where, digits, lead
+):
+    root = tmp_path_factory.mktemp("fuzz")
+    spool = make_spool(root)
+    app = smsapi.Application(smsapi.load_config(write_ini(root, spool)))
+    kind, name = where
+    value = urllib.parse.quote(lead + "7" * digits)
+    if kind == "query":
+        route = "/api/v1.0/sms/sent/" if name != "wait" else "/api/v1.0/sms/outgoing"
+        body = {"mobiles": ["79680000000"], "text": "x"} if name == "wait" else None
+        response = call(
+            app, "POST" if body else "GET", route, body, "lvv", query=f"{name}={value}"
+        )
+    else:
+        form = f"mobiles=79680000000&text=x&{name}={value}".encode()
+        response = post_send(app, form, "lvv", FORM)
+    assert response.status < 500, response.body
 
 
 def test_no_request_imports_anything(app, spool):
