@@ -1804,6 +1804,55 @@ def remove_older(directory, cutoff, limit):
 
 
 ###############################################################################
+# Recent failures ##############################################################
+###############################################################################
+
+
+class RecentFailures:
+    """The files smsd filed in failed/ within the last hour, for /health.
+
+    Told by the change stream, so /health never lists failed/, however big it
+    is; only a RESCAN (at start, or when the watch was lost) does, once.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.lock = threading.Lock()
+        self.times = {}  # file name -> its mtime, within the last hour
+
+    def arrived(self, name):
+        try:
+            mtime = os.lstat(os.path.join(self.directory, name)).st_mtime
+        except FileNotFoundError:
+            return
+        if is_message_name(name) and mtime > time.time() - 3600:
+            with self.lock:
+                self.times[name] = mtime
+
+    def gone(self, name):
+        with self.lock:
+            self.times.pop(name, None)
+
+    def rescan(self):
+        cutoff, found = time.time() - 3600, {}
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                    if is_message_name(entry.name) and mtime > cutoff:
+                        found[entry.name] = mtime
+        with self.lock:
+            self.times = found
+
+    def count(self):
+        """How many failed within the last hour (older ones are forgotten now)."""
+        cutoff = time.time() - 3600
+        with self.lock:
+            self.times = {n: t for n, t in self.times.items() if t > cutoff}
+            return len(self.times)
+
+
+###############################################################################
 # Waiters ######################################################################
 ###############################################################################
 
@@ -1881,6 +1930,7 @@ class Watcher:
         self.reports = ReportIndex(config, self.counts)
         self.inbox = InboxIndex()
         self.retention = Retention(config, self.counts)
+        self.failures = RecentFailures(config.spool["failed"])
         self.waiters = Waiters()
         self.idempotency = idempotency
         self.stopping = threading.Event()
@@ -1958,6 +2008,13 @@ class Watcher:
                 self.learn_sent(name)
             elif change.event == GONE:
                 self.reports.forget(name)
+        elif kind == "failed":
+            if change.event == RESCAN:
+                self.failures.rescan()
+            elif change.complete:
+                self.failures.arrived(name)
+            elif change.event == GONE:
+                self.failures.gone(name)
         elif kind in ("incoming", "report"):
             if change.event == RESCAN:
                 self.rescan_received(kind)
@@ -2014,14 +2071,36 @@ MODEM_STATES = (
 )  # what smsd's status file says of a working modem
 
 
-def health_checks(config):
-    """Every check of GET /health: {name: {"status": pass|warn|fail, "output", ...}}."""
-    now = time.time()
+class Health:
+    """The checks of GET /health, made at most once every `every` seconds.
+
+    /health, /monitoring and /metrics need no login: whatever their callers
+    do, the spool is scanned once a second at the most, by one of them, and
+    the others take that result.
+    """
+
+    def __init__(self, failures, every=1.0):
+        self.failures = failures  # the watcher's RecentFailures
+        self.every = every
+        self.lock = threading.Lock()
+        self.made, self.checks = -math.inf, None
+
+    def current(self, config):
+        """{name: {"status": pass|warn|fail, "output", ...}}, at most `every` seconds old."""
+        with self.lock:
+            if time.monotonic() - self.made >= self.every:
+                self.checks = health_checks(config, self.failures.count())
+                self.made = time.monotonic()
+            return self.checks
+
+
+def health_checks(config, failed_last_hour):
+    """Every check of GET /health, made now."""
     checks = {
         "spool": spool_check(config),
         "smsd": smsd_check(config),
-        "queue": queue_check(config, now),
-        "failed": failed_check(config, now),
+        "queue": queue_check(config, time.time()),
+        "failed": failed_check(config, failed_last_hour),
     }
     checks.update(modem_checks(config))
     return checks
@@ -2088,24 +2167,18 @@ def is_smsd(pid):
 
 
 def queue_state(config, now):
-    """(files waiting in outgoing and checked, age in seconds of the oldest)."""
-    mtimes = []
+    """(files waiting in outgoing and checked, age in seconds of the oldest), in one pass."""
+    count, oldest = 0, now
     for kind in ("outgoing", "checked"):
-        mtimes += spool_mtimes(config.spool[kind])
-    return len(mtimes), max(0.0, now - min(mtimes)) if mtimes else 0.0
-
-
-def spool_mtimes(directory):
-    """The mtime of each message file in directory."""
-    mtimes = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if is_message_name(entry.name):
-                try:
-                    mtimes.append(entry.stat(follow_symlinks=False).st_mtime)
-                except FileNotFoundError:  # smsd moved it on meanwhile
-                    pass
-    return mtimes
+        with os.scandir(config.spool[kind]) as entries:
+            for entry in entries:
+                if is_message_name(entry.name):
+                    try:
+                        mtime = entry.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:  # smsd moved it on meanwhile
+                        continue
+                    count, oldest = count + 1, min(oldest, mtime)
+    return count, max(0.0, now - oldest)
 
 
 def queue_check(config, now):
@@ -2128,11 +2201,7 @@ def queue_check(config, now):
     }
 
 
-def failed_check(config, now):
-    try:
-        failed = sum(t > now - 3600 for t in spool_mtimes(config.spool["failed"]))
-    except OSError as exc:
-        return {"status": "fail", "output": one_line(exc)}
+def failed_check(config, failed):
     limits = config.health
     return {
         "status": graded(failed, limits["failed_warn"], limits["failed_fail"]),
@@ -2260,13 +2329,13 @@ class Metrics:
             "Old spool files removed.",
             app.watcher.counts["removed"],
         )
-        spool_gauges(out, app.config)
+        spool_gauges(out, app.health.current(app.config))
         return out.text()
 
 
-def spool_gauges(out, config):
-    """The queue, smsd and the modems as they are now (what can be read of them)."""
-    queue = queue_check(config, time.time())
+def spool_gauges(out, checks):
+    """The queue, smsd and the modems as /health last saw them."""
+    queue = checks["queue"]
     if "queued" in queue:  # else the spool is unreadable
         out.one(
             "smsapi_queue_messages",
@@ -2280,18 +2349,17 @@ def spool_gauges(out, config):
             "Age of the oldest queued file.",
             queue["oldest_seconds"],
         )
-    pid = smsd_pid(config)
-    if pid is not None:
+    if checks["smsd"]["status"] != "warn":  # warn: no smsd.conf, so nothing known
         out.one(
             "smsapi_smsd_up",
             "gauge",
             "1 if smsd's pid file names a live smsd.",
-            int(bool(pid)),
+            int(checks["smsd"]["status"] == "pass"),
         )
     signals = [
-        (name[6:], check["signal_dbm"])
-        for name, check in modem_checks(config).items()
-        if check.get("signal_dbm") is not None
+        (name.partition(":")[2], check["signal_dbm"])
+        for name, check in checks.items()
+        if name.startswith("modem:") and check.get("signal_dbm") is not None
     ]
     if signals:
         out.family(
@@ -3326,7 +3394,7 @@ def openapi(request):
 
 def monitoring(request):
     """Is the spool usable? 200 "ok" or 503 with the reason, as v0.1 said; plus each check's grade."""
-    checks = health_checks(request.config)
+    checks = request.app.health.current(request.config)
     details = {name: check["status"] for name, check in checks.items()}
     if checks["spool"]["status"] == "fail":
         return HTTPStatus.SERVICE_UNAVAILABLE, {
@@ -3339,7 +3407,7 @@ def monitoring(request):
 
 def health(request):
     """Every check graded pass, warn or fail; 503 when one fails, for curl -f."""
-    checks = health_checks(request.config)
+    checks = request.app.health.current(request.config)
     status = worst([check["status"] for check in checks.values()])
     code = HTTPStatus.SERVICE_UNAVAILABLE if status == "fail" else HTTPStatus.OK
     return code, {"status": status, "checks": checks}
@@ -3871,12 +3939,13 @@ KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "DELETE"])
 class Application:
     """The WSGI application: route, authenticate, handle, answer JSON (or plain text)."""
 
-    def __init__(self, config, interval=1.0, inotify=True):
+    def __init__(self, config, interval=1.0, inotify=True, health_every=1.0):
         self.config = config
         self.authenticator = Authenticator()
         self.throttle = Throttle()
         self.openapi = openapi_document(config)
         self.watcher = Watcher(config, Idempotency(config), interval, inotify)
+        self.health = Health(self.watcher.failures, health_every)
         self.waiters = threading.BoundedSemaphore(config.max_waiters)
         self.outgoing_sync = DirectorySync(config.spool["outgoing"])
         self.metrics = Metrics()

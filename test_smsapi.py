@@ -1766,15 +1766,16 @@ SPOOL_OPENS = []  # paths opened while a test counts them (see counting_opens)
 
 
 def _count_open(event, args):
-    if event == "open" and SPOOL_OPENS and isinstance(args[0], str):
-        SPOOL_OPENS[0].append(args[0])
+    if event in ("open", "os.scandir", "os.listdir") and SPOOL_OPENS:
+        if isinstance(args[0], str):
+            SPOOL_OPENS[0].append(args[0])
 
 
 sys.addaudithook(_count_open)
 
 
 class counting_opens:
-    """Collect the paths under root that this process opens meanwhile (audit events)."""
+    """Collect the paths under root that this process opens or lists meanwhile (audit events)."""
 
     def __init__(self, root):
         self.root, self.paths = str(root), []
@@ -2633,7 +2634,7 @@ def test_disk_full_is_507_leaves_nothing_and_recovers(config, small_outgoing):
 
 
 def test_read_only_or_missing_outgoing_makes_monitoring_503(config, small_outgoing):
-    app = smsapi.Application(config)
+    app = smsapi.Application(config, health_every=0)  # checks made anew each time
     assert call(app, "GET", "/api/v1.0/monitoring").status == 200
     subprocess.run(["mount", "-o", "remount,ro", small_outgoing], check=True)
     response = call(app, "GET", "/api/v1.0/monitoring")
@@ -2875,11 +2876,16 @@ def fake_smsd(tmp_path):
     smsd.stop()
 
 
-def health_app(tmp_path, spool, smsd, extra=""):
+def app_config(tmp_path, spool, smsd, extra=""):
     path = write_ini(tmp_path, spool, smsd_conf=smsd.conf)
     with open(path, "a") as file:
         file.write("[health]\nqueue_warn = 2\nqueue_fail = 4\n" + extra)
-    return smsapi.Application(smsapi.load_config(path))
+    return smsapi.load_config(path)
+
+
+def health_app(tmp_path, spool, smsd, extra=""):
+    """An app whose health checks are made anew on each call."""
+    return smsapi.Application(app_config(tmp_path, spool, smsd, extra), health_every=0)
 
 
 def age_file(path, seconds):
@@ -2912,10 +2918,35 @@ def test_health_grades_smsd_queue_failures_and_modems(tmp_path, spool, fake_smsd
     old = os.path.join(spool["failed"], "old")
     shutil.copy(os.path.join(spool["failed"], "f"), old)
     age_file(old, 7200)  # failed before the last hour
+    app.watcher.tick()  # the watcher tells /health what failed, when
     checks = call(app, "GET", "/api/v1.0/health").json()["checks"]
     assert checks["queue"]["status"] == "warn"
     assert (checks["queue"]["queued"], checks["queue"]["oldest_seconds"]) == (2, 700)
     assert (checks["failed"]["status"], checks["failed"]["last_hour"]) == ("warn", 1)
+
+
+def test_health_is_made_once_a_second_whatever_its_callers_do(
+    tmp_path, spool, fake_smsd
+):
+    app = smsapi.Application(app_config(tmp_path, spool, fake_smsd))
+    for n in range(50):
+        put_file(spool, "failed", f"f{n}", {"To": "1"})
+    app.watcher.tick()
+    with counting_opens(os.path.dirname(spool["failed"])) as opens:
+        answers = [
+            call(app, "GET", route)
+            for route in ("/api/v1.0/health", "/api/v1.0/monitoring", "/metrics") * 5
+        ]
+    assert {a.status for a in answers} == {200, 503}  # 50 failures fail /health
+    assert opens.paths == [spool["outgoing"], spool["checked"]]  # once; failed/ never
+    assert answers[0].json()["checks"]["failed"]["last_hour"] == 50
+    os.remove(os.path.join(spool["failed"], "f0"))
+    app.watcher.tick()
+    time.sleep(1.05)
+    assert (
+        call(app, "GET", "/api/v1.0/health").json()["checks"]["failed"]["last_hour"]
+        == 49
+    )
 
 
 def test_health_fails_with_503_when_smsd_is_gone(tmp_path, spool, fake_smsd):
