@@ -2666,20 +2666,34 @@ class Throttle:
 
     Ten failures within a minute from one address block that address. Ten
     for one user block that user from the addresses that failed for it, so
-    the real user elsewhere keeps working. Every attempt while blocked counts
-    too and doubles the delay, up to 15 minutes; it costs no scrypt.
+    the real user elsewhere keeps working. Thirty for one user from all
+    addresses together (many addresses guessing one password) block that user
+    everywhere but from the addresses it logged in from before. Every attempt
+    while blocked counts too and doubles the delay, up to 15 minutes; it
+    costs no scrypt. Memory is bounded: names are kept as short digests, and
+    past MAX_ENTRIES the least recently failing keys are forgotten.
     """
+
+    MAX_ENTRIES = 10_000
+    USER_BUDGET = 30  # failures a minute for one user from all addresses together
+    TRUSTED = 8  # addresses remembered per user that logged in
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.counters = {}  # key -> Failures
+        self.counters = collections.OrderedDict()  # key -> Failures, oldest first
+        self.trusted = {}  # user digest -> [addresses it logged in from]
+        self.quiet = True  # no failure yet: nothing to look up
 
     def retry_after(self, address, user):
         """Whole seconds the caller must wait before trying again, or 0."""
-        now = time.monotonic()
+        if self.quiet:
+            return 0
+        now, user = time.monotonic(), name_digest(user)
         with self.lock:
             keys = [("address", address)]
-            if self.live(("pair", user, address), now):
+            if self.live(("pair", user, address), now) or self.over_budget(
+                user, address, now
+            ):
                 keys.append(("user", user))
             blocked = [
                 k for k in keys if k in self.counters and self.counters[k].until > now
@@ -2690,14 +2704,35 @@ class Throttle:
                 self.count(key, now)
             return max(math.ceil(self.counters[k].until - now) for k in blocked)
 
+    def over_budget(self, user, address, now):
+        """True when user failed too often from everywhere, and address is not its own."""
+        entry = self.counters.get(("user", user))
+        return (
+            entry is not None
+            and entry.count >= self.USER_BUDGET
+            and self.live(("user", user), now)
+            and address not in self.trusted.get(user, ())
+        )
+
     def failed(self, address, user):
         """Count one failed attempt by address for user."""
-        now = time.monotonic()
+        now, user = time.monotonic(), name_digest(user)
         with self.lock:
+            self.quiet = False
             for key in (("address", address), ("user", user), ("pair", user, address)):
                 self.count(key, now)
-            if len(self.counters) > 100_000:
+            if len(self.counters) > self.MAX_ENTRIES:
                 self.prune(now)
+
+    def succeeded(self, address, user):
+        """Remember an address that logged in as user (the real user's own)."""
+        user = name_digest(user)
+        if address in self.trusted.get(user, ()):
+            return  # known already: the usual case, and no lock for it
+        with self.lock:
+            known = self.trusted.setdefault(user, [])
+            if address not in known:
+                known[:] = [*known, address][-self.TRUSTED :]
 
     def live(self, key, now):
         entry = self.counters.get(key)
@@ -2709,21 +2744,34 @@ class Throttle:
         entry = self.counters.get(key)
         if entry is None or not self.live(key, now):
             entry = self.counters[key] = Failures(now)
+        self.counters.move_to_end(key)
         entry.count += 1
         if entry.count >= FAILURE_LIMIT:
             entry.until = now + min(2.0 ** (entry.count - FAILURE_LIMIT), MAX_LOCKOUT)
 
     def prune(self, now):
+        """Forget what expired; if that is not enough, the least recently failing."""
         for key in [k for k in self.counters if not self.live(k, now)]:
             del self.counters[key]
+        while len(self.counters) > self.MAX_ENTRIES * 3 // 4:
+            self.counters.popitem(last=False)
+
+
+def name_digest(name):
+    """A short digest of a client-supplied user name: what the throttle keeps of it."""
+    return hashlib.blake2b(name.encode(errors="replace"), digest_size=8).digest()
 
 
 def client_address(request):
-    """The caller's address; behind a trusted proxy, the one it forwarded."""
+    """The caller's address: its uid on the unix socket; behind a trusted proxy,
+    the address the proxy appended to X-Forwarded-For (if it is one)."""
+    if PEER_UID in request.environ:
+        return f"uid:{request.environ[PEER_UID]}"
     address = request.environ.get("REMOTE_ADDR", "")
     if address in request.config.trusted_proxies:
         forwarded = request.header("X-Forwarded-For").split(",")[-1].strip()
-        address = forwarded or address
+        with contextlib.suppress(ValueError):
+            address = str(ipaddress.ip_address(forwarded[:64]))
     return address
 
 
@@ -2741,6 +2789,10 @@ def authenticate(request, authenticator, throttle):
         name, colon, password = decoded.partition(":")
         if not colon:  # no "name:password": never log what might be a password
             name, password = "(malformed credentials)", None
+    if not scheme:  # a local account the kernel vouches for: no password to guess
+        request.user = unix_peer_user(request)
+        if request.user is not None:
+            return
     address = client_address(request)
     wait = throttle.retry_after(address, name)
     if wait:
@@ -2750,23 +2802,21 @@ def authenticate(request, authenticator, throttle):
             "Too many failed logins; retry later",
             [("Retry-After", str(wait))],
         )
-    if not scheme:
-        request.user = unix_peer_user(request)
-        if request.user is not None:
-            return
     users = request.config.users
     request.user = (
         None if password is None else authenticator.check(users, name, password)
     )
-    if request.user is None:
-        if scheme:  # no header at all is a client asking for the challenge
-            throttle.failed(address, name)
-            log.warning(
-                "authentication failed for user %s from %s",
-                logged_name(name),
-                escape(address),
-            )
-        raise unauthorized()
+    if request.user is not None:
+        throttle.succeeded(address, name)
+        return
+    if scheme:  # no header at all is a client asking for the challenge
+        throttle.failed(address, name)
+        log.warning(
+            "authentication failed for user %s from %s",
+            logged_name(name),
+            escape(address),
+        )
+    raise unauthorized()
 
 
 def logged_name(name):

@@ -132,9 +132,11 @@ def call(
     headers=None,
     query="",
     remote_addr="127.0.0.1",
+    environ=None,
 ):
     """Run one request through the app, checked by wsgiref's validator."""
     environ = {
+        **(environ or {}),
         "REMOTE_ADDR": remote_addr,
         "REQUEST_METHOD": method,
         "SCRIPT_NAME": "",
@@ -1766,9 +1768,9 @@ SPOOL_OPENS = []  # paths opened while a test counts them (see counting_opens)
 
 
 def _count_open(event, args):
-    if event in ("open", "os.scandir", "os.listdir") and SPOOL_OPENS:
-        if isinstance(args[0], str):
-            SPOOL_OPENS[0].append(args[0])
+    listed = event in ("open", "os.scandir", "os.listdir")
+    if listed and SPOOL_OPENS and isinstance(args[0], str):
+        SPOOL_OPENS[0].append(args[0])
 
 
 sys.addaudithook(_count_open)
@@ -3385,6 +3387,98 @@ def test_fuzz_long_digit_strings_in_every_number_field(
         form = f"mobiles=79680000000&text=x&{name}={value}".encode()
         response = post_send(app, form, "lvv", FORM)
     assert response.status < 500, response.body
+
+
+def basic(user, password):
+    return {
+        "Authorization": "Basic "
+        + base64.b64encode(f"{user}:{password}".encode()).decode()
+    }
+
+
+def test_throttle_keys_unix_callers_by_uid_and_spares_mapped_accounts(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    with open(path, "a") as file:
+        file.write("[user:cron]\nunix_users = root\n")
+    app = smsapi.Application(smsapi.load_config(path))
+    nobody = {smsapi.PEER_UID: pwd.getpwnam("nobody").pw_uid}
+    statuses = [
+        call(
+            app,
+            "GET",
+            "/api/v1.0/sms/sent/",
+            headers=basic("lvv", "guess"),
+            environ=nobody,
+        ).status
+        for _ in range(11)
+    ]
+    assert statuses[-1] == 429
+    root = {smsapi.PEER_UID: 0}
+    assert call(app, "GET", "/api/v1.0/sms/sent/", environ=root).status == 200
+    assert (
+        call(app, "GET", "/api/v1.0/sms/sent/", user="lvv", environ=root).status == 200
+    )
+
+
+def test_throttle_guessing_one_user_from_many_addresses(app):
+    own = "10.9.9.9"  # the real user's own address
+    assert (
+        call(app, "GET", "/api/v1.0/sms/sent/", user="lvv", remote_addr=own).status
+        == 200
+    )
+    statuses = [
+        call(
+            app,
+            "GET",
+            "/api/v1.0/sms/sent/",
+            headers=basic("lvv", f"guess{n}"),
+            remote_addr=f"127.1.0.{n + 1}",
+        ).status
+        for n in range(40)
+    ]
+    budget = smsapi.Throttle.USER_BUDGET
+    assert statuses[:budget] == [401] * budget and set(statuses[budget:]) == {429}
+    assert (
+        call(app, "GET", "/api/v1.0/sms/sent/", user="lvv", remote_addr=own).status
+        == 200
+    )
+    assert (
+        call(
+            app, "GET", "/api/v1.0/sms/sent/", user="ann", remote_addr="127.1.0.99"
+        ).status
+        == 200
+    )
+
+
+def test_throttle_memory_is_bounded_whatever_the_names():
+    throttle = smsapi.Throttle()
+    for n in range(3 * smsapi.Throttle.MAX_ENTRIES):
+        throttle.failed(
+            f"127.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", "x" * 1000 + str(n)
+        )
+    assert len(throttle.counters) <= smsapi.Throttle.MAX_ENTRIES + 3
+    assert all(len(k[1]) <= 64 for k in throttle.counters)  # digests, not names
+    assert throttle.retry_after("127.0.0.9", "y") == 0  # an address never seen
+    throttle.failed("10.0.0.1", "z")
+    assert ("address", "10.0.0.1") in throttle.counters  # the newest is kept
+
+
+def test_throttle_behind_a_proxy_takes_only_an_address_it_forwarded(tmp_path, spool):
+    app = smsapi.Application(
+        smsapi.load_config(
+            write_ini(tmp_path, spool, extra="trusted_proxies = 127.0.0.1")
+        )
+    )
+    for forwarded in ("not-an-address", "x" * 10000):
+        for _ in range(10):
+            call(
+                app,
+                "GET",
+                "/api/v1.0/sms/sent/",
+                headers={**basic("lvv", "guess"), "X-Forwarded-For": forwarded},
+            )
+    assert ("address", "127.0.0.1") in app.throttle.counters
+    assert all(len(str(k[-1])) < 64 for k in app.throttle.counters)
 
 
 def test_no_request_imports_anything(app, spool):
