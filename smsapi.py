@@ -42,12 +42,14 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import math
 import os
 import pwd
+import queue
 import re
 import secrets
 import signal
@@ -107,6 +109,8 @@ PEER_UID = "smsapi.peer_uid"  # WSGI environ key: the uid of a unix-socket calle
 BACKLOG = 1024  # connections the kernel holds for us before accept()
 SD_LISTEN_FDS_START = 3  # the first socket systemd hands over (sd_listen_fds(3))
 STOP_GRACE = 10.0  # seconds requests in progress get to finish after SIGTERM
+UNIX_RESERVE = 100  # connections the unix socket may have beyond connection_limit
+OPEN_ROUTE_RATE = 100  # requests a second answered on the routes that need no login
 
 #: Characters of the GSM 03.38 basic table that smsd 3.1.21 converts exactly
 #: from a UTF-8 file. The currency sign U+00A4 is left out on purpose: smsd
@@ -205,6 +209,7 @@ class Config:
     report_window: int = 7 * 86400
     connection_limit: int = 1000
     channel_timeout: int = 60
+    request_timeout: int = 10  # seconds a request may take to arrive, in all
     trusted_proxies: tuple = ()
     metrics: str = "local"  # who may read /metrics: local, users, open or off
     log_text: bool = False  # put each message's text in its log line
@@ -386,6 +391,7 @@ SERVER_OPTIONS = {
     "report_window": as_duration,
     "connection_limit": as_count,
     "channel_timeout": as_duration,
+    "request_timeout": as_duration,
     "trusted_proxies": as_addresses,
     "metrics": as_metrics_access,
     "log_text": as_bool,
@@ -3978,6 +3984,7 @@ RESTART_ONLY = (
     "threads",
     "connection_limit",
     "channel_timeout",
+    "request_timeout",
     "state_dir",
     "max_waiters",
     "fsync",
@@ -4348,9 +4355,13 @@ def serve_waitress(config, app, sockets, signals):
             # waitress answers absurd bodies itself; up to this much, the app
             # gives the JSON 413 after looking at Content-Length.
             max_request_body_size=config.max_body * 16,
-            connection_limit=config.connection_limit,
+            # the unix socket has room of its own: TCP clients cannot take it
+            connection_limit=config.connection_limit
+            + (UNIX_RESERVE if group is unix else 0),
             channel_timeout=config.channel_timeout,
+            cleanup_interval=1,  # how often maintain() looks at the connections
             asyncore_use_poll=True,  # select() stops at 1024 descriptors
+            _dispatcher=open_routes_last(config.threads),
         )
         for group in (tcp, unix)
         if group
@@ -4359,8 +4370,10 @@ def serve_waitress(config, app, sockets, signals):
         c for c in channels.values() if isinstance(c, waitress.server.BaseWSGIServer)
     ]
     for listener in listeners:
-        if listener.socket.family == socket.AF_UNIX:
-            listener.channel_class = unix_channel_class()
+        listener.channel_class = channel_class(listener.socket.family == socket.AF_UNIX)
+        listener.maintenance = functools.partial(
+            maintain, listener, listener.maintenance, config.request_timeout
+        )
     announce(sockets)
 
     def turn(timeout=1.0):
@@ -4369,6 +4382,7 @@ def serve_waitress(config, app, sockets, signals):
     run_until_stopped(turn, app, signals)
     for listener in listeners:  # accept no more, without closing waitress's trigger
         wasyncore.dispatcher.close(listener)
+        listener.task_dispatcher.release_held(everything=True)
     app.watcher.stop()  # requests that wait for smsd answer now
     deadline = time.monotonic() + STOP_GRACE
     while time.monotonic() < deadline and any(map(is_busy, channels.values())):
@@ -4379,8 +4393,9 @@ def serve_waitress(config, app, sockets, signals):
     return 0
 
 
-def unix_channel_class():
-    """waitress's connection class, for the unix socket: it knows the caller's uid."""
+def channel_class(unix):
+    """waitress's connection class, knowing when its request began (and, on the
+    unix socket, the caller's uid)."""
     import waitress.channel
     import waitress.task
 
@@ -4390,14 +4405,111 @@ def unix_channel_class():
             environ[PEER_UID] = self.channel.peer_uid
             return environ
 
-    class UnixChannel(waitress.channel.HTTPChannel):
-        task_class = UnixTask
+    class Channel(waitress.channel.HTTPChannel):
+        task_class = UnixTask if unix else waitress.task.WSGITask
 
         def __init__(self, server, sock, addr, adj, map=None):
-            self.peer_uid = peer_uid(sock)
+            self.peer_uid = peer_uid(sock) if unix else None
+            # when the request now arriving began: at accept, then at its first
+            # byte; None between requests (a kept-alive connection, idle)
+            self.began = time.monotonic()
             super().__init__(server, sock, addr, adj, map)
 
-    return UnixChannel
+        def received(self, data):
+            before = self.request
+            result = super().received(data)
+            if self.request is None and self.requests:
+                self.began = None  # whole: now it is the app's turn
+            elif self.began is None or self.request not in (before, None):
+                self.began = time.monotonic()  # after an idle spell, or pipelined
+            return result
+
+    return Channel
+
+
+def open_routes_last(threads):
+    """waitress's worker threads, taking requests for the routes that need no login
+    after all others, and at most OPEN_ROUTE_RATE of them a second.
+
+    A flood of /health can then neither keep a send waiting nor busy the
+    server: a request past the rate is held, with no thread, until maintain()
+    lets it go (waitress reads nothing more from its connection meanwhile).
+    """
+    import waitress.task
+
+    open_paths = {path for _, path, _, auth in ROUTES if not auth}
+
+    def urgent(channel):
+        return bool(channel.requests) and channel.requests[0].path not in open_paths
+
+    class Dispatcher(waitress.task.ThreadedTaskDispatcher):
+        def __init__(self):
+            super().__init__()
+            self.held = collections.deque()  # open-route requests past the rate
+            self.tokens, self.filled = float(OPEN_ROUTE_RATE), time.monotonic()
+
+        def add_task(self, task):  # a channel with a request in hand
+            with self.lock:
+                if urgent(task):  # behind the other urgent ones, ahead of the rest
+                    ahead = 0
+                    while ahead < len(self.queue) and urgent(self.queue[ahead]):
+                        ahead += 1
+                    self.queue.insert(ahead, task)
+                elif self.take_token():
+                    self.queue.append(task)
+                else:
+                    self.held.append(task)
+                    return
+                self.queue_cv.notify()
+
+        def take_token(self):
+            now = time.monotonic()
+            self.tokens = min(
+                OPEN_ROUTE_RATE, self.tokens + (now - self.filled) * OPEN_ROUTE_RATE
+            )
+            self.filled = now
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+        def release_held(self, everything=False):
+            """Queue the held requests the rate allows now (all of them on the way out)."""
+            with self.lock:
+                while self.held and (everything or self.take_token()):
+                    self.queue.append(self.held.popleft())
+                    self.queue_cv.notify()
+
+    dispatcher = Dispatcher()
+    dispatcher.set_thread_count(threads)
+    return dispatcher
+
+
+def maintain(listener, waitress_maintenance, request_timeout, now):
+    """Every second: waitress's own clean-up, then close what holds connections for nothing.
+
+    A request that has not arrived whole within request_timeout is closed,
+    however it dribbles (waitress's channel_timeout restarts at every byte).
+    At the connection limit, the idle keep-alive connections that waited
+    longest are closed to make room.
+    """
+    waitress_maintenance(now)
+    listener.task_dispatcher.release_held()
+    late = time.monotonic() - request_timeout
+    channels = list(listener.active_channels.values())
+    for channel in channels:
+        if channel.began is not None and channel.began < late and not channel.requests:
+            channel.will_close = True
+    room = len(listener._map) - listener.adj.connection_limit * 9 // 10
+    if room > 0:
+        quiet = time.time() - 1.0  # answered a second ago at least: read by now
+        idle = [
+            c
+            for c in channels
+            if c.began is None and not is_busy(c) and c.last_activity < quiet
+        ]
+        for channel in sorted(idle, key=lambda c: c.last_activity)[:room]:
+            channel.will_close = True
 
 
 def is_busy(channel):
@@ -4416,6 +4528,9 @@ def serve_wsgiref(config, app, sockets, signals):
 
         def setup(self):
             super().setup()
+            deadline = time.monotonic() + config.request_timeout
+            self.rfile.close()  # read through one that keeps the request's deadline
+            self.rfile = io.BufferedReader(DeadlineReader(self.connection, deadline))
             self.peer_uid = None
             if self.connection.family == socket.AF_UNIX:
                 self.client_address = ("localhost", 0)
@@ -4430,7 +4545,17 @@ def serve_wsgiref(config, app, sockets, signals):
         def log_message(self, *args):  # the app logs each request itself
             pass
 
-    servers = [wsgiref_server(sock, app, Handler) for sock in sockets]
+    workers = config.threads + config.max_waiters
+    servers = [
+        wsgiref_server(
+            sock,
+            app,
+            Handler,
+            workers,
+            UNIX_RESERVE if sock.family == socket.AF_UNIX else config.connection_limit,
+        )
+        for sock in sockets
+    ]
     for server in servers:
         threading.Thread(target=server.serve_forever, args=(0.5,), daemon=True).start()
     announce(sockets)
@@ -4438,17 +4563,44 @@ def serve_wsgiref(config, app, sockets, signals):
     for server in servers:
         server.shutdown()  # accept no more
     app.watcher.stop()  # requests that wait for smsd answer now
+    deadline = time.monotonic() + STOP_GRACE
     for server in servers:
-        server.server_close()  # waits for the requests in progress
+        server.finish(deadline)  # the requests in progress and those accepted
     return 0
 
 
-def wsgiref_server(sock, app, handler):
-    """A threading wsgiref server on a socket that is already listening."""
+class DeadlineReader(io.RawIOBase):
+    """A socket read until one deadline, however slowly its bytes come.
+
+    wsgiref's timeout counts per read, so a client sending a byte at a time
+    would hold a worker for ever; this one counts for the whole request.
+    """
+
+    def __init__(self, sock, deadline):
+        super().__init__()
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request_timeout passed")
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+
+def wsgiref_server(sock, app, handler, workers, waiting):
+    """A wsgiref server on a socket that is already listening, with a fixed pool.
+
+    workers threads serve the accepted connections; at most `waiting` more
+    wait for one, and a connection past that is closed at once.
+    """
     import socketserver
     from wsgiref import simple_server
 
-    class Server(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+    class Server(simple_server.WSGIServer):
         def __init__(self):
             socketserver.BaseServer.__init__(self, sock.getsockname(), handler)
             self.socket = sock
@@ -4457,6 +4609,41 @@ def wsgiref_server(sock, app, handler):
                 self.server_address[1] if sock.family != socket.AF_UNIX else 0
             )
             self.setup_environ()
+            self.accepted = queue.Queue(waiting)
+            self.workers = [
+                threading.Thread(target=self.work, daemon=True) for _ in range(workers)
+            ]
+            for worker in self.workers:
+                worker.start()
+
+        def process_request(self, request, client_address):
+            try:
+                self.accepted.put_nowait((request, client_address))
+            except queue.Full:  # past connection_limit
+                self.shutdown_request(request)
+
+        def work(self):
+            while True:
+                accepted = self.accepted.get()
+                if accepted is None:
+                    return
+                try:
+                    self.finish_request(*accepted)
+                except Exception:  # noqa: BLE001 (as socketserver does: ends one connection)
+                    self.handle_error(*accepted)
+                finally:
+                    self.shutdown_request(accepted[0])
+
+        def finish(self, deadline):
+            """Serve what was accepted, then stop the workers (by deadline at the latest)."""
+            for _ in self.workers:
+                with contextlib.suppress(queue.Full):
+                    self.accepted.put(
+                        None, timeout=max(0.01, deadline - time.monotonic())
+                    )
+            for worker in self.workers:
+                worker.join(max(0.0, deadline - time.monotonic()))
+            self.server_close()
 
     server = Server()
     server.set_app(app)

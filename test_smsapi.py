@@ -8,6 +8,7 @@ end-to-end tests run Debian's smsd against a GSM modem emulated on loopback.
 import base64
 import collections
 import contextlib
+import concurrent.futures
 import dataclasses
 import errno
 import http.client
@@ -22,6 +23,7 @@ import shutil
 import signal
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -3929,6 +3931,189 @@ def test_live_wsgiref_fallback_without_waitress(live):
         "lvv",
     )
     assert status == 201 and data["parts_count"] == 1
+
+
+def unix_server(tmp_path, spool, waitress, extra=""):
+    """smsapi on loopback and on a unix socket the test's own account is mapped on."""
+    directory = tempfile.mkdtemp(prefix="smsapi-")
+    path = os.path.join(directory, "smsapi.sock")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    ini = write_ini(tmp_path, spool, listen=f"127.0.0.1:0 unix:{path}", extra=extra)
+    with open(ini, "a") as file:
+        file.write(f"[user:cron]\nunix_users = {me}\nmobiles = 7968*\n")
+    return Server(ini, tmp_path, [] if waitress else WITHOUT_WAITRESS), path
+
+
+class Drippers:
+    """count connections that each send a byte now and then, never a whole request."""
+
+    def __init__(self, url, count, every=1.0):
+        host, port = url[len("http://") :].rsplit(":", 1)
+        self.sockets = []
+        for _ in range(count):
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.send(b"G")
+            self.sockets.append(sock)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.drip, args=(every,), daemon=True)
+        self.thread.start()
+
+    def drip(self, every):
+        while not self.stop.wait(every):
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.send(b"E")
+
+    def closed(self):
+        """How many the server has closed."""
+        gone = 0
+        for sock in self.sockets:
+            sock.setblocking(False)
+            try:
+                gone += sock.recv(1) == b""
+            except BlockingIOError:
+                pass  # still open
+            except ConnectionResetError:  # closed with its bytes unread
+                gone += 1
+        return gone
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_live_a_thousand_dripping_connections_lock_nobody_out(tmp_path, spool):
+    server, path = unix_server(tmp_path, spool, True, extra="request_timeout = 3")
+    drippers = Drippers(server.url, 1000)
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        assert unix_request(path, "GET", "/api/v1.0/monitoring")[0] == 200
+        assert time.monotonic() - started < 2  # the unix socket has room of its own
+        started = time.monotonic()
+        assert server.request("GET", "/api/v1.0/monitoring", timeout=20)[0] == 200
+        assert time.monotonic() - started < 3 + 4  # request_timeout, and a bit
+        # dribbling kept none (those in the listen backlog get their turn later)
+        wait_until(lambda: drippers.closed() >= 900, 15, "the drippers to be cut off")
+    finally:
+        drippers.close()
+        server.stop()
+
+
+def thread_count(pid):
+    with open(f"/proc/{pid}/status") as file:
+        return int(re.search(r"Threads:\s+(\d+)", file.read()).group(1))
+
+
+def test_live_wsgiref_serves_from_a_fixed_pool(tmp_path, spool):
+    server, path = unix_server(tmp_path, spool, False, extra="request_timeout = 3")
+    drippers = Drippers(server.url, 300)
+    try:
+        time.sleep(1)
+        assert thread_count(server.process.pid) < 30  # not a thread per connection
+        started = time.monotonic()
+        assert unix_request(path, "GET", "/api/v1.0/monitoring")[0] == 200
+        assert time.monotonic() - started < 2  # its own workers
+        wait_until(
+            lambda: drippers.closed() >= 6, 10, "the first drippers to be cut off"
+        )
+    finally:
+        drippers.close()
+        server.stop()
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as file:
+        return int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1)) / 1024
+
+
+def test_live_failed_logins_with_huge_names_cost_no_memory(tmp_path, spool):
+    # glibc would keep scrypt's freed 16 MiB buffers: show what is really retained
+    server = Server(
+        write_ini(tmp_path, spool), tmp_path, env={"MALLOC_MMAP_THRESHOLD_": "131072"}
+    )
+    host, port = server.url[len("http://") :].rsplit(":", 1)
+
+    def fail(n):
+        name = f"{n}-" + "x" * 150_000
+        connection = http.client.HTTPConnection(
+            host,
+            int(port),
+            timeout=30,
+            source_address=(f"127.2.{n // 250}.{n % 250 + 1}", 0),
+        )
+        connection.request("GET", "/api/v1.0/sms/sent/", headers=basic(name, "guess"))
+        status = connection.getresponse().status
+        connection.close()
+        return status
+
+    try:
+        assert fail(0) == 401
+        before = rss_mb(server.process.pid)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(fail, range(1, 201)))
+        assert set(statuses) == {401}
+        assert (
+            rss_mb(server.process.pid) - before < 15
+        )  # 30 MB before names were digests
+        assert os.path.getsize(server.log_path) < 200_000  # names cut short in the log
+    finally:
+        server.stop()
+
+
+#: 16 clients asking for /monitoring as fast as they can, until killed.
+FLOOD = """
+import http.client, sys, threading
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def flood():
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    while True:
+        connection.request("GET", "/api/v1.0/monitoring")
+        connection.getresponse().read()
+for _ in range(count):
+    threading.Thread(target=flood, daemon=True).start()
+print("flooding", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_live_a_flood_of_monitoring_does_not_slow_a_send(live):
+    server = live()
+    host, port = server.url[len("http://") :].rsplit(":", 1)
+    body = json.dumps({"mobiles": ["79680000000"], "text": "timed"})
+
+    def send_times(count=30):
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            connection.request(
+                "POST",
+                "/api/v1.0/sms/outgoing",
+                body,
+                {**basic("lvv", PASSWORDS["lvv"]), "Content-Type": "application/json"},
+            )
+            assert connection.getresponse().read() and True
+            times.append(time.perf_counter() - started)
+        connection.close()
+        return statistics.median(times)
+
+    quiet = send_times()
+    flood = subprocess.Popen(  # in a process of its own: no GIL shared with the timing
+        [sys.executable, "-c", FLOOD, host, port, "16"], stdout=subprocess.PIPE
+    )
+    try:
+        assert flood.stdout.readline() == b"flooding\n"
+        time.sleep(0.5)
+        flooded = send_times()
+    finally:
+        flood.kill()
+        flood.wait()
+        flood.stdout.close()
+    print(f"send: {quiet * 1000:.1f} ms quiet, {flooded * 1000:.1f} ms under the flood")
+    assert flooded < 3 * quiet + 0.005, (quiet, flooded)  # 5 ms of slack for a busy box
 
 
 ###############################################################################
