@@ -40,6 +40,7 @@ TARGETS = {  # figure -> (comparison, limit)
     "idle_cpu_s": ("<", 0.05),
     "idle_cpu_20k_awaiting_s": ("<", 0.05),
     "report_send_20k_vs_empty": ("<", 1.5),
+    "health_100k_failed_vs_empty": ("<=", 2.0),
 }
 
 
@@ -253,7 +254,7 @@ def make_spool(smsapi, root, user_hash, files=0, owner="bench"):
     ini = os.path.join(root, "smsapi.ini")
     with open(ini, "w") as file:
         file.write(
-            f"[server]\nlisten = 127.0.0.1:0\nthreads = {THREADS}\nstate_dir = {root}/state\n[spool]\n"
+            f"[server]\nlisten = 127.0.0.1:0\nthreads = {THREADS}\nstate_dir = {root}/state\n[spool]\nsmsd_conf =\n"
         )
         file.writelines(f"{kind} = {path}\n" for kind, path in spool.items())
         file.write(
@@ -369,6 +370,38 @@ def bench(seconds, workdir):
     little.stop()
     big.stop()
     results.update(bench_awaiting(smsapi, workdir, user_hash, token))
+    results.update(bench_health(smsapi, workdir, user_hash, token))
+    return results
+
+
+def bench_health(smsapi, workdir, user_hash, token, count=100_000):
+    """8. /health with count files in failed/ against an empty spool, each call made anew."""
+    servers = {}
+    for name, files in (("empty", 0), ("failed", count)):
+        root = os.path.join(workdir, "health-" + name)
+        ini, _ = make_spool(smsapi, root, user_hash)
+        old = time.time() - 2 * 86400  # failures of days past: /health passes
+        for n in range(files):
+            path = os.path.join(root, "failed", f"GSM1.f{n}")
+            with open(path, "w") as file:
+                file.write("To: 79680000000\nFail_reason: +CMS ERROR: 500\n\nhello")
+            os.utime(path, (old, old))
+        servers[name] = Server(
+            [sys.executable, SMSAPI, "--config", ini],
+            os.path.join(workdir, f"health-{name}.log"),
+        )
+        servers[name].wait_for_log("delivery report index caught up")
+    times = {"empty": [], "failed": []}
+    for _ in range(6):  # apart by more than a second: /health makes its checks anew
+        for name, server in servers.items():
+            times[name].append(median_ms(server.url, "/api/v1.0/health", token, 1))
+        time.sleep(1.1)
+    results = {f"health_{name}_ms": statistics.median(t) for name, t in times.items()}
+    results["health_100k_failed_vs_empty"] = (
+        results["health_failed_ms"] / results["health_empty_ms"]
+    )
+    for server in servers.values():
+        server.stop()
     return results
 
 
@@ -407,13 +440,14 @@ def bench_awaiting(smsapi, workdir, user_hash, token, count=20_000):
     return results
 
 
-def bench_only_awaiting(workdir):
+def bench_only(part, workdir):
     sys.path.insert(0, HERE)
     import smsapi
 
     user_hash = smsapi.hash_password(PASSWORD)
     token = "Basic " + base64.b64encode(f"bench:{PASSWORD}".encode()).decode()
-    return bench_awaiting(smsapi, workdir, user_hash, token)
+    measure = {"awaiting": bench_awaiting, "health": bench_health}[part]
+    return measure(smsapi, workdir, user_hash, token)
 
 
 def report(results):
@@ -443,9 +477,9 @@ def main():
         "--seconds", type=int, default=8, help="length of each wrk run (default 8)"
     )
     parser.add_argument(
-        "--only-awaiting",
-        action="store_true",
-        help="measure only the watcher with 20,000 messages awaiting reports",
+        "--only",
+        choices=["awaiting", "health"],
+        help="measure only the watcher with 20,000 messages awaiting reports, or /health",
     )
     parser.add_argument(
         "--serve", nargs=2, metavar=("APP", "SPOOL"), help=argparse.SUPPRESS
@@ -459,8 +493,8 @@ def main():
     workdir = tempfile.mkdtemp(prefix="smsapi-bench-")
     try:
         results = (
-            bench_only_awaiting(workdir)
-            if args.only_awaiting
+            bench_only(args.only, workdir)
+            if args.only
             else bench(args.seconds, workdir)
         )
     finally:
