@@ -1979,16 +1979,15 @@ class Watcher:
         """One pass over what changed; every part gets its turn."""
         now = time.time()
         changes = self.changes.read()
-        outcomes = len(self.reports.unsaved)
         for change in changes:
             self.isolated(self.follow, change, now)
         for name in self.reports.next_chunk():
             self.isolated(self.learn_sent, name)
-        self.reports.retry_deferred()
+        self.isolated(self.reports.retry_deferred)
         if now - self.reports.swept > 3600:
             self.isolated(self.reports.sweep, now)
-        touched = {c.name for c in changes}
-        touched.update(line[1] for line in self.reports.unsaved[outcomes:])
+        touched = {c.name for c in changes}  # and the messages a report came for:
+        touched.update(line[1] for line in self.reports.unsaved)
         self.reports.save(now)
         rescan = any(c.event == RESCAN for c in changes)
         self.waiters.wake(None if rescan else touched)
@@ -2000,7 +1999,7 @@ class Watcher:
         try:
             action(*args)
         except Exception:  # one odd file must not stop the others
-            log.exception("watcher: skipped %s", escape(args[0]))
+            log.exception("watcher: skipped %s", escape(args[0] if args else action))
 
     def follow(self, change, now):
         """Hand one change to the parts that care about its directory."""
