@@ -7,8 +7,8 @@ end-to-end tests run Debian's smsd against a GSM modem emulated on loopback.
 
 import base64
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import http.client
