@@ -4157,6 +4157,15 @@ def main(argv=None):
     commands.add_parser(
         "hash-password", help="read a password on stdin, print its hash for the config"
     )
+    add = commands.add_parser(
+        "add-user",
+        help="add a user (or give one a new password) in the config the server uses",
+    )
+    add.add_argument("name", help="the API user name")
+    add.add_argument(
+        "--admin", action="store_true", help="may see and cancel everything"
+    )
+    add.add_argument("--config", dest="user_config", help="INI file to change")
     check = commands.add_parser(
         "check-config", help="validate the config and spool, exit 0 or 78"
     )
@@ -4164,6 +4173,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "hash-password":
         return hash_password_command()
+    if args.command == "add-user":
+        return add_user_command(
+            args.name, args.admin, find_config(args.user_config or args.config)
+        )
     path = find_config(getattr(args, "check_config", None) or args.config)
     try:
         config = load_config(path)
@@ -4180,10 +4193,7 @@ def main(argv=None):
 
 def hash_password_command():
     """Read one password line (no echo on a terminal), print its hash."""
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
+    password = read_password(confirm=False)
     if not password:
         print("hash-password: empty password", file=sys.stderr)
         return 1
@@ -4191,8 +4201,105 @@ def hash_password_command():
     return 0
 
 
+def read_password(confirm):
+    """A password: asked (twice if confirm) on a terminal, else stdin's first line."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("Password: ")
+    if confirm and password and getpass.getpass("Again: ") != password:
+        print("the two passwords differ", file=sys.stderr)
+        return ""
+    return password
+
+
+def add_user_command(name, admin, path):
+    """Add [user:NAME] to the config at path, or give it a new password; comments stay.
+
+    The running server reads the changed file within two seconds.
+    """
+    if not USER_NAME.fullmatch(name):
+        print(
+            f"add-user: {name!r} is not a user name ({USER_NAME.pattern})",
+            file=sys.stderr,
+        )
+        return 2
+    password = read_password(confirm=True)
+    if not password:
+        print("add-user: no password given", file=sys.stderr)
+        return 1
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        print(f"add-user: cannot read {path}: {one_line(exc)}", file=sys.stderr)
+        return EX_CONFIG
+    changed = with_user(text, name, hash_password(password), admin)
+    try:
+        replace_keeping_mode(path, changed)
+    except OSError as exc:
+        print(
+            f"add-user: cannot write {path}: {one_line(exc)} (sudo?)", file=sys.stderr
+        )
+        return 1
+    print(f"{path}: user {name} {'updated' if f'[user:{name}]' in text else 'added'}")
+    return 0
+
+
+def with_user(text, name, password_hash, admin):
+    """The config text with [user:NAME]'s password (and admin) set, all else as it was."""
+    lines, header = text.splitlines(), f"[user:{name}]"
+    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+    if start is None:
+        settings = [header, "password = " + password_hash] + (
+            ["admin = yes"] if admin else []
+        )
+        return text.rstrip("\n") + "\n\n" + "\n".join(settings) + "\n"
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+        len(lines),
+    )
+    section = [
+        line for line in lines[start + 1 : end] if not setting_of(line, "password")
+    ]
+    if admin:
+        section = [line for line in section if not setting_of(line, "admin")] + [
+            "admin = yes"
+        ]
+    lines[start + 1 : end] = ["password = " + password_hash, *section]
+    return "\n".join(lines) + "\n"
+
+
+def setting_of(line, key):
+    """True if an INI line sets key."""
+    name, separator, _ = line.partition("=")
+    return bool(separator) and name.strip().lower() == key
+
+
+def replace_keeping_mode(path, text):
+    """Write text over path atomically, with the file's owner, group and mode kept."""
+    status = os.stat(path)
+    temp = os.path.join(
+        os.path.dirname(path) or ".",
+        f".{os.path.basename(path)}.{secrets.token_hex(4)}",
+    )
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fchown(file.fileno(), status.st_uid, status.st_gid)
+            os.fchmod(file.fileno(), stat.S_IMODE(status.st_mode))
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        remove_quietly(temp)
+
+
 def serve(config):
     """Serve the API until SIGTERM or Ctrl-C; waitress when installed, else wsgiref."""
+    log.info(
+        "smsapi %s: config %s, %d users", __version__, config.path, len(config.users)
+    )
     clean_temp_files(config)
     if not config.users:
         log.warning("no [user:NAME] sections: every message request will be refused")
@@ -4237,9 +4344,15 @@ class Signals:
 
 
 def run_until_stopped(step, app, signals):
-    """Call step() (one turn of a server loop) until a stop signal; reload on SIGHUP."""
+    """Call step() (one turn of a server loop) until a stop signal; reload on SIGHUP
+    and when the config file changes (add-user, an editor)."""
+    stamp = config_stamp(app.config.path)
     while not signals.stopping:
         step()
+        if config_stamp(app.config.path) != stamp:
+            stamp = config_stamp(app.config.path)
+            log.info("%s changed: reloading it", app.config.path)
+            signals.reloading = True
         if signals.reloading:
             signals.reloading = False
             sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
@@ -4247,6 +4360,15 @@ def run_until_stopped(step, app, signals):
             sd_notify("READY=1")
     sd_notify("STOPPING=1")
     log.info("stopping: finishing the requests in progress")
+
+
+def config_stamp(path):
+    """What tells that the config file changed: its mtime, size and inode."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino
 
 
 def listening_sockets(config):

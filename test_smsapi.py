@@ -225,13 +225,26 @@ def put_file(spool, kind, name, headers, text="hello", alphabet=None):
 ###############################################################################
 
 
+def shipped_config():
+    """smsapi.ini as this checkout shipped it: a user's own edits (add-user) left out."""
+    shown = subprocess.run(
+        ["git", "-C", HERE, "show", "HEAD:smsapi.ini"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if shown.returncode == 0:
+        return shown.stdout
+    with open(os.path.join(HERE, "smsapi.ini")) as file:  # not a git checkout
+        return file.read()
+
+
 def test_config_shipped_file_is_loopback_with_no_users(tmp_path, spool):
     smsd_conf = tmp_path / "smsd.conf"  # the spool comes from smsd's config
     smsd_conf.write_text("".join(f"{k} = {path}\n" for k, path in spool.items()))
-    with open(os.path.join(HERE, "smsapi.ini")) as file:
-        text = file.read().replace(
-            ";smsd_conf = /etc/smsd.conf", f"smsd_conf = {smsd_conf}"
-        )
+    text = shipped_config().replace(
+        ";smsd_conf = /etc/smsd.conf", f"smsd_conf = {smsd_conf}"
+    )
     text = text.replace("/var/lib/smsapi", str(tmp_path / "state"))
     path = tmp_path / "shipped.ini"
     path.write_text(text)
@@ -239,6 +252,99 @@ def test_config_shipped_file_is_loopback_with_no_users(tmp_path, spool):
     assert config.users == {}
     assert config.listen == ("127.0.0.1:5000",)
     assert config.spool == spool
+
+
+SHIPPED_LIKE = """; smsapi configuration
+[server]
+listen = 127.0.0.1:5000   ; loopback only
+
+[user:lvv]
+; the on-call phone
+password = old-hash
+mobiles = 7968*
+
+[spool]
+smsd_conf =
+"""
+
+
+def test_config_with_user_keeps_comments_and_other_settings():
+    added = smsapi.with_user(SHIPPED_LIKE, "cron", "new-hash", admin=False)
+    assert added.startswith(SHIPPED_LIKE.rstrip("\n"))
+    assert added.endswith("\n[user:cron]\npassword = new-hash\n")
+    changed = smsapi.with_user(SHIPPED_LIKE, "lvv", "new-hash", admin=True)
+    assert "; the on-call phone" in changed and "mobiles = 7968*" in changed
+    assert "old-hash" not in changed and changed.count("password = new-hash") == 1
+    section = changed.split("[user:lvv]")[1].split("[spool]")[0]
+    assert "admin = yes" in section
+    assert changed.split("[spool]")[1] == SHIPPED_LIKE.split("[spool]")[1]
+
+
+def add_user(path, name, password, *options):
+    return subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "smsapi.py"),
+            "add-user",
+            name,
+            "--config",
+            str(path),
+            *options,
+        ],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_add_user_command_writes_a_hash_the_server_accepts(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    os.chmod(path, 0o640)
+    result = add_user(path, "newbie", "first-password", "--admin")
+    assert result.returncode == 0 and "user newbie added" in result.stdout
+    assert "first-password" not in pathlib.Path(path).read_text()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640  # kept
+    config = smsapi.load_config(path)
+    assert config.users["newbie"].admin
+    assert add_user(path, "newbie", "second-password").returncode == 0  # a new password
+    app = smsapi.Application(smsapi.load_config(path))
+    good = basic("newbie", "second-password")
+    assert call(app, "GET", "/api/v1.0/sms/sent/", headers=good).status == 200
+    assert add_user(path, "bad name!", "x").returncode == 2
+    assert add_user(path, "empty", "").returncode == 1
+    assert "[user:empty]" not in pathlib.Path(path).read_text()
+
+
+def test_live_a_user_added_while_the_server_runs_can_send_at_once(
+    live, tmp_path, spool
+):
+    server = live()
+    assert (
+        f"config {tmp_path / 'smsapi.ini'}, 4 users" in server.output().splitlines()[0]
+    )
+    path = tmp_path / "smsapi.ini"
+    assert add_user(path, "newbie", "its-password").returncode == 0
+    added = time.monotonic()
+
+    def sent():
+        req = urllib.request.Request(
+            server.url + "/api/v1.0/sms/outgoing",
+            data=json.dumps({"mobiles": ["79680000000"], "text": "hello"}).encode(),
+            headers={
+                "Content-Type": "application/json",
+                **basic("newbie", "its-password"),
+            },
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                return response.status == 201
+        except urllib.error.HTTPError:
+            return False
+
+    wait_until(sent, 5, "the new user to be let in")
+    assert time.monotonic() - added < 2.5
+    assert len(os.listdir(spool["outgoing"])) == 1
 
 
 def test_install_script_places_files_and_keeps_the_config(tmp_path):
