@@ -26,6 +26,10 @@ if [ -z "$root" ]; then
     fi
     usermod -a -G smsd smsapi  # smsd's spool is group smsd
     group=smsapi
+    if [ -d /var/lib/smsapi ]; then  # a quick start run as root made it root's
+        chown -R smsapi:smsapi /var/lib/smsapi
+        echo "gave /var/lib/smsapi to the user smsapi"
+    fi
 fi
 
 install -d -m 0755 "$root/usr/local/lib/smsapi" "$root/usr/local/share/doc/smsapi" \
@@ -39,9 +43,13 @@ if [ -e "$root/etc/smsapi/smsapi.ini" ]; then
     echo "kept $root/etc/smsapi/smsapi.ini"
 else
     install -m 0640 -g "$group" smsapi.ini "$root/etc/smsapi/smsapi.ini"
-    echo "installed $root/etc/smsapi/smsapi.ini: add a [user:NAME] section to it"
+    echo "installed $root/etc/smsapi/smsapi.ini"
 fi
+echo "next: add a user: sudo python3 /usr/local/lib/smsapi/smsapi.py add-user NAME --config /etc/smsapi/smsapi.ini"
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
-    echo "next: systemctl enable --now smsapi; after config changes: systemctl reload smsapi"
+    echo "next: start it: sudo systemctl enable --now smsapi (it reads config changes by itself)"
+elif [ -z "$root" ]; then
+    echo "systemd is not running here: start it by hand as its user:"
+    echo "  sudo -u smsapi python3 /usr/local/lib/smsapi/smsapi.py --config /etc/smsapi/smsapi.ini"
 fi
