@@ -72,6 +72,10 @@ __version__ = "1.0.0"
 API = "/api/v1.0"
 KINDS = ("outgoing", "checked", "sent", "failed", "incoming")
 DEFAULT_CONFIGS = ("smsapi.ini", "/etc/smsapi/smsapi.ini")
+#: The README beside this file (a checkout), else where install.sh puts it.
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+if not os.path.exists(README):
+    README = "/usr/local/share/doc/smsapi/README.md"
 DEFAULT_SPOOL = {kind: "/var/spool/sms/" + kind for kind in KINDS}  # Debian's
 SMSD_CONF = "/etc/smsd.conf"  # spool paths, pid file and stats directory come from it
 SMSD_PIDFILE = "/var/run/smsd.pid"  # smsd's default when smsd.conf names none
@@ -1033,14 +1037,20 @@ class Idempotency:
         digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()
         return os.path.join(self.directory, digest + ".json")
 
+    BRIEF = 0.25  # seconds a request may wait for a record's lock as any request does
+
     @contextlib.contextmanager
     def held(self, path, blocked=contextlib.nullcontext):
-        """Hold the in-process lock of one record; inside blocked() while it is busy."""
+        """Hold the in-process lock of one record; inside blocked() if it stays busy.
+
+        Racing retries wait the few milliseconds a send takes; behind a request
+        that waits for smsd, a request waits as a waiter does (blocked()).
+        """
         with self.guard:
             entry = self.locks.setdefault(path, [threading.Lock(), 0])
             entry[1] += 1
         try:
-            if not entry[0].acquire(blocking=False):
+            if not entry[0].acquire(timeout=self.BRIEF):
                 with blocked():
                     entry[0].acquire()
             try:
@@ -2223,8 +2233,15 @@ def modem_checks(config):
     try:
         with open(path, encoding="utf-8", errors="replace") as file:
             lines = file.read(65536).splitlines()
+    except FileNotFoundError:
+        output = (
+            f"smsd has not written its status file yet (stats = {config.smsd['stats']})"
+        )
+        return {"modems": {"status": "warn", "output": output}}
     except OSError as exc:
-        return {"modems": {"status": "warn", "output": one_line(exc)}}
+        log.warning("cannot read smsd's status file: %s", one_line(exc))
+        output = f"cannot read smsd's status file (stats = {config.smsd['stats']}); see the log"
+        return {"modems": {"status": "warn", "output": output}}
     checks = {}
     for line in lines:
         name, colon, rest = line.partition(":")
@@ -2471,6 +2488,15 @@ def too_large(limit):
     )
 
 
+def wants_plain_text(request):
+    """True when the client asks for text/plain rather than JSON (curl in a shell script)."""
+    accept = request.header("Accept").lower()
+    return "text/plain" in accept and "json" not in accept
+
+
+JSON_TYPES = ("application/json",)
+
+
 def read_fields(request):
     """The send request's fields from JSON, a form, or the query string."""
     if request.method in ("GET", "HEAD"):
@@ -2478,13 +2504,19 @@ def read_fields(request):
         return form_fields(fields)
     media_type = request.header("Content-Type").split(";")[0].strip().lower()
     body = request.body()
-    if media_type == "application/json" or media_type.endswith("+json"):
+    # curl -d sends a form's Content-Type: a body that is a JSON object is one
+    if (
+        media_type in JSON_TYPES
+        or media_type.endswith("+json")
+        or body.lstrip()[:1] == b"{"
+    ):
         return json_fields(body)
     if media_type == "application/x-www-form-urlencoded":
         return form_fields(parse_form(body))
     raise ApiError(
         HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-        "Content-Type must be application/json or application/x-www-form-urlencoded",
+        "Content-Type must be application/json (curl -H 'Content-Type: application/json')"
+        " or application/x-www-form-urlencoded",
     )
 
 
@@ -3307,13 +3339,9 @@ def list_inbox(request):
     id> keeps what came after it; ?from=<number> keeps one sender.
     """
     if not (request.user.admin or request.user.inbox):
-        return HTTPStatus.OK, {
-            "message_id": [],
-            "messages": [],
-            "total_count": 0,
-            "limit": 0,
-            "offset": 0,
-        }
+        raise ApiError(
+            HTTPStatus.FORBIDDEN, "This user may not read the inbox (inbox = yes)"
+        )
     limit, offset = page(request)
     kinds = {"sms": ("sms",), "report": ("report",), "all": ("sms", "report")}.get(
         request.param("type", "sms")
@@ -3445,6 +3473,22 @@ def take_from_smsd(config, path, message_id):
 def openapi(request):
     """The OpenAPI 3 document of this API."""
     return HTTPStatus.OK, request.app.openapi
+
+
+def index(request):
+    """Where to start: the API's base, its description, its health, the README."""
+    data = {
+        "name": "smsapi",
+        "version": __version__,
+        "api": API,
+        "openapi": API + "/openapi.json",
+        "health": API + "/health",
+        "readme": README,
+    }
+    if wants_plain_text(request):
+        text = "".join(f"{key}: {value}\n" for key, value in data.items())
+        return HTTPStatus.OK, Raw(text.encode(), "text/plain; charset=utf-8")
+    return HTTPStatus.OK, data
 
 
 def monitoring(request):
@@ -3670,6 +3714,14 @@ SCHEMAS = {
         "required": ["message_id", "deleted"],
         "properties": {"message_id": STRING, "deleted": {"type": "boolean"}},
     },
+    "Index": {
+        "type": "object",
+        "required": ["name", "version", "api", "openapi", "health", "readme"],
+        "properties": {
+            key: STRING
+            for key in ("name", "version", "api", "openapi", "health", "readme")
+        },
+    },
     "Monitoring": {
         "type": "object",
         "required": ["monitoring"],
@@ -3768,7 +3820,7 @@ LIST_PARAMETERS = [
 ]
 LIST_ANSWERS = {
     "200": answer("A page", schema_ref("List"), plain=True),
-    **errors(400, 404),
+    **errors(400, 403, 404),  # 403: the inbox, for a user without inbox = yes
 }
 
 
@@ -3794,6 +3846,13 @@ def openapi_document(config):
             "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
         },
         "paths": {
+            "/": {
+                "get": operation(
+                    "Where to start: the API, this document, health, the README",
+                    {"200": answer("The index", schema_ref("Index"), True)},
+                    public=True,
+                )
+            },
             API + "/monitoring": {
                 "get": operation(
                     "Is the spool usable?",
@@ -3921,6 +3980,7 @@ def operation(summary, responses, parameters=(), public=False):
 #: (methods, path template, handler, needs auth). {kind} is one of KINDS;
 #: {message_id} is one path segment, checked against MESSAGE_ID by the spool.
 ROUTES = [
+    ("GET", "/", index, False),
     ("GET", API + "/monitoring", monitoring, False),
     ("GET", API + "/health", health, False),
     ("GET", "/metrics", metrics, False),
@@ -4107,12 +4167,6 @@ class Application:
             " (replayed)" if request.environ.get("smsapi.replayed") else "",
             (time.monotonic() - started) * 1000,
         )
-
-
-def wants_plain_text(request):
-    """True when the client asks for text/plain rather than JSON (curl in a shell script)."""
-    accept = request.header("Accept").lower()
-    return "text/plain" in accept and "json" not in accept
 
 
 def plain_text(data):

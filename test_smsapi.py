@@ -1100,10 +1100,8 @@ def test_incoming_only_for_admins_and_inbox_users(app, spool):
             == status
         )
     app.watcher.tick()
-    assert (
-        call(app, "GET", "/api/v1.0/sms/incoming/", user="lvv").json()["message_id"]
-        == []
-    )
+    listing = call(app, "GET", "/api/v1.0/sms/incoming/", user="lvv")
+    assert listing.status == 403 and "inbox = yes" in listing.json()["error"]
     assert call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox").json()[
         "message_id"
     ] == ["GSM1.AbC123"]
@@ -3587,6 +3585,38 @@ def test_throttle_behind_a_proxy_takes_only_an_address_it_forwarded(tmp_path, sp
             )
     assert ("address", "127.0.0.1") in app.throttle.counters
     assert all(len(str(k[-1])) < 64 for k in app.throttle.counters)
+
+
+def test_index_points_to_the_api_its_document_health_and_readme(app):
+    data = call(app, "GET", "/").json()
+    assert data["api"] == "/api/v1.0" and data["readme"].endswith("README.md")
+    for route in ("openapi", "health"):
+        assert call(app, "GET", data[route]).status in (200, 503)
+    text = call(app, "GET", "/", headers={"Accept": "text/plain"})
+    assert text.headers["Content-Type"].startswith("text/plain")
+    assert "openapi: /api/v1.0/openapi.json" in text.body.decode()
+
+
+def test_send_json_with_curls_form_content_type_is_taken_as_json(app, spool):
+    body = b'{"text": "Hi!", "mobiles": ["79680000000"]}'  # curl -d, no -H
+    assert post_send(app, body, "lvv", FORM).status == 201
+    other = post_send(app, b"mobiles=1", "lvv", {"Content-Type": "text/csv"})
+    assert (
+        other.status == 415
+        and "curl -H 'Content-Type: application/json'" in other.json()["error"]
+    )
+
+
+def test_health_says_when_smsd_has_written_no_status_file_yet(
+    tmp_path, spool, fake_smsd
+):
+    os.remove(os.path.join(fake_smsd.stats, "status"))
+    app = health_app(tmp_path, spool, fake_smsd)
+    modems = call(app, "GET", "/api/v1.0/health").json()["checks"]["modems"]
+    assert modems == {
+        "status": "warn",
+        "output": f"smsd has not written its status file yet (stats = {fake_smsd.stats})",
+    }
 
 
 def test_no_request_imports_anything(app, spool):
