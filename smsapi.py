@@ -4400,20 +4400,43 @@ class Signals:
 def run_until_stopped(step, app, signals):
     """Call step() (one turn of a server loop) until a stop signal; reload on SIGHUP
     and when the config file changes (add-user, an editor)."""
-    stamp = config_stamp(app.config.path)
+    config_file = ConfigFile(app.config.path)
     while not signals.stopping:
         step()
-        if config_stamp(app.config.path) != stamp:
-            stamp = config_stamp(app.config.path)
+        if config_file.changed():
             log.info("%s changed: reloading it", app.config.path)
             signals.reloading = True
         if signals.reloading:
             signals.reloading = False
             sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             app.reload(app.config.path)
+            config_file.stamp = config_stamp(app.config.path)
             sd_notify("READY=1")
     sd_notify("STOPPING=1")
     log.info("stopping: finishing the requests in progress")
+
+
+class ConfigFile:
+    """Tells when the config file changed and stands still, so that a reload never
+    reads it half-written: replaced whole (a new inode: add-user, most editors) at
+    once, written in place once it stood unchanged for a turn of the loop."""
+
+    def __init__(self, path):
+        self.path = path
+        self.stamp = config_stamp(path)
+        self.pending = None  # a stamp seen once, being written perhaps
+
+    def changed(self):
+        now = config_stamp(self.path)
+        if now == self.stamp or now is None:
+            self.pending = None
+            return False
+        replaced = self.stamp is None or now[2] != self.stamp[2]
+        if replaced or now == self.pending:
+            self.stamp, self.pending = now, None
+            return True
+        self.pending = now
+        return False
 
 
 def config_stamp(path):

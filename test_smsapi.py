@@ -347,6 +347,23 @@ def test_live_a_user_added_while_the_server_runs_can_send_at_once(
     assert len(os.listdir(spool["outgoing"])) == 1
 
 
+def test_config_file_change_is_told_once_whole(tmp_path):
+    path = tmp_path / "smsapi.ini"
+    path.write_text("[server]\n")
+    watch = smsapi.ConfigFile(str(path))
+    assert not watch.changed()
+    with open(path, "a") as file:  # written in place, perhaps not to its end yet
+        file.write("[user:lvv]\n")
+        file.flush()
+        assert not watch.changed()
+    assert watch.changed()  # unchanged since the last look: whole now
+    assert not watch.changed()
+    replacement = tmp_path / "new.ini"
+    replacement.write_text("[server]\n[user:ann]\n")
+    os.replace(replacement, path)  # replaced whole (add-user): told at once
+    assert watch.changed() and not watch.changed()
+
+
 def test_install_script_places_files_and_keeps_the_config(tmp_path):
     root = tmp_path / "root"
 
