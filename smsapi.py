@@ -4351,9 +4351,8 @@ def replace_keeping_mode(path, text):
 
 def serve(config):
     """Serve the API until SIGTERM or Ctrl-C; waitress when installed, else wsgiref."""
-    log.info(
-        "smsapi %s: config %s, %d users", __version__, config.path, len(config.users)
-    )
+    path = os.path.abspath(config.path)
+    log.info("smsapi %s: config %s, %d users", __version__, path, len(config.users))
     clean_temp_files(config)
     if not config.users:
         log.warning("no [user:NAME] sections: every message request will be refused")
