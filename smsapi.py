@@ -2200,7 +2200,9 @@ def queue_check(config, now):
     try:
         depth, age = queue_state(config, now)
     except OSError as exc:
-        return {"status": "fail", "output": one_line(exc)}
+        log.warning("health: cannot count the queue: %s", one_line(exc))
+        output = "cannot count the queue in outgoing and checked; see the log"
+        return {"status": "fail", "output": output}
     limits = config.health
     status = worst(
         [

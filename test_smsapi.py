@@ -3636,6 +3636,19 @@ def test_health_says_when_smsd_has_written_no_status_file_yet(
     }
 
 
+def test_health_words_an_unreadable_queue_for_a_person(
+    tmp_path, spool, fake_smsd, caplog
+):
+    app = health_app(tmp_path, spool, fake_smsd)
+    os.rmdir(spool["checked"])
+    queue = call(app, "GET", "/api/v1.0/health").json()["checks"]["queue"]
+    assert queue == {
+        "status": "fail",
+        "output": "cannot count the queue in outgoing and checked; see the log",
+    }
+    assert "No such file or directory" in caplog.text  # the raw error: in the log only
+
+
 def test_no_request_imports_anything(app, spool):
     # Everything a request needs is imported at start: no first-request stall.
     send(app, ["79680000000"])  # warm up once: code paths, not modules, differ
