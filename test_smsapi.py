@@ -4282,6 +4282,46 @@ def test_live_a_flood_of_monitoring_does_not_slow_a_send(live):
     assert flooded < 3 * quiet + 0.005, (quiet, flooded)  # 5 ms of slack for a busy box
 
 
+#: Eleven wrong passwords for lvv over the unix socket; prints the status codes.
+OTHER_USER_GUESSES = """
+import base64, socket, sys
+token = base64.b64encode(b"lvv:wrong").decode()
+codes = []
+for _ in range(11):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(sys.argv[1])
+        s.sendall(f"GET /api/v1.0/sms/outgoing/ HTTP/1.0\\r\\nAuthorization: Basic {token}\\r\\n\\r\\n".encode())
+        codes.append(s.recv(64).split(b"\\r\\n")[0].split()[1].decode())
+print(" ".join(codes))
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as nobody")
+@pytest.mark.parametrize("waitress", [True, False])
+def test_live_another_account_cannot_lock_out_the_mapped_one(tmp_path, spool, waitress):
+    server, path = unix_server(tmp_path, spool, waitress)
+    os.chmod(os.path.dirname(path), 0o755)  # nobody reaches the socket
+    try:
+        guesses = subprocess.run(
+            ["/usr/bin/python3", "-c", OTHER_USER_GUESSES, path],
+            user="nobody",
+            cwd="/",
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert guesses.stdout.split()[-1] == "429"  # nobody is throttled, by its uid
+        assert (
+            unix_request(path, "GET", "/api/v1.0/sms/outgoing/")[0] == 200
+        )  # root, as cron
+        assert (
+            unix_request(path, "GET", "/api/v1.0/sms/outgoing/", user="lvv")[0] == 200
+        )
+    finally:
+        server.stop()
+
+
 ###############################################################################
 # The real smsd with an emulated modem #########################################
 ###############################################################################
