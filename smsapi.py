@@ -4420,24 +4420,29 @@ def run_until_stopped(step, app, signals):
 class ConfigFile:
     """Tells when the config file changed and stands still, so that a reload never
     reads it half-written: replaced whole (a new inode: add-user, most editors) at
-    once, written in place once it stood unchanged for a turn of the loop."""
+    once, written in place once it stood unchanged for `settle` seconds (a file
+    caught truncated would be a valid config with no users)."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, settle=SETTLE):
+        self.path, self.settle = path, settle
         self.stamp = config_stamp(path)
-        self.pending = None  # a stamp seen once, being written perhaps
+        self.pending, self.since = None, 0.0  # a stamp being written perhaps, seen when
 
     def changed(self):
         now = config_stamp(self.path)
         if now == self.stamp or now is None:
             self.pending = None
             return False
-        replaced = self.stamp is None or now[2] != self.stamp[2]
-        if replaced or now == self.pending:
+        if self.stamp is None or now[2] != self.stamp[2]:  # replaced whole
             self.stamp, self.pending = now, None
             return True
-        self.pending = now
-        return False
+        if now != self.pending:
+            self.pending, self.since = now, time.monotonic()
+            return False
+        if time.monotonic() - self.since < self.settle:
+            return False
+        self.stamp, self.pending = now, None
+        return True
 
 
 def config_stamp(path):

@@ -349,14 +349,17 @@ def test_live_a_user_added_while_the_server_runs_can_send_at_once(
 
 def test_config_file_change_is_told_once_whole(tmp_path):
     path = tmp_path / "smsapi.ini"
-    path.write_text("[server]\n")
-    watch = smsapi.ConfigFile(str(path))
+    path.write_text("[server]\n[user:lvv]\n")
+    watch = smsapi.ConfigFile(str(path), settle=0.3)
     assert not watch.changed()
-    with open(path, "a") as file:  # written in place, perhaps not to its end yet
-        file.write("[user:lvv]\n")
-        file.flush()
+    with open(path, "w") as file:  # written in place: caught truncated, say
         assert not watch.changed()
-    assert watch.changed()  # unchanged since the last look: whole now
+        assert not watch.changed()  # still the same, but not for long enough
+        time.sleep(0.1)
+        file.write("[server]\n[user:lvv]\n[user:ann]\n")
+    assert not watch.changed()  # it moved: its time starts again
+    time.sleep(0.35)
+    assert watch.changed()  # stood still long enough: whole now
     assert not watch.changed()
     replacement = tmp_path / "new.ini"
     replacement.write_text("[server]\n[user:ann]\n")
