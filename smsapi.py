@@ -2472,7 +2472,12 @@ class Request:
             size = limit + 1  # no length given, but the server ends the stream
         else:
             return b""
-        data = self.environ["wsgi.input"].read(size)
+        try:
+            data = self.environ["wsgi.input"].read(size)
+        except TimeoutError:  # the wsgiref fallback's request_timeout, mid-body
+            raise ApiError(
+                HTTPStatus.REQUEST_TIMEOUT, "Request body too slow"
+            ) from None
         if len(data) > limit:
             raise too_large(limit)
         return data
@@ -4833,6 +4838,10 @@ def wsgiref_server(sock, app, handler, workers, waiting):
                     return
                 try:
                     self.finish_request(*accepted)
+                except (TimeoutError, ConnectionError) as exc:  # a slow or gone client
+                    log.info(
+                        "closed %s: %s", accepted[1] or "a unix client", one_line(exc)
+                    )
                 except Exception:  # noqa: BLE001 (as socketserver does: ends one connection)
                     self.handle_error(*accepted)
                 finally:

@@ -4191,6 +4191,7 @@ def test_live_wsgiref_serves_from_a_fixed_pool(tmp_path, spool):
         wait_until(
             lambda: drippers.closed() >= 6, 10, "the first drippers to be cut off"
         )
+        assert "Traceback" not in server.output()  # cut off with one line each
     finally:
         drippers.close()
         server.stop()
