@@ -1259,9 +1259,8 @@ class SpoolChanges:
     def rewatch(self):
         """Watch the directories that have no watch; a RESCAN for each one that is back."""
         changes = []
-        for kind in [
-            k for k in self.directories if k in self.lost
-        ]:  # sent before incoming
+        lost = [k for k in self.directories if k in self.lost]  # sent before incoming
+        for kind in lost:
             try:
                 watch = self.inotify.watch(self.directories[kind])
             except OSError as exc:
@@ -1318,12 +1317,14 @@ class SpoolChanges:
 
 
 def settled(directory, name):
-    """True when a polled file is no longer being written: no lock, an older mtime."""
+    """True when a polled file is no longer being written: no lock, and not changed
+    within the last SETTLE seconds (an mtime in the future is no write in progress)."""
     try:
-        old = os.lstat(os.path.join(directory, name)).st_mtime < time.time() - SETTLE
+        age = time.time() - os.lstat(os.path.join(directory, name)).st_mtime
     except OSError:
         return True  # gone again; the next listing tells
-    return old and not os.path.lexists(os.path.join(directory, name + ".LOCK"))
+    written = 0 <= age < SETTLE
+    return not written and not os.path.lexists(os.path.join(directory, name + ".LOCK"))
 
 
 ###############################################################################

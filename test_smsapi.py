@@ -2273,6 +2273,15 @@ def test_spool_changes_by_polling_without_inotify(spool):
     assert changes_of(stream) == [("sent", "m1", smsapi.GONE)]
 
 
+def test_spool_changes_by_polling_take_a_file_dated_ahead(spool):
+    stream = smsapi.SpoolChanges(spool, inotify=False)
+    stream.read()
+    ahead = put_file(spool, "incoming", "GSM1.ahead", {})
+    os.utime(ahead, (2**33, 2**33))  # the year 2242: not a file being written
+    age_file(spool["incoming"], 1)
+    assert changes_of(stream) == [("incoming", "GSM1.ahead", smsapi.MOVED_IN)]
+    assert "incoming" not in stream.unsettled  # not listed again every tick
+
 @pytest.fixture(params=[True, False], ids=["inotify", "polling"])
 def watching(request, config):
     """An app whose watcher hears of changes from inotify, or from polling."""
