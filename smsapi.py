@@ -4603,6 +4603,13 @@ def serve_waitress(config, app, sockets, signals):
     return 0
 
 
+# The waitress adapters use waitress's private API, as of Debian 12's 2.1.2 and
+# PyPI's 3.0.2 (both tested): create_server(_dispatcher=), server._map,
+# .active_channels, .task_dispatcher, .maintenance(); channel.request,
+# .requests, .last_activity, .will_close, .total_outbufs_len; the dispatcher's
+# .lock, .queue and .queue_cv; wasyncore.loop(count=1).
+
+
 def channel_class(unix):
     """waitress's connection class, knowing when its request began (and, on the
     unix socket, the caller's uid)."""
@@ -4620,8 +4627,8 @@ def channel_class(unix):
 
         def __init__(self, server, sock, addr, adj, map=None):
             self.peer_uid = peer_uid(sock) if unix else None
-            # when the request now arriving began: at accept, then at its first
-            # byte; None between requests (a kept-alive connection, idle)
+            # when the request now arriving began: at accept, or at the first byte
+            # after an idle spell; None between requests (kept alive, idle)
             self.began = time.monotonic()
             super().__init__(server, sock, addr, adj, map)
 
@@ -4700,8 +4707,8 @@ def maintain(listener, waitress_maintenance, request_timeout, now):
 
     A request that has not arrived whole within request_timeout is closed,
     however it dribbles (waitress's channel_timeout restarts at every byte).
-    At the connection limit, the idle keep-alive connections that waited
-    longest are closed to make room.
+    Past 90% of the connection limit, the keep-alive connections idle longest
+    are closed to make room.
     """
     waitress_maintenance(now)
     listener.task_dispatcher.release_held()
