@@ -1841,7 +1841,7 @@ class RecentFailures:
             mtime = os.lstat(os.path.join(self.directory, name)).st_mtime
         except FileNotFoundError:
             return
-        if is_message_name(name) and mtime > time.time() - 3600:
+        if is_message_name(name) and within_the_hour(mtime):
             with self.lock:
                 self.times[name] = mtime
 
@@ -1850,12 +1850,12 @@ class RecentFailures:
             self.times.pop(name, None)
 
     def rescan(self):
-        cutoff, found = time.time() - 3600, {}
+        found = {}
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
                     mtime = entry.stat(follow_symlinks=False).st_mtime
-                    if is_message_name(entry.name) and mtime > cutoff:
+                    if is_message_name(entry.name) and within_the_hour(mtime):
                         found[entry.name] = mtime
         with self.lock:
             self.times = found
@@ -1866,6 +1866,12 @@ class RecentFailures:
         with self.lock:
             self.times = {n: t for n, t in self.times.items() if t > cutoff}
             return len(self.times)
+
+
+def within_the_hour(mtime):
+    """True for a time in the last hour (a file dated ahead did not fail now)."""
+    now = time.time()
+    return now - 3600 < mtime <= now + 60
 
 
 ###############################################################################

@@ -2282,6 +2282,7 @@ def test_spool_changes_by_polling_take_a_file_dated_ahead(spool):
     assert changes_of(stream) == [("incoming", "GSM1.ahead", smsapi.MOVED_IN)]
     assert "incoming" not in stream.unsettled  # not listed again every tick
 
+
 @pytest.fixture(params=[True, False], ids=["inotify", "polling"])
 def watching(request, config):
     """An app whose watcher hears of changes from inotify, or from polling."""
@@ -2419,6 +2420,19 @@ def test_retention_goes_on_next_tick_when_a_chunk_was_not_enough(tmp_path, spool
     age_file(put_file(spool, "sent", "late", {}), 2 * 86400)
     retention.run(now + 2)  # done: the next pass waits its five minutes
     assert os.listdir(spool["sent"]) == ["late"]
+
+
+def test_recent_failures_leave_out_files_dated_ahead(spool):
+    failures = smsapi.RecentFailures(spool["failed"])
+    now = put_file(spool, "failed", "now", {})
+    ahead = put_file(spool, "failed", "ahead", {})
+    os.utime(ahead, (time.time() + 86400, time.time() + 86400))
+    failures.rescan()
+    assert failures.count() == 1
+    failures.arrived("ahead")
+    assert failures.count() == 1
+    failures.gone(os.path.basename(now))
+    assert failures.count() == 0
 
 
 def test_waiters_wake_only_for_their_names_and_leave_nothing_behind():
