@@ -21,7 +21,7 @@ Speak plain HTTP on loopback only, or put a TLS reverse proxy in front.
 """
 
 ###############################################################################
-# Imports ######################################################################
+# Imports #####################################################################
 ###############################################################################
 
 import _strptime  # noqa: F401 (time.strptime would import it on first use, in any thread)
@@ -32,7 +32,6 @@ import collections
 import configparser
 import contextlib
 import ctypes
-import dataclasses
 import datetime
 import encodings.iso8859_15  # the codecs too: loaded at start, not on a first request
 import encodings.utf_16_be  # noqa: F401
@@ -59,6 +58,7 @@ import struct
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import weakref
 from http import HTTPStatus
@@ -66,7 +66,7 @@ from http import HTTPStatus
 __version__ = "1.0.0"
 
 ###############################################################################
-# Constants ####################################################################
+# Constants ###################################################################
 ###############################################################################
 
 API = "/api/v1.0"
@@ -76,10 +76,10 @@ DEFAULT_CONFIGS = ("smsapi.ini", "/etc/smsapi/smsapi.ini")
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 if not os.path.exists(README):
     README = "/usr/local/share/doc/smsapi/README.md"
-DEFAULT_SPOOL = {kind: "/var/spool/sms/" + kind for kind in KINDS}  # Debian's
-SMSD_CONF = "/etc/smsd.conf"  # spool paths, pid file and stats directory come from it
 SMSD_PIDFILE = "/var/run/smsd.pid"  # smsd's default when smsd.conf names none
 EX_CONFIG = 78  # sysexits.h: configuration error
+
+# -- names and numbers a request or a file may hold ---------------------------
 
 #: A message id is a spool file name: nothing that could leave the directory,
 #: nothing smsd would skip (a leading dot), nothing longer than a sane name.
@@ -97,7 +97,27 @@ LEADING_SPACE = re.compile(r"^ (?=[0-9])")
 MOBILE_PATTERN = re.compile(r"[0-9]{1,15}\*?", re.ASCII)
 DURATION = re.compile(r"([0-9]{1,9})\s*(s|min|hour|day)?", re.ASCII)
 DURATION_UNITS = {"s": 1, "min": 60, "hour": 3600, "day": 86400}
-VALIDITY = re.compile(r"([0-9]{1,3})\s*(min|hour|day|week|month|year)?", re.ASCII)
+#: smsd's Validity: a count of min/hour/day/week/month/year, or a bare 0-255.
+VALIDITY = re.compile(
+    r"[0-9]{1,3}\s*(?:min|hour|day|week|month|year)|25[0-5]|2[0-4][0-9]|[01]?[0-9]{1,2}",
+    re.ASCII,
+)
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?", re.ASCII)
+PRIORITIES = ("high", "normal")
+#: Whole-number fields of a send: (lowest, highest).
+NUMBER_FIELDS = {"retries": (0, 100), "class": (0, 3)}
+CONTROL_PARAMS = frozenset(["wait", "wait_for", "dry_run"])  # query only, never fields
+WAIT_TARGETS = ("sent", "delivered")
+INBOX_TYPES = {"sms": ("sms",), "report": ("report",), "all": ("sms", "report")}
+PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # ?limit= default and highest
+MAX_OFFSET = 10**9
+JSON_TYPES = ("application/json",)
+YES, NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")  # as_bool reads
+KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "DELETE"])
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")  # escaped in log lines
+SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+# -- the spool, and smsd's files ---------------------------------------------
 
 #: Bytes read from one spool file at the most. The longest SMS smsd can join
 #: (255 parts) is under 64 KiB as a file; anything bigger is not a message.
@@ -109,12 +129,58 @@ EARLIEST, LATEST = 0.0, 32503680000.0  # 1970 and 3000
 #: How spool files are opened: never through a symlink, never waiting on a FIFO.
 SPOOL_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 TEMP_PREFIX = ".smsapi-"  # smsd skips names that start with a dot
+SMSD_TIME = "%y-%m-%d %H:%M:%S"
+REPORT_BODY = "SMS STATUS REPORT"
+REPORT_NUMBER = re.compile(r"[0-9]{1,3}", re.ASCII)  # TP-MR and TP-ST: one octet
+CONCATENATED = re.compile(r".*-concatenated", re.ASCII)  # smsd's store of parts
+FINAL = frozenset(["sent", "failed"])
+#: Lines of smsd's status file that a working modem may show.
+MODEM_STATES = ("Idle", "Sending", "Receiving")
+SIGNAL = re.compile(r"ssi: (-?[0-9]+) dBm(?: \((\w+)\))?")
+
+# -- what the watcher keeps, and how often it looks ---------------------------
+
+JOURNAL = "reports.journal"  # the delivery report index, in state_dir
+REBUILD_CHUNK = 2000  # sent files read per tick when catching up
+CLOCK_MARGIN = 5.0  # seconds before the journal's last clock that a restart reads again
+SETTLE = 1.0  # seconds a polled file must stand unchanged before it is read
+RETENTION_EVERY = 300  # seconds between passes that remove old files
+RETENTION_CHUNK = 5000  # files removed in one pass at most
+#: What the change stream says of a name: it appeared, was written and closed,
+#: was renamed in, went away; or the whole directory must be looked at again.
+CREATED, WRITTEN, MOVED_IN, GONE, RESCAN = (
+    "created",
+    "written",
+    "moved in",
+    "gone",
+    "rescan",
+)
+
+# -- passwords and guessing ---------------------------------------------------
+
+SCRYPT_LN, SCRYPT_R, SCRYPT_P = 14, 8, 1  # N = 2^14: 16 MiB, about 50 ms a check
+PASSWORD_HASH = re.compile(
+    r"\$scrypt\$ln=([0-9]{1,2}),r=([0-9]{1,2}),p=([0-9]{1,2})\$([A-Za-z0-9+/]{16,})\$([A-Za-z0-9+/]{43})",
+    re.ASCII,
+)
+FAILURE_LIMIT, FAILURE_WINDOW, MAX_LOCKOUT = 10, 60.0, 900.0
+
+# -- health and metrics ------------------------------------------------------
+
+GRADES = ("pass", "warn", "fail")
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+PLAIN_TEXT = "text/plain; charset=utf-8"
+
+# -- serving -----------------------------------------------------------------
+
 PEER_UID = "smsapi.peer_uid"  # WSGI environ key: the uid of a unix-socket caller
 BACKLOG = 1024  # connections the kernel holds for us before accept()
 SD_LISTEN_FDS_START = 3  # the first socket systemd hands over (sd_listen_fds(3))
 STOP_GRACE = 10.0  # seconds requests in progress get to finish after SIGTERM
 UNIX_RESERVE = 100  # connections the unix socket may have beyond connection_limit
 OPEN_ROUTE_RATE = 100  # requests a second answered on the routes that need no login
+
+# -- GSM 03.38 ---------------------------------------------------------------
 
 #: Characters of the GSM 03.38 basic table that smsd 3.1.21 converts exactly
 #: from a UTF-8 file. The currency sign U+00A4 is left out on purpose: smsd
@@ -128,7 +194,7 @@ GSM_SINGLE, GSM_PART = 160, 153  # septets in one message / in each part
 UCS2_SINGLE, UCS2_PART = 70, 67  # UTF-16 code units likewise
 
 ###############################################################################
-# Errors #######################################################################
+# Errors ######################################################################
 ###############################################################################
 
 
@@ -156,73 +222,115 @@ class ConfigError(Exception):
 
 
 ###############################################################################
-# Configuration ################################################################
+# Logging helpers #############################################################
+###############################################################################
+
+log = logging.getLogger("smsapi")
+
+
+def escape(value):
+    """Make client-supplied text safe for a one-line log record."""
+    return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
+def one_line(exc):
+    """An exception as a short single line."""
+    return escape(str(exc) or type(exc).__name__)
+
+
+class JournalFormatter(logging.Formatter):
+    """journald adds the time itself; a <N> prefix gives each line its priority."""
+
+    def format(self, record):
+        return f"<{SYSLOG_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def setup_logging():
+    """Log to stderr: under journald with priorities, elsewhere with ISO timestamps."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"
+            )
+        )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def sd_notify(state):
+    """Tell systemd about our state (READY=1, STOPPING=1, WATCHDOG=1) if it listens."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+        ) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", one_line(exc))
+
+
+###############################################################################
+# Passwords ###################################################################
 ###############################################################################
 
 
-@dataclasses.dataclass(frozen=True)
-class User:
-    """An API user from a [user:NAME] section."""
+def hash_password(password, ln=SCRYPT_LN, salt=None):
+    """A salted scrypt hash string for the config; N = 2^ln (tests choose a low ln)."""
+    salt = salt or secrets.token_bytes(16)
+    digest = scrypt(password, salt, ln, SCRYPT_R, SCRYPT_P)
+    return password_hash(ln, SCRYPT_R, SCRYPT_P, salt, digest)
 
-    name: str
-    password: str  # the hash string, never the password
-    mobiles: tuple = ()  # allow-list patterns; empty means any number
-    admin: bool = False
-    inbox: bool = False
-    report: bool = None  # default for "report" on send; None: the server's
-    unix_users: tuple = ()  # local accounts that are this user on the unix socket
-    metrics: bool = False  # may read /metrics from anywhere
 
-    def may_send_to(self, mobile):
-        """True when the normalised number is on this user's allow-list."""
-        if not self.mobiles:
-            return True
-        return any(
-            mobile.startswith(p[:-1]) if p.endswith("*") else mobile == p
-            for p in self.mobiles
+def password_hash(ln, r, p, salt, digest):
+    """The one form of a hash string: $scrypt$ln=..,r=..,p=..$salt$digest."""
+    return f"$scrypt$ln={ln},r={r},p={p}${b64(salt)}${b64(digest)}"
+
+
+def parse_password_hash(value):
+    """(ln, r, p, salt, digest) of a hash string, or ValueError naming the problem."""
+    match = PASSWORD_HASH.fullmatch(value)
+    if not match:
+        if value.startswith("$scrypt$"):
+            raise ValueError("malformed password hash")
+        raise ValueError(
+            "must be a hash from 'smsapi.py hash-password', not a password in clear"
         )
+    ln, r, p = (int(g) for g in match.groups()[:3])
+    if not 10 <= ln <= 20 or not 1 <= r <= 32 or not 1 <= p <= 16:
+        raise ValueError("password hash parameters out of range")
+    return ln, r, p, unb64(match.group(4)), unb64(match.group(5))
 
 
-#: Thresholds of GET /health: queued files, age of the oldest (s), failures in the last hour.
-HEALTH_DEFAULTS = {
-    "queue_warn": 50,
-    "queue_fail": 500,
-    "queue_age_warn": 600,
-    "queue_age_fail": 3600,
-    "failed_warn": 1,
-    "failed_fail": 10,
-}
+def scrypt(password, salt, ln, r, p):
+    n = 1 << ln
+    return hashlib.scrypt(
+        password.encode("utf-8"),
+        salt=salt,
+        n=n,
+        r=r,
+        p=p,
+        dklen=32,
+        maxmem=128 * r * n * p + (1 << 20),
+    )
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything the daemon reads from its INI file, validated."""
+def b64(data):
+    return base64.b64encode(data).decode("ascii").rstrip("=")
 
-    path: str = "smsapi.ini"
-    listen: tuple = ("127.0.0.1:5000",)
-    threads: int = 4
-    max_body: int = 65536
-    max_parts: int = 10
-    max_recipients: int = 100
-    fsync: bool = True
-    queues: tuple = ()
-    state_dir: str = "/var/lib/smsapi"
-    max_wait: int = 60
-    max_waiters: int = 2
-    report: bool = None  # default for "report" on send; None: smsd's setting
-    report_window: int = 7 * 86400
-    connection_limit: int = 1000
-    channel_timeout: int = 60
-    request_timeout: int = 10  # seconds a request may take to arrive, in all
-    trusted_proxies: tuple = ()
-    metrics: str = "local"  # who may read /metrics: local, users, open or off
-    log_text: bool = False  # put each message's text in its log line
-    spool: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SPOOL))
-    smsd: dict = dataclasses.field(default_factory=dict)  # pidfile, stats, or {}
-    health: dict = dataclasses.field(default_factory=lambda: dict(HEALTH_DEFAULTS))
-    retention: dict = dataclasses.field(default_factory=dict)  # kind -> age in seconds
-    users: dict = dataclasses.field(default_factory=dict)
-    unix_users: dict = dataclasses.field(default_factory=dict)  # Unix name -> User
+
+def unb64(text):
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
 
 
 def is_number(text):
@@ -234,9 +342,9 @@ def is_number(text):
 def as_bool(value):
     """yes/no, true/false, on/off, 1/0."""
     word = value.strip().lower()
-    if word in ("yes", "true", "on", "1"):
+    if word in YES:
         return True
-    if word in ("no", "false", "off", "0"):
+    if word in NO:
         return False
     raise ValueError(f"expected yes or no, got {value!r}")
 
@@ -379,48 +487,348 @@ def as_metrics_access(value):
     return word
 
 
-#: The schema: section -> option -> converter; [user:NAME] sections use USER_OPTIONS.
-SERVER_OPTIONS = {
-    "listen": as_listen,
-    "threads": as_count,
-    "max_body": as_size,
-    "max_parts": as_count,
-    "max_recipients": as_count,
-    "fsync": as_bool,
-    "queues": as_queues,
-    "state_dir": as_path,
-    "max_wait": as_whole,
-    "max_waiters": as_count,
-    "report": as_bool,
-    "report_window": as_duration,
-    "connection_limit": as_count,
-    "channel_timeout": as_duration,
-    "request_timeout": as_duration,
-    "trusted_proxies": as_addresses,
-    "metrics": as_metrics_access,
-    "log_text": as_bool,
-}
-SPOOL_OPTIONS = {kind: as_path for kind in (*KINDS, "report")}
-SPOOL_OPTIONS["smsd_conf"] = as_optional_path
-HEALTH_OPTIONS = {
-    key: as_duration if "age" in key else as_count for key in HEALTH_DEFAULTS
-}
-RETENTION_OPTIONS = {kind: as_age for kind in ("sent", "failed", "incoming", "state")}
+class Option(
+    collections.namedtuple("Option", "section key default convert help restart")
+):
+    """One key of the INI file: its section ("user" for every [user:NAME]), its
+    default as written in the file (None: unset unless given), the converter
+    that reads it, one line of help (the README's table), and whether only a
+    restart takes a change of it."""
+
+    __slots__ = ()
+
+    @property
+    def value(self):
+        """The default, converted; None when there is none."""
+        return None if self.default is None else self.convert(self.default)
+
+
+def option(section, key, default, convert, help_text, restart=False):
+    return Option(section, key, default, convert, help_text, restart)
+
+
+#: Every option, in the order of smsapi.ini. The README's table and the shipped
+#: smsapi.ini are checked against it by the tests.
+OPTIONS = [
+    option(
+        "server",
+        "listen",
+        "127.0.0.1:5000",
+        as_listen,
+        "`host:port`, several separated by spaces; IPv6 as `[::1]:5000`; `unix:/path`",
+        True,
+    ),
+    option("server", "threads", "4", as_count, "HTTP worker threads", True),
+    option(
+        "server",
+        "max_body",
+        "64k",
+        as_size,
+        "largest request body (bytes; `k`, `M` suffixes)",
+    ),
+    option("server", "max_parts", "10", as_count, "longest text, in SMS parts"),
+    option("server", "max_recipients", "100", as_count, "most numbers in one request"),
+    option(
+        "server",
+        "fsync",
+        "yes",
+        as_bool,
+        "fsync each file and the directory before 201; `no` spares flash, risks loss at power cut",
+        True,
+    ),
+    option("server", "queues", "", as_queues, "smsd queue names a request may choose"),
+    option(
+        "server",
+        "state_dir",
+        "/var/lib/smsapi",
+        as_path,
+        "the daemon's own state: report index, idempotency records",
+        True,
+    ),
+    option(
+        "server",
+        "max_wait",
+        "60",
+        as_whole,
+        "longest `?wait=N`, in seconds; 0 turns waiting off",
+    ),
+    option(
+        "server",
+        "max_waiters",
+        "2",
+        as_count,
+        "requests that may wait at once (keep below `threads`)",
+        True,
+    ),
+    option(
+        "server",
+        "report",
+        None,
+        as_bool,
+        "ask for delivery reports by default; unset: smsd's own setting decides",
+    ),
+    option(
+        "server",
+        "report_window",
+        "7day",
+        as_duration,
+        "how long after sending a report may still be matched",
+    ),
+    option(
+        "server",
+        "connection_limit",
+        "1000",
+        as_count,
+        "open client connections at most",
+        True,
+    ),
+    option(
+        "server",
+        "channel_timeout",
+        "60",
+        as_duration,
+        "seconds an idle keep-alive connection is kept",
+        True,
+    ),
+    option(
+        "server",
+        "request_timeout",
+        "10",
+        as_duration,
+        "seconds a request (headers and body) may take to arrive, in all; slower ones are closed",
+        True,
+    ),
+    option(
+        "server",
+        "trusted_proxies",
+        "",
+        as_addresses,
+        "addresses of reverse proxies whose `X-Forwarded-For` names the client",
+    ),
+    option(
+        "server",
+        "metrics",
+        "local",
+        as_metrics_access,
+        "who may read `/metrics`: `local`, `users`, `open` or `off`",
+    ),
+    option(
+        "server",
+        "log_text",
+        "no",
+        as_bool,
+        "put each message's text (control characters escaped) in its log line",
+    ),
+    option(
+        "spool",
+        "smsd_conf",
+        "/etc/smsd.conf",
+        as_optional_path,
+        "smsd's config: the directories below default to its; its `pidfile` and `stats` feed `/health`; empty for none",
+    ),
+    option(
+        "spool",
+        "outgoing",
+        "/var/spool/sms/outgoing",
+        as_path,
+        "where smsapi puts messages for smsd (smsd.conf's, else this)",
+        True,
+    ),
+    option(
+        "spool",
+        "checked",
+        "/var/spool/sms/checked",
+        as_path,
+        "where smsd keeps a message while it sends it (smsd.conf's, else this)",
+        True,
+    ),
+    option(
+        "spool",
+        "sent",
+        "/var/spool/sms/sent",
+        as_path,
+        "where smsd files sent messages (smsd.conf's, else this)",
+        True,
+    ),
+    option(
+        "spool",
+        "failed",
+        "/var/spool/sms/failed",
+        as_path,
+        "where smsd files failed messages (smsd.conf's, else this)",
+        True,
+    ),
+    option(
+        "spool",
+        "incoming",
+        "/var/spool/sms/incoming",
+        as_path,
+        "where smsd files received messages (smsd.conf's, else this)",
+        True,
+    ),
+    option(
+        "spool",
+        "report",
+        None,
+        as_path,
+        "smsd's `report =` directory (smsd.conf's; unset: reports land in `incoming`)",
+        True,
+    ),
+    option(
+        "health",
+        "queue_warn",
+        "50",
+        as_count,
+        "warn at this many messages waiting in `outgoing` and `checked`",
+    ),
+    option("health", "queue_fail", "500", as_count, "fail (503) at this many"),
+    option(
+        "health",
+        "queue_age_warn",
+        "10min",
+        as_duration,
+        "warn when the oldest of them waited this long",
+    ),
+    option(
+        "health",
+        "queue_age_fail",
+        "1hour",
+        as_duration,
+        "fail when it waited this long",
+    ),
+    option(
+        "health",
+        "failed_warn",
+        "1",
+        as_count,
+        "warn at this many messages failed in the last hour",
+    ),
+    option("health", "failed_fail", "10", as_count, "fail at this many"),
+    option(
+        "retention",
+        "sent",
+        None,
+        as_age,
+        "remove sent files older than this (at least `1min`); unset: kept",
+    ),
+    option(
+        "retention",
+        "failed",
+        None,
+        as_age,
+        "remove failed files older than this; unset: kept",
+    ),
+    option(
+        "retention",
+        "incoming",
+        None,
+        as_age,
+        "remove received files (and reports) older than this; unset: kept",
+    ),
+    option(
+        "retention", "state", "1day", as_age, "how long `Idempotency-Key` records live"
+    ),
+    option(
+        "user",
+        "password",
+        None,
+        as_password_hash,
+        "hash from `smsapi.py hash-password`; required unless `unix_users`",
+    ),
+    option(
+        "user",
+        "mobiles",
+        "",
+        as_mobile_patterns,
+        "allow-list: numbers, or prefixes ending in `*` (`79680000000 7916*`); empty: any",
+    ),
+    option(
+        "user",
+        "admin",
+        "no",
+        as_bool,
+        "may read, list and delete every message, and read the inbox",
+    ),
+    option("user", "inbox", "no", as_bool, "may read and delete received messages"),
+    option(
+        "user",
+        "report",
+        None,
+        as_bool,
+        "this user's default for `report`; unset: the server's",
+    ),
+    option("user", "metrics", "no", as_bool, "may read `/metrics` from anywhere"),
+    option(
+        "user",
+        "unix_users",
+        "",
+        as_unix_names,
+        "local accounts that are this user on the unix socket, with no password",
+    ),
+]
 SECTIONS = {
-    "server": SERVER_OPTIONS,
-    "spool": SPOOL_OPTIONS,
-    "health": HEALTH_OPTIONS,
-    "retention": RETENTION_OPTIONS,
+    section: {o.key: o for o in OPTIONS if o.section == section}
+    for section in dict.fromkeys(o.section for o in OPTIONS)
 }
-USER_OPTIONS = {
-    "password": as_password_hash,
-    "mobiles": as_mobile_patterns,
-    "admin": as_bool,
-    "inbox": as_bool,
-    "report": as_bool,
-    "unix_users": as_unix_names,
-    "metrics": as_bool,
-}
+#: What a reload cannot change: the file, the sockets, threads and files in use.
+RESTART_ONLY = ("path", "spool") + tuple(
+    o.key for o in OPTIONS if o.section == "server" and o.restart
+)
+
+
+def defaults(section):
+    """{key: default value} of one section's options; None for those unset by default."""
+    return {key: option.value for key, option in SECTIONS[section].items()}
+
+
+def default_spool():
+    """The spool directories when neither [spool] nor smsd.conf names them: Debian's."""
+    return {kind: path for kind, path in defaults("spool").items() if kind in KINDS}
+
+
+class User(types.SimpleNamespace):
+    """An API user from a [user:NAME] section: its name, and its options as attributes."""
+
+    def __init__(self, name, **options):
+        super().__init__(name=name, **{**defaults("user"), **options})
+
+    def may_send_to(self, mobile):
+        """True when the normalised number is on this user's allow-list."""
+        if not self.mobiles:
+            return True
+        return any(
+            mobile.startswith(p[:-1]) if p.endswith("*") else mobile == p
+            for p in self.mobiles
+        )
+
+
+class Config(types.SimpleNamespace):
+    """Everything the daemon reads from its INI file, validated; never changed.
+
+    The [server] options are attributes (config.threads); spool, health and
+    retention are dicts of those sections (config.spool["outgoing"]); smsd
+    holds the pid file and stats directory that smsd.conf names ({} without
+    one); users maps names to Users, unix_users local accounts to Users. A
+    reload makes a new Config.
+    """
+
+    def __init__(self, path="smsapi.ini", **given):
+        values = {
+            **defaults("server"),
+            "spool": default_spool(),
+            "health": defaults("health"),
+            "retention": {k: v for k, v in defaults("retention").items() if v},
+            "smsd": {},
+            "users": {},
+            "unix_users": {},
+        }
+        super().__init__(path=path, **{**values, **given})
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a Config does not change: make one with replace()")
+
+    def replace(self, **changes):
+        return Config(**{**vars(self), **changes})
 
 
 def find_config(path=None):
@@ -441,49 +849,47 @@ def load_config(path):
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
         raise ConfigError([f"{path}: cannot read: {one_line(exc)}"]) from None
     problems, users = [], {}
-    read = {name: {} for name in SECTIONS}
+    read = {name: {} for name in SECTIONS if name != "user"}
     for section in parser.sections():
-        if section in SECTIONS:
-            read[section] = read_section(
-                parser, path, section, SECTIONS[section], problems
-            )
+        if section in read:
+            read[section] = read_section(parser, path, section, problems)
         elif section.startswith("user:") and USER_NAME.fullmatch(section[5:]):
             users[section[5:]] = read_user(parser, path, section, problems)
         else:
             problems.append(f"{path}: [{section}]: unknown section")
     spool, smsd = spool_settings(path, read["spool"], problems)
-    health = {**HEALTH_DEFAULTS, **read["health"]}
+    health = {**defaults("health"), **read["health"]}
     problems += [
         f"{path}: [health] {name}_warn: must not be above {name}_fail"
         for name in ("queue", "queue_age", "failed")
         if health[name + "_warn"] > health[name + "_fail"]
     ]
     config = Config(
-        path=path,
+        path,
         **read["server"],
         spool=spool,
         smsd=smsd,
         health=health,
-        retention=read["retention"],
+        retention={"state": defaults("retention")["state"], **read["retention"]},
         users=users,
         unix_users=unix_user_map(path, users, problems),
     )
-    problems += check_spool(config)
+    problems += [f"{path}: {problem}" for problem in check_spool(config)]
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def read_section(parser, path, section, schema, problems):
-    """Convert the options of one section by schema, collecting problems."""
+def read_section(parser, path, section, problems):
+    """Convert the options of one section (for [user:NAME], the user options)."""
+    schema = SECTIONS[section.partition(":")[0]]
     values = {}
     for key, raw in parser.items(section):
-        convert = schema.get(key)
-        if convert is None:
+        if key not in schema:
             problems.append(f"{path}: [{section}] {key}: unknown option")
             continue
         try:
-            values[key] = convert(raw)
+            values[key] = schema[key].convert(raw)
         except ValueError as exc:
             problems.append(f"{path}: [{section}] {key}: {exc}")
     return values
@@ -491,10 +897,10 @@ def read_section(parser, path, section, schema, problems):
 
 def read_user(parser, path, section, problems):
     """Build the User of one [user:NAME] section, collecting problems."""
-    values = read_section(parser, path, section, USER_OPTIONS, problems)
+    values = read_section(parser, path, section, problems)
     if not parser.has_option(section, "password") and not values.get("unix_users"):
         problems.append(f"{path}: [{section}] password: missing")
-    return User(name=section[5:], **{"password": "", **values})
+    return User(section[5:], **values)
 
 
 def unix_user_map(path, users, problems):
@@ -516,22 +922,23 @@ def spool_settings(path, spool, problems):
 
     What [spool] leaves out comes from smsd.conf, else Debian's defaults.
     """
-    conf = spool.pop("smsd_conf", SMSD_CONF)
+    default_conf = defaults("spool")["smsd_conf"]
+    conf = spool.pop("smsd_conf", default_conf)
     try:
         settings = read_smsd_conf(conf) if conf else None
     except OSError as exc:
-        if conf != SMSD_CONF or exc.errno != errno.ENOENT:
+        if conf != default_conf or exc.errno != errno.ENOENT:
             problems.append(f"{path}: [spool] smsd_conf: {one_line(exc)}")
         settings = None
     if settings is None:
-        return {**DEFAULT_SPOOL, **spool}, {}
+        return {**default_spool(), **spool}, {}
     from_smsd = {k: v for k, v in settings.items() if k in KINDS or k == "report"}
     smsd = {
         "conf": conf,
         "pidfile": settings.get("pidfile", SMSD_PIDFILE),
         "stats": settings.get("stats", ""),
     }
-    return {**DEFAULT_SPOOL, **from_smsd, **spool}, smsd
+    return {**default_spool(), **from_smsd, **spool}, smsd
 
 
 def read_smsd_conf(path):
@@ -549,10 +956,13 @@ def read_smsd_conf(path):
 
 
 def check_spool(config):
-    """Problems with the spool and state directories: missing, or not usable by us."""
+    """Problems with the spool and state directories: missing, or not usable by us.
+
+    Each names section and key; load_config puts the file's path before it.
+    """
     problems = check_state_dir(config)
     for kind, directory in config.spool.items():
-        where = f"{config.path}: [spool] {kind}: {directory}"
+        where = f"[spool] {kind}: {directory}"
         if not os.path.isdir(directory):
             problems.append(where + " is not a directory")
         elif kind == "outgoing" and not os.access(directory, os.W_OK | os.X_OK):
@@ -564,7 +974,7 @@ def check_spool(config):
 
 def check_state_dir(config):
     """Problems with the daemon's state directory (made at start if its parent allows)."""
-    where = f"{config.path}: [server] state_dir: {config.state_dir}"
+    where = f"[server] state_dir: {config.state_dir}"
     directory = config.state_dir
     if not os.path.exists(directory):
         directory = os.path.dirname(os.path.abspath(directory))
@@ -578,77 +988,16 @@ def check_state_dir(config):
 
 
 ###############################################################################
-# Logging ######################################################################
-###############################################################################
-
-log = logging.getLogger("smsapi")
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
-
-
-def escape(value):
-    """Make client-supplied text safe for a one-line log record."""
-    return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
-
-
-def one_line(exc):
-    """An exception as a short single line."""
-    return escape(str(exc) or type(exc).__name__)
-
-
-SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
-
-class JournalFormatter(logging.Formatter):
-    """journald adds the time itself; a <N> prefix gives each line its priority."""
-
-    def format(self, record):
-        return f"<{SYSLOG_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
-
-
-def setup_logging():
-    """Log to stderr: under journald with priorities, elsewhere with ISO timestamps."""
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(JournalFormatter("%(message)s"))
-    else:
-        handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"
-            )
-        )
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-
-
-def sd_notify(state):
-    """Tell systemd about our state (READY=1, STOPPING=1, WATCHDOG=1) if it listens."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if not address:
-        return
-    if address.startswith("@"):  # an abstract socket
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(
-            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-        ) as sock:
-            sock.sendto(state.encode(), address)
-    except OSError as exc:
-        log.warning("cannot notify systemd: %s", one_line(exc))
-
-
-###############################################################################
-# GSM and UCS2 encoding ########################################################
+# GSM and UCS2 encoding #######################################################
 ###############################################################################
 
 
-@dataclasses.dataclass(frozen=True)
-class Encoding:
-    """How a text goes on the air: alphabet, parts, and the file body for smsd."""
+class Encoding(collections.namedtuple("Encoding", "alphabet parts units body header")):
+    """How a text goes on the air: alphabet ("GSM", sent 7-bit, or "UCS2"), parts,
+    units (septets for GSM, UTF-16 code units for UCS2), the file body for smsd,
+    and the Alphabet: header value smsd reads."""
 
-    alphabet: str  # "GSM" (sent 7-bit) or "UCS2"
-    parts: int
-    units: int  # septets for GSM, UTF-16 code units for UCS2
-    body: bytes
-    header: str  # the Alphabet: header value smsd reads
+    __slots__ = ()
 
 
 def encode_text(text):
@@ -687,7 +1036,7 @@ def non_gsm_chars(text):
 
 
 ###############################################################################
-# Spool ########################################################################
+# Spool #######################################################################
 ###############################################################################
 
 
@@ -763,29 +1112,35 @@ class DirectorySync:
                     self.changed.notify_all()
 
 
-def write_messages(config, files, directory_sync=None):
-    """Put {message_id: bytes} into outgoing atomically; all or nothing.
+class Outgoing:
+    """smsd's outgoing directory, written so that a 201 is on disk.
 
     Each file is written and fsynced under a dot name smsd skips, then all are
-    renamed to their ids and the directory is fsynced: a 201 is on disk.
+    renamed to their ids, and the directory is fsynced (one fsync covering
+    many writers); with fsync = no, none of it is fsynced.
     """
-    outgoing = config.spool["outgoing"]
-    temps = []
-    try:
-        for message_id, data in files.items():
-            temp = os.path.join(outgoing, TEMP_PREFIX + message_id)
-            write_file(temp, data, config.fsync)
-            temps.append((temp, os.path.join(outgoing, message_id)))
-        for temp, final in temps:
-            os.rename(temp, final)
-        if config.fsync and directory_sync:
-            directory_sync.sync()
-        elif config.fsync:
-            fsync_directory(outgoing)
-    except OSError as exc:
-        for temp, _ in temps:
-            remove_quietly(temp)
-        raise storage_error(exc) from exc
+
+    def __init__(self, directory, fsync=True):
+        self.directory = directory
+        self.fsync = fsync
+        self.directory_sync = DirectorySync(directory)
+
+    def write(self, files):
+        """Put {message_id: bytes} into outgoing, all or nothing; 507 or 503 if it refuses."""
+        temps = []
+        try:
+            for message_id, data in files.items():
+                temp = os.path.join(self.directory, TEMP_PREFIX + message_id)
+                write_file(temp, data, self.fsync)
+                temps.append((temp, os.path.join(self.directory, message_id)))
+            for temp, final in temps:
+                os.rename(temp, final)
+            if self.fsync:
+                self.directory_sync.sync()
+        except OSError as exc:
+            for temp, _ in temps:
+                remove_quietly(temp)
+            raise storage_error(exc) from exc
 
 
 def write_file(path, data, sync):
@@ -843,15 +1198,15 @@ def clean_temp_files(config):
             log.warning("removed unfinished temporary file %s", escape(name))
 
 
-@dataclasses.dataclass(frozen=True)
-class Message:
-    """A spool file as read back: where it is, its headers and decoded text."""
+class Message(
+    collections.namedtuple(
+        "Message", "message_id kind headers text mtime", defaults=(None, 0.0)
+    )
+):
+    """A spool file as read back: its id, its spool, its headers, its decoded
+    text (None for binary), its mtime."""
 
-    message_id: str
-    kind: str
-    headers: dict
-    text: str = None
-    mtime: float = 0.0
+    __slots__ = ()
 
     @property
     def owner(self):
@@ -943,8 +1298,14 @@ def find_message(config, message_id):
     return None
 
 
-def list_page(config, kind, offset, limit, owner=None):
-    """(how many, one page of names) of messages in spool kind, newest first.
+class Page(collections.namedtuple("Page", "limit offset")):
+    """Which part of a listing to show: limit names from offset on."""
+
+    __slots__ = ()
+
+
+def list_page(config, kind, page, owner=None):
+    """(how many, the page's names) of messages in spool kind, newest first.
 
     Only owner's, if given. Our ids carry owner tag and creation time (fixed
     width, base 36), so one user's names order by time as plain strings; only
@@ -954,7 +1315,7 @@ def list_page(config, kind, offset, limit, owner=None):
     if owner:
         prefix = f"smsapi.{owner_tag(owner)}."
         mine = [n for n in names if n.startswith(prefix) and len(n) == ID_LENGTH]
-        return len(mine), heapq.nlargest(offset + limit, mine)[offset:]
+        return len(mine), heapq.nlargest(page.offset + page.limit, mine)[page.offset :]
     keyed = []
     for name in names:
         if OUR_ID.fullmatch(name):
@@ -965,9 +1326,8 @@ def list_page(config, kind, offset, limit, owner=None):
             except OSError:
                 continue  # smsd moved it meanwhile
             keyed.append((f"{base36(int(clamp_time(mtime) * 1e6)):0>10}", name))
-    return len(keyed), [
-        name for _, name in heapq.nlargest(offset + limit, keyed)[offset:]
-    ]
+    shown = heapq.nlargest(page.offset + page.limit, keyed)[page.offset :]
+    return len(keyed), [name for _, name in shown]
 
 
 def is_message_name(name):
@@ -978,11 +1338,8 @@ def is_message_name(name):
 
 
 ###############################################################################
-# State: idempotency records ###################################################
+# State: idempotency records ##################################################
 ###############################################################################
-
-IDEMPOTENCY_TTL = 24 * 3600
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?", re.ASCII)
 
 
 def write_json_atomically(path, data, sync=True):
@@ -1028,7 +1385,7 @@ class Idempotency:
     def __init__(self, config):
         self.directory = os.path.join(config.state_dir, "idempotency")
         self.sync = config.fsync
-        self.ttl = config.retention.get("state", IDEMPOTENCY_TTL)
+        self.ttl = config.retention["state"]
         self.guard = threading.Lock()
         self.locks = {}  # record path -> [lock, users]
         self.expired = time.time()  # when old records were last removed
@@ -1118,17 +1475,8 @@ def is_record(record, numbers):
 
 
 ###############################################################################
-# Spool changes ################################################################
+# Spool changes ###############################################################
 ###############################################################################
-
-CREATED, WRITTEN, MOVED_IN, GONE, RESCAN = (
-    "created",
-    "written",
-    "moved in",
-    "gone",
-    "rescan",
-)
-SETTLE = 1.0  # seconds a polled file must stand unchanged before it is read
 
 
 class Change(collections.namedtuple("Change", "kind name event")):
@@ -1328,16 +1676,8 @@ def settled(directory, name):
 
 
 ###############################################################################
-# Delivery reports #############################################################
+# Delivery reports ############################################################
 ###############################################################################
-
-SMSD_TIME = "%y-%m-%d %H:%M:%S"
-REBUILD_CHUNK = 2000  # sent files read per tick when catching up
-REPORT_BODY = "SMS STATUS REPORT"
-REPORT_NUMBER = re.compile(r"[0-9]{1,3}", re.ASCII)  # TP-MR and TP-ST: one octet
-FINAL = frozenset(["sent", "failed"])
-JOURNAL = "reports.journal"
-CLOCK_MARGIN = 5.0  # seconds before the journal's last clock that a restart reads again
 
 
 def smsd_time(value):
@@ -1357,19 +1697,21 @@ def iso_time(seconds):
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Report:
-    """An smsd status report file, parsed."""
+class Report(
+    collections.namedtuple(
+        "Report",
+        "name modem message_ref to received submitted code detail discharged",
+    )
+):
+    """An smsd status report file, parsed.
 
-    name: str  # the file's name: a report is attached once, whatever reads it again
-    modem: str
-    message_ref: int  # TP-MR, 0-255, smsd's Message_id
-    to: str  # the recipient the report is about (the file's From)
-    received: float
-    submitted: float  # the SMSC's timestamp of the original message, if any
-    code: int
-    detail: str
-    discharged: str
+    name is the file's (a report is attached once, whatever reads it again);
+    message_ref is TP-MR, 0-255, smsd's Message_id; to is the recipient the
+    report is about (the file's From); submitted is the SMSC's timestamp of the
+    original message, if any.
+    """
+
+    __slots__ = ()
 
     @property
     def outcome(self):
@@ -1695,10 +2037,8 @@ def append_lines(path, lines, sync):
 
 
 ###############################################################################
-# The inbox index ##############################################################
+# The inbox index #############################################################
 ###############################################################################
-
-CONCATENATED = re.compile(r".*-concatenated", re.ASCII)  # smsd's store of parts
 
 
 class InboxEntry(collections.namedtuple("InboxEntry", "received name sender kind")):
@@ -1746,11 +2086,8 @@ def inbox_name(name):
 
 
 ###############################################################################
-# Retention ####################################################################
+# Retention ###################################################################
 ###############################################################################
-
-RETENTION_EVERY = 300  # seconds between passes that remove old files
-RETENTION_CHUNK = 5000  # files removed in one pass at most
 
 
 class Retention:
@@ -1820,7 +2157,7 @@ def remove_older(directory, cutoff, limit):
 
 
 ###############################################################################
-# Recent failures ##############################################################
+# Recent failures #############################################################
 ###############################################################################
 
 
@@ -1875,7 +2212,7 @@ def within_the_hour(mtime):
 
 
 ###############################################################################
-# Waiters ######################################################################
+# Waiters #####################################################################
 ###############################################################################
 
 
@@ -1928,7 +2265,7 @@ class Waiters:
 
 
 ###############################################################################
-# The watcher ##################################################################
+# The watcher #################################################################
 ###############################################################################
 
 
@@ -1961,7 +2298,7 @@ class Watcher:
     def reconfigure(self, config):
         """Take report_window, [retention] and the records' lifetime from a reloaded config."""
         self.config = self.reports.config = self.retention.config = config
-        self.idempotency.ttl = config.retention.get("state", IDEMPOTENCY_TTL)
+        self.idempotency.ttl = config.retention["state"]
 
     def start(self):
         self.thread = threading.Thread(
@@ -2080,16 +2417,8 @@ class Watcher:
 
 
 ###############################################################################
-# Health and metrics ###########################################################
+# Health ##################################################################
 ###############################################################################
-
-GRADES = ("pass", "warn", "fail")
-SIGNAL = re.compile(r"ssi: (-?[0-9]+) dBm(?: \((\w+)\))?")
-MODEM_STATES = (
-    "Idle",
-    "Sending",
-    "Receiving",
-)  # what smsd's status file says of a working modem
 
 
 class Health:
@@ -2135,13 +2464,8 @@ def graded(value, warn, fail):
     return "fail" if value >= fail else "warn" if value >= warn else "pass"
 
 
-def spool_problems(config):
-    """What is wrong with the spool and state directories, without the config path."""
-    return [p.split(": ", 1)[-1] for p in check_spool(config)]
-
-
 def spool_check(config):
-    problems = spool_problems(config)
+    problems = check_spool(config)
     if problems:
         return {"status": "fail", "output": "; ".join(problems)}
     return {"status": "pass", "output": "spool and state directories usable"}
@@ -2255,7 +2579,7 @@ def modem_checks(config):
         name, colon, rest = line.partition(":")
         fields = [f.strip() for f in rest.split(",", 5)]
         if colon and len(fields) > 1 and name not in ("Status", "Start"):
-            checks["modem:" + name] = modem_check(fields)
+            checks["modem:" + name] = {**modem_check(fields), "modem": name}
     return checks
 
 
@@ -2276,6 +2600,11 @@ def modem_check(fields):
         "state": state,
         "signal_dbm": dbm,
     }
+
+
+###############################################################################
+# Metrics #####################################################################
+###############################################################################
 
 
 class Histogram:
@@ -2308,13 +2637,18 @@ class Metrics:
         self.durations = {}  # route -> Histogram
         self.accepted = 0  # message files written
 
+    def count_accepted(self, files):
+        with self.lock:
+            self.accepted += files
+
     def observe(self, route, method, code, seconds):
         with self.lock:
             self.requests[route, method, code] += 1
             self.durations.setdefault(route, Histogram()).observe(seconds)
 
-    def render(self, app):
-        """The Prometheus text exposition: these counters, then the spool and smsd now."""
+    def render(self, counts, checks):
+        """The Prometheus text exposition: these counters, the watcher's counts of
+        what became of the messages, then the spool, smsd and modems (checks)."""
         with self.lock:
             requests = sorted(self.requests.items())
             durations = {r: h.copy() for r, h in sorted(self.durations.items())}
@@ -2352,14 +2686,14 @@ class Metrics:
         )
         out.sample("", {"state": "accepted"}, accepted)
         for state in ("sent", "failed", "delivered", "undelivered"):
-            out.sample("", {"state": state}, app.watcher.counts[state])
+            out.sample("", {"state": state}, counts[state])
         out.one(
             "smsapi_retention_removed_total",
             "counter",
             "Old spool files removed.",
-            app.watcher.counts["removed"],
+            counts["removed"],
         )
-        spool_gauges(out, app.health.current(app.config))
+        spool_gauges(out, checks)
         return out.text()
 
 
@@ -2387,9 +2721,9 @@ def spool_gauges(out, checks):
             int(checks["smsd"]["status"] == "pass"),
         )
     signals = [
-        (name.partition(":")[2], check["signal_dbm"])
-        for name, check in checks.items()
-        if name.startswith("modem:") and check.get("signal_dbm") is not None
+        (check["modem"], check["signal_dbm"])
+        for check in checks.values()
+        if check.get("signal_dbm") is not None
     ]
     if signals:
         out.family(
@@ -2433,22 +2767,32 @@ def label_value(value):
 
 
 ###############################################################################
-# HTTP helpers #################################################################
+# HTTP helpers ################################################################
 ###############################################################################
 
 
-class Request:
-    """The parts of a WSGI environ a handler needs."""
+def too_large(limit):
+    return ApiError(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"Body is larger than {limit} bytes"
+    )
 
-    def __init__(self, environ, app):
+
+class Request:
+    """One request: the parts of its WSGI environ a handler needs, the config
+    it is served under, and what the application learns while answering it."""
+
+    def __init__(self, environ, config):
         self.environ = environ
-        self.app = app
-        self.config = app.config
+        self.config = (
+            config  # as it was when the request came: a reload makes a new one
+        )
         self.method = environ["REQUEST_METHOD"].upper()
         self.path = environ.get("PATH_INFO", "") or "/"
-        self.args = {}  # filled by the router
-        self.route = "other"  # the route template, for the metrics
+        self.args = {}  # the route's placeholders, filled by the router
+        self.route = "other"  # the route's template, for the metrics
         self.user = None  # filled by authenticate()
+        self.written = []  # ids of the message files it wrote
+        self.replayed = False  # answered from an Idempotency-Key record
 
     @functools.cached_property
     def query(self):
@@ -2495,19 +2839,10 @@ class Request:
         return values[-1] if values else default
 
 
-def too_large(limit):
-    return ApiError(
-        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"Body is larger than {limit} bytes"
-    )
-
-
 def wants_plain_text(request):
     """True when the client asks for text/plain rather than JSON (curl in a shell script)."""
     accept = request.header("Accept").lower()
     return "text/plain" in accept and "json" not in accept
-
-
-JSON_TYPES = ("application/json",)
 
 
 def read_fields(request):
@@ -2587,79 +2922,22 @@ def form_bool(name, value):
         raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be yes or no") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class Raw:
-    """A handler's answer that is not JSON: the body and its Content-Type."""
+class Answer(collections.namedtuple("Answer", "status data text", defaults=(None,))):
+    """What a handler answers: the status, the data (JSON, or Raw), and the
+    plain-text form for Accept: text/plain (None: it has none, JSON goes out)."""
 
-    body: bytes
-    content_type: str
-
-
-PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+    __slots__ = ()
 
 
-def json_response(status, data, headers=()):
-    """Status line, headers and body bytes of a JSON response."""
-    body = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
-    return (
-        status,
-        [("Content-Type", "application/json; charset=utf-8")] + list(headers),
-        body,
-    )
+class Raw(collections.namedtuple("Raw", "body content_type")):
+    """Data of an answer that is not JSON: the body and its Content-Type."""
+
+    __slots__ = ()
 
 
 ###############################################################################
-# Authentication ###############################################################
+# Authentication ##############################################################
 ###############################################################################
-
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # 16 MiB, about 50 ms a check
-PASSWORD_HASH = re.compile(
-    r"\$scrypt\$ln=([0-9]{1,2}),r=([0-9]{1,2}),p=([0-9]{1,2})\$([A-Za-z0-9+/]{16,})\$([A-Za-z0-9+/]{43})",
-    re.ASCII,
-)
-
-
-def hash_password(password, salt=None):
-    """A salted scrypt hash string for the config: $scrypt$ln=..,r=..,p=..$salt$hash."""
-    salt = salt or secrets.token_bytes(16)
-    digest = scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    ln = SCRYPT_N.bit_length() - 1
-    return f"$scrypt$ln={ln},r={SCRYPT_R},p={SCRYPT_P}${b64(salt)}${b64(digest)}"
-
-
-def parse_password_hash(value):
-    """(n, r, p, salt, digest) of a hash string, or ValueError naming the problem."""
-    match = PASSWORD_HASH.fullmatch(value)
-    if not match:
-        if value.startswith("$scrypt$"):
-            raise ValueError("malformed password hash")
-        raise ValueError(
-            "must be a hash from 'smsapi.py hash-password', not a password in clear"
-        )
-    ln, r, p = (int(g) for g in match.groups()[:3])
-    if not 10 <= ln <= 20 or not 1 <= r <= 32 or not 1 <= p <= 16:
-        raise ValueError("password hash parameters out of range")
-    return 1 << ln, r, p, unb64(match.group(4)), unb64(match.group(5))
-
-
-def scrypt(password, salt, n, r, p):
-    return hashlib.scrypt(
-        password.encode("utf-8"),
-        salt=salt,
-        n=n,
-        r=r,
-        p=p,
-        dklen=32,
-        maxmem=128 * r * n * p + (1 << 20),
-    )
-
-
-def b64(data):
-    return base64.b64encode(data).decode("ascii").rstrip("=")
-
-
-def unb64(text):
-    return base64.b64decode(text + "=" * (-len(text) % 4))
 
 
 class Authenticator:
@@ -2673,9 +2951,7 @@ class Authenticator:
     def __init__(self):
         self.key = secrets.token_bytes(32)
         self.verified = {}  # (user, stored hash) -> keyed hash of the password
-        # Unknown users are checked against this: same cost, matches nothing.
-        salt, digest = b64(secrets.token_bytes(16)), b64(secrets.token_bytes(32))
-        self.dummy = f"$scrypt$ln={SCRYPT_N.bit_length() - 1},r={SCRYPT_R},p={SCRYPT_P}${salt}${digest}"
+        self.dummies = {}  # (ln, r, p) -> a hash that matches no password
         self.hashes_checked = 0  # scrypt runs: the same for every kind of failure
 
     def check(self, users, name, password):
@@ -2683,7 +2959,7 @@ class Authenticator:
         user = users.get(name)
         if user is not None and not user.password:  # a unix_users-only user
             user = None
-        stored = user.password if user else self.dummy
+        stored = user.password if user else self.dummy(users)
         tag = hashlib.blake2b(
             password.encode("utf-8", "replace"), key=self.key, digest_size=32
         ).digest()
@@ -2692,15 +2968,24 @@ class Authenticator:
             return user
         # Every failure costs one scrypt, so timing tells nothing about names.
         self.hashes_checked += 1
-        n, r, p, salt, digest = parse_password_hash(stored)
-        good = hmac.compare_digest(scrypt(password, salt, n, r, p), digest)
+        ln, r, p, salt, digest = parse_password_hash(stored)
+        good = hmac.compare_digest(scrypt(password, salt, ln, r, p), digest)
         if good and user is not None:
             self.verified[(name, stored)] = tag
             return user
         return None
 
-
-FAILURE_LIMIT, FAILURE_WINDOW, MAX_LOCKOUT = 10, 60.0, 900.0
+    def dummy(self, users):
+        """What an unknown user's password is checked against: it matches nothing,
+        and costs what the users' own hashes cost (the first one's parameters)."""
+        model = next((u.password for u in users.values() if u.password), None)
+        cost = (
+            parse_password_hash(model)[:3] if model else (SCRYPT_LN, SCRYPT_R, SCRYPT_P)
+        )
+        if cost not in self.dummies:
+            salt, digest = secrets.token_bytes(16), secrets.token_bytes(32)
+            self.dummies[cost] = password_hash(*cost, salt, digest)
+        return self.dummies[cost]
 
 
 class Failures:
@@ -2826,6 +3111,16 @@ def client_address(request):
     return address
 
 
+def is_local(request):
+    """True on the unix socket and from loopback (behind a trusted proxy: the client's)."""
+    if PEER_UID in request.environ:
+        return True
+    try:
+        return ipaddress.ip_address(client_address(request)).is_loopback
+    except ValueError:
+        return False
+
+
 def authenticate(request, authenticator, throttle):
     """Set request.user from the Authorization header, or raise 401 (429 when throttled)."""
     scheme, _, credentials = request.header("Authorization").strip().partition(" ")
@@ -2894,34 +3189,24 @@ def unauthorized():
 
 
 ###############################################################################
-# Handlers #####################################################################
+# Handlers ####################################################################
 ###############################################################################
 
-SEND_FIELDS = frozenset(
-    [
-        "mobiles",
-        "text",
-        "queue",
-        "flash",
-        "report",
-        "priority",
-        "validity",
-        "retries",
-        "class",
-    ]
-)
-CONTROL_PARAMS = frozenset(["wait", "wait_for", "dry_run"])  # query only, never fields
+# A handler takes the request and, as keyword-only arguments, the parts of the
+# application it uses (the Application hands them over by name); it returns an
+# Answer.
 
 
-@dataclasses.dataclass(frozen=True)
-class SendPlan:
-    """A validated send request: everything needed to write its files."""
+class SendPlan(
+    collections.namedtuple("SendPlan", "recipients text encoding options report")
+):
+    """A validated send request: everything needed to write its files.
 
-    recipients: dict  # mobile as given -> normalised number
-    text: str
-    encoding: Encoding
-    options: list  # [(smsd header, value)]
-    report: bool
+    recipients maps each mobile as given to its normalised number; options
+    are the smsd headers [(header, value)]; report is whether it asks for one.
+    """
+
+    __slots__ = ()
 
     @property
     def numbers(self):
@@ -2936,11 +3221,11 @@ class SendPlan:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def send_message(request):
+def send_message(request, *, sender):
     """Validate a send completely; then dry-run it, or queue it (once per key) and maybe wait."""
     plan = plan_send(request)
     if query_bool(request, "dry_run"):
-        return HTTPStatus.OK, describe_plan(plan)
+        return Answer(HTTPStatus.OK, describe_plan(plan))
     wait = read_wait(request, plan)
     key = request.header("Idempotency-Key")
     if key and not IDEMPOTENCY_KEY.fullmatch(key):
@@ -2948,33 +3233,52 @@ def send_message(request):
             HTTPStatus.BAD_REQUEST,
             "Idempotency-Key must be 1-255 printable ASCII characters",
         )
-    with waiter_slot(request) if wait else contextlib.nullcontext():
+    with sender.wait_slot() if wait else contextlib.nullcontext():
         if key:
-            return send_once(request, plan, key, wait)
+            return sender.send_once(request, plan, key, wait)
         ids = {number: new_message_id(request.user.name) for number in plan.numbers}
-        return deliver(request, plan, ids, wait, retry=False)
+        return sender.queue(request, plan, ids, wait, retry=False)
 
 
-@contextlib.contextmanager
-def waiter_slot(request):
-    """Hold one of max_waiters slots while waiting; 503 at once when none is free."""
-    slots = request.app.waiters
-    if not slots.acquire(blocking=False):
-        raise ApiError(
-            HTTPStatus.SERVICE_UNAVAILABLE,
-            "Too many requests are waiting; try again or send without wait",
-            [("Retry-After", "5")],
-        )
-    try:
-        yield
-    finally:
-        slots.release()
+def anchored(regex, prefix=""):
+    """A JSON Schema pattern for what regex matches whole (after an optional prefix)."""
+    return f"^{prefix}(?:{regex.pattern})$"
+
+
+#: The fields of a send, as JSON Schema: plan_send refuses any other, and the
+#: OpenAPI document shows these (with the queue names of the config).
+SEND_FIELDS = {
+    "mobiles": {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "string",
+            "pattern": anchored(MOBILE, r"\+?"),
+            "example": "+79680000000",
+        },
+    },
+    "text": {"type": "string", "minLength": 1, "example": "Hi, Jack!"},
+    "queue": {"type": "string"},
+    "flash": {"type": "boolean"},
+    "report": {"type": "boolean"},
+    "priority": {"type": "string", "enum": list(PRIORITIES)},
+    "validity": {
+        "oneOf": [
+            {"type": "string", "pattern": anchored(VALIDITY), "example": "2hour"},
+            {"type": "integer", "minimum": 0, "maximum": 255},
+        ]
+    },
+    **{
+        name: {"type": "integer", "minimum": low, "maximum": high}
+        for name, (low, high) in NUMBER_FIELDS.items()
+    },
+}
 
 
 def plan_send(request):
     """Read and validate every field of a send request, or raise 4xx."""
     fields = read_fields(request)
-    unknown = sorted(set(fields) - SEND_FIELDS)
+    unknown = sorted(set(fields) - set(SEND_FIELDS))
     if unknown:
         raise ApiError(
             HTTPStatus.BAD_REQUEST,
@@ -3020,8 +3324,8 @@ def describe_plan(plan):
 def read_wait(request, plan):
     """(seconds, "sent" or "delivered") from ?wait=N&wait_for=..., or None."""
     seconds = query_int(request, "wait", 0, 0, request.config.max_wait)
-    target = request.param("wait_for", "sent")
-    if target not in ("sent", "delivered"):
+    target = request.param("wait_for", WAIT_TARGETS[0])
+    if target not in WAIT_TARGETS:
         raise ApiError(HTTPStatus.BAD_REQUEST, "wait_for must be sent or delivered")
     if target == "delivered" and not plan.report:
         raise ApiError(
@@ -3030,124 +3334,156 @@ def read_wait(request, plan):
     return (seconds, target) if seconds else None
 
 
-def send_once(request, plan, key, wait):
-    """Send under an Idempotency-Key: the first request does the work, repeats get its answer."""
-    store = request.app.watcher.idempotency
-    path = store.path(request.user.name, key)
-    # Blocked behind another request with this key, a request waits like ?wait does.
-    blocked = (
-        contextlib.nullcontext if wait else functools.partial(waiter_slot, request)
-    )
-    with store.held(path, blocked):
-        record = store.load(path, plan.fingerprint, plan.numbers)
-        if record and "response" in record:
-            request.environ["smsapi.replayed"] = True
-            return HTTPStatus(record["status"]), record["response"]
-        new = record is None
-        if new:
-            ids = {number: new_message_id(request.user.name) for number in plan.numbers}
-            record = {
-                "created": time.time(),
-                "fingerprint": plan.fingerprint,
-                "ids": ids,
-            }
-            store.save(path, record)  # before the files: a retry reuses these ids
-        try:
-            status, data = deliver(request, plan, record["ids"], wait, retry=True)
-        except ApiError:
-            if new:  # nothing was written: neither is the record
-                remove_quietly(path)
-            raise
-        # If this write fails, the files are queued all the same; a retry finds them.
-        with contextlib.suppress(ApiError):
-            store.save(path, dict(record, status=status.value, response=data))
-        return status, data
+class Sender:
+    """What a valid send does: write its files (once per Idempotency-Key), count
+    them, and, if asked, wait until smsd sent them (or the phones got them)."""
 
+    def __init__(self, outgoing, idempotency, waiters, wait_slots, reports, metrics):
+        self.outgoing = outgoing  # the spool writer
+        self.idempotency = idempotency
+        self.waiters = waiters  # the watcher's: woken when smsd moves a file
+        self.wait_slots = wait_slots  # max_waiters of them
+        self.reports = reports
+        self.metrics = metrics
 
-def where_and_outcome(request, message_id):
-    """(the spool kind message_id is in, or None; its report's Outcome, or None)."""
-    message = find_message(request.config, message_id)
-    outcome = request.app.watcher.reports.outcome(message_id)
-    return message.kind if message else None, outcome
-
-
-def status_or_gone(request, message_id):
-    """message_status, or "gone" for a message deleted while we waited."""
-    try:
-        return message_status(request, message_id)
-    except ApiError:
-        return {"message_id": message_id, "status": "gone"}
-
-
-def deliver(request, plan, ids, wait, retry):
-    """Write one file per number (on a retry, only those not queued yet); then maybe wait."""
-    config = request.config
-    files = {
-        ids[number]: render_message(
-            request.user.name, number, plan.encoding, plan.options
-        )
-        for number in plan.numbers
-        if not retry or find_message(config, ids[number]) is None
-    }
-    write_messages(config, files, request.app.outgoing_sync)
-    request.app.accepted(list(files))
-    request.environ["smsapi.ids"] = list(files)
-    text = f' text="{escape(plan.text)}"' if config.log_text else ""
-    for number in plan.numbers:
-        if ids[number] in files:
-            log.info(
-                "queued %s from %s to %s, parts=%d%s",
-                ids[number],
-                escape(request.user.name),
-                number,
-                plan.encoding.parts,
-                text,
+    @contextlib.contextmanager
+    def wait_slot(self):
+        """Hold one of max_waiters slots while waiting; 503 at once when none is free."""
+        if not self.wait_slots.acquire(blocking=False):
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "Too many requests are waiting; try again or send without wait",
+                [("Retry-After", "5")],
             )
-    data = {
-        "message_id": {given: ids[number] for given, number in plan.recipients.items()},
-        "parts_count": plan.encoding.parts,
-        "sent_text": plan.text,
-        "encoding": plan.encoding.alphabet,
-    }
-    return wait_for(request, data, wait) if wait else (HTTPStatus.CREATED, data)
+        try:
+            yield
+        finally:
+            self.wait_slots.release()
+
+    def send_once(self, request, plan, key, wait):
+        """Send under an Idempotency-Key: the first request does the work, repeats get its answer."""
+        store = self.idempotency
+        path = store.path(request.user.name, key)
+        # Blocked behind another request with this key, a request waits like ?wait does.
+        blocked = contextlib.nullcontext if wait else self.wait_slot
+        with store.held(path, blocked):
+            record = store.load(path, plan.fingerprint, plan.numbers)
+            if record and "response" in record:
+                request.replayed = True
+                data = record["response"]
+                return Answer(HTTPStatus(record["status"]), data, ids_text(data))
+            new = record is None
+            if new:
+                ids = {n: new_message_id(request.user.name) for n in plan.numbers}
+                record = {
+                    "created": time.time(),
+                    "fingerprint": plan.fingerprint,
+                    "ids": ids,
+                }
+                store.save(path, record)  # before the files: a retry reuses these ids
+            try:
+                answer = self.queue(request, plan, record["ids"], wait, retry=True)
+            except ApiError:
+                if new:  # nothing was written: neither is the record
+                    remove_quietly(path)
+                raise
+            # If this write fails, the files are queued all the same; a retry finds them.
+            with contextlib.suppress(ApiError):
+                store.save(
+                    path, dict(record, status=answer.status.value, response=answer.data)
+                )
+            return answer
+
+    def queue(self, request, plan, ids, wait, retry):
+        """Write one file per number (on a retry, only those not queued yet); then maybe wait."""
+        config = request.config
+        files = {
+            ids[number]: render_message(
+                request.user.name, number, plan.encoding, plan.options
+            )
+            for number in plan.numbers
+            if not retry or find_message(config, ids[number]) is None
+        }
+        self.outgoing.write(files)
+        self.metrics.count_accepted(len(files))
+        request.written = list(files)
+        text = f' text="{escape(plan.text)}"' if config.log_text else ""
+        for number in plan.numbers:
+            if ids[number] in files:
+                log.info(
+                    "queued %s from %s to %s, parts=%d%s",
+                    ids[number],
+                    escape(request.user.name),
+                    number,
+                    plan.encoding.parts,
+                    text,
+                )
+        data = {
+            "message_id": {g: ids[number] for g, number in plan.recipients.items()},
+            "parts_count": plan.encoding.parts,
+            "sent_text": plan.text,
+            "encoding": plan.encoding.alphabet,
+        }
+        if wait:
+            return self.wait_for(request, data, wait)
+        return Answer(HTTPStatus.CREATED, data, ids_text(data))
+
+    def wait_for(self, request, data, wait):
+        """Wait until every message is sent (or delivered): 201, 502 if any failed, 504 on time-out."""
+        seconds, target = wait
+        ids = list(dict.fromkeys(data["message_id"].values()))
+
+        def done(states):
+            if target == "delivered":
+                return all(
+                    kind == "failed" or outcome for kind, outcome in states.values()
+                )
+            return all(
+                kind not in ("outgoing", "checked") for kind, _ in states.values()
+            )
+
+        def look():
+            return {i: self.where_and_outcome(request.config, i) for i in ids}
+
+        states = self.waiters.wait(ids, look, done, time.monotonic() + seconds)
+        data["messages"] = {i: self.status_or_gone(request, i) for i in ids}
+        bad = {
+            i: s.get("reason") or s["status"]
+            for i, s in data["messages"].items()
+            if s["status"] in ("failed", "undelivered", "gone")
+        }
+        status = HTTPStatus.CREATED
+        if not done(states):
+            data["error"] = (
+                f"Timed out after {seconds} s waiting for {target}; the messages stay queued"
+            )
+            status = HTTPStatus.GATEWAY_TIMEOUT
+        elif bad:
+            reasons = "; ".join(f"{i}: {reason}" for i, reason in bad.items())
+            data["error"] = "Not all messages went through: " + reasons
+            status = HTTPStatus.BAD_GATEWAY
+        return Answer(status, data, ids_text(data))
+
+    def where_and_outcome(self, config, message_id):
+        """(the spool kind message_id is in, or None; its report's Outcome, or None)."""
+        message = find_message(config, message_id)
+        outcome = self.reports.outcome(message_id)
+        return message.kind if message else None, outcome
+
+    def status_or_gone(self, request, message_id):
+        """message_status, or "gone" for a message deleted while we waited."""
+        try:
+            return message_status(request, self.reports, message_id)
+        except ApiError:
+            return {"message_id": message_id, "status": "gone"}
 
 
-def wait_for(request, data, wait):
-    """Wait until every message is sent (or delivered): 201, 502 if any failed, 504 on time-out."""
-    seconds, target = wait
-    ids = list(dict.fromkeys(data["message_id"].values()))
-
-    def done(states):
-        if target == "delivered":
-            return all(kind == "failed" or outcome for kind, outcome in states.values())
-        return all(
-            kind != "outgoing" and kind != "checked" for kind, _ in states.values()
-        )
-
-    def look():
-        return {i: where_and_outcome(request, i) for i in ids}
-
-    waiters = request.app.watcher.waiters
-    states = waiters.wait(ids, look, done, time.monotonic() + seconds)
-    data["messages"] = {i: status_or_gone(request, i) for i in ids}
-    if not done(states):
-        data["error"] = (
-            f"Timed out after {seconds} s waiting for {target}; the messages stay queued"
-        )
-        return HTTPStatus.GATEWAY_TIMEOUT, data
-    bad = [
-        i
-        for i, s in data["messages"].items()
-        if s["status"] in ("failed", "undelivered", "gone")
-    ]
-    if bad:
-        reasons = "; ".join(
-            f"{i}: {data['messages'][i].get('reason') or data['messages'][i]['status']}"
-            for i in bad
-        )
-        data["error"] = "Not all messages went through: " + reasons
-        return HTTPStatus.BAD_GATEWAY, data
-    return HTTPStatus.CREATED, data
+def ids_text(data):
+    """The plain-text form of a send's answer: each message id on a line of its own."""
+    ids = data.get("message_id")
+    if not isinstance(ids, dict):
+        return None
+    return "".join(f"{i}\n" for i in dict.fromkeys(ids.values()))
 
 
 def read_recipients(request, mobiles):
@@ -3228,16 +3564,15 @@ def message_options(config, fields):
             options.append((header, "yes" if expect(fields, name, bool) else "no"))
     priority = fields.get("priority")
     if priority is not None:
-        if priority not in ("high", "normal"):
+        if priority not in PRIORITIES:
             raise ApiError(HTTPStatus.BAD_REQUEST, "priority must be high or normal")
         if priority == "high":
             options.append(("Priority", "High"))
     if fields.get("validity") is not None:
         options.append(("Validity", read_validity(fields["validity"])))
-    if fields.get("retries") is not None:
-        options.append(("Retries", str(expect(fields, "retries", int, 0, 100))))
-    if fields.get("class") is not None:
-        options.append(("Class", str(expect(fields, "class", int, 0, 3))))
+    for name, (low, high) in NUMBER_FIELDS.items():
+        if fields.get(name) is not None:
+            options.append((name.title(), str(expect(fields, name, int, low, high))))
     return options
 
 
@@ -3255,18 +3590,17 @@ def expect(fields, name, kind, low=None, high=None):
 
 
 def read_validity(value):
-    """smsd's Validity: a number 0-255 or a count of min/hour/day/week/month/year."""
+    """smsd's Validity, from a string or a JSON number: 30min, 2hour, 1day or 0-255."""
     text = (
         str(value).strip()
         if isinstance(value, (str, int)) and not isinstance(value, bool)
         else ""
     )
-    match = VALIDITY.fullmatch(text)
-    if not match or match.group(2) is None and int(match.group(1)) > 255:
+    if not VALIDITY.fullmatch(text):
         raise ApiError(
             HTTPStatus.BAD_REQUEST, "validity must be like 30min, 2hour, 1day or 0-255"
         )
-    return "".join(g for g in match.groups() if g)
+    return "".join(text.split())
 
 
 def visible(request, message):
@@ -3283,19 +3617,17 @@ def get_message(request):
     message = read_message(request.config, kind, message_id)
     if message is None or not visible(request, message):
         raise not_found()
-    return HTTPStatus.OK, message_fields(message)
+    fields = {**message.headers, "message_id": message_id, "text": message.text}
+    return Answer(HTTPStatus.OK, fields)
 
 
-def message_fields(message):
-    return {**message.headers, "message_id": message.message_id, "text": message.text}
-
-
-def get_status(request):
+def get_status(request, *, reports):
     """Where a message is in smsd's lifecycle, found by name, never by a scan."""
-    return HTTPStatus.OK, message_status(request, request.args["message_id"])
+    data = message_status(request, reports, request.args["message_id"])
+    return Answer(HTTPStatus.OK, data, data["status"] + "\n")
 
 
-def message_status(request, message_id):
+def message_status(request, reports, message_id):
     """The status answer of one message; 404 if missing or not visible."""
     message = find_message(request.config, message_id)
     if message is None or not visible(request, message):
@@ -3307,7 +3639,7 @@ def message_status(request, message_id):
     data = {"message_id": message.message_id, "status": status, "to": headers.get("To")}
     if status == "sent":
         data.update(sent_at=headers.get("Sent"), modem=headers.get("Modem"))
-        outcome = request.app.watcher.reports.outcome(message_id)
+        outcome = reports.outcome(message_id)
         if outcome:
             data["status"] = outcome.status
             data.update({outcome.status + "_at": outcome.at, "report": outcome.detail})
@@ -3320,33 +3652,35 @@ def message_status(request, message_id):
     return data
 
 
-def list_messages(request):
+def list_messages(request, *, inbox):
     """Ids in one spool the caller may see, newest first, a page at a time."""
     kind = request.args["kind"]
     if kind == "incoming":
-        return list_inbox(request)
-    limit, offset = page(request)
+        return list_inbox(request, inbox)
+    page = read_page(request)
     if request.user.admin:
-        total, shown = list_page(request.config, kind, offset, limit)
+        total, shown = list_page(request.config, kind, page)
     else:  # the tag narrows it down; the page's files confirm the owner
-        total, shown = list_page(request.config, kind, offset, limit, request.user.name)
+        total, shown = list_page(request.config, kind, page, request.user.name)
         shown = [n for n in shown if visible_name(request, kind, n)]
-    return HTTPStatus.OK, {
-        "message_id": shown,
-        "total_count": total,
-        "limit": limit,
-        "offset": offset,
-    }
+    return listing(shown, total, page)
 
 
-def page(request):
-    """(limit, offset) from the query, bounded."""
-    return query_int(request, "limit", 100, 1, 1000), query_int(
-        request, "offset", 0, 0, 10**9
+def read_page(request):
+    """The Page the query asks for (?limit=, ?offset=), bounded."""
+    return Page(
+        limit=query_int(request, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE),
+        offset=query_int(request, "offset", 0, 0, MAX_OFFSET),
     )
 
 
-def list_inbox(request):
+def listing(ids, total, page, **extra):
+    """A page of a listing; its plain-text form is the ids, one a line."""
+    data = {"message_id": ids, **extra, "total_count": total, **page._asdict()}
+    return Answer(HTTPStatus.OK, data, "".join(i + "\n" for i in ids))
+
+
+def list_inbox(request, inbox):
     """Received messages with sender, time and text, newest first, for polling scripts.
 
     ?type=sms (default), report (status reports) or all; ?since=<ISO time or
@@ -3356,13 +3690,11 @@ def list_inbox(request):
         raise ApiError(
             HTTPStatus.FORBIDDEN, "This user may not read the inbox (inbox = yes)"
         )
-    limit, offset = page(request)
-    kinds = {"sms": ("sms",), "report": ("report",), "all": ("sms", "report")}.get(
-        request.param("type", "sms")
-    )
+    page = read_page(request)
+    kinds = INBOX_TYPES.get(request.param("type", "sms"))
     if kinds is None:
         raise ApiError(HTTPStatus.BAD_REQUEST, "type must be sms, report or all")
-    entries = request.app.watcher.inbox.listing(kinds)
+    entries = inbox.listing(kinds)
     since = request.param("since")
     if since:
         after = read_since(since, entries)
@@ -3372,7 +3704,7 @@ def list_inbox(request):
         number = normalise_mobile(sender)
         entries = [e for e in entries if e.sender.lstrip("+") == number]
     messages, budget = [], MAX_PAGE_READ
-    for entry in entries[offset : offset + limit]:
+    for entry in entries[page.offset : page.offset + page.limit]:
         found = None
         if budget > 0:  # past it, texts are null: GET each message instead
             found = read_spool_file(
@@ -3380,13 +3712,8 @@ def list_inbox(request):
             )
             budget -= len(found[0]) if found else 0
         messages.append(inbox_entry(entry, found))
-    return HTTPStatus.OK, {
-        "message_id": [m["message_id"] for m in messages],
-        "messages": messages,
-        "total_count": len(entries),
-        "limit": limit,
-        "offset": offset,
-    }
+    ids = [m["message_id"] for m in messages]
+    return listing(ids, len(entries), page, messages=messages)
 
 
 def read_since(since, entries):
@@ -3438,11 +3765,8 @@ def query_bool(request, name):
 
 def cancel_message(request):
     """Delete a message: a user's own while queued; an admin's anything smsd is not sending."""
-    config, kind, message_id = (
-        request.config,
-        request.args["kind"],
-        request.args["message_id"],
-    )
+    config, kind = request.config, request.args["kind"]
+    message_id = request.args["message_id"]
     message = read_message(config, kind, message_id)
     if message is None or not visible(request, message):
         raise not_found()
@@ -3458,7 +3782,7 @@ def cancel_message(request):
         take_from_smsd(config, path, message_id)
     else:
         remove_quietly(path)
-    return HTTPStatus.OK, {"message_id": message_id, "deleted": True}
+    return Answer(HTTPStatus.OK, {"message_id": message_id, "deleted": True})
 
 
 def take_from_smsd(config, path, message_id):
@@ -3484,12 +3808,12 @@ def take_from_smsd(config, path, message_id):
         )
 
 
-def openapi(request):
-    """The OpenAPI 3 document of this API."""
-    return HTTPStatus.OK, request.app.openapi
+def get_openapi(request, *, document):
+    """The OpenAPI document of this API (document(config) makes it)."""
+    return Answer(HTTPStatus.OK, document(request.config))
 
 
-def index(request):
+def get_index(request):
     """Where to start: the API's base, its description, its health, the README."""
     data = {
         "name": "smsapi",
@@ -3499,120 +3823,351 @@ def index(request):
         "health": API + "/health",
         "readme": README,
     }
-    if wants_plain_text(request):
-        text = "".join(f"{key}: {value}\n" for key, value in data.items())
-        return HTTPStatus.OK, Raw(text.encode(), "text/plain; charset=utf-8")
-    return HTTPStatus.OK, data
+    text = "".join(f"{key}: {value}\n" for key, value in data.items())
+    return Answer(HTTPStatus.OK, data, text)
 
 
-def monitoring(request):
+def get_monitoring(request, *, health):
     """Is the spool usable? 200 "ok" or 503 with the reason, as v0.1 said; plus each check's grade."""
-    checks = request.app.health.current(request.config)
+    checks = health.current(request.config)
     details = {name: check["status"] for name, check in checks.items()}
     if checks["spool"]["status"] == "fail":
-        return HTTPStatus.SERVICE_UNAVAILABLE, {
-            "monitoring": "fail",
-            "error": checks["spool"]["output"],
-            "details": details,
-        }
-    return HTTPStatus.OK, {"monitoring": "ok", "details": details}
+        error = checks["spool"]["output"]
+        data = {"monitoring": "fail", "error": error, "details": details}
+        return Answer(HTTPStatus.SERVICE_UNAVAILABLE, data, error + "\n")
+    return Answer(HTTPStatus.OK, {"monitoring": "ok", "details": details})
 
 
-def health(request):
+def get_health(request, *, health):
     """Every check graded pass, warn or fail; 503 when one fails, for curl -f."""
-    checks = request.app.health.current(request.config)
+    checks = health.current(request.config)
     status = worst([check["status"] for check in checks.values()])
     code = HTTPStatus.SERVICE_UNAVAILABLE if status == "fail" else HTTPStatus.OK
-    return code, {"status": status, "checks": checks}
+    text = status + "\n"
+    text += "".join(
+        f"{name}: {c['status']}: {c['output']}\n" for name, c in checks.items()
+    )
+    return Answer(code, {"status": status, "checks": checks}, text)
 
 
-def metrics(request):
+def get_metrics(request, *, metrics, health, counts):
     """Prometheus text format; [server] metrics says who may read it."""
-    access = request.config.metrics
-    if access == "off":
+    if request.config.metrics == "off":
         raise not_found()
-    if access == "users" or access == "local" and not is_local(request):
-        authenticate(request, request.app.authenticator, request.app.throttle)
-        if not (request.user.metrics or request.user.admin):
-            raise ApiError(HTTPStatus.FORBIDDEN, "This user may not read metrics")
-    text = request.app.metrics.render(request.app)
-    return HTTPStatus.OK, Raw(text.encode(), PROMETHEUS_TEXT)
+    if request.user is not None and not (request.user.metrics or request.user.admin):
+        raise ApiError(HTTPStatus.FORBIDDEN, "This user may not read metrics")
+    text = metrics.render(counts, health.current(request.config))
+    return Answer(HTTPStatus.OK, Raw(text.encode(), PROMETHEUS_TEXT))
 
 
-def is_local(request):
-    """True on the unix socket and from loopback (behind a trusted proxy: the client's)."""
-    if PEER_UID in request.environ:
-        return True
-    try:
-        return ipaddress.ip_address(client_address(request)).is_loopback
-    except ValueError:
-        return False
+def metrics_login(request):
+    """Whether a /metrics request needs a login: [server] metrics says."""
+    access = request.config.metrics
+    return access == "users" or access == "local" and not is_local(request)
 
 
 ###############################################################################
-# OpenAPI document #############################################################
+# Routes ######################################################################
 ###############################################################################
+
+
+class Reply(
+    collections.namedtuple("Reply", "description schema plain", defaults=(False,))
+):
+    """An answer a route documents: what it means, the name of its schema in the
+    OpenAPI components (None: text only), and whether it has a text/plain form."""
+
+    __slots__ = ()
+
+
+def error_replies(*codes):
+    """The error answers of a route, all {"error": "..."}, in JSON or one line of text."""
+    return {code: Reply(HTTPStatus(code).phrase, "Error", True) for code in codes}
+
+
+SEND_REPLIES = {
+    200: Reply("Dry run: what a send would do", "DryRun"),
+    201: Reply("Queued (or, with ?wait, sent or delivered)", "Sent", True),
+    502: Reply("With ?wait: a message failed or was not delivered", "Sent", True),
+    504: Reply("With ?wait: time ran out, the messages stay queued", "Sent", True),
+    **error_replies(400, 403, 413, 415, 422, 507),
+}
+SEND_PARAMETERS = ("wait", "wait_for", "dry_run", "Idempotency-Key")
+SEND_BODY = {
+    "application/json": "Send",
+    "application/x-www-form-urlencoded": "SendForm",
+}
+SAFE = ("GET", "HEAD")  # a GET that changes nothing answers HEAD too
+
+
+class Route(
+    collections.namedtuple(
+        "Route",
+        "methods path handler login summary parameters body replies",
+        defaults=((), None, {}),
+    )
+):
+    """One route of the API, with all that the OpenAPI document says of it.
+
+    path is a template: {kind} is one of KINDS, {message_id} one path segment
+    (checked against MESSAGE_ID by the spool). login is True (Basic auth, or
+    a mapped account on the unix socket), False, or a function of the request
+    that tells. parameters are names in openapi_parameters(); body maps media
+    types to schema names; replies are {status: Reply}, beyond the 401, 429
+    and 503 that any route with a login may answer.
+    """
+
+    __slots__ = ()
+
+
+SMS = API + "/sms"
+ROUTES = [
+    Route(
+        SAFE, "/", get_index, False,
+        "Where to start: the API, this document, health, the README",
+        replies={200: Reply("The index", "Index", True)},
+    ),
+    Route(
+        SAFE, API + "/monitoring", get_monitoring, False, "Is the spool usable?",
+        replies={
+            200: Reply("Usable", "Monitoring"),
+            503: Reply("Not usable, with the reason", "Monitoring", True),
+        },
+    ),
+    Route(
+        SAFE, API + "/health", get_health, False,
+        "Checks of the spool, smsd, the queue and the modems",
+        replies={
+            200: Reply("All pass or warn", "Health", True),
+            503: Reply("A check fails", "Health", True),
+        },
+    ),
+    Route(
+        SAFE, "/metrics", get_metrics, metrics_login,
+        "Prometheus metrics; [server] metrics says who may read",
+        replies={
+            200: Reply("Prometheus text format 0.0.4", None, True),
+            **error_replies(403, 404),
+        },
+    ),
+    Route(
+        SAFE, API + "/openapi.json", get_openapi, False, "This document",
+        replies={200: Reply("OpenAPI 3", "OpenAPI")},
+    ),
+    Route(
+        ("POST",), SMS + "/outgoing", send_message, True,
+        "Send a text to one or more numbers", SEND_PARAMETERS, SEND_BODY, SEND_REPLIES,
+    ),
+    Route(
+        ("GET",), SMS + "/outgoing", send_message, True,
+        "Send, for scripts that can only GET", ("mobiles", "text", *SEND_PARAMETERS),
+        replies=SEND_REPLIES,
+    ),
+    Route(
+        SAFE, SMS + "/status/{message_id}", get_status, True, "Where a message is now",
+        ("message_id",),
+        replies={200: Reply("Status", "Status", True), **error_replies(404)},
+    ),
+    Route(
+        SAFE, SMS + "/{kind}/", list_messages, True,
+        "Messages in one spool, newest first",
+        ("kind", "limit", "offset", "type", "since", "from"),
+        # 403: the inbox, for a user without inbox = yes
+        replies={200: Reply("A page", "List", True), **error_replies(400, 403, 404)},
+    ),
+    Route(
+        SAFE, SMS + "/{kind}/{message_id}", get_message, True, "One message file",
+        ("kind", "message_id"),
+        replies={200: Reply("Headers and text", "MessageFile"), **error_replies(404)},
+    ),
+    Route(
+        ("DELETE",), SMS + "/{kind}/{message_id}", cancel_message, True,
+        "Cancel a queued message, or delete one", ("kind", "message_id"),
+        replies={200: Reply("Deleted", "Deleted"), **error_replies(404, 409)},
+    ),
+]  # fmt: skip
+KNOWN_METHODS = frozenset(m for route in ROUTES for m in route.methods)
+PLACEHOLDERS = {"kind": "|".join(KINDS), "message_id": "[^/]+"}
+
+
+def compile_route(template):
+    """A regex for a path template with {name} placeholders."""
+    pattern = re.sub(
+        r"\{(\w+)\}",
+        lambda m: f"(?P<{m.group(1)}>{PLACEHOLDERS[m.group(1)]})",
+        re.escape(template).replace(r"\{", "{").replace(r"\}", "}"),
+    )
+    return re.compile(pattern)
+
+
+COMPILED_ROUTES = [(compile_route(route.path), route) for route in ROUTES]
+
+
+def match_route(method, path):
+    """(the Route, its {placeholder: value}) for the request, or 404/405."""
+    allowed = set()
+    for pattern, route in COMPILED_ROUTES:
+        match = pattern.fullmatch(path)
+        if match is None:
+            continue
+        if method in route.methods:
+            return route, match.groupdict()
+        allowed.update(route.methods)
+    if not allowed:
+        raise not_found()
+    raise ApiError(
+        HTTPStatus.METHOD_NOT_ALLOWED,
+        "Method not allowed",
+        [("Allow", ", ".join(sorted(allowed)))],
+    )
+
+
+###############################################################################
+# OpenAPI document ############################################################
+###############################################################################
+
+
+def openapi_document(config):
+    """The OpenAPI 3 description of this API, made from ROUTES and the config."""
+    parameters, paths = openapi_parameters(config), {}
+    for route in ROUTES:
+        for method in route.methods:
+            if method != "HEAD":
+                operation = openapi_operation(route, parameters)
+                paths.setdefault(route.path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "smsapi",
+            "version": __version__,
+            "description": "HTTP API for the SMS Server Tools 3 spool",
+        },
+        "components": {
+            "schemas": openapi_schemas(config),
+            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+        },
+        "paths": paths,
+    }
+
+
+def openapi_operation(route, parameters):
+    """One route's operation; a route with a login may also answer 401, 429 and 503."""
+    login = [{"basic": []}]
+    replies = route.replies
+    if route.login:
+        replies = {**error_replies(401, 429, 503), **replies}
+    operation = {
+        "summary": route.summary,
+        "security": {True: login, False: []}.get(route.login, [{}, *login]),
+        "parameters": [parameters[name] for name in route.parameters],
+        "responses": {
+            str(code): openapi_response(reply)
+            for code, reply in sorted(replies.items())
+        },
+    }
+    if route.body:
+        content = {media: {"schema": schema_ref(s)} for media, s in route.body.items()}
+        operation["requestBody"] = {"required": True, "content": content}
+    return operation
+
+
+def openapi_response(reply):
+    """An answer: JSON by its schema, and text/plain where it has that form."""
+    content = {}
+    if reply.schema:
+        content["application/json"] = {"schema": schema_ref(reply.schema)}
+    if reply.plain:
+        content["text/plain"] = {"schema": STRING}
+    return {"description": reply.description, "content": content}
 
 
 def schema_ref(name):
     return {"$ref": "#/components/schemas/" + name}
 
 
-def answer(description, schema, plain=False):
-    """An OpenAPI response: JSON, and the text/plain form where there is one."""
-    content = {"application/json": {"schema": schema}}
-    if plain:
-        content["text/plain"] = {"schema": {"type": "string"}}
-    return {"description": description, "content": content}
-
-
-def errors(*codes):
-    """The error responses of a route, all {"error": "..."}."""
-    return {
-        str(c): answer(HTTPStatus(c).phrase, schema_ref("Error"), plain=True)
-        for c in codes
-    }
-
-
-def query(name, schema, description):
+def query_parameter(name, schema, description, required=False):
     return {
         "name": name,
         "in": "query",
-        "required": False,
+        "required": required,
         "schema": schema,
         "description": description,
     }
 
 
-def required(parameter):
-    return dict(parameter, required=True)
+def path_parameter(name, schema):
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def openapi_parameters(config):
+    """Every parameter a route may name, with the bounds the handlers check."""
+
+    def whole(low, high):
+        return {"type": "integer", "minimum": low, "maximum": high}
+
+    def one_of(words):
+        return {"type": "string", "enum": list(words)}
+
+    return {
+        "kind": path_parameter("kind", one_of(KINDS)),
+        "message_id": path_parameter(
+            "message_id", {"type": "string", "pattern": anchored(MESSAGE_ID)}
+        ),
+        "limit": query_parameter("limit", whole(1, MAX_PAGE_SIZE), "page size"),
+        "offset": query_parameter("offset", whole(0, MAX_OFFSET), "page start"),
+        "type": query_parameter("type", one_of(INBOX_TYPES), "incoming only"),
+        "since": query_parameter(
+            "since", STRING, "incoming only: ISO 8601 time or message id"
+        ),
+        "from": query_parameter("from", STRING, "incoming only: sender number"),
+        "mobiles": query_parameter(
+            "mobiles", NUMBERS, "numbers, comma-separated", required=True
+        ),
+        "text": query_parameter("text", SEND_FIELDS["text"], "the text", required=True),
+        "wait": query_parameter(
+            "wait", whole(0, config.max_wait), "answer once sent, at most N seconds"
+        ),
+        "wait_for": query_parameter(
+            "wait_for", one_of(WAIT_TARGETS), "what ?wait waits for"
+        ),
+        "dry_run": query_parameter(
+            "dry_run", one_of(YES + NO), "say what would be sent, write nothing"
+        ),
+        "Idempotency-Key": {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "pattern": anchored(IDEMPOTENCY_KEY)},
+            "description": "send once per key and user",
+        },
+    }
+
+
+def openapi_schemas(config):
+    """The components' schemas; a send's queue is one of the config's queues."""
+    fields = dict(
+        SEND_FIELDS, queue={"type": "string", "enum": list(config.queues) or [""]}
+    )
+    send = {
+        "type": "object",
+        "required": ["mobiles", "text"],
+        "additionalProperties": False,
+        "properties": fields,
+    }
+    in_form = dict(fields, mobiles=NUMBERS, validity=fields["validity"]["oneOf"][0])
+    form = dict(send, properties=in_form)
+    return dict(SCHEMAS, Send=send, SendForm=form)
 
 
 STRING = {"type": "string"}
-MOBILE_SCHEMA = r"^\+?[1-9][0-9]{2,14}$"
-VALIDITY_SCHEMA = "^[0-9]{1,3}(min|hour|day|week|month|year)$"
-NUMBERS = {"type": "string", "pattern": r"^\+?[1-9][0-9]{2,14}(,\+?[1-9][0-9]{2,14})*$"}
+NUMBERS = {
+    "type": "string",
+    "pattern": anchored(
+        re.compile(rf"\+?(?:{MOBILE.pattern})(,\+?(?:{MOBILE.pattern}))*")
+    ),
+}
 NULLABLE_STRING = {"type": "string", "nullable": True}
 GRADE = {"type": "string", "enum": list(GRADES)}
-SEND_PROPERTIES = {
-    "mobiles": {
-        "type": "array",
-        "minItems": 1,
-        "items": {
-            "type": "string",
-            "pattern": MOBILE_SCHEMA,
-            "example": "+79680000000",
-        },
-    },
-    "text": {"type": "string", "minLength": 1, "example": "Hi, Jack!"},
-    "queue": STRING,
-    "flash": {"type": "boolean"},
-    "report": {"type": "boolean"},
-    "priority": {"type": "string", "enum": ["high", "normal"]},
-    "validity": {"type": "string", "pattern": VALIDITY_SCHEMA, "example": "2hour"},
-    "retries": {"type": "integer", "minimum": 0, "maximum": 100},
-    "class": {"type": "integer", "minimum": 0, "maximum": 3},
-}
 MESSAGE_STATUS = {
     "type": "object",
     "required": ["message_id", "status"],
@@ -3642,12 +4197,7 @@ MESSAGE_STATUS = {
 }
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": STRING}},
-    "Send": {
-        "type": "object",
-        "required": ["mobiles", "text"],
-        "additionalProperties": False,
-        "properties": SEND_PROPERTIES,
-    },
+    "OpenAPI": {"type": "object"},
     "Sent": {
         "type": "object",
         "required": ["message_id", "parts_count", "sent_text", "encoding"],
@@ -3762,329 +4312,60 @@ SCHEMAS = {
         },
     },
 }
-KIND = {
-    "name": "kind",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "enum": list(KINDS)},
-}
-MESSAGE_ID_PARAM = {
-    "name": "message_id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^" + MESSAGE_ID.pattern + "$"},
-}
-
-
-def send_control(config):
-    """The query and header parameters of a send."""
-    return [
-        query(
-            "wait",
-            {"type": "integer", "minimum": 0, "maximum": config.max_wait},
-            "answer once sent, at most N seconds",
-        ),
-        query(
-            "wait_for",
-            {"type": "string", "enum": ["sent", "delivered"]},
-            "what ?wait waits for",
-        ),
-        query(
-            "dry_run",
-            {"type": "string", "enum": ["1", "0", "yes", "no"]},
-            "say what would be sent, write nothing",
-        ),
-        {
-            "name": "Idempotency-Key",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-            "description": "send once per key and user",
-        },
-    ]
-
-
-SEND_ANSWERS = {
-    "200": answer("Dry run: what a send would do", schema_ref("DryRun")),
-    "201": answer(
-        "Queued (or, with ?wait, sent or delivered)", schema_ref("Sent"), plain=True
-    ),
-    "502": answer(
-        "With ?wait: a message failed or was not delivered",
-        schema_ref("Sent"),
-        plain=True,
-    ),
-    "504": answer(
-        "With ?wait: time ran out, the messages stay queued",
-        schema_ref("Sent"),
-        plain=True,
-    ),
-    **errors(400, 403, 413, 415, 422, 507),
-}
-SECURED = [{"basic": []}]
-LIST_PARAMETERS = [
-    KIND,
-    query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "page size"),
-    query("offset", {"type": "integer", "minimum": 0}, "page start"),
-    query(
-        "type", {"type": "string", "enum": ["sms", "report", "all"]}, "incoming only"
-    ),
-    query("since", {"type": "string"}, "incoming only: ISO 8601 time or message id"),
-    query("from", {"type": "string"}, "incoming only: sender number"),
-]
-LIST_ANSWERS = {
-    "200": answer("A page", schema_ref("List"), plain=True),
-    **errors(400, 403, 404),  # 403: the inbox, for a user without inbox = yes
-}
-
-
-def openapi_document(config):
-    """The OpenAPI 3 description of this API, built from the tables above."""
-    sms = API + "/sms"
-    queues = {"type": "string", "enum": list(config.queues) or [""]}
-    send = dict(SCHEMAS["Send"], properties=dict(SEND_PROPERTIES, queue=queues))
-    form = {
-        "type": "object",
-        "required": ["mobiles", "text"],
-        "properties": dict(send["properties"], mobiles=NUMBERS),
-    }
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "smsapi",
-            "version": __version__,
-            "description": "HTTP API for the SMS Server Tools 3 spool",
-        },
-        "components": {
-            "schemas": dict(SCHEMAS, Send=send),
-            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
-        },
-        "paths": {
-            "/": {
-                "get": operation(
-                    "Where to start: the API, this document, health, the README",
-                    {"200": answer("The index", schema_ref("Index"), True)},
-                    public=True,
-                )
-            },
-            API + "/monitoring": {
-                "get": operation(
-                    "Is the spool usable?",
-                    {
-                        "200": answer("Usable", schema_ref("Monitoring")),
-                        "503": answer(
-                            "Not usable, with the reason", schema_ref("Monitoring")
-                        ),
-                    },
-                    public=True,
-                )
-            },
-            API + "/health": {
-                "get": operation(
-                    "Checks of the spool, smsd, the queue and the modems",
-                    {
-                        "200": answer("All pass or warn", schema_ref("Health"), True),
-                        "503": answer("A check fails", schema_ref("Health"), True),
-                    },
-                    public=True,
-                )
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics; [server] metrics says who may read",
-                    "security": [{}, *SECURED],
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text format 0.0.4",
-                            "content": {"text/plain": {"schema": STRING}},
-                        },
-                        **errors(401, 403, 404, 429),
-                    },
-                }
-            },
-            API + "/openapi.json": {
-                "get": operation(
-                    "This document",
-                    {"200": answer("OpenAPI 3", {"type": "object"})},
-                    public=True,
-                )
-            },
-            sms + "/outgoing": {
-                "post": dict(
-                    operation(
-                        "Send a text to one or more numbers",
-                        SEND_ANSWERS,
-                        send_control(config),
-                    ),
-                    requestBody={
-                        "required": True,
-                        "content": {
-                            "application/json": {"schema": schema_ref("Send")},
-                            "application/x-www-form-urlencoded": {"schema": form},
-                        },
-                    },
-                ),
-                "get": operation(
-                    "Send, for scripts that can only GET",
-                    SEND_ANSWERS,
-                    [
-                        required(query("mobiles", NUMBERS, "numbers, comma-separated")),
-                        required(
-                            query(
-                                "text", {"type": "string", "minLength": 1}, "the text"
-                            )
-                        ),
-                        *send_control(config),
-                    ],
-                ),
-            },
-            sms + "/status/{message_id}": {
-                "get": operation(
-                    "Where a message is now",
-                    {
-                        "200": answer("Status", schema_ref("Status"), plain=True),
-                        **errors(404),
-                    },
-                    [MESSAGE_ID_PARAM],
-                )
-            },
-            sms + "/{kind}/": {
-                "get": operation(
-                    "Messages in one spool, newest first", LIST_ANSWERS, LIST_PARAMETERS
-                )
-            },
-            sms + "/{kind}/{message_id}": {
-                "get": operation(
-                    "One message file",
-                    {
-                        "200": answer("Headers and text", schema_ref("MessageFile")),
-                        **errors(404),
-                    },
-                    [KIND, MESSAGE_ID_PARAM],
-                ),
-                "delete": operation(
-                    "Cancel a queued message, or delete one",
-                    {
-                        "200": answer("Deleted", schema_ref("Deleted")),
-                        **errors(404, 409),
-                    },
-                    [KIND, MESSAGE_ID_PARAM],
-                ),
-            },
-        },
-    }
-
-
-def operation(summary, responses, parameters=(), public=False):
-    """One OpenAPI operation; every authenticated one may also answer 401, 429 and 503."""
-    if public:
-        return {"summary": summary, "security": [], "responses": responses}
-    return {
-        "summary": summary,
-        "security": SECURED,
-        "parameters": list(parameters),
-        "responses": {**errors(401, 429, 503), **responses},
-    }
 
 
 ###############################################################################
-# Routes #######################################################################
+# Application #################################################################
 ###############################################################################
-
-#: (methods, path template, handler, needs auth). {kind} is one of KINDS;
-#: {message_id} is one path segment, checked against MESSAGE_ID by the spool.
-ROUTES = [
-    ("GET", "/", index, False),
-    ("GET", API + "/monitoring", monitoring, False),
-    ("GET", API + "/health", health, False),
-    ("GET", "/metrics", metrics, False),
-    ("GET", API + "/openapi.json", openapi, False),
-    ("POST GET", API + "/sms/outgoing", send_message, True),
-    ("GET", API + "/sms/status/{message_id}", get_status, True),
-    ("GET", API + "/sms/{kind}/", list_messages, True),
-    ("GET", API + "/sms/{kind}/{message_id}", get_message, True),
-    ("DELETE", API + "/sms/{kind}/{message_id}", cancel_message, True),
-]
-
-PLACEHOLDERS = {"kind": "|".join(KINDS), "message_id": "[^/]+"}
-
-
-def compile_route(template):
-    """A regex for a path template with {name} placeholders."""
-    pattern = re.sub(
-        r"\{(\w+)\}",
-        lambda m: f"(?P<{m.group(1)}>{PLACEHOLDERS[m.group(1)]})",
-        re.escape(template).replace(r"\{", "{").replace(r"\}", "}"),
-    )
-    return re.compile(pattern)
-
-
-COMPILED_ROUTES = [
-    (frozenset(methods.split()), compile_route(template), handler, auth, template)
-    for methods, template, handler, auth in ROUTES
-]
-
-
-def match_route(method, path):
-    """(handler, needs auth, args, route template) for the request, or 404/405."""
-    allowed = set()
-    for methods, pattern, handler, auth, template in COMPILED_ROUTES:
-        match = pattern.fullmatch(path)
-        if match is None:
-            continue
-        head = "GET" in methods and handler is not send_message  # its GET sends (v0.1)
-        if method in methods or method == "HEAD" and head:
-            return handler, auth, match.groupdict(), template
-        allowed |= methods | ({"HEAD"} if head else set())
-    if not allowed:
-        raise not_found()
-    raise ApiError(
-        HTTPStatus.METHOD_NOT_ALLOWED,
-        "Method not allowed",
-        [("Allow", ", ".join(sorted(allowed)))],
-    )
-
-
-###############################################################################
-# Application ##################################################################
-###############################################################################
-
-
-#: Settings a reload (SIGHUP) cannot change: the sockets, threads and files in use.
-RESTART_ONLY = (
-    "path",
-    "listen",
-    "threads",
-    "connection_limit",
-    "channel_timeout",
-    "request_timeout",
-    "state_dir",
-    "max_waiters",
-    "fsync",
-    "spool",
-)
-KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "DELETE"])
 
 
 class Application:
-    """The WSGI application: route, authenticate, handle, answer JSON (or plain text)."""
+    """The WSGI application: route, authenticate, handle, answer JSON (or plain text).
+
+    It makes the parts the handlers use (the watcher and its indexes, the
+    spool writer, the health cache, the metrics) and hands each handler the
+    ones its keyword-only parameters name.
+    """
 
     def __init__(self, config, interval=1.0, inotify=True, health_every=1.0):
         self.config = config
         self.authenticator = Authenticator()
         self.throttle = Throttle()
-        self.openapi = openapi_document(config)
         self.watcher = Watcher(config, Idempotency(config), interval, inotify)
-        self.health = Health(self.watcher.failures, health_every)
-        self.waiters = threading.BoundedSemaphore(config.max_waiters)
-        self.outgoing_sync = DirectorySync(config.spool["outgoing"])
         self.metrics = Metrics()
+        watcher = self.watcher
+        self.parts = {
+            "sender": Sender(
+                Outgoing(config.spool["outgoing"], config.fsync),
+                watcher.idempotency,
+                watcher.waiters,
+                threading.BoundedSemaphore(config.max_waiters),
+                watcher.reports,
+                self.metrics,
+            ),
+            "reports": watcher.reports,
+            "inbox": watcher.inbox,
+            "health": Health(watcher.failures, health_every),
+            "metrics": self.metrics,
+            "counts": watcher.counts,
+            "document": openapi_document,
+        }
+        self.handlers = {r.handler: self.bind(r.handler) for r in ROUTES}
+
+    def bind(self, handler):
+        """handler with the parts its keyword-only parameters name."""
+        code = handler.__code__
+        wanted = code.co_varnames[
+            code.co_argcount : code.co_argcount + code.co_kwonlyargcount
+        ]
+        return functools.partial(handler, **{name: self.parts[name] for name in wanted})
 
     def start(self):
         """Start the background watcher (tests may call watcher.tick() instead)."""
         self.watcher.start()
 
     def close(self):
+        """Stop the watcher: requests still waiting for smsd are answered now."""
         self.watcher.stop()
 
     def reload(self, path):
@@ -4103,21 +4384,14 @@ class Application:
         for key, value in kept.items():
             if getattr(new, key) != value:
                 log.warning("reload: %s changes only with a restart", key)
-        config = dataclasses.replace(new, **kept)
-        self.openapi = openapi_document(config)
-        self.config = config
-        self.watcher.reconfigure(config)
-        log.info("reloaded %s: %d users", path, len(config.users))
+        self.config = new.replace(**kept)
+        self.watcher.reconfigure(self.config)
+        log.info("reloaded %s: %d users", path, len(self.config.users))
         return True
-
-    def accepted(self, ids):
-        """Count message files just written."""
-        with self.metrics.lock:
-            self.metrics.accepted += len(ids)
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
-        request = Request(environ, self)
+        request = Request(environ, self.config)
         status, headers, body = self.respond(request)
         headers.append(("Content-Length", str(len(body))))
         start_response(f"{status.value} {status.phrase}", headers)
@@ -4132,14 +4406,13 @@ class Application:
         """Status, headers and body for a request; every error is answered here."""
         headers = []
         try:
-            handler, auth, request.args, request.route = match_route(
-                request.method, request.path
-            )
-            if auth:
+            route, request.args = match_route(request.method, request.path)
+            request.route = route.path
+            if route.login is True or route.login and route.login(request):
                 authenticate(request, self.authenticator, self.throttle)
-            status, data = handler(request)
+            answer = self.handlers[route.handler](request)
         except ApiError as exc:
-            status, data, headers = exc.status, {"error": exc.message}, exc.headers
+            answer, headers = error_answer(exc.status, exc.message), exc.headers
         except OSError as exc:  # the spool, not the request, is at fault
             log.error(
                 "spool error on %s %s: %s",
@@ -4147,28 +4420,17 @@ class Application:
                 escape(request.path),
                 one_line(exc),
             )
-            status, data = (
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                {"error": "Spool is not readable"},
+            answer = error_answer(
+                HTTPStatus.SERVICE_UNAVAILABLE, "Spool is not readable"
             )
         except Exception:  # the one place the unexpected is caught
             log.exception(
                 "internal error on %s %s", request.method, escape(request.path)
             )
-            status, data = (
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                {"error": "Internal server error"},
+            answer = error_answer(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "Internal server error"
             )
-        if isinstance(data, Raw):
-            return status, [("Content-Type", data.content_type)] + headers, data.body
-        text = plain_text(data) if wants_plain_text(request) else None
-        if text is not None:
-            return (
-                status,
-                [("Content-Type", "text/plain; charset=utf-8")] + headers,
-                text.encode(),
-            )
-        return json_response(status, data, headers)
+        return rendered(request, answer, headers)
 
     def log_request(self, request, status, started):
         log.info(
@@ -4177,190 +4439,31 @@ class Application:
             escape(request.path),
             status,
             escape(request.user.name) if request.user else "-",
-            ",".join(request.environ.get("smsapi.ids", ())) or "-",
-            " (replayed)" if request.environ.get("smsapi.replayed") else "",
+            ",".join(request.written) or "-",
+            " (replayed)" if request.replayed else "",
             (time.monotonic() - started) * 1000,
         )
 
 
-def plain_text(data):
-    """The shell-friendly form of an answer: ids one per line, a status word, an error line."""
-    ids, checks = data.get("message_id"), data.get("checks")
-    if isinstance(checks, dict):
-        return (
-            data["status"]
-            + "\n"
-            + "".join(
-                f"{name}: {c['status']}: {c['output']}\n" for name, c in checks.items()
-            )
-        )
-    if "error" in data and not isinstance(ids, dict):
-        return data["error"] + "\n"
-    if isinstance(ids, dict):
-        return "".join(i + "\n" for i in dict.fromkeys(ids.values()))
-    if isinstance(ids, list):
-        return "".join(i + "\n" for i in ids)
-    if isinstance(data.get("status"), str):
-        return data["status"] + "\n"
-    return None
+def error_answer(status, message):
+    return Answer(status, {"error": message}, message + "\n")
+
+
+def rendered(request, answer, headers):
+    """(status, headers, body) of an Answer: raw, plain text if asked for and it has one, else JSON."""
+    if isinstance(answer.data, Raw):
+        content_type, body = answer.data.content_type, answer.data.body
+    elif answer.text is not None and wants_plain_text(request):
+        content_type, body = PLAIN_TEXT, answer.text.encode()
+    else:
+        content_type = "application/json; charset=utf-8"
+        body = (json.dumps(answer.data, ensure_ascii=False) + "\n").encode("utf-8")
+    return answer.status, [("Content-Type", content_type), *headers], body
 
 
 ###############################################################################
-# Command line and server start ################################################
+# Server adapters #############################################################
 ###############################################################################
-
-
-def main(argv=None):
-    """Parse the command line and run the chosen command; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="smsapi.py", description="HTTP API for the SMS Server Tools 3 spool."
-    )
-    parser.add_argument(
-        "--config", help="INI file (default ./smsapi.ini, else /etc/smsapi/smsapi.ini)"
-    )
-    parser.add_argument(
-        "--version", action="version", version="%(prog)s " + __version__
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser(
-        "hash-password", help="read a password on stdin, print its hash for the config"
-    )
-    add = commands.add_parser(
-        "add-user",
-        help="add a user (or give one a new password) in the config the server uses",
-    )
-    add.add_argument("name", help="the API user name")
-    add.add_argument(
-        "--admin", action="store_true", help="may see and cancel everything"
-    )
-    add.add_argument("--config", dest="user_config", help="INI file to change")
-    check = commands.add_parser(
-        "check-config", help="validate the config and spool, exit 0 or 78"
-    )
-    check.add_argument("--config", dest="check_config", help="INI file to check")
-    args = parser.parse_args(argv)
-    if args.command == "hash-password":
-        return hash_password_command()
-    if args.command == "add-user":
-        return add_user_command(
-            args.name, args.admin, find_config(args.user_config or args.config)
-        )
-    path = find_config(getattr(args, "check_config", None) or args.config)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EX_CONFIG
-    if args.command == "check-config":
-        print(f"{path}: ok ({len(config.users)} users)")
-        return 0
-    setup_logging()
-    return serve(config)
-
-
-def hash_password_command():
-    """Read one password line (no echo on a terminal), print its hash."""
-    password = read_password(confirm=False)
-    if not password:
-        print("hash-password: empty password", file=sys.stderr)
-        return 1
-    print(hash_password(password))
-    return 0
-
-
-def read_password(confirm):
-    """A password: asked (twice if confirm) on a terminal, else stdin's first line."""
-    if not sys.stdin.isatty():
-        return sys.stdin.readline().rstrip("\r\n")
-    password = getpass.getpass("Password: ")
-    if confirm and password and getpass.getpass("Again: ") != password:
-        print("the two passwords differ", file=sys.stderr)
-        return ""
-    return password
-
-
-def add_user_command(name, admin, path):
-    """Add [user:NAME] to the config at path, or give it a new password; comments stay.
-
-    The running server reads the changed file within two seconds.
-    """
-    if not USER_NAME.fullmatch(name):
-        print(
-            f"add-user: {name!r} is not a user name ({USER_NAME.pattern})",
-            file=sys.stderr,
-        )
-        return 2
-    password = read_password(confirm=True)
-    if not password:
-        print("add-user: no password given", file=sys.stderr)
-        return 1
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except OSError as exc:
-        print(f"add-user: cannot read {path}: {one_line(exc)}", file=sys.stderr)
-        return EX_CONFIG
-    changed = with_user(text, name, hash_password(password), admin)
-    try:
-        replace_keeping_mode(path, changed)
-    except OSError as exc:
-        print(
-            f"add-user: cannot write {path}: {one_line(exc)} (sudo?)", file=sys.stderr
-        )
-        return 1
-    print(f"{path}: user {name} {'updated' if f'[user:{name}]' in text else 'added'}")
-    return 0
-
-
-def with_user(text, name, password_hash, admin):
-    """The config text with [user:NAME]'s password (and admin) set, all else as it was."""
-    lines, header = text.splitlines(), f"[user:{name}]"
-    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
-    if start is None:
-        settings = [header, "password = " + password_hash] + (
-            ["admin = yes"] if admin else []
-        )
-        return text.rstrip("\n") + "\n\n" + "\n".join(settings) + "\n"
-    end = next(
-        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
-        len(lines),
-    )
-    section = [
-        line for line in lines[start + 1 : end] if not setting_of(line, "password")
-    ]
-    if admin:
-        section = [line for line in section if not setting_of(line, "admin")] + [
-            "admin = yes"
-        ]
-    lines[start + 1 : end] = ["password = " + password_hash, *section]
-    return "\n".join(lines) + "\n"
-
-
-def setting_of(line, key):
-    """True if an INI line sets key."""
-    name, separator, _ = line.partition("=")
-    return bool(separator) and name.strip().lower() == key
-
-
-def replace_keeping_mode(path, text):
-    """Write text over path atomically, with the file's owner, group and mode kept."""
-    status = os.stat(path)
-    temp = os.path.join(
-        os.path.dirname(path) or ".",
-        f".{os.path.basename(path)}.{secrets.token_hex(4)}",
-    )
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fchown(file.fileno(), status.st_uid, status.st_gid)
-            os.fchmod(file.fileno(), stat.S_IMODE(status.st_mode))
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        remove_quietly(temp)
 
 
 def serve(config):
@@ -4376,7 +4479,7 @@ def serve(config):
         log.error("cannot listen: %s", one_line(exc))
         return 1
     bound = [s.getsockname() for s in sockets if s.family == socket.AF_UNIX]
-    app = Application(config)
+    app = Application(config)  # the adapter closes it once it takes no more requests
     app.start()
     signals = Signals()
     signal.signal(signal.SIGINT, signals.stop)  # Ctrl-C
@@ -4388,7 +4491,6 @@ def serve(config):
         log.warning("waitress is not installed; using the slower wsgiref server")
         return serve_wsgiref(config, app, sockets, signals)
     finally:
-        app.close()
         for sock in sockets:
             sock.close()
         if not inherited:  # systemd's socket files are systemd's to remove
@@ -4599,7 +4701,7 @@ def serve_waitress(config, app, sockets, signals):
     for listener in listeners:  # accept no more, without closing waitress's trigger
         wasyncore.dispatcher.close(listener)
         listener.task_dispatcher.release_held(everything=True)
-    app.watcher.stop()  # requests that wait for smsd answer now
+    app.close()  # requests that wait for smsd answer now
     deadline = time.monotonic() + STOP_GRACE
     while time.monotonic() < deadline and any(map(is_busy, channels.values())):
         turn(0.05)
@@ -4660,7 +4762,7 @@ def open_routes_last(threads):
     """
     import waitress.task
 
-    open_paths = {path for _, path, _, auth in ROUTES if not auth}
+    open_paths = {route.path for route in ROUTES if route.login is not True}
 
     def urgent(channel):
         return bool(channel.requests) and channel.requests[0].path not in open_paths
@@ -4785,7 +4887,7 @@ def serve_wsgiref(config, app, sockets, signals):
     run_until_stopped(lambda: time.sleep(0.5), app, signals)
     for server in servers:
         server.shutdown()  # accept no more
-    app.watcher.stop()  # requests that wait for smsd answer now
+    app.close()  # requests that wait for smsd answer now
     deadline = time.monotonic() + STOP_GRACE
     for server in servers:
         server.finish(deadline)  # the requests in progress and those accepted
@@ -4875,6 +4977,164 @@ def wsgiref_server(sock, app, handler, workers, waiting):
     server = Server()
     server.set_app(app)
     return server
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def main(argv=None):
+    """Parse the command line and run the chosen command; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="smsapi.py", description="HTTP API for the SMS Server Tools 3 spool."
+    )
+    parser.add_argument(
+        "--config", help="INI file (default ./smsapi.ini, else /etc/smsapi/smsapi.ini)"
+    )
+    parser.add_argument(
+        "--version", action="version", version="%(prog)s " + __version__
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "hash-password", help="read a password on stdin, print its hash for the config"
+    )
+    add = commands.add_parser(
+        "add-user",
+        help="add a user (or give one a new password) in the config the server uses",
+    )
+    add.add_argument("name", help="the API user name")
+    add.add_argument(
+        "--admin", action="store_true", help="may see and cancel everything"
+    )
+    add.add_argument("--config", dest="user_config", help="INI file to change")
+    check = commands.add_parser(
+        "check-config", help="validate the config and spool, exit 0 or 78"
+    )
+    check.add_argument("--config", dest="check_config", help="INI file to check")
+    args = parser.parse_args(argv)
+    if args.command == "hash-password":
+        return hash_password_command()
+    if args.command == "add-user":
+        return add_user_command(
+            args.name, args.admin, find_config(args.user_config or args.config)
+        )
+    path = find_config(getattr(args, "check_config", None) or args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "check-config":
+        print(f"{path}: ok ({len(config.users)} users)")
+        return 0
+    setup_logging()
+    return serve(config)
+
+
+def hash_password_command():
+    """Read one password line (no echo on a terminal), print its hash."""
+    password = read_password(confirm=False)
+    if not password:
+        print("hash-password: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+def read_password(confirm):
+    """A password: asked (twice if confirm) on a terminal, else stdin's first line."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("Password: ")
+    if confirm and password and getpass.getpass("Again: ") != password:
+        print("the two passwords differ", file=sys.stderr)
+        return ""
+    return password
+
+
+def add_user_command(name, admin, path):
+    """Add [user:NAME] to the config at path, or give it a new password; comments stay.
+
+    The running server reads the changed file within two seconds.
+    """
+    if not USER_NAME.fullmatch(name):
+        print(
+            f"add-user: {name!r} is not a user name ({USER_NAME.pattern})",
+            file=sys.stderr,
+        )
+        return 2
+    password = read_password(confirm=True)
+    if not password:
+        print("add-user: no password given", file=sys.stderr)
+        return 1
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        print(f"add-user: cannot read {path}: {one_line(exc)}", file=sys.stderr)
+        return EX_CONFIG
+    changed = with_user(text, name, hash_password(password), admin)
+    try:
+        replace_keeping_mode(path, changed)
+    except OSError as exc:
+        print(
+            f"add-user: cannot write {path}: {one_line(exc)} (sudo?)", file=sys.stderr
+        )
+        return 1
+    print(f"{path}: user {name} {'updated' if f'[user:{name}]' in text else 'added'}")
+    return 0
+
+
+def with_user(text, name, password_hash, admin):
+    """The config text with [user:NAME]'s password (and admin) set, all else as it was."""
+    lines, header = text.splitlines(), f"[user:{name}]"
+    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+    if start is None:
+        settings = [header, "password = " + password_hash] + (
+            ["admin = yes"] if admin else []
+        )
+        return text.rstrip("\n") + "\n\n" + "\n".join(settings) + "\n"
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+        len(lines),
+    )
+    section = [
+        line for line in lines[start + 1 : end] if not setting_of(line, "password")
+    ]
+    if admin:
+        section = [line for line in section if not setting_of(line, "admin")] + [
+            "admin = yes"
+        ]
+    lines[start + 1 : end] = ["password = " + password_hash, *section]
+    return "\n".join(lines) + "\n"
+
+
+def setting_of(line, key):
+    """True if an INI line sets key."""
+    name, separator, _ = line.partition("=")
+    return bool(separator) and name.strip().lower() == key
+
+
+def replace_keeping_mode(path, text):
+    """Write text over path atomically, with the file's owner, group and mode kept."""
+    status = os.stat(path)
+    temp = os.path.join(
+        os.path.dirname(path) or ".",
+        f".{os.path.basename(path)}.{secrets.token_hex(4)}",
+    )
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fchown(file.fileno(), status.st_uid, status.st_gid)
+            os.fchmod(file.fileno(), stat.S_IMODE(status.st_mode))
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        remove_quietly(temp)
 
 
 if __name__ == "__main__":

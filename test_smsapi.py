@@ -9,7 +9,6 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import errno
 import http.client
 import io
@@ -51,7 +50,8 @@ PASSWORDS = {
     "root": "r00t-pass",
     "inbox": "in-pass",
 }
-HASHES = {name: smsapi.hash_password(pw) for name, pw in PASSWORDS.items()}
+#: Hashes of the lowest cost (N = 2^10): a login costs a millisecond, not 50.
+HASHES = {name: smsapi.hash_password(pw, ln=10) for name, pw in PASSWORDS.items()}
 
 
 ###############################################################################
@@ -107,7 +107,9 @@ def config(tmp_path, spool):
 
 @pytest.fixture
 def app(config):
-    return smsapi.Application(config)
+    app = smsapi.Application(config)
+    yield app
+    app.close()
 
 
 def auth(user):
@@ -495,7 +497,7 @@ def test_config_unix_users_name_one_api_user_each(tmp_path, spool):
     config = smsapi.load_config(path)
     cron = config.users["cron"]
     assert config.unix_users == {"root": cron, "nagios": cron}
-    assert cron.password == ""  # no password: it can only come over the socket
+    assert cron.password is None  # no password: it can only come over the socket
     assert config_problems(path, "[user:ops]\nunix_users = nagios\n") == [
         f"{path}: [user:ops] unix_users: nagios is already [user:cron]"
     ]
@@ -589,7 +591,7 @@ def test_cli_hash_password_output_verifies(tmp_path):
     assert result.returncode == 0
     hashed = result.stdout.strip()
     assert "correct horse" not in hashed
-    users = {"u": smsapi.User("u", hashed)}
+    users = {"u": smsapi.User("u", password=hashed)}
     checker = smsapi.Authenticator()
     assert checker.check(users, "u", "correct horse") is users["u"]
     assert checker.check(users, "u", "correct horsE") is None
@@ -667,8 +669,8 @@ def test_new_message_id_form_and_uniqueness():
 
 
 def test_write_messages_durable_group_writable_no_leftovers(config, spool):
-    smsapi.write_messages(
-        config, {"smsapi.a": b"To: 1\n\nx", "smsapi.b": b"To: 2\n\ny"}
+    smsapi.Outgoing(spool["outgoing"]).write(
+        {"smsapi.a": b"To: 1\n\nx", "smsapi.b": b"To: 2\n\ny"}
     )
     assert sorted(os.listdir(spool["outgoing"])) == ["smsapi.a", "smsapi.b"]
     mode = os.stat(os.path.join(spool["outgoing"], "smsapi.a")).st_mode
@@ -681,8 +683,8 @@ def test_write_messages_failure_leaves_nothing(config, spool):
     # A directory squatting on the second temporary name makes its creation fail.
     os.mkdir(os.path.join(spool["outgoing"], smsapi.TEMP_PREFIX + "smsapi.b"))
     with pytest.raises(smsapi.ApiError) as info:
-        smsapi.write_messages(
-            config, {"smsapi.a": b"To: 1\n\nx", "smsapi.b": b"To: 2\n\ny"}
+        smsapi.Outgoing(spool["outgoing"]).write(
+            {"smsapi.a": b"To: 1\n\nx", "smsapi.b": b"To: 2\n\ny"}
         )
     assert info.value.status == 503
     assert os.listdir(spool["outgoing"]) == [smsapi.TEMP_PREFIX + "smsapi.b"]
@@ -2631,7 +2633,7 @@ def test_isolation_allow_list_holds_for_every_spelling(app, spool, spelling):
 def test_hostile_ten_thousand_recipients(app, spool):
     numbers = [f"7968{i:07d}" for i in range(10000)]
     assert send(app, numbers).status == 413  # 170 kB: over max_body
-    big = smsapi.Application(dataclasses.replace(app.config, max_body=1 << 20))
+    big = smsapi.Application(app.config.replace(max_body=1 << 20))
     response = send(big, numbers)
     assert response.status == 400 and "Too many recipients" in response.json()["error"]
     assert spool_snapshot(spool) == {}
@@ -3241,7 +3243,7 @@ def test_metrics_need_a_user_from_afar(tmp_path, spool, fake_smsd):
     assert call(app, "GET", "/metrics", user="lvv", **far).status == 403
     assert metric(scrape(app, user="root", **far), "smsapi_smsd_up") == 1
     assert metric(scrape(app, remote_addr="::1"), "smsapi_smsd_up") == 1
-    config = dataclasses.replace(app.config, metrics="off")
+    config = app.config.replace(metrics="off")
     app.config = config
     assert call(app, "GET", "/metrics").status == 404
 
@@ -3301,7 +3303,7 @@ def test_auth_cache_holds_no_password_and_follows_the_config(config):
     assert checker.check(config.users, "lvv", "nope") is None
     (cached,) = checker.verified.values()
     assert PASSWORDS["lvv"].encode() not in cached and len(cached) == 32
-    changed = {"lvv": smsapi.User("lvv", smsapi.hash_password("new"))}
+    changed = {"lvv": smsapi.User("lvv", password=smsapi.hash_password("new", ln=10))}
     assert checker.check(changed, "lvv", PASSWORDS["lvv"]) is None
     assert checker.check(changed, "lvv", "new") is changed["lvv"]
 
@@ -3417,7 +3419,10 @@ def state_files(config):
 
 
 def test_rejected_keyed_requests_write_no_record(app, spool, config):
-    slots = [app.waiters.acquire(blocking=False) for _ in range(config.max_waiters)]
+    slots = [
+        app.parts["sender"].wait_slots.acquire(blocking=False)
+        for _ in range(config.max_waiters)
+    ]
     assert all(slots)
     try:
         for n in range(3):
@@ -3431,7 +3436,7 @@ def test_rejected_keyed_requests_write_no_record(app, spool, config):
             assert response.status == 503
     finally:
         for _ in slots:
-            app.waiters.release()
+            app.parts["sender"].wait_slots.release()
     assert state_files(config) == [] and spool_snapshot(spool) == {}
     os.rename(spool["outgoing"], spool["outgoing"] + ".away")  # the write fails
     try:
@@ -3461,7 +3466,10 @@ def test_requests_blocked_on_one_key_count_as_waiters(app, spool, config):
         threads = [threading.Thread(target=keyed) for _ in range(config.max_waiters)]
         for thread in threads:
             thread.start()
-        wait_until(lambda: app.waiters._value == 0, what="the waiter slots to fill")
+        wait_until(
+            lambda: app.parts["sender"].wait_slots._value == 0,
+            what="the waiter slots to fill",
+        )
         assert idempotent(app, "shared").status == 503  # no thread more is held
         plain = post_send(
             app, {"mobiles": ["79680000000"], "text": "x"}, "lvv", query="wait=1"
@@ -3725,7 +3733,7 @@ def test_spool_read_error_is_503_not_500(tmp_path, spool):
     broken = dict(spool, sent=str(tmp_path / "spool" / "sent-file"))
     open(broken["sent"], "w").close()
     config = smsapi.load_config(write_ini(tmp_path, spool))
-    app = smsapi.Application(dataclasses.replace(config, spool=broken))
+    app = smsapi.Application(config.replace(spool=broken))
     response = call(app, "GET", "/api/v1.0/sms/sent/", user="lvv")
     assert response.status == 503 and "Traceback" not in response.body.decode()
 
