@@ -624,7 +624,7 @@ OPTIONS = [
         "smsd_conf",
         "/etc/smsd.conf",
         as_optional_path,
-        "smsd's config: the directories below default to its; its `pidfile` and `stats` feed `/health`; empty for none",
+        "smsd's config: the directories below default to what it says; its `pidfile` and `stats` feed `/health`; empty for none",
     ),
     option(
         "spool",
@@ -4929,11 +4929,11 @@ def wsgiref_server(sock, app, handler, workers, waiting):
         def __init__(self):
             socketserver.BaseServer.__init__(self, sock.getsockname(), handler)
             self.socket = sock
-            self.server_name = "localhost"
-            self.server_port = (
-                self.server_address[1] if sock.family != socket.AF_UNIX else 0
-            )
+            self.server_name, self.server_port = "localhost", 0  # unix: no port
+            if sock.family != socket.AF_UNIX:
+                self.server_port = self.server_address[1]
             self.setup_environ()
+            self.set_app(app)
             self.accepted = queue.Queue(waiting)
             self.workers = [
                 threading.Thread(target=self.work, daemon=True) for _ in range(workers)
@@ -4974,9 +4974,7 @@ def wsgiref_server(sock, app, handler, workers, waiting):
                 worker.join(max(0.0, deadline - time.monotonic()))
             self.server_close()
 
-    server = Server()
-    server.set_app(app)
-    return server
+    return Server()
 
 
 ###############################################################################

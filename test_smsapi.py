@@ -5,6 +5,7 @@ spool. Live tests start the daemon on an ephemeral loopback port. The
 end-to-end tests run Debian's smsd against a GSM modem emulated on loopback.
 """
 
+import ast
 import base64
 import collections
 import concurrent.futures
@@ -222,6 +223,58 @@ def put_file(spool, kind, name, headers, text="hello", alphabet=None):
     return path
 
 
+def module_sections():
+    """[(banner title, first line)] of smsapi.py, and its syntax tree."""
+    with open(smsapi.__file__, encoding="utf-8") as file:
+        source = file.read()
+    lines = source.splitlines()
+    sections = [
+        (re.sub(r" #+$", "", lines[n][2:]), n + 1)
+        for n in range(1, len(lines) - 1)
+        if lines[n - 1] == lines[n + 1] == "#" * 79 and lines[n].startswith("# ")
+    ]
+    return sections, ast.parse(source)
+
+
+def test_module_sections_use_only_what_stands_above_them():
+    sections, tree = module_sections()
+    assert [title for title, _ in sections] == [
+        "Imports", "Constants", "Errors", "Logging helpers", "Passwords",
+        "Configuration", "GSM and UCS2 encoding", "Spool",
+        "State: idempotency records", "Spool changes", "Delivery reports",
+        "The inbox index", "Retention", "Recent failures", "Waiters", "The watcher",
+        "Health", "Metrics", "HTTP helpers", "Authentication", "Handlers", "Routes",
+        "OpenAPI document", "Application", "Server adapters", "Command line",
+    ]  # fmt: skip
+
+    def section_of(node):
+        return sum(1 for _, start in sections if start <= node.lineno)
+
+    defined = {}
+    for node in tree.body:
+        targets = [node] if hasattr(node, "name") else getattr(node, "targets", [])
+        for target in targets:
+            for name in (
+                [target.name]
+                if hasattr(target, "name")
+                else [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
+            ):
+                defined.setdefault(name, section_of(node))
+    ahead = {
+        (getattr(node, "name", node.lineno), used.id)
+        for node in tree.body
+        for used in ast.walk(node)
+        if isinstance(used, ast.Name) and defined.get(used.id, 0) > section_of(node)
+    }
+    assert not ahead, "used before the section that defines it"
+    longest = max(
+        (node.end_lineno - node.lineno + 1, node.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+    )
+    assert longest[0] < 60, longest
+
+
 ###############################################################################
 # Configuration ################################################################
 ###############################################################################
@@ -409,6 +462,55 @@ def test_config_reads_every_option(config, spool):
     assert config.users["lvv"].mobiles == ("7968*", "79160000000")
     assert config.users["root"].admin and not config.users["lvv"].admin
     assert config.users["inbox"].inbox
+
+
+def ini_settings(text):
+    """{(section, key): value} of every setting of an INI text, commented out or
+    not; keys of the example [user:NAME] sections count as section "user"."""
+    settings, section = {}, None
+    for line in text.splitlines():
+        if line.startswith("; "):
+            continue  # a comment; ";key = value" is a setting commented out
+        line = line.lstrip(";")
+        header = re.fullmatch(r"\[(\w+)(?::[\w.-]+)?\]", line)
+        if header:
+            section = header.group(1)
+        elif section and re.fullmatch(r"[a-z_]+ = .*", line):
+            key, _, value = line.partition(" = ")
+            settings.setdefault((section, key), value)
+    return settings
+
+
+def test_options_shipped_ini_shows_each_option_with_its_default():
+    shown = ini_settings(shipped_config())
+    options = {(o.section, o.key): o for o in smsapi.OPTIONS}
+    assert set(shown) == set(options)
+    for place, option in options.items():
+        if option.default:  # else the file shows an example value
+            assert shown[place] == option.default, place
+            option.convert(option.default)  # the default reads as it is written
+
+
+def options_table():
+    """The README's option table, as the tests expect it from smsapi.OPTIONS."""
+    rows = ["| section | key | default | meaning |", "| --- | --- | --- | --- |"]
+    section = None
+    for option in smsapi.OPTIONS:
+        name = "user:NAME" if option.section == "user" else option.section
+        shown = f"`[{name}]`" if option.section != section else ""
+        section = option.section
+        default = {None: "(unset)", "": "(none)"}.get(option.default)
+        meaning = option.help + (" *(restart)*" if option.restart else "")
+        rows.append(
+            f"| {shown} | `{option.key}` | {default or f'`{option.default}`'} | {meaning} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def test_options_readme_table_is_the_options_table():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        readme = file.read()
+    assert options_table() in readme, "README's table should read:\n" + options_table()
 
 
 def config_problems(path, appended=""):
@@ -3343,6 +3445,61 @@ def test_unknown_path_404_wrong_method_405_with_allow(app):
     response = call(app, "POST", "/api/v1.0/sms/sent/x", user="lvv")
     assert response.status == 405 and response.headers["Allow"] == "DELETE, GET, HEAD"
     assert response.json() == {"error": "Method not allowed"}
+
+
+def example_path(template):
+    """A path the route template matches."""
+    return template.replace("{kind}", "sent").replace("{message_id}", "smsapi.x")
+
+
+def test_routes_and_the_openapi_document_describe_the_same_api(app):
+    document = call(app, "GET", "/api/v1.0/openapi.json").json()
+    documented = {
+        (path, method.upper())
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
+    routed = {(r.path, m) for r in smsapi.ROUTES for m in r.methods if m != "HEAD"}
+    assert documented == routed
+    for path, method in documented:  # each path is matched by its own route
+        route, _ = smsapi.match_route(method, example_path(path))
+        assert route.path == path
+        operation = document["paths"][path][method.lower()]
+        assert (operation["security"] != []) == bool(route.login)
+        assert {str(code) for code in route.replies} <= set(operation["responses"])
+
+
+def schema_accepts(schema, value):
+    """True when a JSON schema of the document (a string with a pattern, an
+    integer with bounds, or oneOf those) takes value."""
+    if "oneOf" in schema:
+        return any(schema_accepts(s, value) for s in schema["oneOf"])
+    if schema["type"] == "integer":
+        return type(value) is int and schema["minimum"] <= value <= schema["maximum"]
+    return isinstance(value, str) and bool(re.search(schema["pattern"], value))
+
+
+@pytest.mark.parametrize(
+    "validity",
+    ["30min", "2 hour", "1day", "0", "007", "199", "255", "256", "300", "99week",
+     "1000min", "2hours", "", "-1", 0, 255, 256, -1, True, 1.5],
+)  # fmt: skip
+def test_openapi_validity_schema_takes_what_the_send_takes(app, spool, validity):
+    document = call(app, "GET", "/api/v1.0/openapi.json").json()
+    schema = document["components"]["schemas"]["Send"]["properties"]["validity"]
+    sent = send(app, ["79680000000"], validity=validity)
+    assert sent.status in (201, 400)
+    assert schema_accepts(schema, validity) == (sent.status == 201)
+
+
+@pytest.mark.parametrize(
+    "number", ["79680000000", "+79680000000", "100", "99", "0123", "1" * 15, "1" * 16]
+)
+def test_openapi_number_schema_takes_what_the_send_takes(app, spool, number):
+    document = call(app, "GET", "/api/v1.0/openapi.json").json()
+    schema = document["components"]["schemas"]["Send"]["properties"]["mobiles"]
+    sent = send(app, [number], user="root")
+    assert schema_accepts(schema["items"], number) == (sent.status == 201)
 
 
 def test_head_has_headers_and_no_body(app):
