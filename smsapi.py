@@ -2979,9 +2979,9 @@ class Authenticator:
         """What an unknown user's password is checked against: it matches nothing,
         and costs what the users' own hashes cost (the first one's parameters)."""
         model = next((u.password for u in users.values() if u.password), None)
-        cost = (
-            parse_password_hash(model)[:3] if model else (SCRYPT_LN, SCRYPT_R, SCRYPT_P)
-        )
+        cost = (SCRYPT_LN, SCRYPT_R, SCRYPT_P)
+        if model:
+            cost = parse_password_hash(model)[:3]
         if cost not in self.dummies:
             salt, digest = secrets.token_bytes(16), secrets.token_bytes(32)
             self.dummies[cost] = password_hash(*cost, salt, digest)

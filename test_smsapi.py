@@ -3396,6 +3396,18 @@ def test_auth_unknown_user_and_wrong_password_look_the_same(app):
     )
 
 
+def test_auth_unknown_users_cost_what_known_ones_do(config):
+    checker = smsapi.Authenticator()
+    cost = smsapi.parse_password_hash(config.users["lvv"].password)[:3]
+    assert smsapi.parse_password_hash(checker.dummy(config.users))[:3] == cost
+    assert cost == (10, 8, 1)  # the tests' hashes; production hashes use ln=14
+    assert checker.check(config.users, "nobody", "guess") is None
+    assert checker.check(config.users, "lvv", "guess") is None
+    assert checker.hashes_checked == 2
+    lone = {"x": smsapi.User("x", unix_users=("root",))}  # no hash to take after
+    assert smsapi.parse_password_hash(checker.dummy(lone))[:3] == (14, 8, 1)
+
+
 def test_auth_cache_holds_no_password_and_follows_the_config(config):
     checker = smsapi.Authenticator()
     assert checker.check(config.users, "lvv", PASSWORDS["lvv"]) is config.users["lvv"]
