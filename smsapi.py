@@ -806,10 +806,10 @@ class Config(types.SimpleNamespace):
     """Everything the daemon reads from its INI file, validated; never changed.
 
     The [server] options are attributes (config.threads); spool, health and
-    retention are dicts of those sections (config.spool["outgoing"]); smsd
-    holds the pid file and stats directory that smsd.conf names ({} without
-    one); users maps names to Users, unix_users local accounts to Users. A
-    reload makes a new Config.
+    retention are read-only mappings of those sections (config.spool["outgoing"]);
+    smsd holds the pid file and stats directory that smsd.conf names (empty
+    without one); users maps names to Users, unix_users local accounts to
+    Users. A reload makes a new Config.
     """
 
     def __init__(self, path="smsapi.ini", **given):
@@ -822,7 +822,11 @@ class Config(types.SimpleNamespace):
             "users": {},
             "unix_users": {},
         }
-        super().__init__(path=path, **{**values, **given})
+        values.update(given)
+        for name, value in values.items():
+            if isinstance(value, dict):
+                values[name] = types.MappingProxyType(value)
+        super().__init__(path=path, **values)
 
     def __setattr__(self, name, value):
         raise AttributeError("a Config does not change: make one with replace()")
@@ -3237,7 +3241,7 @@ def send_message(request, *, sender):
         if key:
             return sender.send_once(request, plan, key, wait)
         ids = {number: new_message_id(request.user.name) for number in plan.numbers}
-        return sender.queue(request, plan, ids, wait, retry=False)
+        return sender.send(request, plan, ids, wait, retry=False)
 
 
 def anchored(regex, prefix=""):
@@ -3382,7 +3386,7 @@ class Sender:
                 }
                 store.save(path, record)  # before the files: a retry reuses these ids
             try:
-                answer = self.queue(request, plan, record["ids"], wait, retry=True)
+                answer = self.send(request, plan, record["ids"], wait, retry=True)
             except ApiError:
                 if new:  # nothing was written: neither is the record
                     remove_quietly(path)
@@ -3394,8 +3398,15 @@ class Sender:
                 )
             return answer
 
-    def queue(self, request, plan, ids, wait, retry):
-        """Write one file per number (on a retry, only those not queued yet); then maybe wait."""
+    def send(self, request, plan, ids, wait, retry):
+        """Queue the files; answer 201 at once, or once smsd is done with them if asked."""
+        data = self.queue(request, plan, ids, retry)
+        if wait:
+            return self.wait_for(request, data, wait)
+        return Answer(HTTPStatus.CREATED, data, ids_text(data))
+
+    def queue(self, request, plan, ids, retry):
+        """Write one file per number (on a retry, only those not queued yet); the answer's data."""
         config = request.config
         files = {
             ids[number]: render_message(
@@ -3418,15 +3429,12 @@ class Sender:
                     plan.encoding.parts,
                     text,
                 )
-        data = {
+        return {
             "message_id": {g: ids[number] for g, number in plan.recipients.items()},
             "parts_count": plan.encoding.parts,
             "sent_text": plan.text,
             "encoding": plan.encoding.alphabet,
         }
-        if wait:
-            return self.wait_for(request, data, wait)
-        return Answer(HTTPStatus.CREATED, data, ids_text(data))
 
     def wait_for(self, request, data, wait):
         """Wait until every message is sent (or delivered): 201, 502 if any failed, 504 on time-out."""
@@ -4465,6 +4473,13 @@ def rendered(request, answer, headers):
 # Server adapters #############################################################
 ###############################################################################
 
+# waitress when it is installed, else the standard library's wsgiref. The
+# waitress adapters use waitress's private API, as of Debian 12's 2.1.2 and
+# PyPI's 3.0.2 (CI runs the tests against both): create_server(_dispatcher=),
+# server._map, .active_channels, .task_dispatcher, .maintenance(); channel.request,
+# .requests, .last_activity, .will_close, .total_outbufs_len; the dispatcher's
+# .lock, .queue and .queue_cv; wasyncore.loop(count=1).
+
 
 def serve(config):
     """Serve the API until SIGTERM or Ctrl-C; waitress when installed, else wsgiref."""
@@ -4709,13 +4724,6 @@ def serve_waitress(config, app, sockets, signals):
         server.task_dispatcher.shutdown()
     wasyncore.close_all(channels)
     return 0
-
-
-# The waitress adapters use waitress's private API, as of Debian 12's 2.1.2 and
-# PyPI's 3.0.2 (both tested): create_server(_dispatcher=), server._map,
-# .active_channels, .task_dispatcher, .maintenance(); channel.request,
-# .requests, .last_activity, .will_close, .total_outbufs_len; the dispatcher's
-# .lock, .queue and .queue_cv; wasyncore.loop(count=1).
 
 
 def channel_class(unix):
