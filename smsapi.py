@@ -24,8 +24,6 @@ Speak plain HTTP on loopback only, or put a TLS reverse proxy in front.
 # Imports #####################################################################
 ###############################################################################
 
-import _strptime  # noqa: F401 (time.strptime would import it on first use, in any thread)
-import argparse
 import base64
 import binascii
 import collections
@@ -37,10 +35,7 @@ import encodings.iso8859_15  # the codecs too: loaded at start, not on a first r
 import encodings.utf_16_be  # noqa: F401
 import errno
 import functools
-import getpass
-import hashlib
 import heapq
-import hmac
 import io
 import ipaddress
 import json
@@ -48,9 +43,7 @@ import logging
 import math
 import os
 import pwd
-import queue
 import re
-import secrets
 import signal
 import socket
 import stat
@@ -62,6 +55,21 @@ import types
 import urllib.parse
 import weakref
 from http import HTTPStatus
+
+# The digests a request uses, from the standard library's own modules: hashlib
+# would load OpenSSL (3.8 MB), which only scrypt needs, at the first login.
+# CPython renames these private modules between versions; hashlib is the fallback.
+try:
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover
+    from hashlib import blake2b
+try:
+    from _sha2 import sha256  # CPython 3.12 and later
+except ImportError:
+    try:
+        from _sha256 import sha256  # CPython 3.11 and earlier
+    except ImportError:  # pragma: no cover
+        from hashlib import sha256
 
 __version__ = "1.0.0"
 
@@ -129,7 +137,9 @@ EARLIEST, LATEST = 0.0, 32503680000.0  # 1970 and 3000
 #: How spool files are opened: never through a symlink, never waiting on a FIFO.
 SPOOL_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 TEMP_PREFIX = ".smsapi-"  # smsd skips names that start with a dot
-SMSD_TIME = "%y-%m-%d %H:%M:%S"
+SMSD_TIME = re.compile(
+    r"([0-9]{1,2})-([0-9]{1,2})-([0-9]{1,2}) ([0-9]{1,2}):([0-9]{1,2}):([0-9]{1,2})"
+)
 REPORT_BODY = "SMS STATUS REPORT"
 REPORT_NUMBER = re.compile(r"[0-9]{1,3}", re.ASCII)  # TP-MR and TP-ST: one octet
 CONCATENATED = re.compile(r".*-concatenated", re.ASCII)  # smsd's store of parts
@@ -282,7 +292,7 @@ def sd_notify(state):
 
 def hash_password(password, ln=SCRYPT_LN, salt=None):
     """A salted scrypt hash string for the config; N = 2^ln (tests choose a low ln)."""
-    salt = salt or secrets.token_bytes(16)
+    salt = salt or os.urandom(16)
     digest = scrypt(password, salt, ln, SCRYPT_R, SCRYPT_P)
     return password_hash(ln, SCRYPT_R, SCRYPT_P, salt, digest)
 
@@ -308,6 +318,8 @@ def parse_password_hash(value):
 
 
 def scrypt(password, salt, ln, r, p):
+    import hashlib  # OpenSSL's: loaded by the first password check, not at start
+
     n = 1 << ln
     return hashlib.scrypt(
         password.encode("utf-8"),
@@ -885,17 +897,14 @@ def new_message_id(user, now=None):
     first, from the names alone, without opening or stat-ing every file.
     """
     micros = int((time.time() if now is None else now) * 1e6)
-    return f"smsapi.{owner_tag(user)}.{base36(micros):0>10}{secrets.token_urlsafe(12)}"
+    random = base64.urlsafe_b64encode(os.urandom(12)).decode()  # 16 characters
+    return f"smsapi.{owner_tag(user)}.{base36(micros):0>10}{random}"
 
 
 @functools.lru_cache(maxsize=1024)
 def owner_tag(user):
     """Six characters derived from the user name, for message ids."""
-    return (
-        base64.b32encode(hashlib.sha256(user.encode()).digest()[:5])
-        .decode()[:6]
-        .lower()
-    )
+    return base64.b32encode(sha256(user.encode()).digest()[:5]).decode()[:6].lower()
 
 
 def base36(number):
@@ -1183,7 +1192,7 @@ def is_message_name(name):
 def write_json_atomically(path, data, sync=True):
     """Replace path with data as JSON: temp file, fsync, rename, fsync the directory."""
     directory = os.path.dirname(path)
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(4).hex()}")
     try:
         write_file(temp, json.dumps(data, separators=(",", ":")).encode(), sync)
         os.replace(temp, path)
@@ -1229,7 +1238,7 @@ class Idempotency:
         self.expired = time.time()  # when old records were last removed
 
     def path(self, user, key):
-        digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()
+        digest = sha256(f"{user}\0{key}".encode()).hexdigest()
         return os.path.join(self.directory, digest + ".json")
 
     BRIEF = 0.25  # seconds a request may wait for a record's lock as any request does
@@ -1519,10 +1528,16 @@ def settled(directory, name):
 
 
 def smsd_time(value):
-    """Seconds since the epoch of an smsd timestamp (local time), or None."""
+    """Seconds since the epoch of an smsd timestamp, yy-mm-dd HH:MM:SS in local
+    time, or None. (time.strptime would load _strptime and locale for this.)"""
+    match = SMSD_TIME.fullmatch(value or "")
+    if match is None:
+        return None
+    year, *rest = (int(field) for field in match.groups())
+    year += 1900 if year >= 69 else 2000  # as strptime's %y reads it
     try:
-        return clamp_time(time.mktime(time.strptime(value or "", SMSD_TIME)))
-    except (ValueError, OverflowError):
+        return clamp_time(datetime.datetime(year, *rest).timestamp())
+    except (ValueError, OverflowError, OSError):
         return None
 
 
@@ -1827,7 +1842,7 @@ class ReportIndex:
         lines = [["await", i, *e] for i, e in self.awaiting.items()]
         lines += [["outcome", i, *o] for i, o in self.outcomes.items()]
         lines += [["clock", now]] if now else []
-        temp = f"{self.path}.{secrets.token_hex(4)}"
+        temp = f"{self.path}.{os.urandom(4).hex()}"
         try:
             append_lines(temp, lines, self.config.fsync)
             os.replace(temp, self.path)
@@ -2787,7 +2802,7 @@ class Authenticator:
     """
 
     def __init__(self):
-        self.key = secrets.token_bytes(32)
+        self.key = os.urandom(32)
         self.verified = {}  # (user, stored hash) -> keyed hash of the password
         self.dummies = {}  # (ln, r, p) -> a hash that matches no password
         self.hashes_checked = 0  # scrypt runs: the same for every kind of failure
@@ -2798,10 +2813,12 @@ class Authenticator:
         if user is not None and not user.password:  # a unix_users-only user
             user = None
         stored = user.password if user else self.dummy(users)
-        tag = hashlib.blake2b(
+        tag = blake2b(
             password.encode("utf-8", "replace"), key=self.key, digest_size=32
         ).digest()
         cached = self.verified.get((name, stored)) if user else None
+        import hmac  # loaded with OpenSSL by the first check (scrypt's), like hashlib
+
         if cached is not None and hmac.compare_digest(cached, tag):
             return user
         # Every failure costs one scrypt, so timing tells nothing about names.
@@ -2821,7 +2838,7 @@ class Authenticator:
         if model:
             cost = parse_password_hash(model)[:3]
         if cost not in self.dummies:
-            salt, digest = secrets.token_bytes(16), secrets.token_bytes(32)
+            salt, digest = os.urandom(16), os.urandom(32)
             self.dummies[cost] = password_hash(*cost, salt, digest)
         return self.dummies[cost]
 
@@ -2933,7 +2950,7 @@ class Throttle:
 
 def name_digest(name):
     """A short digest of a client-supplied user name: what the throttle keeps of it."""
-    return hashlib.blake2b(name.encode(errors="replace"), digest_size=8).digest()
+    return blake2b(name.encode(errors="replace"), digest_size=8).digest()
 
 
 def client_address(request):
@@ -3056,7 +3073,7 @@ class SendPlan(
         canonical = json.dumps(
             [self.recipients, self.text, self.options], sort_keys=True
         )
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return sha256(canonical.encode()).hexdigest()
 
 
 def send_message(request, *, sender):
@@ -4764,6 +4781,7 @@ def wsgiref_server(sock, app, handler, workers, waiting):
     workers threads serve the accepted connections; at most `waiting` more
     wait for one, and a connection past that is closed at once.
     """
+    import queue
     import socketserver
     from wsgiref import simple_server
 
@@ -4778,7 +4796,8 @@ def wsgiref_server(sock, app, handler, workers, waiting):
             self.set_app(app)
             self.accepted = queue.Queue(waiting)
             self.workers = [
-                threading.Thread(target=self.work, daemon=True) for _ in range(workers)
+                threading.Thread(target=pool_worker, args=(self,), daemon=True)
+                for _ in range(workers)
             ]
             for worker in self.workers:
                 worker.start()
@@ -4788,22 +4807,6 @@ def wsgiref_server(sock, app, handler, workers, waiting):
                 self.accepted.put_nowait((request, client_address))
             except queue.Full:  # past connection_limit
                 self.shutdown_request(request)
-
-        def work(self):
-            while True:
-                accepted = self.accepted.get()
-                if accepted is None:
-                    return
-                try:
-                    self.finish_request(*accepted)
-                except (TimeoutError, ConnectionError) as exc:  # a slow or gone client
-                    log.info(
-                        "closed %s: %s", accepted[1] or "a unix client", one_line(exc)
-                    )
-                except Exception:  # noqa: BLE001 (as socketserver does: ends one connection)
-                    self.handle_error(*accepted)
-                finally:
-                    self.shutdown_request(accepted[0])
 
         def finish(self, deadline):
             """Serve what was accepted, then stop the workers (by deadline at the latest)."""
@@ -4819,13 +4822,54 @@ def wsgiref_server(sock, app, handler, workers, waiting):
     return Server()
 
 
+def pool_worker(server):
+    """One of wsgiref_server's workers: serve what it accepted until told to stop (None)."""
+    while True:
+        accepted = server.accepted.get()
+        if accepted is None:
+            return
+        try:
+            server.finish_request(*accepted)
+        except (TimeoutError, ConnectionError) as exc:  # a slow or gone client
+            log.info("closed %s: %s", accepted[1] or "a unix client", one_line(exc))
+        except Exception:  # noqa: BLE001 (as socketserver does: ends one connection)
+            server.handle_error(*accepted)
+        finally:
+            server.shutdown_request(accepted[0])
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
 
 
 def main(argv=None):
-    """Parse the command line and run the chosen command; returns the exit code."""
+    """Run what the command line asks for; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The server's own command line is read by hand: argparse, and all it
+    # imports, would stay in memory for as long as the server runs.
+    if not argv or len(argv) == 2 and argv[0] == "--config":
+        return run_server(find_config(argv[-1] if argv else None))
+    args = parse_arguments(argv)
+    if args.command == "hash-password":
+        return hash_password_command()
+    if args.command == "add-user":
+        return add_user_command(
+            args.name, args.admin, find_config(args.user_config or args.config)
+        )
+    if args.command == "check-config":
+        path = find_config(args.check_config or args.config)
+        config = config_or_problems(path)
+        if config is None:
+            return EX_CONFIG
+        print(f"{path}: ok ({len(config.users)} users)")
+        return 0
+    return run_server(find_config(args.config))
+
+
+def parse_arguments(argv):
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="smsapi.py", description="HTTP API for the SMS Server Tools 3 spool."
     )
@@ -4852,23 +4896,24 @@ def main(argv=None):
         "check-config", help="validate the config and spool, exit 0 or 78"
     )
     check.add_argument("--config", dest="check_config", help="INI file to check")
-    args = parser.parse_args(argv)
-    if args.command == "hash-password":
-        return hash_password_command()
-    if args.command == "add-user":
-        return add_user_command(
-            args.name, args.admin, find_config(args.user_config or args.config)
-        )
-    path = find_config(getattr(args, "check_config", None) or args.config)
+    return parser.parse_args(argv)
+
+
+def config_or_problems(path):
+    """The config at path; or None, with every problem printed on stderr."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def run_server(path):
+    """Serve with the config at path, or exit 78 when it has problems."""
+    config = config_or_problems(path)
+    if config is None:
         return EX_CONFIG
-    if args.command == "check-config":
-        print(f"{path}: ok ({len(config.users)} users)")
-        return 0
     setup_logging()
     return serve(config)
 
@@ -4887,6 +4932,8 @@ def read_password(confirm):
     """A password: asked (twice if confirm) on a terminal, else stdin's first line."""
     if not sys.stdin.isatty():
         return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
     password = getpass.getpass("Password: ")
     if confirm and password and getpass.getpass("Again: ") != password:
         print("the two passwords differ", file=sys.stderr)
@@ -4962,7 +5009,7 @@ def replace_keeping_mode(path, text):
     status = os.stat(path)
     temp = os.path.join(
         os.path.dirname(path) or ".",
-        f".{os.path.basename(path)}.{secrets.token_hex(4)}",
+        f".{os.path.basename(path)}.{os.urandom(4).hex()}",
     )
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

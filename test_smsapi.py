@@ -3895,6 +3895,34 @@ def test_no_request_imports_anything(app, spool):
     assert set(sys.modules) - before == set()
 
 
+#: Modules smsapi must not load to serve: OpenSSL (hashlib, hmac, secrets) waits
+#: for the first password check, the rest only other commands or wsgiref use.
+NOT_AT_START = {
+    "hashlib", "_hashlib", "hmac", "secrets", "random", "argparse", "getpass",
+    "_strptime", "locale", "dataclasses", "inspect", "typing", "wsgiref", "queue",
+}  # fmt: skip
+
+
+def test_start_imports_only_what_serving_needs(tmp_path, spool):
+    put_file(spool, "outgoing", "GSM1.x", {"From": "lvv", "Report": "yes"})
+    smsd_sends(spool, "GSM1.x", 7)  # the tick reads its smsd times
+    script = (
+        "import sys, smsapi; app = smsapi.Application(smsapi.load_config(sys.argv[1]));"
+        " app.watcher.tick(); print(smsapi.smsd_time('26-11-29 10:00:00'));"
+        " print(*sorted(sys.modules))"
+    )
+    ini = write_ini(tmp_path, spool)
+    shown = subprocess.run(
+        [sys.executable, "-S", "-c", script, ini],  # -S: what site would load, not
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert float(shown[0]) == time.mktime((2026, 11, 29, 10, 0, 0, 0, 0, -1))
+    assert NOT_AT_START & set(shown[1].split()) == set()
+
+
 def test_spool_read_error_is_503_not_500(tmp_path, spool):
     broken = dict(spool, sent=str(tmp_path / "spool" / "sent-file"))
     open(broken["sent"], "w").close()
@@ -3912,17 +3940,13 @@ def test_spool_read_error_is_503_not_500(tmp_path, spool):
 class Server:
     """smsapi.py running as a subprocess on an ephemeral loopback port."""
 
-    def __init__(self, ini, tmp_path, python_args=(), env=None):
+    def __init__(self, ini, tmp_path, python_args=(), env=None, module=False):
         self.log_path = os.path.join(str(tmp_path), f"server-{time.monotonic_ns()}.log")
         self.log = open(self.log_path, "w+")  # noqa: SIM115 (lives as long as the server)
+        # module: run as the unit does, python3 -m smsapi (precompiled, PYTHONPATH)
+        program = ["-m", "smsapi"] if module else [os.path.join(HERE, "smsapi.py")]
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                *python_args,
-                os.path.join(HERE, "smsapi.py"),
-                "--config",
-                ini,
-            ],
+            [sys.executable, *python_args, *program, "--config", ini],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -3986,6 +4010,25 @@ def live(tmp_path, spool):
 
     yield start
     for server in servers:
+        server.stop()
+
+
+def test_live_openssl_loads_at_the_first_login_not_at_start(tmp_path, spool):
+    server = Server(
+        write_ini(tmp_path, spool), tmp_path, env={"PYTHONPATH": HERE}, module=True
+    )
+    try:
+
+        def mapped():
+            with open(f"/proc/{server.process.pid}/maps") as maps:
+                return maps.read()
+
+        assert "libcrypto" not in mapped()
+        assert server.request("GET", "/api/v1.0/health")[0] in (200, 503)
+        assert "libcrypto" not in mapped()  # no login, no scrypt
+        assert server.request("GET", "/api/v1.0/sms/outgoing/", user="lvv")[0] == 200
+        assert "libcrypto" in mapped()
+    finally:
         server.stop()
 
 
