@@ -35,6 +35,8 @@ fi
 install -d -m 0755 "$root/usr/local/lib/smsapi" "$root/usr/local/share/doc/smsapi" \
     "$root/etc/systemd/system"
 install -m 0644 smsapi.py "$root/usr/local/lib/smsapi/smsapi.py"
+# The unit runs python3 -m smsapi: compiled here, once, not at every start.
+/usr/bin/python3 -m compileall -q -d /usr/local/lib/smsapi "$root/usr/local/lib/smsapi"
 install -m 0644 README.md "$root/usr/local/share/doc/smsapi/README.md"
 install -m 0644 smsapi.service "$root/etc/systemd/system/smsapi.service"
 # The config holds password hashes: readable by root and the service only.
@@ -51,5 +53,5 @@ if [ -z "$root" ] && [ -d /run/systemd/system ]; then
     echo "next: start it: sudo systemctl enable --now smsapi (it reads config changes by itself)"
 elif [ -z "$root" ]; then
     echo "systemd is not running here: start it by hand as its user:"
-    echo "  sudo -u smsapi python3 /usr/local/lib/smsapi/smsapi.py --config /etc/smsapi/smsapi.ini"
+    echo "  cd /usr/local/lib/smsapi && sudo -u smsapi python3 -m smsapi --config /etc/smsapi/smsapi.ini"
 fi

@@ -24,6 +24,7 @@ import signal
 import socket
 import stat
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -448,6 +449,19 @@ def test_install_script_places_files_and_keeps_the_config(tmp_path):
         "etc/smsapi/smsapi.ini": 0o640,
     }
     assert {p: stat.S_IMODE(os.stat(root / p).st_mode) for p in modes} == modes
+    # compiled for the unit's python3 -m smsapi, current with the source
+    lib = root / "usr/local/lib/smsapi"
+    cached = subprocess.run(
+        ["/usr/bin/python3", "-B", "-c", "import smsapi; print(smsapi.__cached__)"],
+        cwd=lib,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with open(cached, "rb") as pyc:  # header: magic, flags, source mtime and size
+        header = pyc.read(16)
+    source = os.stat(lib / "smsapi.py")
+    assert header[8:16] == struct.pack("<II", int(source.st_mtime), source.st_size)
     with open(os.path.join(HERE, "smsapi.service")) as file:
         assert (root / "etc/systemd/system/smsapi.service").read_text() == file.read()
     ini.write_text(ini.read_text() + "[user:cron]\nunix_users = root\n")
