@@ -1038,11 +1038,11 @@ def storage_error(exc):
 
 def clean_temp_files(config):
     """Remove temporary files a crash left in outgoing; smsd never saw them."""
-    outgoing = config.spool["outgoing"]
-    for name in os.listdir(outgoing):
-        if name.startswith(TEMP_PREFIX):
-            remove_quietly(os.path.join(outgoing, name))
-            log.warning("removed unfinished temporary file %s", escape(name))
+    with os.scandir(config.spool["outgoing"]) as entries:  # no list of the queue
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX):
+                remove_quietly(entry.path)
+                log.warning("removed unfinished temporary file %s", escape(entry.name))
 
 
 class Message(
@@ -2365,17 +2365,25 @@ def is_smsd(pid):
 
 
 def queue_state(config, now):
-    """(files waiting in outgoing and checked, age in seconds of the oldest), in one pass."""
-    count, oldest = 0, now
+    """(files waiting in outgoing and checked, age in seconds of the oldest), in one pass.
+
+    Names are taken as they come, so memory does not grow with the queue; our
+    own ids carry their creation time, so only other tools' files cost a stat.
+    """
+    count, oldest, ours = 0, now, "~"  # ours: the earliest time among our ids
     for kind in ("outgoing", "checked"):
         with os.scandir(config.spool[kind]) as entries:
             for entry in entries:
-                if is_message_name(entry.name):
+                if OUR_ID.fullmatch(entry.name):
+                    count, ours = count + 1, min(ours, entry.name[ID_TIME])
+                elif is_message_name(entry.name):
                     try:
                         mtime = entry.stat(follow_symlinks=False).st_mtime
                     except FileNotFoundError:  # smsd moved it on meanwhile
                         continue
                     count, oldest = count + 1, min(oldest, mtime)
+    if ours != "~":  # "~" sorts after every base-36 digit
+        oldest = min(oldest, clamp_time(int(ours, 36) / 1e6))
     return count, max(0.0, now - oldest)
 
 

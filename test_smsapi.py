@@ -3258,6 +3258,22 @@ def test_health_queue_fails_past_the_limits(tmp_path, spool, fake_smsd):
     assert response.json()["checks"]["queue"]["status"] == "fail"
 
 
+def test_health_queue_age_of_our_messages_comes_from_their_ids(
+    tmp_path, spool, fake_smsd
+):
+    app = health_app(tmp_path, spool, fake_smsd)
+    ours = smsapi.new_message_id("lvv", time.time() - 1200)  # accepted 20 min ago
+    put_file(spool, "outgoing", ours, {"From": "lvv", "To": "79680000000"})
+    age_file(put_file(spool, "checked", "GSM1.other", {"To": "1"}), 300)  # a stat
+    age_file(os.path.join(spool["outgoing"], ours), 0)  # its mtime does not count
+    queue = call(app, "GET", "/api/v1.0/health").json()["checks"]["queue"]
+    assert queue["queued"] == 2 and 1195 <= queue["oldest_seconds"] <= 1205
+    assert queue["status"] == "warn"  # past queue_age_warn (10min)
+    os.unlink(os.path.join(spool["outgoing"], ours))
+    queue = call(app, "GET", "/api/v1.0/health").json()["checks"]["queue"]
+    assert queue["queued"] == 1 and 295 <= queue["oldest_seconds"] <= 305
+
+
 def test_reload_takes_limits_and_keeps_what_needs_a_restart(tmp_path, spool, caplog):
     path = write_ini(tmp_path, spool)
     app = smsapi.Application(smsapi.load_config(path))
