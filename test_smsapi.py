@@ -806,24 +806,17 @@ def test_write_messages_failure_leaves_nothing(config, spool):
     assert os.listdir(spool["outgoing"]) == [smsapi.TEMP_PREFIX + "smsapi.b"]
 
 
-def test_directory_sync_one_fsync_covers_many_writers(spool):
-    sync = smsapi.DirectorySync(spool["outgoing"])
-    barrier = threading.Barrier(16)
-
-    def writer():
-        barrier.wait()
-        sync.sync()
-
-    threads = [threading.Thread(target=writer) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert not any(t.is_alive() for t in threads)
-    assert sync.done == sync.requested == 16
-    assert 1 <= sync.fsyncs < 16  # they shared
-    sync.sync()
-    assert sync.fsyncs >= 2  # a later writer always gets an fsync of its own
+@pytest.mark.parametrize("umask", [0o007, 0o022, 0o077])
+def test_write_messages_are_0660_whatever_the_umask(spool, umask):
+    old = os.umask(umask)
+    try:
+        outgoing = smsapi.Outgoing(spool["outgoing"])
+        assert outgoing.chmod == (umask != 0o007)  # the unit's UMask=0007 needs none
+        outgoing.write({"smsapi.a": b"To: 1\n\nx"})
+    finally:
+        os.umask(old)
+    mode = os.stat(os.path.join(spool["outgoing"], "smsapi.a")).st_mode
+    assert stat.S_IMODE(mode) == 0o660
 
 
 def test_clean_temp_files_removes_only_temporaries(config, spool):
@@ -3465,8 +3458,12 @@ def test_logs_hold_neither_password_nor_text(app, caplog):
     )
     call(app, "GET", "/api/v1.0/sms/sent/\x1b[31mred", user="lvv")
     logged = caplog.text
-    assert "POST /api/v1.0/sms/outgoing 201 user=lvv" in logged
-    assert re.search(r"queued smsapi\.\S+ from lvv to 79680000000, parts=1\n", logged)
+    (line,) = [line for line in logged.splitlines() if "/sms/outgoing" in line]
+    assert re.search(  # one line per send: who, which ids, to whom, how long
+        r"POST /api/v1\.0/sms/outgoing 201 user=lvv ids=smsapi\.\S+"
+        r" to=79680000000 parts=1 [\d.]+ms$",
+        line,
+    )
     assert "TOPSECRETTEXT" not in logged and PASSWORDS["lvv"] not in logged
     assert "\x1b" not in logged and "\\x1b[31mred" in logged
 
@@ -3477,8 +3474,8 @@ def test_logs_hold_the_text_when_log_text_says_so(tmp_path, spool, caplog):
     caplog.set_level("INFO", logger="smsapi")
     message_id = send(app, ["79680000000"], text="Disk\nfull").json()["message_id"]
     assert (
-        f"queued {message_id['79680000000']} from lvv to 79680000000, parts=1"
-        ' text="Disk\\x0afull"' in caplog.text
+        f"ids={message_id['79680000000']} to=79680000000 parts=1"
+        ' text="Disk\\x0afull" ' in caplog.text
     )
 
 
