@@ -2645,7 +2645,7 @@ class Request:
         self.route = "other"  # the route's template, for the metrics
         self.user = None  # filled by authenticate()
         self.written = []  # ids of the message files it wrote
-        self.logged = ""  # what its log line says beyond the ids (numbers, parts)
+        self.log_detail = ""  # what its log line says after the ids: numbers, parts
         self.replayed = False  # answered from an Idempotency-Key record
 
     @functools.cached_property
@@ -3270,9 +3270,9 @@ class Sender:
         self.metrics.count_accepted(len(files))
         request.written = list(files)
         to = ",".join(n for n in plan.numbers if ids[n] in files)
-        request.logged = f" to={to} parts={plan.encoding.parts}" if files else ""
+        request.log_detail = f" to={to} parts={plan.encoding.parts}" if files else ""
         if files and config.log_text:
-            request.logged += f' text="{escape(plan.text)}"'
+            request.log_detail += f' text="{escape(plan.text)}"'
         return {
             "message_id": {g: ids[number] for g, number in plan.recipients.items()},
             "parts_count": plan.encoding.parts,
@@ -4292,7 +4292,7 @@ class Application:
             status,
             escape(request.user.name) if request.user else "-",
             ",".join(request.written) or "-",
-            request.logged,
+            request.log_detail,
             " (replayed)" if request.replayed else "",
             (time.monotonic() - started) * 1000,
         )
