@@ -1346,8 +1346,9 @@ class Inotify:
         (IN_MOVED_TO, MOVED_IN),
         (IN_DELETE | IN_MOVED_FROM, GONE),
     )
-    MASK = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
-    MASK |= IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+    IN_MASK_ADD = 0x20000000
+    DEPARTURES = IN_MOVED_FROM | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+    MASK = DEPARTURES | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
     EVENT = struct.Struct("iIII")  # struct inotify_event, then len bytes of name
 
     def __init__(self):
@@ -1359,9 +1360,10 @@ class Inotify:
         # closed when its owner goes, even one never stopped (a test's)
         self.close = weakref.finalize(self, os.close, self.fd)
 
-    def watch(self, path):
-        """A new (or the existing) watch descriptor for directory path."""
-        watch = self.libc.inotify_add_watch(self.fd, os.fsencode(path), self.MASK)
+    def watch(self, path, mask=MASK):
+        """A new (or the existing, its mask widened) watch descriptor for directory path."""
+        mask |= self.IN_MASK_ADD
+        watch = self.libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
         if watch < 0:
             error = ctypes.get_errno()
             raise OSError(error, os.strerror(error), path)
@@ -1396,6 +1398,9 @@ class SpoolChanges:
     """
 
     POLLED = ("sent", "failed", "incoming", "report")
+    #: Where only the names that leave count (a cancel): our own writes would be
+    #: most of the events, and no part follows what arrives in the queue.
+    DEPARTURES_ONLY = ("outgoing", "checked")
 
     def __init__(self, directories, inotify=True):
         self.directories = directories  # kind -> path
@@ -1444,8 +1449,9 @@ class SpoolChanges:
         changes = []
         lost = [k for k in self.directories if k in self.lost]  # sent before incoming
         for kind in lost:
+            mask = Inotify.DEPARTURES if kind in self.DEPARTURES_ONLY else Inotify.MASK
             try:
-                watch = self.inotify.watch(self.directories[kind])
+                watch = self.inotify.watch(self.directories[kind], mask)
             except OSError as exc:
                 self.complain(kind, exc)
                 continue
@@ -2624,6 +2630,13 @@ def label_value(value):
 ###############################################################################
 
 
+@functools.lru_cache(maxsize=64)
+def environ_key(header):
+    """The WSGI environ key of an HTTP header: Content-Type, X-Forwarded-For..."""
+    key = header.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
 def too_large(limit):
     return ApiError(
         HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"Body is larger than {limit} bytes"
@@ -2657,10 +2670,7 @@ class Request:
 
     def header(self, name):
         """A request header by its HTTP name, or ''."""
-        key = name.upper().replace("-", "_")
-        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = "HTTP_" + key
-        return self.environ.get(key, "")
+        return self.environ.get(environ_key(name), "")
 
     def body(self):
         """The request body, refused with 413 past the limit without reading it all."""

@@ -2356,6 +2356,22 @@ def test_spool_changes_from_inotify_name_what_came_and_went(spool):
     assert stream.read() == []
 
 
+def test_spool_changes_in_the_queue_are_only_what_leaves_it(spool):
+    stream = smsapi.SpoolChanges(spool)
+    stream.read()
+    smsapi.Outgoing(spool["outgoing"]).write({"smsapi.x": b"To: 1\n\nx"})  # a send
+    os.rename(  # smsd takes it
+        os.path.join(spool["outgoing"], "smsapi.x"),
+        os.path.join(spool["checked"], "smsapi.x"),
+    )
+    os.remove(os.path.join(spool["checked"], "smsapi.x"))  # a cancel, say
+    assert changes_of(stream) == [
+        ("outgoing", smsapi.TEMP_PREFIX + "smsapi.x", smsapi.GONE),
+        ("outgoing", "smsapi.x", smsapi.GONE),
+        ("checked", "smsapi.x", smsapi.GONE),
+    ]
+
+
 def test_spool_changes_watch_a_directory_made_anew(spool, caplog):
     stream = smsapi.SpoolChanges(spool)
     stream.read()
