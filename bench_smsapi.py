@@ -102,8 +102,10 @@ def installed(workdir):
 
 
 def start_smsapi(lib, ini, log_path):
-    """smsapi started as the unit starts it: python3 -m smsapi from its directory."""
-    return Server([sys.executable, "-m", "smsapi", "--config", ini], log_path, cwd=lib)
+    """smsapi started as the unit starts it: python3 -m smsapi from its directory,
+    with the unit's UMask=0007."""
+    command = [sys.executable, "-m", "smsapi", "--config", ini]
+    return Server(command, log_path, cwd=lib, umask=0o007)
 
 
 # Servers and measurements ###################################################
@@ -112,12 +114,12 @@ def start_smsapi(lib, ini, log_path):
 class Server:
     """A server process on an ephemeral loopback port."""
 
-    def __init__(self, args, log_path, cwd=None, probe="/"):
+    def __init__(self, args, log_path, cwd=None, probe="/", umask=-1):
         self.log_path = log_path
         self.started = time.perf_counter()
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+                args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, umask=umask
             )
         self.url = self.wait_for_url()
         host, port = self.url[len("http://") :].rsplit(":", 1)
