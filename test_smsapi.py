@@ -2588,6 +2588,16 @@ def test_waiters_wake_only_for_their_names_and_leave_nothing_behind():
     assert not waiters.watched  # nothing left behind
 
 
+def test_metrics_histogram_buckets_hold_what_is_at_most_their_bound():
+    histogram = smsapi.Histogram()
+    for seconds in (0.005, 0.0051, 10.0, 11.0):
+        histogram.observe(seconds)
+    counts = dict(histogram.cumulative())
+    assert counts[0.005] == 1 and counts[0.01] == 2 and counts[5.0] == 2
+    assert counts[10.0] == 3 and counts["+Inf"] == 4
+    assert histogram.total == pytest.approx(21.0101)
+
+
 def test_metrics_label_values_are_escaped_for_the_text_format():
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -3286,15 +3296,20 @@ def test_health_queue_age_of_our_messages_comes_from_their_ids(
 def test_reload_takes_limits_and_keeps_what_needs_a_restart(tmp_path, spool, caplog):
     path = write_ini(tmp_path, spool)
     app = smsapi.Application(smsapi.load_config(path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     with open(path) as file:
         text = file.read().replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:9")
     with open(path, "w") as file:
+        text = text.replace(f"sent = {spool['sent']}", f"sent = {elsewhere}")
         file.write(text + "[retention]\nstate = 2hour\n")
     assert app.reload(path)
     assert app.config.retention == {"state": 7200}
     assert app.watcher.idempotency.ttl == 7200  # the records' lifetime, at once
     assert app.config.listen == ("127.0.0.1:0",)
+    assert app.config.spool == spool
     assert "reload: listen changes only with a restart" in caplog.text
+    assert "reload: spool changes only with a restart" in caplog.text
 
 
 def test_retention_removes_old_files_but_never_queued_ones(tmp_path, spool):
@@ -3386,8 +3401,12 @@ def test_metrics_need_a_user_from_afar(tmp_path, spool, fake_smsd):
     assert call(app, "GET", "/metrics", user="lvv", **far).status == 403
     assert metric(scrape(app, user="root", **far), "smsapi_smsd_up") == 1
     assert metric(scrape(app, remote_addr="::1"), "smsapi_smsd_up") == 1
-    config = app.config.replace(metrics="off")
-    app.config = config
+    app.config = app.config.replace(metrics="users")  # a login even from loopback
+    assert call(app, "GET", "/metrics").status == 401
+    assert metric(scrape(app, user="root"), "smsapi_smsd_up") == 1
+    app.config = app.config.replace(metrics="open")
+    assert metric(scrape(app, **far), "smsapi_smsd_up") == 1
+    app.config = app.config.replace(metrics="off")
     assert call(app, "GET", "/metrics").status == 404
 
 
