@@ -168,6 +168,28 @@ CREATED, WRITTEN, MOVED_IN, GONE, RESCAN = (
     "rescan",
 )
 
+# -- webhooks ------------------------------------------------------------------
+
+EVENT_TYPES = (
+    "sms.received",
+    "sms.sent",
+    "sms.failed",
+    "sms.delivered",
+    "sms.undelivered",
+)
+WEBHOOK_SECRET = re.compile(r"whsec_([A-Za-z0-9+/]+={0,2})", re.ASCII)
+WEBHOOK_SECRET_BYTES = (24, 64)  # Standard Webhooks: 24 to 64 random bytes
+WEBHOOKS = "webhooks"  # in state_dir: a directory of stored events per webhook
+EVENTS_JOURNAL = (
+    "events.journal"  # in state_dir: the events emitted lately, and the clock
+)
+EVENT_FILE = re.compile(r"([0-9]{20})-(msg_[a-z2-7]{32})", re.ASCII)  # a stored event
+MAX_EVENT_FILE = 1 << 20  # a received SMS's text, JSON-escaped, is well under this
+EMITTED_KEPT = 600.0  # seconds an emitted event's id is remembered (past any rescan)
+WEBHOOK_TIMEOUT = 10.0  # seconds a receiver has to answer
+WEBHOOK_STALE = 600.0  # /health warns when an event waited this long
+MAX_RETRY_AFTER = 86400.0  # a receiver's Retry-After is honoured up to a day
+
 # -- passwords and guessing ---------------------------------------------------
 
 SCRYPT_LN, SCRYPT_R, SCRYPT_P = 14, 8, 1  # N = 2^14: 16 MiB, about 50 ms a check
@@ -506,6 +528,60 @@ def as_metrics_access(value):
     return word
 
 
+def as_webhook_url(value):
+    """An http:// or https:// URL with a host."""
+    url = urllib.parse.urlsplit(value.strip())
+    if url.scheme not in ("http", "https") or not url.hostname or url.port == 0:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value.strip()
+
+
+def as_webhook_secret(value):
+    """whsec_ and the base64 of 24 to 64 bytes; the error never repeats the value."""
+    webhook_key(value)
+    return value.strip()
+
+
+def webhook_key(secret):
+    """The HMAC key a Standard Webhooks secret stands for; ValueError if it is none."""
+    match = WEBHOOK_SECRET.fullmatch(secret.strip())
+    try:
+        encoded = match.group(1) if match else ""
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        key = b""
+    low, high = WEBHOOK_SECRET_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError(
+            f"expected whsec_ and the base64 of {low} to {high} random bytes"
+            " (python3 smsapi.py new-webhook-secret prints one)"
+        )
+    return key
+
+
+def as_event_types(value):
+    """Space-separated event types, at least one."""
+    types_given = tuple(dict.fromkeys(value.split()))
+    unknown = [t for t in types_given if t not in EVENT_TYPES]
+    if unknown or not types_given:
+        raise ValueError(f"expected some of {' '.join(EVENT_TYPES)}, got {value!r}")
+    return types_given
+
+
+def as_user_names(value):
+    """Space-separated API user names."""
+    names = tuple(value.split())
+    for name in names:
+        if not USER_NAME.fullmatch(name):
+            raise ValueError(f"bad user name {name!r}")
+    return names
+
+
+def as_durations(value):
+    """Space-separated durations, each as as_duration reads it."""
+    return tuple(as_duration(word) for word in value.split())
+
+
 class Option(
     collections.namedtuple("Option", "section key default convert help restart")
 ):
@@ -618,6 +694,16 @@ OPTIONS = [
            "may read `/metrics` from anywhere"),
     option("user", "unix_users", "", as_unix_names,
            "local accounts that are this user on the unix socket, with no password"),
+    option("webhook", "url", None, as_webhook_url,
+           "where each event is POSTed: `http://` or `https://`; required"),
+    option("webhook", "secret", None, as_webhook_secret,
+           "`whsec_` and base64 of 24-64 random bytes, from `smsapi.py new-webhook-secret`; required"),
+    option("webhook", "events", " ".join(EVENT_TYPES), as_event_types,
+           "the event types this receiver gets"),
+    option("webhook", "users", "", as_user_names,
+           "only events of messages these API users sent (not `sms.received`); empty: all"),
+    option("webhook", "retry_schedule", "5s 5min 30min 2hour 5hour 10hour 14hour 20hour 24hour", as_durations,
+           "delays after each failed attempt, each lengthened by up to 10%; after the last, the event is dropped"),
 ]  # fmt: skip
 SECTIONS = {
     section: {o.key: o for o in OPTIONS if o.section == section}
@@ -655,6 +741,19 @@ class User(types.SimpleNamespace):
         )
 
 
+class Webhook(types.SimpleNamespace):
+    """A receiver of events, from a [webhook:NAME] section: its name, and its options."""
+
+    def __init__(self, name, **options):
+        super().__init__(name=name, **{**defaults("webhook"), **options})
+
+    def wants(self, event_type, sender):
+        """True when this receiver takes events of event_type about sender's messages."""
+        if event_type not in self.events:
+            return False
+        return event_type == "sms.received" or not self.users or sender in self.users
+
+
 class Config(types.SimpleNamespace):
     """Everything the daemon reads from its INI file, validated; never changed.
 
@@ -662,7 +761,7 @@ class Config(types.SimpleNamespace):
     retention are read-only mappings of those sections (config.spool["outgoing"]);
     smsd holds the pid file and stats directory that smsd.conf names (empty
     without one); users maps names to Users, unix_users local accounts to
-    Users. A reload makes a new Config.
+    Users, webhooks names to Webhooks. A reload makes a new Config.
     """
 
     def __init__(self, path="smsapi.ini", **given):
@@ -674,6 +773,7 @@ class Config(types.SimpleNamespace):
             "smsd": {},
             "users": {},
             "unix_users": {},
+            "webhooks": {},
         }
         values.update(given)
         for name, value in values.items():
@@ -705,13 +805,16 @@ def load_config(path):
             parser.read_file(file)
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
         raise ConfigError([f"{path}: cannot read: {one_line(exc)}"]) from None
-    problems, users = [], {}
-    read = {name: {} for name in SECTIONS if name != "user"}
+    problems, users, webhooks = [], {}, {}
+    read = {name: {} for name in SECTIONS if name not in ("user", "webhook")}
     for section in parser.sections():
+        kind, _, name = section.partition(":")
         if section in read:
             read[section] = read_section(parser, path, section, problems)
-        elif section.startswith("user:") and USER_NAME.fullmatch(section[5:]):
-            users[section[5:]] = read_user(parser, path, section, problems)
+        elif kind == "user" and USER_NAME.fullmatch(name):
+            users[name] = read_user(parser, path, section, problems)
+        elif kind == "webhook" and USER_NAME.fullmatch(name):
+            webhooks[name] = read_webhook(parser, path, section, problems)
         else:
             problems.append(f"{path}: [{section}]: unknown section")
     spool, smsd = spool_settings(path, read["spool"], problems)
@@ -730,7 +833,14 @@ def load_config(path):
         retention={"state": defaults("retention")["state"], **read["retention"]},
         users=users,
         unix_users=unix_user_map(path, users, problems),
+        webhooks=webhooks,
     )
+    problems += [
+        f"{path}: [webhook:{webhook.name}] users: no [user:{name}]"
+        for webhook in webhooks.values()
+        for name in webhook.users
+        if name not in users
+    ]
     problems += [f"{path}: {problem}" for problem in check_spool(config)]
     if problems:
         raise ConfigError(problems)
@@ -758,6 +868,15 @@ def read_user(parser, path, section, problems):
     if not parser.has_option(section, "password") and not values.get("unix_users"):
         problems.append(f"{path}: [{section}] password: missing")
     return User(section[5:], **values)
+
+
+def read_webhook(parser, path, section, problems):
+    """Build the Webhook of one [webhook:NAME] section, collecting problems."""
+    values = read_section(parser, path, section, problems)
+    for key in ("url", "secret"):
+        if not parser.has_option(section, key):
+            problems.append(f"{path}: [{section}] {key}: missing")
+    return Webhook(section.partition(":")[2], **values)
 
 
 def unix_user_map(path, users, problems):
@@ -1619,6 +1738,27 @@ class Outcome(collections.namedtuple("Outcome", "status at detail report")):
     __slots__ = ()
 
 
+def status_data(message, outcome):
+    """What GET /sms/status/<id> answers of a Message and its report's Outcome (or None)."""
+    headers = message.headers
+    status = {"outgoing": "queued", "checked": "sending"}.get(
+        message.kind, message.kind
+    )
+    data = {"message_id": message.message_id, "status": status, "to": headers.get("To")}
+    if status == "sent":
+        data.update(sent_at=headers.get("Sent"), modem=headers.get("Modem"))
+        if outcome:
+            data["status"] = outcome.status
+            data.update({outcome.status + "_at": outcome.at, "report": outcome.detail})
+            if outcome.status == "undelivered":
+                data["reason"] = outcome.detail
+        elif headers.get("Report", "").lower() == "yes":
+            data["report"] = "pending"
+    elif status == "failed":
+        data.update(failed_at=headers.get("Failed"), reason=headers.get("Fail_reason"))
+    return data
+
+
 class ReportIndex:
     """Which sent message each status report belongs to.
 
@@ -1836,14 +1976,7 @@ class ReportIndex:
         lines = [["await", i, *e] for i, e in self.awaiting.items()]
         lines += [["outcome", i, *o] for i, o in self.outcomes.items()]
         lines += [["clock", now]] if now else []
-        temp = f"{self.path}.{os.urandom(4).hex()}"
-        try:
-            append_lines(temp, lines, self.config.fsync)
-            os.replace(temp, self.path)
-        finally:
-            remove_quietly(temp)
-        if self.config.fsync:
-            fsync_directory(os.path.dirname(self.path))
+        rewrite_lines(self.path, lines, self.config.fsync)
         self.lines = len(lines)
 
 
@@ -1881,6 +2014,18 @@ def append_lines(path, lines, sync):
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def rewrite_lines(path, lines, sync):
+    """Replace path with these JSON lines, all or nothing."""
+    temp = f"{path}.{os.urandom(4).hex()}"
+    try:
+        append_lines(temp, lines, sync)
+        os.replace(temp, path)
+    finally:
+        remove_quietly(temp)
+    if sync:
+        fsync_directory(os.path.dirname(path))
 
 
 ###############################################################################
@@ -1925,6 +2070,17 @@ class InboxIndex:
         with self.lock:
             found = [e for e in self.entries.values() if e.kind in kinds]
         return sorted(found, reverse=True)
+
+
+def inbox_entry(entry, text):
+    """An InboxEntry as the inbox lists it, with its text (None: binary, or not read)."""
+    return {
+        "message_id": entry.name,
+        "type": entry.kind,
+        "from": entry.sender,
+        "received": iso_time(entry.received),
+        "text": text,
+    }
 
 
 def inbox_name(name):
@@ -2112,6 +2268,491 @@ class Waiters:
 
 
 ###############################################################################
+# Webhooks ####################################################################
+###############################################################################
+
+
+def event_id(event_type, name):
+    """The webhook-id of the event of event_type about the file name: the same
+    at every attempt and after every restart, so that receivers can de-duplicate."""
+    digest = sha256(f"{event_type}\0{name}".encode()).digest()
+    return "msg_" + base64.b32encode(digest[:20]).decode().lower()
+
+
+def sign(key, message_id, timestamp, body):
+    """webhook-signature: v1, then the base64 HMAC-SHA256 of "id.timestamp.body"."""
+    import hmac  # with OpenSSL: loaded by the first delivery, not at start
+
+    signed = hmac.new(key, f"{message_id}.{timestamp}.".encode() + body, "sha256")
+    return "v1," + base64.b64encode(signed.digest()).decode()
+
+
+def post_event(webhook, message_id, body):
+    """POST one signed event: (HTTP status or None, Retry-After in seconds or None, what happened)."""
+    import http.client  # only a process with webhooks loads it
+
+    url = urllib.parse.urlsplit(webhook.url)
+    timestamp = str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "smsapi/" + __version__,
+        "webhook-id": message_id,
+        "webhook-timestamp": timestamp,
+        "webhook-signature": sign(
+            webhook_key(webhook.secret), message_id, timestamp, body
+        ),
+    }
+    if url.username is not None:
+        credentials = f"{url.username}:{url.password or ''}"
+        basic = base64.b64encode(urllib.parse.unquote(credentials).encode()).decode()
+        headers["Authorization"] = "Basic " + basic
+    if url.scheme == "https":
+        import ssl
+
+        connection = http.client.HTTPSConnection(
+            url.hostname,
+            url.port,
+            timeout=WEBHOOK_TIMEOUT,
+            context=ssl.create_default_context(),
+        )
+    else:
+        connection = http.client.HTTPConnection(
+            url.hostname, url.port, timeout=WEBHOOK_TIMEOUT
+        )
+    target = (url.path or "/") + ("?" + url.query if url.query else "")
+    try:
+        connection.request("POST", target, body, headers)
+        response = connection.getresponse()
+        response.read(65536)  # what the receiver says is not ours to keep
+        delay = retry_after(response.getheader("Retry-After"))
+        return response.status, delay, f"HTTP {response.status} {response.reason}"
+    except (OSError, http.client.HTTPException) as exc:
+        return None, None, one_line(exc) or type(exc).__name__
+    finally:
+        connection.close()
+
+
+def retry_after(value):
+    """Seconds a Retry-After header asks to wait (seconds or an HTTP date), or None."""
+    value = (value or "").strip()
+    if is_number(value):
+        return float(value)
+    import email.utils
+
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def jittered(seconds):
+    """seconds lengthened by a random 0-10%."""
+    return seconds * (1 + int.from_bytes(os.urandom(2), "big") / 65535 / 10)
+
+
+class StoredEvent(collections.namedtuple("StoredEvent", "seq id message attempts due")):
+    """An event in a webhook's queue: its order (nanoseconds when emitted), its
+    webhook-id, the file it is about (its events go out in order), the attempts
+    that failed, and when the next is due."""
+
+    __slots__ = ()
+
+    @property
+    def file_name(self):
+        return f"{self.seq:020d}-{self.id}"
+
+
+class EventQueue:
+    """One webhook's events: each a file in its directory until the receiver
+    took it (2xx) or it was dropped, sent by a thread of its own, one at a time.
+
+    Of each message's events only the oldest is due; the others wait behind
+    it, so they arrive in order. Another message's event does not wait: one
+    event that a receiver keeps refusing holds up nothing else. A 410 Gone
+    stops the sending until a reload or restart; events are still stored.
+    """
+
+    def __init__(self, webhook, directory, fsync):
+        self.webhook = webhook
+        self.directory = directory
+        self.fsync = fsync
+        self.lock = threading.Condition()
+        self.messages = {}  # message -> deque of its StoredEvents, oldest first
+        self.ids = set()  # the webhook-ids of the events stored
+        self.heads = []  # heap of (due, seq, message): each message's oldest event
+        self.outcomes = collections.Counter()  # delivered, failed, dropped, gone
+        self.disabled = self.stopping = False
+        self.thread = None
+        os.makedirs(directory, 0o750, exist_ok=True)
+        self.load()
+
+    def configure(self, webhook):
+        """A reload: take the webhook's new settings, and send again after a 410."""
+        with self.lock:
+            self.webhook, self.disabled = webhook, False
+            self.lock.notify()
+
+    def start(self):
+        name = "smsapi-webhook-" + self.webhook.name
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """Stop after the delivery in flight, if any (its event stays stored)."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+
+    def state(self):
+        """(events stored, when the oldest was emitted or None, outcomes so far, disabled)."""
+        with self.lock:
+            oldest = min((q[0].seq for q in self.messages.values()), default=None)
+            queued = sum(len(q) for q in self.messages.values())
+            return queued, oldest and oldest / 1e9, dict(self.outcomes), self.disabled
+
+    # -- storing ----------------------------------------------------------------
+
+    def load(self):
+        """Queue the events stored by an earlier run; a damaged one is logged and removed."""
+        for name in sorted(os.listdir(self.directory)):
+            path = os.path.join(self.directory, name)
+            event = self.read_event(name)
+            if event is None:
+                log.warning(
+                    "webhook %s: removed damaged event file %s",
+                    self.webhook.name,
+                    escape(name),
+                )
+                remove_quietly(path)
+            else:
+                self.enqueue(event)
+
+    def read_event(self, name):
+        """The StoredEvent of one file (its meta line), or None."""
+        match = EVENT_FILE.fullmatch(name)
+        found = match and read_spool_file(
+            os.path.join(self.directory, name), MAX_EVENT_FILE
+        )
+        if not found:
+            return None
+        try:
+            message, attempts, due = json.loads(found[0].partition(b"\n")[0])
+        except (ValueError, TypeError, RecursionError):
+            return None
+        if not (
+            isinstance(message, str) and isinstance(attempts, int) and is_time(due)
+        ):
+            return None
+        return StoredEvent(int(match.group(1)), match.group(2), message, attempts, due)
+
+    def store(self, events):
+        """Write [(StoredEvent, body)] durably, then queue them (not those queued already)."""
+        with self.lock:
+            events = [(e, b) for e, b in events if e.id not in self.ids]
+        for event, body in events:
+            self.write(event, body)
+        if events and self.fsync:
+            fsync_directory(self.directory)
+        with self.lock:
+            for event, _ in events:
+                self.enqueue(event)
+            self.lock.notify()
+
+    def write(self, event, body):
+        """Write an event's file anew: a meta line, then the body as sent."""
+        meta = json.dumps([event.message, event.attempts, event.due]).encode()
+        path = os.path.join(self.directory, event.file_name)
+        temp = os.path.join(self.directory, "." + event.file_name)
+        try:
+            write_file(temp, meta + b"\n" + body, self.fsync, chmod=False)
+            os.replace(temp, path)
+        finally:
+            remove_quietly(temp)
+
+    def enqueue(self, event):
+        """Put an event behind its message's others (under the lock)."""
+        queue = self.messages.setdefault(event.message, collections.deque())
+        queue.append(event)
+        self.ids.add(event.id)
+        if len(queue) == 1:
+            heapq.heappush(self.heads, (event.due, event.seq, event.message))
+
+    # -- sending ----------------------------------------------------------------
+
+    def run(self):
+        while True:
+            event = self.next_due()
+            if event is None:
+                return
+            try:
+                self.attempt(event)
+            except Exception:  # a bug must not stop the deliveries
+                log.exception("webhook %s: event %s", self.webhook.name, event.id)
+                self.settle(event, "dropped")
+
+    def next_due(self):
+        """Wait for the next event that is due; None when stopping."""
+        with self.lock:
+            while not self.stopping:
+                wait = None
+                if self.heads and not self.disabled:
+                    wait = self.heads[0][0] - time.time()
+                    if wait <= 0:
+                        message = heapq.heappop(self.heads)[2]
+                        return self.messages[message][0]
+                self.lock.wait(wait)
+        return None
+
+    def attempt(self, event):
+        """Send one event and act on the answer."""
+        webhook = self.webhook
+        found = read_spool_file(
+            os.path.join(self.directory, event.file_name), MAX_EVENT_FILE
+        )
+        if found is None:
+            log.error(
+                "webhook %s: event %s is no longer stored", webhook.name, event.id
+            )
+            self.settle(event, "dropped")
+            return
+        body = found[0].partition(b"\n")[2]
+        status, delay, what = post_event(webhook, event.id, body)
+        if status is not None and 200 <= status < 300:
+            self.settle(event, "delivered")
+        elif status == HTTPStatus.GONE:
+            log.warning(
+                "webhook %s: %s answered 410 Gone: no more events until a reload or restart",
+                webhook.name,
+                escape(webhook.url),
+            )
+            with self.lock:
+                self.disabled = True
+                self.outcomes["gone"] += 1
+                heapq.heappush(self.heads, (event.due, event.seq, event.message))
+        else:
+            self.retry(event, delay, what)
+
+    def retry(self, event, delay, what):
+        """After a failed attempt: try again after the next delay, or drop the event."""
+        webhook = self.webhook
+        schedule = webhook.retry_schedule
+        if event.attempts >= len(schedule):
+            log.error(
+                "webhook %s: event %s dropped after %d attempts, the last: %s",
+                webhook.name,
+                event.id,
+                event.attempts + 1,
+                escape(what),
+            )
+            self.settle(event, "dropped")
+            return
+        wait = max(jittered(schedule[event.attempts]), min(delay or 0, MAX_RETRY_AFTER))
+        log.warning(
+            "webhook %s: event %s attempt %d failed (%s); next in %.0fs",
+            webhook.name,
+            event.id,
+            event.attempts + 1,
+            escape(what),
+            wait,
+        )
+        event = event._replace(attempts=event.attempts + 1, due=time.time() + wait)
+        try:
+            self.write(event, self.read_body(event))
+        except OSError as exc:  # the attempts are then counted from the stored ones
+            log.error(
+                "webhook %s: cannot update %s: %s",
+                webhook.name,
+                event.id,
+                one_line(exc),
+            )
+        with self.lock:
+            self.messages[event.message][0] = event
+            heapq.heappush(self.heads, (event.due, event.seq, event.message))
+            self.outcomes["failed"] += 1
+
+    def read_body(self, event):
+        found = read_spool_file(
+            os.path.join(self.directory, event.file_name), MAX_EVENT_FILE
+        )
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "event file gone", event.file_name)
+        return found[0].partition(b"\n")[2]
+
+    def settle(self, event, outcome):
+        """The event is done with (delivered or dropped): forget it, free its message's next."""
+        remove_quietly(os.path.join(self.directory, event.file_name))
+        with self.lock:
+            self.outcomes[outcome] += 1
+            queue = self.messages[event.message]
+            self.ids.discard(queue.popleft().id)
+            if queue:
+                head = queue[0]
+                heapq.heappush(self.heads, (head.due, head.seq, head.message))
+            else:
+                del self.messages[event.message]
+
+
+class Webhooks:
+    """The events of what smsd does, for the configured webhooks.
+
+    The watcher offers each change; an event that some webhook wants is put in
+    those webhooks' queues at the end of the tick (fsynced), and only then is
+    its id written to the journal of emitted events, before the report index
+    moves on. So a kill -9 at any moment loses no event, and at worst one is
+    emitted again, with the same webhook-id. The journal's clock says how far
+    the spool was seen: at a start, the files that came since (less
+    CLOCK_MARGIN) make their events, except those emitted already.
+    """
+
+    def __init__(self, config):
+        self.path = os.path.join(config.state_dir, EVENTS_JOURNAL)
+        self.directory = os.path.join(config.state_dir, WEBHOOKS)
+        self.queues = {}  # webhook name -> EventQueue
+        self.emitted = {}  # event id -> when, for the last EMITTED_KEPT seconds
+        self.unsaved = []  # journal lines of this tick
+        self.outbox = []  # (EventQueue, StoredEvent, body) of this tick
+        self.lines = 0
+        self.seq = 0
+        self.started = False
+        self.clock = self.load() if config.webhooks else None
+        #: Files that came after this are new to a RESCAN; with no journal, none is.
+        self.horizon = self.clock - CLOCK_MARGIN if self.clock else time.time()
+        self.configure(config)
+
+    def configure(self, config):
+        """Make, keep or stop each webhook's queue as config says (at start and on reload)."""
+        self.fsync = config.fsync
+        queues = {}
+        for name, webhook in config.webhooks.items():
+            queue = self.queues.get(name)
+            if queue is None:
+                queue = EventQueue(
+                    webhook, os.path.join(self.directory, name), self.fsync
+                )
+                if self.started:
+                    queue.start()
+            else:
+                queue.configure(webhook)
+            queues[name] = queue
+        for name, queue in self.queues.items():
+            if name not in queues:
+                queue.stop()
+        self.queues = queues
+
+    def start(self):
+        self.started = True
+        for queue in self.queues.values():
+            queue.start()
+
+    def stop(self):
+        for queue in self.queues.values():
+            queue.stop()
+
+    def states(self):
+        """{webhook name: (events stored, oldest emitted at, outcomes, disabled)}."""
+        return {name: queue.state() for name, queue in self.queues.items()}
+
+    # -- what the watcher offers ------------------------------------------------
+
+    def wanted(self, event_type):
+        """True when some webhook takes events of this type (from someone)."""
+        return any(event_type in q.webhook.events for q in self.queues.values())
+
+    def offer(self, event_type, name, sender, data, at):
+        """Emit the event of event_type about file name, unless it was already."""
+        message_id = event_id(event_type, name)
+        wanting = [
+            q for q in self.queues.values() if q.webhook.wants(event_type, sender)
+        ]
+        if message_id in self.emitted or not wanting:
+            return
+        body = {"type": event_type, "timestamp": iso_time(at), "data": data}
+        body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        now = time.time()
+        self.seq = max(self.seq + 1, time.time_ns())
+        event = StoredEvent(self.seq, message_id, name, 0, now)
+        self.outbox += [(queue, event, body) for queue in wanting]
+        self.emitted[message_id] = now
+        self.unsaved.append(["emitted", message_id, now])
+
+    def arrivals(self, directory):
+        """The names in directory that came since the horizon: at a start, those
+        smsd filed while smsapi was down (ctime: smsd renames files into place)."""
+        if not self.queues:
+            return []
+        found = []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    status = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(status.st_mode) and status.st_ctime >= self.horizon:
+                        found.append((status.st_ctime, entry.name))
+        return [name for _, name in sorted(found) if is_message_name(name)]
+
+    # -- the journal ------------------------------------------------------------
+
+    def save(self, now):
+        """Store this tick's events in their queues; then note them, and the clock."""
+        outbox, self.outbox = self.outbox, []
+        by_queue = {}
+        for queue, event, body in outbox:
+            by_queue.setdefault(queue, []).append((event, body))
+        try:
+            for queue, events in by_queue.items():
+                queue.store(events)
+        except OSError as exc:
+            self.outbox = outbox + self.outbox  # tried again next tick
+            log.error("cannot store webhook events: %s", one_line(exc))
+            return
+        if not self.queues or (
+            not self.unsaved and self.clock is not None and now - self.clock < 60
+        ):
+            return
+        self.write_journal(now)
+
+    def write_journal(self, now):
+        lines, self.unsaved = self.unsaved + [["clock", now]], []
+        cutoff = now - EMITTED_KEPT
+        self.emitted = {i: t for i, t in self.emitted.items() if t >= cutoff}
+        try:
+            if self.lines + len(lines) > max(1000, 4 * len(self.emitted)):
+                live = [["emitted", i, t] for i, t in self.emitted.items()]
+                rewrite_lines(self.path, live + [["clock", now]], self.fsync)
+                self.lines = len(self.emitted) + 1
+            else:
+                append_lines(self.path, lines, self.fsync)
+                self.lines += len(lines)
+        except OSError as exc:
+            log.error("cannot save %s: %s", self.path, one_line(exc))
+            return
+        self.clock, self.horizon = now, now - CLOCK_MARGIN
+
+    def load(self):
+        """Read the journal: the events emitted lately; the last clock, or None."""
+        clock, damaged = None, 0
+        try:
+            with open(self.path, "rb") as file:
+                journal = file.readlines()
+        except FileNotFoundError:
+            return None
+        for raw in journal:
+            self.lines += 1
+            try:
+                verb, value, *rest = json.loads(raw)
+                if verb == "clock" and is_time(value):
+                    clock = value
+                elif verb == "emitted" and isinstance(value, str) and is_time(rest[0]):
+                    self.emitted[value] = rest[0]
+                else:
+                    damaged += 1
+            except (ValueError, TypeError, IndexError, RecursionError):
+                damaged += 1
+        if damaged:
+            log.warning("%s: %d damaged lines skipped", self.path, damaged)
+        return clock
+
+
+###############################################################################
 # The watcher #################################################################
 ###############################################################################
 
@@ -2138,25 +2779,30 @@ class Watcher:
         self.retention = Retention(config, self.counts)
         self.failures = RecentFailures(config.spool["failed"])
         self.waiters = Waiters()
+        self.webhooks = Webhooks(config)
         self.idempotency = idempotency
         self.stopping = threading.Event()
         self.thread = None
 
     def reconfigure(self, config):
-        """Take report_window, [retention] and the records' lifetime from a reloaded config."""
+        """Take report_window, [retention], the records' lifetime and the webhooks
+        from a reloaded config."""
         self.config = self.reports.config = self.retention.config = config
         self.idempotency.ttl = config.retention["state"]
+        self.webhooks.configure(config)
 
     def start(self):
         self.thread = threading.Thread(
             target=self.run, name="smsapi-watcher", daemon=True
         )
         self.thread.start()
+        self.webhooks.start()
 
     def stop(self):
         """Stop watching; waiting requests are answered with what is known now."""
         self.stopping.set()
         self.waiters.stop()
+        self.webhooks.stop()
         if self.thread:
             self.thread.join(10)
         if self.changes.inotify:
@@ -2188,6 +2834,10 @@ class Watcher:
             self.isolated(self.reports.sweep, now)
         touched = {c.name for c in changes}  # and the messages a report came for:
         touched.update(line[1] for line in self.reports.unsaved)
+        for line in self.reports.unsaved:
+            if line[0] == "outcome":
+                self.isolated(self.reported, line[1], Outcome(*line[2:]))
+        self.isolated(self.webhooks.save, now)  # before the report index moves on
         self.reports.save(now)
         rescan = any(c.event == RESCAN for c in changes)
         self.waiters.wake(None if rescan else touched)
@@ -2210,7 +2860,7 @@ class Watcher:
             if change.event == RESCAN:
                 self.reports.catch_up(now)
             elif change.complete:
-                self.learn_sent(name)
+                self.filed(kind, name)
             elif change.event == GONE:
                 self.reports.forget(name)
         elif kind == "failed":
@@ -2218,15 +2868,18 @@ class Watcher:
                 self.failures.rescan()
             elif change.complete:
                 self.failures.arrived(name)
+                self.filed(kind, name)
             elif change.event == GONE:
                 self.failures.gone(name)
         elif kind in ("incoming", "report"):
             if change.event == RESCAN:
                 self.rescan_received(kind)
             elif change.complete:
-                self.read_received(kind, name)
+                self.read_received(kind, name, fresh=True)
             elif change.event == GONE and kind == "incoming":
                 self.inbox.remove(name)
+        if change.event == RESCAN and kind in ("sent", "failed", "incoming"):
+            self.arrived_meanwhile(kind)
 
     def learn_sent(self, name):
         if is_message_name(name):
@@ -2234,16 +2887,53 @@ class Watcher:
             if message is not None:
                 self.reports.learn(message)
 
+    def filed(self, kind, name):
+        """smsd filed a message in sent or failed: learn it, and tell the webhooks."""
+        event_type = "sms." + kind
+        if not (OUR_ID.fullmatch(name) and self.webhooks.wanted(event_type)):
+            if kind == "sent":
+                self.learn_sent(name)
+            return
+        message = read_message(self.config, kind, name)
+        if message is None:
+            return
+        if kind == "sent":
+            self.reports.learn(message)
+        data = {**status_data(message, None), "from": message.owner}
+        at = smsd_time(message.headers.get(kind.capitalize())) or message.mtime
+        self.webhooks.offer(event_type, name, message.owner, data, at)
+
+    def reported(self, message_id, outcome):
+        """A report told what became of a sent message: tell the webhooks."""
+        event_type = "sms." + outcome.status
+        if not (OUR_ID.fullmatch(message_id) and self.webhooks.wanted(event_type)):
+            return
+        message = read_message(self.config, "sent", message_id)
+        if message is not None:
+            data = {**status_data(message, outcome), "from": message.owner}
+            self.webhooks.offer(
+                event_type, message_id, message.owner, data, time.time()
+            )
+
+    def arrived_meanwhile(self, kind):
+        """After a RESCAN: the files that came while nobody looked are news to the webhooks."""
+        for name in self.webhooks.arrivals(self.config.spool[kind]):
+            if kind in FINAL:
+                self.isolated(self.filed, kind, name)
+            else:
+                self.isolated(self.read_received, kind, name, True)
+
     def rescan_received(self, kind):
         """Read every received file not known yet (at start, or after a lost watch)."""
         names = [n for n in os.listdir(self.config.spool[kind]) if inbox_name(n)]
         if kind == "incoming":
             names = self.inbox.keep_only(names)
         for name in names:
-            self.isolated(self.read_received, kind, name)
+            self.isolated(self.read_received, kind, name, False)
 
-    def read_received(self, kind, name):
-        """Index a received file and attach it if it is a genuine status report."""
+    def read_received(self, kind, name, fresh):
+        """Index a received file and attach it if it is a genuine status report;
+        a fresh SMS (not one found again by a rescan) is news to the webhooks."""
         if not inbox_name(name):
             return
         found = read_spool_file(os.path.join(self.config.spool[kind], name))
@@ -2258,9 +2948,11 @@ class Watcher:
             self.reports.attach(report)
         if kind == "incoming":
             sender = headers.get("From", "")[:64]
-            self.inbox.add(
-                InboxEntry(received, name, sender, "report" if report else "sms")
-            )
+            entry = InboxEntry(received, name, sender, "report" if report else "sms")
+            self.inbox.add(entry)
+            if fresh and report is None:
+                data = inbox_entry(entry, text)
+                self.webhooks.offer("sms.received", name, None, data, received)
 
 
 ###############################################################################
@@ -3494,24 +4186,7 @@ def message_status(request, reports, message_id):
     message = find_message(request.config, message_id)
     if message is None or not visible(request, message):
         raise not_found()
-    headers = message.headers
-    status = {"outgoing": "queued", "checked": "sending"}.get(
-        message.kind, message.kind
-    )
-    data = {"message_id": message.message_id, "status": status, "to": headers.get("To")}
-    if status == "sent":
-        data.update(sent_at=headers.get("Sent"), modem=headers.get("Modem"))
-        outcome = reports.outcome(message_id)
-        if outcome:
-            data["status"] = outcome.status
-            data.update({outcome.status + "_at": outcome.at, "report": outcome.detail})
-            if outcome.status == "undelivered":
-                data["reason"] = outcome.detail
-        elif headers.get("Report", "").lower() == "yes":
-            data["report"] = "pending"
-    elif status == "failed":
-        data.update(failed_at=headers.get("Failed"), reason=headers.get("Fail_reason"))
-    return data
+    return status_data(message, reports.outcome(message_id))
 
 
 def list_messages(request, *, inbox):
@@ -3573,7 +4248,9 @@ def list_inbox(request, inbox):
                 os.path.join(request.config.spool["incoming"], entry.name)
             )
             budget -= len(found[0]) if found else 0
-        messages.append(inbox_entry(entry, found))
+        messages.append(
+            inbox_entry(entry, parse_message(found[0])[1] if found else None)
+        )
     ids = [m["message_id"] for m in messages]
     return listing(ids, len(entries), page, messages=messages)
 
@@ -3589,17 +4266,6 @@ def read_since(since, entries):
         raise ApiError(
             HTTPStatus.BAD_REQUEST, "since must be an ISO 8601 time or a message id"
         ) from None
-
-
-def inbox_entry(entry, found):
-    """An InboxEntry as the inbox lists it; found is the file's (bytes, mtime), or None."""
-    return {
-        "message_id": entry.name,
-        "type": entry.kind,
-        "from": entry.sender,
-        "received": iso_time(entry.received),
-        "text": parse_message(found[0])[1] if found else None,
-    }
 
 
 def visible_name(request, kind, name):

@@ -243,7 +243,7 @@ def test_module_sections_use_only_what_stands_above_them():
         "Imports", "Constants", "Errors", "Logging helpers", "Passwords",
         "Configuration", "GSM and UCS2 encoding", "Spool",
         "State: idempotency records", "Spool changes", "Delivery reports",
-        "The inbox index", "Retention", "Recent failures", "Waiters", "The watcher",
+        "The inbox index", "Retention", "Recent failures", "Waiters", "Webhooks", "The watcher",
         "Health", "Metrics", "HTTP helpers", "Authentication", "Handlers", "Routes",
         "OpenAPI document", "Application", "Server adapters", "Command line",
     ]  # fmt: skip
@@ -510,7 +510,9 @@ def options_table():
     rows = ["| section | key | default | meaning |", "| --- | --- | --- | --- |"]
     section = None
     for option in smsapi.OPTIONS:
-        name = "user:NAME" if option.section == "user" else option.section
+        name = {"user": "user:NAME", "webhook": "webhook:NAME"}.get(
+            option.section, option.section
+        )
         shown = f"`[{name}]`" if option.section != section else ""
         section = option.section
         default = {None: "(unset)", "": "(none)"}.get(option.default)
