@@ -189,6 +189,7 @@ EMITTED_KEPT = 600.0  # seconds an emitted event's id is remembered (past any re
 WEBHOOK_TIMEOUT = 10.0  # seconds a receiver has to answer
 WEBHOOK_STALE = 600.0  # /health warns when an event waited this long
 MAX_RETRY_AFTER = 86400.0  # a receiver's Retry-After is honoured up to a day
+WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped", "gone")  # of an attempt
 
 # -- passwords and guessing ---------------------------------------------------
 
@@ -2968,8 +2969,9 @@ class Health:
     the others take that result.
     """
 
-    def __init__(self, failures, every=1.0):
+    def __init__(self, failures, webhooks, every=1.0):
         self.failures = failures  # the watcher's RecentFailures
+        self.webhooks = webhooks  # and its Webhooks
         self.every = every
         self.lock = threading.Lock()
         self.made, self.checks = -math.inf, None
@@ -2979,6 +2981,7 @@ class Health:
         with self.lock:
             if time.monotonic() - self.made >= self.every:
                 self.checks = health_checks(config, self.failures.count())
+                self.checks.update(webhook_checks(self.webhooks.states(), time.time()))
                 self.made = time.monotonic()
             return self.checks
 
@@ -2992,6 +2995,26 @@ def health_checks(config, failed_last_hour):
         "failed": failed_check(config, failed_last_hour),
     }
     checks.update(modem_checks(config))
+    return checks
+
+
+def webhook_checks(states, now):
+    """One check per webhook: warn when it is disabled (410) or an event waited too long."""
+    checks = {}
+    for name, (queued, oldest, outcomes, disabled) in states.items():
+        age = max(0.0, now - oldest) if oldest else 0.0
+        status = "warn" if disabled or age >= WEBHOOK_STALE else "pass"
+        output = f"{queued} events waiting, the oldest for {age:.0f}s"
+        if disabled:
+            output = "disabled by a 410 Gone until a reload or restart; " + output
+        checks["webhook:" + name] = {
+            "status": status,
+            "output": output,
+            "webhook": name,
+            "queued": queued,
+            "oldest_seconds": round(age, 3),
+            "deliveries": outcomes,
+        }
     return checks
 
 
@@ -3282,6 +3305,28 @@ def spool_gauges(out, checks):
         )
         for modem, dbm in signals:
             out.sample("", {"modem": modem}, dbm)
+    webhook_samples(out, [c for c in checks.values() if "webhook" in c])
+
+
+def webhook_samples(out, checks):
+    """Each webhook's deliveries by outcome, and the events waiting for it."""
+    if not checks:
+        return
+    out.family(
+        "smsapi_webhook_deliveries_total",
+        "counter",
+        "Attempts to deliver an event, by outcome: delivered (2xx), failed (tried"
+        " again later), dropped (after the last retry), gone (410).",
+    )
+    for check in checks:
+        for outcome in WEBHOOK_OUTCOMES:
+            labels = {"webhook": check["webhook"], "outcome": outcome}
+            out.sample("", labels, check["deliveries"].get(outcome, 0))
+    out.family(
+        "smsapi_webhook_queue_events", "gauge", "Events stored, waiting for delivery."
+    )
+    for check in checks:
+        out.sample("", {"webhook": check["webhook"]}, check["queued"])
 
 
 class Exposition:
@@ -4873,7 +4918,7 @@ class Application:
             ),
             "reports": watcher.reports,
             "inbox": watcher.inbox,
-            "health": Health(watcher.failures, health_every),
+            "health": Health(watcher.failures, watcher.webhooks, health_every),
             "metrics": self.metrics,
             "counts": watcher.counts,
             "document": openapi_document,
@@ -5523,6 +5568,9 @@ def main(argv=None):
     args = parse_arguments(argv)
     if args.command == "hash-password":
         return hash_password_command()
+    if args.command == "new-webhook-secret":
+        print("whsec_" + base64.b64encode(os.urandom(32)).decode())
+        return 0
     if args.command == "add-user":
         return add_user_command(
             args.name, args.admin, find_config(args.user_config or args.config)
@@ -5532,7 +5580,9 @@ def main(argv=None):
         config = config_or_problems(path)
         if config is None:
             return EX_CONFIG
-        print(f"{path}: ok ({len(config.users)} users)")
+        print(
+            f"{path}: ok ({len(config.users)} users, {len(config.webhooks)} webhooks)"
+        )
         return 0
     return run_server(find_config(args.config))
 
@@ -5552,6 +5602,10 @@ def parse_arguments(argv):
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser(
         "hash-password", help="read a password on stdin, print its hash for the config"
+    )
+    commands.add_parser(
+        "new-webhook-secret",
+        help="print a fresh secret for a [webhook:NAME] section (32 random bytes)",
     )
     add = commands.add_parser(
         "add-user",

@@ -3997,6 +3997,609 @@ def test_spool_read_error_is_503_not_500(tmp_path, spool):
 
 
 ###############################################################################
+# Webhooks #####################################################################
+###############################################################################
+
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
+try:
+    import standardwebhooks
+except ImportError:  # Debian 12 has no package of it; CI's second run installs it
+    if os.environ.get("SMSAPI_REQUIRE_STANDARDWEBHOOKS"):
+        raise
+    standardwebhooks = None
+
+
+def verified_by_hand(secret, headers, body):
+    """The Standard Webhooks check, written out: HMAC-SHA256 of id.timestamp.body."""
+    import hashlib
+    import hmac
+
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest())
+    return any(
+        hmac.compare_digest(expected, given.partition(",")[2].encode())
+        for given in headers["webhook-signature"].split()
+        if given.startswith("v1,")
+    )
+
+
+class Receiver:
+    """A webhook receiver on loopback: verifies every signature (by hand, and with
+    the standardwebhooks package when it is installed), records each delivery,
+    and answers what it is told to: answers[i] for the i-th request (a status,
+    or "hang" to say nothing until it is closed), then 204."""
+
+    def __init__(self, secret=SECRET, answers=()):
+        import http.server
+
+        self.secret = secret
+        self.answers = list(answers)
+        self.deliveries = []  # (headers, body bytes, the status answered)
+        self.rejected = []  # headers of deliveries whose signature did not verify
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                with receiver.lock:
+                    answer = receiver.answers.pop(0) if receiver.answers else 204
+                if not receiver.verified(headers, body):
+                    receiver.rejected.append(headers)
+                    answer = 401
+                if answer == "hang":
+                    receiver.closing.wait(30)
+                    return
+                with receiver.lock:
+                    receiver.deliveries.append((headers, body, answer))
+                self.send_response(answer)
+                if answer == 503:
+                    self.send_header("Retry-After", "2")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.1,))
+        self.thread.start()
+
+    def verified(self, headers, body):
+        """True when the signature holds, checked by hand and by the package."""
+        if not verified_by_hand(self.secret, headers, body):
+            return False
+        if standardwebhooks is not None:
+            try:
+                standardwebhooks.Webhook(self.secret).verify(body, headers)
+            except standardwebhooks.WebhookVerificationError:
+                return False
+        return True
+
+    def events(self, delivered_only=True):
+        """[(webhook-id, payload)] of the deliveries (answered 2xx, unless told)."""
+        with self.lock:
+            return [
+                (headers["webhook-id"], json.loads(body))
+                for headers, body, answer in self.deliveries
+                if not delivered_only or 200 <= answer < 300
+            ]
+
+    def wait_for(self, count, timeout=20):
+        return wait_until(
+            lambda: len(self.events()) >= count and self.events(),
+            timeout,
+            f"{count} events delivered",
+        )
+
+    def close(self):
+        self.closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def receiver():
+    receivers = []
+
+    def start(**options):
+        receivers.append(Receiver(**options))
+        return receivers[-1]
+
+    yield start
+    for started in receivers:
+        started.close()
+        assert started.rejected == [], "deliveries with a bad signature"
+
+
+def webhook_ini(url, name="hook", **options):
+    """A [webhook:NAME] section for write_ini's extra."""
+    lines = [f"[webhook:{name}]", "url = " + url, "secret = " + SECRET]
+    lines += [f"{key} = {value}" for key, value in options.items()]
+    return "\n" + "\n".join(lines)  # write_ini's [spool] follows
+
+
+def webhook_app(tmp_path, spool, url, **options):
+    config = smsapi.load_config(
+        write_ini(tmp_path, spool, extra=webhook_ini(url, **options))
+    )
+    app = smsapi.Application(config)
+    app.start()
+    return app
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "whsec_" + base64.b64encode(b"k" * 23).decode(),  # too short
+        "whsec_" + base64.b64encode(b"k" * 65).decode(),  # too long
+        base64.b64encode(b"k" * 32).decode(),  # no prefix
+        "whsec_" + "!" * 44,  # not base64
+        "whsec_",
+    ],
+)
+def test_webhook_secret_must_be_standard_webhooks_format(tmp_path, spool, secret):
+    path = write_ini(tmp_path, spool, extra=webhook_ini("http://127.0.0.1:9/"))
+    text = pathlib.Path(path).read_text().replace(SECRET, secret)
+    pathlib.Path(path).write_text(text)
+    with pytest.raises(smsapi.ConfigError) as caught:
+        smsapi.load_config(path)
+    (problem,) = caught.value.problems
+    assert "[webhook:hook] secret: expected whsec_" in problem
+    assert secret[6:] not in problem or secret == "whsec_"  # never echoed
+
+
+def test_webhook_config_names_every_problem(tmp_path, spool):
+    extra = webhook_ini(
+        "ftp://example.org/", events="sms.sent sms.lost", users="lvv nobody"
+    )
+    extra += "\n[webhook:bare]"
+    path = write_ini(tmp_path, spool, extra=extra)
+    with pytest.raises(smsapi.ConfigError) as caught:
+        smsapi.load_config(path)
+    problems = "\n".join(caught.value.problems)
+    assert "[webhook:hook] url: expected an http:// or https:// URL" in problems
+    assert "[webhook:hook] events: expected some of sms.received" in problems
+    assert "[webhook:hook] users: no [user:nobody]" in problems
+    assert "[webhook:bare] url: missing" in problems
+    assert "[webhook:bare] secret: missing" in problems
+
+
+def test_webhook_config_defaults_and_an_unpadded_secret(tmp_path, spool):
+    unpadded = "whsec_" + base64.b64encode(b"u" * 25).decode().rstrip("=")
+    path = write_ini(tmp_path, spool, extra=webhook_ini("https://[::1]:8443/x"))
+    pathlib.Path(path).write_text(
+        pathlib.Path(path).read_text().replace(SECRET, unpadded)
+    )
+    webhook = smsapi.load_config(path).webhooks["hook"]
+    assert webhook.events == smsapi.EVENT_TYPES and webhook.users == ()
+    assert webhook.retry_schedule == (
+        5,
+        300,
+        1800,
+        7200,
+        18000,
+        36000,
+        50400,
+        72000,
+        86400,
+    )
+    assert smsapi.webhook_key(webhook.secret) == b"u" * 25
+
+
+def test_new_webhook_secret_prints_a_fresh_valid_secret():
+    printed = [
+        subprocess.run(
+            [sys.executable, os.path.join(HERE, "smsapi.py"), "new-webhook-secret"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert printed[0] != printed[1]
+    for secret in printed:
+        assert len(smsapi.webhook_key(secret)) == 32
+
+
+def test_webhook_signature_is_what_receivers_verify():
+    body = b'{"type":"sms.sent","timestamp":"2026-11-29T10:00:00+00:00","data":{}}'
+    signature = smsapi.sign(smsapi.webhook_key(SECRET), "msg_abc", "1795000000", body)
+    headers = {
+        "webhook-id": "msg_abc",
+        "webhook-timestamp": "1795000000",
+        "webhook-signature": signature,
+    }
+    assert verified_by_hand(SECRET, headers, body)
+    assert not verified_by_hand(SECRET, headers, body + b" ")
+    # the Standard Webhooks spec's own example: its secret, id, timestamp and body
+    spec_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    spec_body = b'{"test": 2432232314}'
+    assert smsapi.sign(
+        smsapi.webhook_key(spec_secret),
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        "1614265330",
+        spec_body,
+    ) == ("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
+
+
+def test_webhook_ids_are_stable_and_have_no_dot():
+    first = smsapi.event_id("sms.sent", "smsapi.abcdef.0000000000AAAAAAAAAAAAAAAA")
+    assert first == smsapi.event_id(
+        "sms.sent", "smsapi.abcdef.0000000000AAAAAAAAAAAAAAAA"
+    )
+    assert first != smsapi.event_id(
+        "sms.delivered", "smsapi.abcdef.0000000000AAAAAAAAAAAAAAAA"
+    )
+    assert "." not in first and smsapi.EVENT_FILE.fullmatch("0" * 20 + "-" + first)
+
+
+def ticks(app, count=3):
+    for _ in range(count):
+        app.watcher.tick()
+
+
+def test_webhook_events_of_a_message_carry_its_status_in_order(
+    tmp_path, spool, receiver
+):
+    hook = receiver()
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        message_id = sent_id(app, report=True)
+        failed_id = sent_id(app, "79680000001")
+        ticks(app)
+        smsd_sends(spool, message_id, 7)
+        smsd_fails(spool, failed_id)
+        ticks(app)
+        sent_status = status_of(app, message_id)
+        smsd_reports(spool, "79680000000", 7)
+        ticks(app)
+        events = {
+            payload["type"]: (event_id, payload)
+            for event_id, payload in hook.wait_for(3)
+        }
+        assert sorted(events) == ["sms.delivered", "sms.failed", "sms.sent"]
+        sent, failed, delivered = (
+            events[t][1] for t in ("sms.sent", "sms.failed", "sms.delivered")
+        )
+        assert sent["data"] == {**sent_status, "from": "lvv"}
+        assert sent["data"]["status"] == "sent" and sent["data"]["report"] == "pending"
+        assert delivered["data"] == {**status_of(app, message_id), "from": "lvv"}
+        assert delivered["data"]["status"] == "delivered"
+        assert failed["data"] == {**status_of(app, failed_id), "from": "lvv"}
+        assert failed["data"]["reason"] == "+CMS ERROR: 500 (Unknown error)"
+        for payload in (sent, failed, delivered):
+            assert datetime_with_offset(payload["timestamp"])
+        order = [
+            p["type"] for _, p in hook.events() if p["data"]["message_id"] == message_id
+        ]
+        assert order == ["sms.sent", "sms.delivered"]
+        headers = hook.deliveries[0][0]
+        assert headers["content-type"] == "application/json"
+        assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    finally:
+        app.close()
+
+
+def datetime_with_offset(text):
+    import datetime
+
+    return datetime.datetime.fromisoformat(text).utcoffset() is not None
+
+
+def test_webhook_received_sms_is_its_inbox_entry_and_reports_are_not(
+    tmp_path, spool, receiver
+):
+    hook = receiver()
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        ticks(app)
+        put_file(
+            spool,
+            "incoming",
+            "GSM1.AbCdEf",
+            {"From": "358401234567", "Received": "26-11-29 10:00:00"},
+            "Reply: OK €",
+        )
+        smsd_reports(spool, "79680000000", 7)  # a report, not a received SMS
+        ticks(app)
+        ((_, payload),) = hook.wait_for(1)
+        time.sleep(0.5)
+        assert len(hook.events()) == 1
+        listed = call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox").json()[
+            "messages"
+        ]
+        assert payload["type"] == "sms.received"
+        assert payload["data"] == listed[0]
+        assert (
+            payload["data"]["text"] == "Reply: OK €"
+            and payload["data"]["from"] == "358401234567"
+        )
+        assert payload["timestamp"] == listed[0]["received"]
+    finally:
+        app.close()
+
+
+def test_webhook_events_and_users_choose_what_a_receiver_gets(
+    tmp_path, spool, receiver
+):
+    hook = receiver()
+    app = webhook_app(
+        tmp_path, spool, hook.url, events="sms.sent sms.received", users="ann"
+    )
+    try:
+        mine, theirs = sent_id(app, user="ann"), sent_id(app, "79680000001")
+        ticks(app)
+        smsd_sends(spool, mine, 1)
+        smsd_sends(spool, theirs, 2)
+        put_file(spool, "incoming", "GSM1.QwErTy", {"From": "358401234567"}, "hi")
+        ticks(app)
+        hook.wait_for(2)
+        time.sleep(0.5)
+        got = sorted((p["type"], p["data"]["message_id"]) for _, p in hook.events())
+        assert got == [("sms.received", "GSM1.QwErTy"), ("sms.sent", mine)]
+    finally:
+        app.close()
+
+
+def test_webhook_retries_on_the_schedule_then_drops(tmp_path, spool, receiver, caplog):
+    hook = receiver(answers=[500, 500, 500, 500, 500])
+    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="1s 1s")
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        wait_until(lambda: len(hook.deliveries) == 3, 10, "three attempts")
+        tried = [int(h["webhook-timestamp"]) for h, _, _ in hook.deliveries]
+        assert len({h["webhook-id"] for h, _, _ in hook.deliveries}) == 1
+        assert len({b for _, b, _ in hook.deliveries}) == 1  # the same body each time
+        assert tried[1] - tried[0] >= 1 and tried[2] - tried[1] >= 1
+        check = wait_until(
+            lambda: (
+                call(app, "GET", "/api/v1.0/health")
+                .json()["checks"]["webhook:hook"]["deliveries"]
+                .get("dropped")
+            ),
+            5,
+            "the event dropped",
+        )
+        assert check == 1
+        assert os.listdir(tmp_path / "state" / "webhooks" / "hook") == []
+        assert "dropped after 3 attempts, the last: HTTP 500" in caplog.text
+        time.sleep(1.5)
+        assert len(hook.deliveries) == 3
+    finally:
+        app.close()
+
+
+def test_webhook_one_refused_event_holds_up_only_its_own_message(
+    tmp_path, spool, receiver
+):
+    hook = receiver(answers=[500])  # the first event fails once
+    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="2s")
+    try:
+        first, second = sent_id(app, report=True), sent_id(app, "79680000001")
+        ticks(app)
+        smsd_sends(spool, first, 1)
+        ticks(app)
+        wait_until(lambda: hook.deliveries, 5, "the first attempt")
+        smsd_reports(spool, "79680000000", 1)  # first's next event waits behind it
+        smsd_sends(spool, second, 2)  # another message's event does not
+        ticks(app)
+        events = hook.wait_for(1, 5)
+        assert [p["data"]["message_id"] for _, p in events] == [second]
+        events = hook.wait_for(3, 10)
+        mine = [p["type"] for _, p in events if p["data"]["message_id"] == first]
+        assert mine == ["sms.sent", "sms.delivered"]
+    finally:
+        app.close()
+
+
+def test_webhook_retry_after_is_honoured_when_longer(tmp_path, spool, receiver):
+    hook = receiver(answers=[503])  # with Retry-After: 2
+    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="0s")
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        hook.wait_for(1, 10)
+        tried = [h["webhook-timestamp"] for h, _, _ in hook.deliveries]
+        assert int(tried[1]) - int(tried[0]) >= 2
+    finally:
+        app.close()
+
+
+def test_webhook_410_disables_until_a_reload(tmp_path, spool, receiver, caplog):
+    hook = receiver(answers=[410])
+    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="1s")
+    try:
+        first, second = sent_id(app), sent_id(app, "79680000001")
+        ticks(app)
+        smsd_sends(spool, first, 1)
+        ticks(app)
+        wait_until(lambda: hook.deliveries, 5, "the 410")
+        smsd_sends(spool, second, 2)
+        ticks(app)
+        time.sleep(2.5)
+        assert len(hook.deliveries) == 1  # disabled: nothing more is sent
+        check = call(app, "GET", "/api/v1.0/health").json()["checks"]["webhook:hook"]
+        assert (
+            check["status"] == "warn"
+            and check["queued"] == 2
+            and "410" in check["output"]
+        )
+        assert "answered 410 Gone" in caplog.text
+        assert len(os.listdir(tmp_path / "state" / "webhooks" / "hook")) == 2
+        assert app.reload(app.config.path)
+        events = hook.wait_for(2, 10)
+        assert sorted(p["data"]["message_id"] for _, p in events) == sorted(
+            [first, second]
+        )
+    finally:
+        app.close()
+
+
+def test_webhook_events_wait_in_the_state_directory_across_restarts(
+    tmp_path, spool, receiver
+):
+    hook = receiver(answers=["hang"])
+    app = webhook_app(tmp_path, spool, hook.url)
+    message_id = sent_id(app)
+    ticks(app)
+    smsd_sends(spool, message_id, 1)
+    ticks(app)
+    wait_until(lambda: hook.answers == [], 5, "the attempt that hangs")
+    app.close()  # as a crash: the event is stored, not delivered
+    stored = os.listdir(tmp_path / "state" / "webhooks" / "hook")
+    assert len(stored) == 1
+    again = webhook_app(tmp_path, spool, hook.url)
+    try:
+        ticks(again)  # the sent file is not news again: it was emitted
+        ((event_id, payload),) = hook.wait_for(1, 15)
+        assert stored[0].endswith(event_id)
+        assert payload["data"]["message_id"] == message_id
+        time.sleep(0.5)
+        assert len(hook.events()) == 1
+    finally:
+        again.close()
+
+
+def test_webhook_changes_made_while_down_are_emitted_once_at_start(
+    tmp_path, spool, receiver
+):
+    hook = receiver()
+    app = webhook_app(tmp_path, spool, hook.url)
+    before, during = sent_id(app, report=True), sent_id(app, "79680000001", report=True)
+    ticks(app)
+    smsd_sends(spool, before, 1)
+    ticks(app)
+    hook.wait_for(1)
+    app.close()
+    smsd_sends(spool, during, 2)  # while smsapi is down
+    smsd_reports(spool, "79680000000", 1)
+    put_file(spool, "incoming", "GSM1.DoWnDo", {"From": "358401234567"}, "while down")
+    for _ in range(2):  # two starts: the second emits nothing more
+        again = webhook_app(tmp_path, spool, hook.url)
+        try:
+            ticks(again, 5)
+            hook.wait_for(4, 10)
+            time.sleep(0.5)
+        finally:
+            again.close()
+    got = sorted((p["type"], p["data"]["message_id"]) for _, p in hook.events())
+    assert got == sorted(
+        [
+            ("sms.sent", before),
+            ("sms.sent", during),
+            ("sms.delivered", before),
+            ("sms.received", "GSM1.DoWnDo"),
+        ]
+    )
+
+
+def test_webhook_first_start_does_not_replay_the_spool(tmp_path, spool, receiver):
+    put_file(spool, "incoming", "GSM1.OlDoNe", {"From": "358401234567"}, "old news")
+    hook = receiver()
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        ticks(app)
+        put_file(spool, "incoming", "GSM1.NeWoNe", {"From": "358401234567"}, "news")
+        ticks(app)
+        hook.wait_for(1)
+        time.sleep(0.5)
+        assert [p["data"]["message_id"] for _, p in hook.events()] == ["GSM1.NeWoNe"]
+    finally:
+        app.close()
+
+
+def test_webhook_damaged_state_is_skipped_with_a_log_line(
+    tmp_path, spool, receiver, caplog
+):
+    state = tmp_path / "state"
+    (state / "webhooks" / "hook").mkdir(parents=True)
+    (state / "events.journal").write_bytes(
+        b'["clock", "soon"]\n\xff\n[1]\n["emitted"]\n'
+    )
+    damaged = state / "webhooks" / "hook" / ("0" * 20 + "-msg_" + "a" * 32)
+    damaged.write_bytes(b"not json\n{}")
+    os.mkfifo(state / "webhooks" / "hook" / ("1" * 20 + "-msg_" + "b" * 32))
+    hook = receiver()
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        assert "4 damaged lines skipped" in caplog.text
+        assert "removed damaged event file" in caplog.text
+        assert os.listdir(state / "webhooks" / "hook") == []
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        assert hook.wait_for(1)[0][1]["data"]["message_id"] == message_id
+    finally:
+        app.close()
+
+
+def test_webhook_metrics_count_deliveries_and_the_queue(tmp_path, spool, receiver):
+    hook = receiver(answers=[500])
+    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="1s")
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        hook.wait_for(1)
+        time.sleep(1.1)  # /health's cache
+        text = call(app, "GET", "/metrics").body.decode()
+        assert (
+            'smsapi_webhook_deliveries_total{webhook="hook",outcome="delivered"} 1'
+            in text
+        )
+        assert (
+            'smsapi_webhook_deliveries_total{webhook="hook",outcome="failed"} 1' in text
+        )
+        assert (
+            'smsapi_webhook_deliveries_total{webhook="hook",outcome="gone"} 0' in text
+        )
+        assert 'smsapi_webhook_queue_events{webhook="hook"} 0' in text
+    finally:
+        app.close()
+
+
+def test_webhook_health_warns_when_an_event_waited_ten_minutes():
+    now = time.time()
+    fresh = smsapi.webhook_checks({"a": (1, now - 599, {}, False)}, now)
+    stale = smsapi.webhook_checks({"a": (1, now - 600, {}, False)}, now)
+    assert fresh["webhook:a"]["status"] == "pass"
+    assert stale["webhook:a"]["status"] == "warn"
+    assert stale["webhook:a"]["oldest_seconds"] == 600
+
+
+def test_webhook_a_dead_receiver_does_not_slow_the_api(tmp_path, spool, receiver):
+    hook = receiver(answers=["hang"] * 5)
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        wait_until(lambda: len(hook.answers) == 4, 5, "the attempt that hangs")
+        started = time.monotonic()
+        for number in range(20):
+            sent_id(app, f"796800001{number:02d}")
+        ticks(app)
+        assert time.monotonic() - started < 5  # not 10 s of a timeout
+    finally:
+        app.close()
+
+
+###############################################################################
 # Live servers #################################################################
 ###############################################################################
 
