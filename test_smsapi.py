@@ -5543,7 +5543,7 @@ class ModemEmulator:
 class SmsdStack:
     """The modem emulator, the real smsd over a temporary spool, and smsapi over it."""
 
-    def __init__(self, root):
+    def __init__(self, root, extra=""):
         self.root = str(root)
         self.spool = make_spool(root)
         self.modem = ModemEmulator()
@@ -5582,9 +5582,14 @@ class SmsdStack:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.api = Server(write_ini(root, self.spool, smsd_conf=conf), root)
+        self.api = Server(
+            write_ini(root, self.spool, extra=extra, smsd_conf=conf), root
+        )
 
-    def restart_api(self):
+    def restart_api(self, kill=False):
+        """Stop smsapi (or kill -9 it) and start it again on the same state."""
+        if kill:
+            self.api.process.kill()
         self.api.stop()
         self.api = Server(os.path.join(self.root, "smsapi.ini"), self.root)
 
@@ -6038,3 +6043,61 @@ def test_smsd_hostile_sms_neither_forge_reports_nor_stop_the_inbox(stack):
         "GET", f"/api/v1.0/sms/incoming/?type=report&from={number}", user="inbox"
     )[2]["messages"]
     assert len(reports) == 1 and "Status: 70" in reports[0]["text"]
+
+
+@needs_smsd
+def test_smsd_webhook_every_event_once_across_a_kill_9(tmp_path):
+    """Each kind of event from the real smsd reaches a receiver that fails at
+    first, while smsapi is killed with kill -9 and started again; after
+    de-duplication by webhook-id, each arrives exactly once, none lost."""
+    hook = Receiver(answers=[500] * 4)
+    stack = SmsdStack(
+        tmp_path, extra=webhook_ini(hook.url, retry_schedule="1s 1s 2s 2s 5s 5s 10s")
+    )
+    try:
+        good, bad, doomed = "79680000701", "79680000702", "79680000703"
+        stack.modem.undelivered.add(bad)
+        stack.modem.fail.add(doomed)
+        ids = post(stack, [good, bad, doomed], "watch", report=True)[1]["message_id"]
+        stack.modem.store(deliver_pdu("358401112233", "ack 42", time.time()))
+        stack.wait_for(lambda: hook.deliveries, 30, "the first attempt")
+        stack.restart_api(kill=True)
+        expected = {
+            ("sms.sent", ids[good]),
+            ("sms.delivered", ids[good]),
+            ("sms.sent", ids[bad]),
+            ("sms.undelivered", ids[bad]),
+            ("sms.failed", ids[doomed]),
+        }
+
+        def arrived():
+            by_id = {}
+            for event_id, payload in hook.events():
+                assert by_id.setdefault(event_id, payload) == payload  # same each time
+            got = {(p["type"], p["data"]["message_id"]) for p in by_id.values()}
+            return by_id if len(got) == len(by_id) == 6 and expected < got else None
+
+        by_id = stack.wait_for(arrived, 60, "six events, each once")
+        (received,) = [p for p in by_id.values() if p["type"] == "sms.received"]
+        assert received["data"]["text"] == "ack 42"
+        assert received["data"]["from"] == "358401112233"
+        statuses = {
+            (p["data"]["message_id"], p["data"].get("status")) for p in by_id.values()
+        }
+        assert (ids[bad], "undelivered") in statuses and (
+            ids[doomed],
+            "failed",
+        ) in statuses
+        for event_id in by_id:  # sent before delivered, for each message
+            order = [
+                p["type"]
+                for _, p in hook.events()
+                if p["data"]["message_id"] == by_id[event_id]["data"]["message_id"]
+            ]
+            assert order == sorted(
+                order, key=lambda t: t in ("sms.delivered", "sms.undelivered")
+            )
+    finally:
+        stack.stop()
+        hook.close()
+    assert hook.rejected == []
