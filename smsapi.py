@@ -2418,15 +2418,17 @@ class EventQueue:
         for name in sorted(os.listdir(self.directory)):
             path = os.path.join(self.directory, name)
             event = self.read_event(name)
-            if event is None:
+            if event is not None:
+                self.enqueue(event)
+                continue
+            if not name.startswith("."):  # else a write that a crash cut short
                 log.warning(
                     "webhook %s: removed damaged event file %s",
                     self.webhook.name,
                     escape(name),
                 )
-                remove_quietly(path)
-            else:
-                self.enqueue(event)
+            with contextlib.suppress(OSError):  # a directory stays, and is skipped
+                os.unlink(path)
 
     def read_event(self, name):
         """The StoredEvent of one file (its meta line), or None."""
@@ -4768,6 +4770,38 @@ MESSAGE_STATUS = {
         "report": STRING,
     },
 }
+INBOX_ENTRY = {
+    "type": "object",
+    "required": ["message_id", "type", "from", "received", "text"],
+    "properties": {
+        "message_id": STRING,
+        "type": {"type": "string", "enum": ["sms", "report"]},
+        "from": STRING,
+        "received": STRING,
+        "text": NULLABLE_STRING,
+    },
+}
+WEBHOOK_EVENT = {
+    "type": "object",
+    "description": "The body of each webhook POST, signed as Standard Webhooks says"
+    " (headers webhook-id, webhook-timestamp, webhook-signature); see the README.",
+    "required": ["type", "timestamp", "data"],
+    "properties": {
+        "type": {"type": "string", "enum": list(EVENT_TYPES)},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "data": {
+            "description": "sms.received: the message as the inbox lists it;"
+            " the others: the status answer then, plus the API user who sent it",
+            "anyOf": [
+                INBOX_ENTRY,
+                {
+                    **MESSAGE_STATUS,
+                    "properties": {**MESSAGE_STATUS["properties"], "from": STRING},
+                },
+            ],
+        },
+    },
+}
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": STRING}},
     "OpenAPI": {"type": "object"},
@@ -4832,17 +4866,7 @@ SCHEMAS = {
             "messages": {
                 "type": "array",
                 "description": "incoming only: the received messages themselves",
-                "items": {
-                    "type": "object",
-                    "required": ["message_id", "type", "from", "received", "text"],
-                    "properties": {
-                        "message_id": STRING,
-                        "type": {"type": "string", "enum": ["sms", "report"]},
-                        "from": STRING,
-                        "received": STRING,
-                        "text": NULLABLE_STRING,
-                    },
-                },
+                "items": INBOX_ENTRY,
             },
         },
     },
@@ -4875,7 +4899,8 @@ SCHEMAS = {
             "status": GRADE,
             "checks": {
                 "type": "object",
-                "description": "spool, smsd, queue, failed, and modem:NAME per modem",
+                "description": "spool, smsd, queue, failed, modem:NAME per modem,"
+                " webhook:NAME per webhook",
                 "additionalProperties": {
                     "type": "object",
                     "required": ["status", "output"],
@@ -4884,6 +4909,7 @@ SCHEMAS = {
             },
         },
     },
+    "WebhookEvent": WEBHOOK_EVENT,
 }
 
 

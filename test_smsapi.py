@@ -4287,6 +4287,51 @@ def test_webhook_events_of_a_message_carry_its_status_in_order(
         app.close()
 
 
+def conforms(schema, value):
+    """True when value has the shape of an OpenAPI schema of the document: the
+    objects' keys (required, and no others), enums, strings and nullable."""
+    if "anyOf" in schema:
+        return any(conforms(option, value) for option in schema["anyOf"])
+    if value is None:
+        return schema.get("nullable", False)
+    if schema.get("type") == "object":
+        known = schema.get("properties", {})
+        return (
+            isinstance(value, dict)
+            and set(schema.get("required", ())) <= set(value) <= set(known)
+            and all(conforms(known[key], item) for key, item in value.items())
+        )
+    if "enum" in schema:
+        return value in schema["enum"]
+    return isinstance(value, str) if schema.get("type") == "string" else True
+
+
+def test_webhook_event_schema_describes_the_bodies_sent(tmp_path, spool, receiver):
+    hook = receiver()
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        document = call(app, "GET", "/api/v1.0/openapi.json").json()
+        schema = document["components"]["schemas"]["WebhookEvent"]
+        message_id = sent_id(app, report=True)
+        ticks(app)
+        smsd_sends(spool, message_id, 7)
+        put_file(spool, "incoming", "GSM1.ScHeMa", {"From": "358401234567"}, "hi")
+        ticks(app)
+        smsd_reports(spool, "79680000000", 7, code=70)
+        ticks(app)
+        events = hook.wait_for(3)
+        assert {p["type"] for _, p in events} == {
+            "sms.sent",
+            "sms.received",
+            "sms.undelivered",
+        }
+        for _, payload in events:
+            assert conforms(schema, payload), payload
+        assert not conforms(schema, {**payload, "data": {"surprise": 1}})
+    finally:
+        app.close()
+
+
 def datetime_with_offset(text):
     import datetime
 
@@ -4540,12 +4585,17 @@ def test_webhook_damaged_state_is_skipped_with_a_log_line(
     damaged = state / "webhooks" / "hook" / ("0" * 20 + "-msg_" + "a" * 32)
     damaged.write_bytes(b"not json\n{}")
     os.mkfifo(state / "webhooks" / "hook" / ("1" * 20 + "-msg_" + "b" * 32))
+    (state / "webhooks" / "hook" / ("2" * 20 + "-msg_" + "c" * 32)).mkdir()
+    (state / "webhooks" / "hook" / ".unfinished").write_bytes(b"[")
     hook = receiver()
     app = webhook_app(tmp_path, spool, hook.url)
     try:
         assert "4 damaged lines skipped" in caplog.text
         assert "removed damaged event file" in caplog.text
-        assert os.listdir(state / "webhooks" / "hook") == []
+        assert os.listdir(state / "webhooks" / "hook") == [
+            "2" * 20 + "-msg_" + "c" * 32
+        ]
+        assert caplog.text.count("removed damaged event file") == 3
         message_id = sent_id(app)
         ticks(app)
         smsd_sends(spool, message_id, 1)
