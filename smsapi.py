@@ -626,7 +626,7 @@ OPTIONS = [
     option("server", "queues", "", as_queues,
            "smsd queue names a request may choose"),
     restart_only("server", "state_dir", "/var/lib/smsapi", as_path,
-                 "the daemon's own state: report index, idempotency records"),
+                 "the daemon's own state: report index, idempotency records, webhook events"),
     option("server", "max_wait", "60", as_whole,
            "longest `?wait=N`, in seconds; 0 turns waiting off"),
     restart_only("server", "max_waiters", "2", as_count,

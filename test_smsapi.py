@@ -4229,6 +4229,61 @@ def test_webhook_signature_is_what_receivers_verify():
     ) == ("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
 
 
+def readme_section(title):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        readme = file.read()
+    start = readme.index("\n## " + title + "\n")
+    return readme[start : readme.index("\n## ", start + 1)]
+
+
+def test_webhook_readme_verifiers_accept_smsapis_signature_only(
+    tmp_path, spool, receiver
+):
+    hook = receiver()
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        hook.wait_for(1)
+    finally:
+        app.close()
+    headers, body, _ = hook.deliveries[0]
+    section = readme_section("Webhooks")
+    snippets = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    shell = re.findall(r"```sh\n(key=.*?)```", section, re.DOTALL)
+    assert len(snippets) == 2 and len(shell) == 1
+    forged = {**headers, "webhook-id": "msg_" + "b" * 32}
+    for snippet in snippets[1:] if standardwebhooks is None else snippets:
+        space = {}
+        exec(snippet, space)  # noqa: S102 (the README's own code, run as a reader would)
+        assert space["verify"](SECRET, headers, body)
+        try:
+            accepted = space["verify"](SECRET, forged, body)
+        except Exception as exc:  # the package raises
+            accepted = type(exc).__name__ != "WebhookVerificationError"
+        assert not accepted
+    (tmp_path / "body.json").write_bytes(body)
+    for given, verified in ((headers, True), (forged, False)):
+        env = {
+            **os.environ,
+            "secret": SECRET,
+            "id": given["webhook-id"],
+            "ts": given["webhook-timestamp"],
+            "signature": given["webhook-signature"],
+        }
+        shown = subprocess.run(
+            ["bash", "-c", shell[0]],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert (shown.stdout == "verified\n") == verified, shown.stderr
+
+
 def test_webhook_ids_are_stable_and_have_no_dot():
     first = smsapi.event_id("sms.sent", "smsapi.abcdef.0000000000AAAAAAAAAAAAAAAA")
     assert first == smsapi.event_id(
