@@ -4696,20 +4696,30 @@ def test_webhook_health_warns_when_an_event_waited_ten_minutes():
     assert stale["webhook:a"]["oldest_seconds"] == 600
 
 
-def test_webhook_a_dead_receiver_does_not_slow_the_api(tmp_path, spool, receiver):
-    hook = receiver(answers=["hang"] * 5)
-    app = webhook_app(tmp_path, spool, hook.url)
+def test_webhook_a_dead_receiver_slows_neither_the_api_nor_other_webhooks(
+    tmp_path, spool, receiver
+):
+    dead, alive = receiver(answers=["hang"] * 5), receiver()
+    extra = webhook_ini(dead.url, "dead") + webhook_ini(alive.url, "alive")
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    )
+    app.start()
     try:
         message_id = sent_id(app)
         ticks(app)
         smsd_sends(spool, message_id, 1)
         ticks(app)
-        wait_until(lambda: len(hook.answers) == 4, 5, "the attempt that hangs")
+        wait_until(lambda: len(dead.answers) == 4, 5, "the attempt that hangs")
         started = time.monotonic()
-        for number in range(20):
-            sent_id(app, f"796800001{number:02d}")
+        ids = [sent_id(app, f"796800001{number:02d}") for number in range(20)]
         ticks(app)
+        for number, later in enumerate(ids):
+            smsd_sends(spool, later, number)
+        ticks(app)
+        alive.wait_for(21, 5)  # while the dead one still hangs on its first
         assert time.monotonic() - started < 5  # not 10 s of a timeout
+        assert dead.deliveries == []
     finally:
         app.close()
 
