@@ -2280,15 +2280,15 @@ def event_id(event_type, name):
     return "msg_" + base64.b32encode(digest[:20]).decode().lower()
 
 
-def sign(key, message_id, timestamp, body):
+def sign(key, webhook_id, timestamp, body):
     """webhook-signature: v1, then the base64 HMAC-SHA256 of "id.timestamp.body"."""
     import hmac  # with OpenSSL: loaded by the first delivery, not at start
 
-    signed = hmac.new(key, f"{message_id}.{timestamp}.".encode() + body, "sha256")
+    signed = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, "sha256")
     return "v1," + base64.b64encode(signed.digest()).decode()
 
 
-def post_event(webhook, message_id, body):
+def post_event(webhook, webhook_id, body):
     """POST one signed event: (HTTP status or None, Retry-After in seconds or None, what happened)."""
     import http.client  # only a process with webhooks loads it
 
@@ -2297,16 +2297,12 @@ def post_event(webhook, message_id, body):
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "smsapi/" + __version__,
-        "webhook-id": message_id,
+        "webhook-id": webhook_id,
         "webhook-timestamp": timestamp,
         "webhook-signature": sign(
-            webhook_key(webhook.secret), message_id, timestamp, body
+            webhook_key(webhook.secret), webhook_id, timestamp, body
         ),
     }
-    if url.username is not None:
-        credentials = f"{url.username}:{url.password or ''}"
-        basic = base64.b64encode(urllib.parse.unquote(credentials).encode()).decode()
-        headers["Authorization"] = "Basic " + basic
     if url.scheme == "https":
         import ssl
 
@@ -2663,20 +2659,20 @@ class Webhooks:
 
     def offer(self, event_type, name, sender, data, at):
         """Emit the event of event_type about file name, unless it was already."""
-        message_id = event_id(event_type, name)
+        webhook_id = event_id(event_type, name)
         wanting = [
             q for q in self.queues.values() if q.webhook.wants(event_type, sender)
         ]
-        if message_id in self.emitted or not wanting:
+        if webhook_id in self.emitted or not wanting:
             return
         body = {"type": event_type, "timestamp": iso_time(at), "data": data}
         body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         now = time.time()
         self.seq = max(self.seq + 1, time.time_ns())
-        event = StoredEvent(self.seq, message_id, name, 0, now)
+        event = StoredEvent(self.seq, webhook_id, name, 0, now)
         self.outbox += [(queue, event, body) for queue in wanting]
-        self.emitted[message_id] = now
-        self.unsaved.append(["emitted", message_id, now])
+        self.emitted[webhook_id] = now
+        self.unsaved.append(["emitted", webhook_id, now])
 
     def arrivals(self, directory):
         """The names in directory that came since the horizon: at a start, those
