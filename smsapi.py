@@ -80,7 +80,7 @@ __version__ = "1.0.0"
 ###############################################################################
 
 API = "/api/v1.0"
-KINDS = ("outgoing", "checked", "sent", "failed", "incoming")
+KINDS = ("outgoing", "checked", "sent", "failed", "incoming", "scheduled")
 DEFAULT_CONFIGS = ("smsapi.ini", "/etc/smsapi/smsapi.ini")
 #: The README beside this file (a checkout), else where install.sh puts it.
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
@@ -107,6 +107,14 @@ LEADING_SPACE = re.compile(r"^ (?=[0-9])")
 MOBILE_PATTERN = re.compile(r"[0-9]{1,15}\*?", re.ASCII)
 DURATION = re.compile(r"([0-9]{1,9})\s*(s|min|hour|day)?", re.ASCII)
 DURATION_UNITS = {"s": 1, "min": 60, "hour": 3600, "day": 86400}
+#: send_at and valid_until: a delay from now, +N and a unit; else an ISO 8601 time.
+DELAY = re.compile(r"\+([0-9]{1,9})\s*(s|min|hour|day|week)", re.ASCII)
+DELAY_UNITS = {**DURATION_UNITS, "week": 7 * 86400}
+FORM_OFFSET = re.compile(r" (?=[0-9]{2}:?[0-9]{2}$)")  # a form's + before an offset
+QUIET_HOURS = re.compile(
+    r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])"
+)
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 #: smsd's Validity: a count of min/hour/day/week/month/year, or a bare 0-255.
 VALIDITY = re.compile(
     r"[0-9]{1,3}\s*(?:min|hour|day|week|month|year)|25[0-5]|2[0-4][0-9]|[01]?[0-9]{1,2}",
@@ -139,6 +147,9 @@ EARLIEST, LATEST = 0.0, 32503680000.0  # 1970 and 3000
 #: How spool files are opened: never through a symlink, never waiting on a FIFO.
 SPOOL_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 TEMP_PREFIX = ".smsapi-"  # smsd skips names that start with a dot
+#: A held message taken out of the scheduled directory, for outgoing (a move
+#: across filesystems) or for failed (expired): its name while that is under way.
+CLAIMS = {".release-": "outgoing", ".expire-": "failed"}
 SMSD_TIME = re.compile(
     r"([0-9]{1,2})-([0-9]{1,2})-([0-9]{1,2}) ([0-9]{1,2}):([0-9]{1,2}):([0-9]{1,2})"
 )
@@ -189,6 +200,7 @@ EMITTED_KEPT = 600.0  # seconds an emitted event's id is remembered (past any re
 WEBHOOK_TIMEOUT = 10.0  # seconds a receiver has to answer
 WEBHOOK_STALE = 600.0  # /health warns when an event waited this long
 MAX_RETRY_AFTER = 86400.0  # a receiver's Retry-After is honoured up to a day
+SCHEDULE_RETRY = 10.0  # seconds before a move that failed is tried again
 WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped", "gone")  # of an attempt
 
 # -- passwords and guessing ---------------------------------------------------
@@ -583,6 +595,30 @@ def as_durations(value):
     return tuple(as_duration(word) for word in value.split())
 
 
+def as_quiet_hours(value):
+    """A daily window of local time, HH:MM-HH:MM; it may span midnight."""
+    match = QUIET_HOURS.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"expected a window like 22:00-07:00, got {value!r}")
+    hour, minute, end_hour, end_minute = map(int, match.groups())
+    start, end = hour * 60 + minute, end_hour * 60 + end_minute
+    if start == end:
+        raise ValueError(f"the window {value!r} is empty")
+    return start, end
+
+
+def as_weekdays(value):
+    """Space-separated days (mon ... sun), not all seven: their numbers, Monday 0."""
+    words = value.lower().replace(",", " ").split()
+    unknown = [w for w in words if w not in WEEKDAYS]
+    if unknown:
+        raise ValueError(f"expected days like sat sun, got {value!r}")
+    days = tuple(sorted({WEEKDAYS.index(w) for w in words}))
+    if len(days) == 7:
+        raise ValueError("every day quiet: nothing would ever be sent")
+    return days
+
+
 class Option(
     collections.namedtuple("Option", "section key default convert help restart")
 ):
@@ -647,6 +683,8 @@ OPTIONS = [
            "who may read `/metrics`: `local`, `users`, `open` or `off`"),
     option("server", "log_text", "no", as_bool,
            "put each message's text (control characters escaped) in its log line"),
+    option("server", "max_schedule", "35day", as_duration,
+           "how far ahead `send_at` and `valid_until` may be"),
     option("spool", "smsd_conf", "/etc/smsd.conf", as_optional_path,
            "smsd's config: the directories below default to what it says; its `pidfile` and `stats` feed `/health`; empty for none"),
     restart_only("spool", "outgoing", "/var/spool/sms/outgoing", as_path,
@@ -661,6 +699,8 @@ OPTIONS = [
                  "where smsd files received messages (smsd.conf's, else this)"),
     restart_only("spool", "report", None, as_path,
                  "smsd's `report =` directory (smsd.conf's; unset: reports land in `incoming`)"),
+    restart_only("spool", "scheduled", None, as_path,
+                 "where smsapi holds messages until their time (unset: `state_dir/scheduled`); best on `outgoing`'s filesystem"),
     option("health", "queue_warn", "50", as_count,
            "warn at this many messages waiting in `outgoing` and `checked`"),
     option("health", "queue_fail", "500", as_count,
@@ -695,6 +735,10 @@ OPTIONS = [
            "may read `/metrics` from anywhere"),
     option("user", "unix_users", "", as_unix_names,
            "local accounts that are this user on the unix socket, with no password"),
+    option("user", "quiet_hours", None, as_quiet_hours,
+           "`22:00-07:00` (local time): a message sent then without `\"priority\": \"high\"` waits until it ends"),
+    option("user", "quiet_days", "", as_weekdays,
+           "`sat sun`: whole days held the same way"),
     option("webhook", "url", None, as_webhook_url,
            "where each event is POSTed: `http://` or `https://`; required"),
     option("webhook", "secret", None, as_webhook_secret,
@@ -723,7 +767,9 @@ def defaults(section):
 
 def default_spool():
     """The spool directories when neither [spool] nor smsd.conf names them: Debian's."""
-    return {kind: path for kind, path in defaults("spool").items() if kind in KINDS}
+    return {
+        kind: path for kind, path in defaults("spool").items() if kind in KINDS and path
+    }
 
 
 class User(types.SimpleNamespace):
@@ -777,6 +823,10 @@ class Config(types.SimpleNamespace):
             "webhooks": {},
         }
         values.update(given)
+        values["spool"] = {
+            "scheduled": os.path.join(values["state_dir"], "scheduled"),
+            **values["spool"],
+        }
         for name, value in values.items():
             if isinstance(value, dict):
                 values[name] = types.MappingProxyType(value)
@@ -937,10 +987,12 @@ def check_spool(config):
 
     Each names section and key; load_config puts the file's path before it.
     """
-    problems = check_state_dir(config)
+    problems = check_own_dir("[server] state_dir", config.state_dir)
     for kind, directory in config.spool.items():
         where = f"[spool] {kind}: {directory}"
-        if not os.path.isdir(directory):
+        if kind == "scheduled":
+            problems += check_own_dir("[spool] scheduled", directory)
+        elif not os.path.isdir(directory):
             problems.append(where + " is not a directory")
         elif kind == "outgoing" and not os.access(directory, os.W_OK | os.X_OK):
             problems.append(where + " is not writable by this process")
@@ -949,14 +1001,14 @@ def check_spool(config):
     return problems
 
 
-def check_state_dir(config):
-    """Problems with the daemon's state directory (made at start if its parent allows)."""
-    where = f"[server] state_dir: {config.state_dir}"
-    directory = config.state_dir
+def check_own_dir(option, directory):
+    """Problems with a directory of smsapi's own (made at start if its parent allows)."""
+    where = f"{option}: {directory}"
+    for _ in range(2):  # the scheduled directory is made in the state directory
+        if not os.path.exists(directory):
+            directory = os.path.dirname(os.path.abspath(directory))
     if not os.path.exists(directory):
-        directory = os.path.dirname(os.path.abspath(directory))
-        if not os.path.isdir(directory):
-            return [where + " does not exist, nor does its parent"]
+        return [where + " does not exist, nor does its parent"]
     if not os.path.isdir(directory):
         return [where + " is not a directory"]
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -1059,10 +1111,14 @@ class Outgoing:
     was slower on ext4, whose journal already batches concurrent fsyncs.)
     """
 
-    def __init__(self, directory, fsync=True):
+    def __init__(self, directory, fsync=True, group=None):
         self.directory = directory
         self.fsync = fsync
         self.chmod = process_umask() & 0o660 != 0  # else open() gives 0660 itself
+        #: smsd's group, for files written elsewhere that later move into outgoing
+        if group is not None and group == os.stat(directory).st_gid:
+            group = None
+        self.group = group
 
     def write(self, files):
         """Put {message_id: bytes} into outgoing, all or nothing; 507 or 503 if it refuses."""
@@ -1070,7 +1126,7 @@ class Outgoing:
         try:
             for message_id, data in files.items():
                 temp = os.path.join(self.directory, TEMP_PREFIX + message_id)
-                write_file(temp, data, self.fsync, self.chmod)
+                write_file(temp, data, self.fsync, self.chmod, self.group)
                 temps.append((temp, os.path.join(self.directory, message_id)))
             for temp, final in temps:
                 os.rename(temp, final)
@@ -1082,13 +1138,16 @@ class Outgoing:
             raise storage_error(exc) from exc
 
 
-def write_file(path, data, sync, chmod=True):
+def write_file(path, data, sync, chmod=True, group=None):
     """Create path exclusively, group-writable for smsd, write data, fsync.
 
-    chmod=False when the umask lets open() make it 0660 already.
+    chmod=False when the umask lets open() make it 0660 already; group, a gid
+    to give it (else the directory's, or ours).
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
     try:
+        if group is not None:
+            os.fchown(fd, -1, group)
         if chmod:  # smsd (group smsd via the setgid spool) rewrites it
             os.fchmod(fd, 0o660)
         view = memoryview(data)
@@ -1246,7 +1305,7 @@ def decode_body(alphabet, body):
 
 def find_message(config, message_id):
     """The message wherever it is now: one lookup per spool, in lifecycle order."""
-    for kind in ("outgoing", "checked", "sent", "failed"):
+    for kind in ("scheduled", "outgoing", "checked", "sent", "failed"):
         message = read_message(config, kind, message_id)
         if message is not None:
             return message
@@ -1757,6 +1816,11 @@ def status_data(message, outcome):
             data["report"] = "pending"
     elif status == "failed":
         data.update(failed_at=headers.get("Failed"), reason=headers.get("Fail_reason"))
+    elif status == "scheduled":
+        data["send_at"] = headers.get("Send_at")
+        for key, header in (("held", "Held"), ("valid_until", "Valid_until")):
+            if header in headers:
+                data[key] = headers[header]
     return data
 
 
@@ -2269,6 +2333,208 @@ class Waiters:
 
 
 ###############################################################################
+# Scheduled messages ##########################################################
+###############################################################################
+
+
+def held_headers(send_at, valid_until, held):
+    """The headers a held message's file carries (smsd ignores them): when it
+    goes, until when it may, and why it waits when that is quiet hours."""
+    headers = [("Send_at", iso_time(send_at))]
+    if valid_until is not None:
+        headers.append(("Valid_until", iso_time(valid_until)))
+    if held:
+        headers.append(("Held", held))
+    return headers
+
+
+def header_time(headers, name):
+    """Seconds since the epoch of an ISO 8601 header a held file carries, or None."""
+    try:
+        return datetime.datetime.fromisoformat(headers.get(name, "")).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+class Schedule:
+    """The messages held back, for a send_at or by quiet hours: each a file in
+    the scheduled directory until its time, then moved into outgoing; or into
+    failed, with its reason, when its valid_until comes first.
+
+    The watcher runs it every tick, and wakes for the next time due. On the
+    filesystem of outgoing a move is one rename: a message is in one place or
+    the other, whatever stops the process. Elsewhere the file is first renamed
+    to a claim (so that a second process, or a cancel, cannot take it too),
+    copied into outgoing, and the claim removed; a claim left by a crash is
+    finished at the next start.
+    """
+
+    def __init__(self, config, wake):
+        self.config = config
+        self.directory = config.spool["scheduled"]
+        self.wake = wake  # the watcher's: set when a new time may be the next
+        self.lock = threading.Lock()
+        self.times = {}  # message id -> (send_at, valid_until or None)
+        self.heap = []  # (moment, message id): each send_at and valid_until
+        os.makedirs(self.directory, 0o750, exist_ok=True)
+        outgoing = os.stat(config.spool["outgoing"])
+        self.group = outgoing.st_gid  # smsd's: it rewrites the file once moved
+        self.copy = os.stat(self.directory).st_dev != outgoing.st_dev
+        if self.copy:
+            log.info(
+                "%s is not on the filesystem of %s: a message due is copied, fsynced,"
+                " renamed into outgoing, then removed",
+                self.directory,
+                config.spool["outgoing"],
+            )
+        self.writer = Outgoing(self.directory, config.fsync, self.group)
+        self.load()
+
+    def load(self):
+        """Take in the held files; finish the moves a crash cut short."""
+        for name in sorted(os.listdir(self.directory)):
+            claim = next((c for c in CLAIMS if name.startswith(c)), None)
+            if claim:
+                self.isolated(self.finish, claim, name[len(claim) :], time.time())
+            elif name.startswith("."):  # a write or cancel that a crash cut short
+                remove_quietly(os.path.join(self.directory, name))
+            elif is_message_name(name):
+                self.isolated(self.learn, name)
+
+    def learn(self, name):
+        """Take in one held file by its headers; one that is no held message is skipped."""
+        found = read_spool_file(os.path.join(self.directory, name))
+        headers = parse_message(found[0])[0] if found else {}
+        send_at = header_time(headers, "Send_at")
+        if send_at is None:
+            log.warning("scheduled: skipped %s: no Send_at header", escape(name))
+            return
+        self.add(name, send_at, header_time(headers, "Valid_until"))
+
+    def hold(self, files, send_at, valid_until):
+        """Write {message id: bytes} durably into the scheduled directory (503/507
+        if it refuses), and keep them until send_at."""
+        self.writer.write(files)
+        for message_id in files:
+            self.add(message_id, send_at, valid_until)
+
+    def add(self, message_id, send_at, valid_until):
+        with self.lock:
+            self.times[message_id] = (send_at, valid_until)
+            heapq.heappush(self.heap, (send_at, message_id))
+            if valid_until is not None:
+                heapq.heappush(self.heap, (valid_until, message_id))
+        self.wake.set()
+
+    def forget(self, message_id):
+        """A held message was cancelled."""
+        with self.lock:
+            self.times.pop(message_id, None)
+
+    def count(self):
+        with self.lock:
+            return len(self.times)
+
+    def next_time(self):
+        """When the next message is due to move (infinity: none is held)."""
+        with self.lock:
+            return self.heap[0][0] if self.heap else math.inf
+
+    def run(self, now):
+        """Move every message whose time came: into outgoing, or failed when expired."""
+        while True:
+            with self.lock:
+                if not self.heap or self.heap[0][0] > now:
+                    return
+                message_id = heapq.heappop(self.heap)[1]
+                times = self.times.get(message_id)
+                if times is None or min(t for t in times if t is not None) > now:
+                    continue  # moved or cancelled already; or expires later
+                del self.times[message_id]
+            valid_until = times[1]
+            expired = valid_until is not None and valid_until <= now
+            action = self.expire if expired else self.release
+            if not self.isolated(action, message_id, now):  # tried again later
+                self.add(message_id, now + SCHEDULE_RETRY, valid_until)
+
+    def isolated(self, action, *args):
+        """One move; an error is logged with its message, and the others go on."""
+        try:
+            action(*args)
+        except Exception:  # one file must not stop the others
+            log.exception(
+                "scheduled: %s failed for %s", action.__name__, escape(args[0])
+            )
+            return False
+        return True
+
+    def release(self, message_id, now):
+        """Move a due message into outgoing, for smsd."""
+        source = os.path.join(self.directory, message_id)
+        if self.copy:
+            self.claim_and_finish(".release-", message_id, now)
+            return
+        try:
+            os.rename(source, os.path.join(self.config.spool["outgoing"], message_id))
+        except FileNotFoundError:
+            return  # cancelled, or moved by another process
+        if self.config.fsync:
+            fsync_directory(self.config.spool["outgoing"])
+
+    def expire(self, message_id, now):
+        """File a message whose valid_until passed before it was sent in failed, with why."""
+        self.claim_and_finish(".expire-", message_id, now)
+
+    def claim_and_finish(self, claim, message_id, now):
+        """Rename a held file to its claim (it is ours, or gone), then finish the move."""
+        claimed = os.path.join(self.directory, claim + message_id)
+        try:
+            os.rename(os.path.join(self.directory, message_id), claimed)
+        except FileNotFoundError:
+            if not os.path.lexists(claimed):  # else a try that failed: again
+                return
+        self.finish(claim, message_id, now)
+
+    def finish(self, claim, message_id, now):
+        """Write a claimed file where it goes (once: not if it is there already),
+        then remove the claim."""
+        path = os.path.join(self.directory, claim + message_id)
+        kind = CLAIMS[claim]
+        if not MESSAGE_ID.fullmatch(message_id):
+            remove_quietly(path)
+            return
+        if kind == "outgoing" and find_message(self.config, message_id) is None:
+            found = read_spool_file(path)
+            if found:
+                Outgoing(self.config.spool["outgoing"], self.config.fsync).write(
+                    {message_id: found[0]}
+                )
+        elif kind == "failed":
+            self.file_as_failed(path, message_id, now)
+        remove_quietly(path)
+
+    def file_as_failed(self, path, message_id, now):
+        """Write the claimed file into failed, with smsd's Failed and Fail_reason headers."""
+        found = read_spool_file(path)
+        if found is None:
+            return
+        head, _, body = found[0].partition(b"\n\n")
+        valid_until = parse_message(found[0])[0].get("Valid_until", "")
+        failed = time.strftime("%y-%m-%d %H:%M:%S", time.localtime(now))
+        reason = f"expired before it was sent (valid_until {valid_until})"
+        head += f"\nFailed: {failed}\nFail_reason: {reason}".encode()
+        outcome = os.path.join(self.config.spool["failed"], message_id)
+        temp = os.path.join(self.config.spool["failed"], TEMP_PREFIX + message_id)
+        try:
+            write_file(temp, head + b"\n\n" + body, self.config.fsync)
+            os.replace(temp, outcome)
+        finally:
+            remove_quietly(temp)
+        if self.config.fsync:
+            fsync_directory(self.config.spool["failed"])
+
+
+###############################################################################
 # Webhooks ####################################################################
 ###############################################################################
 
@@ -2772,7 +3038,8 @@ class Watcher:
         self.config = config
         self.interval = interval
         self.counts = collections.Counter()  # sent, failed, delivered, ..., removed
-        self.changes = SpoolChanges(dict(config.spool), inotify)
+        followed = {k: v for k, v in config.spool.items() if k != "scheduled"}
+        self.changes = SpoolChanges(followed, inotify)
         self.reports = ReportIndex(config, self.counts)
         self.inbox = InboxIndex()
         self.retention = Retention(config, self.counts)
@@ -2781,6 +3048,8 @@ class Watcher:
         self.webhooks = Webhooks(config)
         self.idempotency = idempotency
         self.stopping = threading.Event()
+        self.wake = threading.Event()  # a stop, or a message held for sooner
+        self.schedule = Schedule(config, self.wake)
         self.thread = None
 
     def reconfigure(self, config):
@@ -2800,6 +3069,7 @@ class Watcher:
     def stop(self):
         """Stop watching; waiting requests are answered with what is known now."""
         self.stopping.set()
+        self.wake.set()
         self.waiters.stop()
         self.webhooks.stop()
         if self.thread:
@@ -2818,11 +3088,14 @@ class Watcher:
                 log.exception("watcher tick failed")
             if watchdog:
                 sd_notify("WATCHDOG=1")
-            self.stopping.wait(self.interval)
+            due = self.schedule.next_time() - time.time()
+            self.wake.wait(max(0.0, min(self.interval, due)))
+            self.wake.clear()  # the tick that follows sees what it was set for
 
     def tick(self):
         """One pass over what changed; every part gets its turn."""
         now = time.time()
+        self.isolated(self.schedule.run, now)
         changes = self.changes.read()
         for change in changes:
             self.isolated(self.follow, change, now)
@@ -2967,9 +3240,8 @@ class Health:
     the others take that result.
     """
 
-    def __init__(self, failures, webhooks, every=1.0):
-        self.failures = failures  # the watcher's RecentFailures
-        self.webhooks = webhooks  # and its Webhooks
+    def __init__(self, watcher, every=1.0):
+        self.watcher = watcher  # its RecentFailures, Schedule and Webhooks
         self.every = every
         self.lock = threading.Lock()
         self.made, self.checks = -math.inf, None
@@ -2978,8 +3250,12 @@ class Health:
         """{name: {"status": pass|warn|fail, "output", ...}}, at most `every` seconds old."""
         with self.lock:
             if time.monotonic() - self.made >= self.every:
-                self.checks = health_checks(config, self.failures.count())
-                self.checks.update(webhook_checks(self.webhooks.states(), time.time()))
+                watcher = self.watcher
+                self.checks = health_checks(config, watcher.failures.count())
+                self.checks["queue"]["scheduled"] = watcher.schedule.count()
+                self.checks.update(
+                    webhook_checks(watcher.webhooks.states(), time.time())
+                )
                 self.made = time.monotonic()
             return self.checks
 
@@ -3272,6 +3548,12 @@ class Metrics:
 def spool_gauges(out, checks):
     """The queue, smsd and the modems as /health last saw them."""
     queue = checks["queue"]
+    out.one(
+        "smsapi_scheduled_messages",
+        "gauge",
+        "Messages held for a send_at or quiet hours.",
+        queue["scheduled"],
+    )
     if "queued" in queue:  # else the spool is unreadable
         out.one(
             "smsapi_queue_messages",
@@ -3799,25 +4081,40 @@ def unauthorized():
 
 class SendPlan(
     collections.namedtuple(
-        "SendPlan", "recipients numbers text encoding options report"
+        "SendPlan", "recipients numbers text encoding options report timing"
     )
 ):
     """A validated send request: everything needed to write its files.
 
     recipients maps each mobile as given to its normalised number; numbers
     are those, each once; options are the smsd headers [(header, value)];
-    report is whether it asks for one.
+    report is whether it asks for one; timing, when it may go.
     """
 
     __slots__ = ()
 
     @property
     def fingerprint(self):
-        """What an Idempotency-Key is bound to: everything that shapes the files."""
-        canonical = json.dumps(
-            [self.recipients, self.text, self.options], sort_keys=True
-        )
-        return sha256(canonical.encode()).hexdigest()
+        """What an Idempotency-Key is bound to: everything that shapes the files
+        (and the times as given: "+2hour" is the same request a minute later)."""
+        canonical = [self.recipients, self.text, self.options]
+        if any(self.timing.given):
+            canonical.append(self.timing.given)
+        return sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+class Timing(collections.namedtuple("Timing", "send_at valid_until held given")):
+    """When a send may go: send_at (None: now), valid_until (None: any time),
+    held ("quiet_hours", or None), and the send_at and valid_until as given."""
+
+    __slots__ = ()
+
+    def answer(self):
+        """What the answer to a send says of it: nothing, unless it is held."""
+        if self.send_at is None:
+            return {}
+        held = {"held": self.held} if self.held else {}
+        return {"status": "scheduled", "send_at": iso_time(self.send_at), **held}
 
 
 def send_message(request, *, sender):
@@ -3826,6 +4123,8 @@ def send_message(request, *, sender):
     if query_bool(request, "dry_run"):
         return Answer(HTTPStatus.OK, describe_plan(plan))
     wait = read_wait(request, plan)
+    if plan.timing.send_at is not None:
+        wait = None  # held: the answer says until when, at once
     key = request.header("Idempotency-Key")
     if key and not IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(
@@ -3861,6 +4160,15 @@ SEND_FIELDS = {
     "flash": {"type": "boolean"},
     "report": {"type": "boolean"},
     "priority": {"type": "string", "enum": list(PRIORITIES)},
+    **{
+        name: {
+            "type": "string",
+            "description": "an ISO 8601 time with its offset, or a delay: +N and"
+            " s, min, hour, day or week",
+            "example": "+2hour",
+        }
+        for name in ("send_at", "valid_until")
+    },
     "validity": {
         "oneOf": [
             {"type": "string", "pattern": anchored(VALIDITY), "example": "2hour"},
@@ -3898,7 +4206,81 @@ def plan_send(request):
         fields = dict(fields, report=report)
     options = message_options(config, fields)
     numbers = list(dict.fromkeys(recipients.values()))
-    return SendPlan(recipients, numbers, text, encoding, options, bool(report))
+    timing = read_timing(request, fields, ("Priority", "High") in options)
+    return SendPlan(recipients, numbers, text, encoding, options, bool(report), timing)
+
+
+def read_timing(request, fields, urgent):
+    """The Timing of a send: its send_at and valid_until, else the end of the
+    sender's quiet hours when they cover now (not for priority high)."""
+    now = time.time()
+    given = (fields.get("send_at"), fields.get("valid_until"))
+    send_at, valid_until = (
+        read_moment(request, name, value, now)
+        for name, value in zip(("send_at", "valid_until"), given)
+    )
+    held = None
+    if send_at is None and not urgent:
+        user = request.user
+        send_at = quiet_end(user.quiet_hours, user.quiet_days, now)
+        held = "quiet_hours" if send_at else None
+    return Timing(send_at, valid_until, held, given)
+
+
+def read_moment(request, name, value, now):
+    """The moment a send_at or valid_until names, in whole seconds: a delay
+    (+90s, +2hour; rounded up) or an ISO 8601 time with its offset; None if
+    not given. 400 unless it is ahead, and at most max_schedule ahead."""
+    if value is None:
+        return None
+    text = LEADING_SPACE.sub("+", value.strip()) if isinstance(value, str) else ""
+    delay = DELAY.fullmatch(text)
+    try:
+        if delay:
+            moment = now + int(delay.group(1)) * DELAY_UNITS[delay.group(2)]
+        else:
+            text = FORM_OFFSET.sub("+", re.sub("[Zz]$", "+00:00", text))
+            moment = datetime.datetime.fromisoformat(text)
+            moment = math.inf if moment.tzinfo is None else moment.timestamp()
+    except (ValueError, OverflowError, OSError):
+        moment = math.inf
+    if moment == math.inf:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"{name} must be an ISO 8601 time with its offset"
+            " (2026-12-01T06:00:00+02:00, ...Z) or a delay like +90s or +2hour",
+        )
+    if not now < moment <= now + request.config.max_schedule:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"{name} must be ahead, at most {request.config.max_schedule} s",
+        )
+    return float(math.ceil(moment))
+
+
+def quiet_end(hours, days, now):
+    """When the quiet hours (minutes of the day, (start, end)) and quiet days
+    (weekday numbers) that cover the moment now end, in local time; None when
+    they do not cover it. Each step goes to the end of a quiet day or window."""
+    moment = start = datetime.datetime.fromtimestamp(now)
+    for _ in range(32):  # six quiet days, a window each, and the rest
+        minute = moment.hour * 60 + moment.minute
+        if moment.weekday() in days:
+            moment = datetime.datetime.combine(
+                moment.date() + datetime.timedelta(days=1), datetime.time()
+            )
+        elif hours and (
+            hours[0] <= minute < hours[1]
+            if hours[0] < hours[1]
+            else (minute >= hours[0] or minute < hours[1])
+        ):
+            end = moment.replace(
+                hour=hours[1] // 60, minute=hours[1] % 60, second=0, microsecond=0
+            )
+            moment = end if end > moment else end + datetime.timedelta(days=1)
+        else:
+            break
+    return None if moment == start else moment.timestamp()
 
 
 def describe_plan(plan):
@@ -3913,7 +4295,9 @@ def describe_plan(plan):
         "non_gsm_characters": non_gsm,
         "headers": dict(plan.options),
         "sent_text": plan.text,
+        **plan.timing.answer(),
     }
+    answer.pop("status", None)
     if plan.encoding.alphabet == "UCS2" and not non_gsm:
         answer["ucs2_reason"] = (
             "a two-septet character would straddle a part boundary, or the text has ¤"
@@ -3938,8 +4322,11 @@ class Sender:
     """What a valid send does: write its files (once per Idempotency-Key), count
     them, and, if asked, wait until smsd sent them (or the phones got them)."""
 
-    def __init__(self, outgoing, idempotency, waiters, wait_slots, reports, metrics):
+    def __init__(
+        self, outgoing, schedule, idempotency, waiters, wait_slots, reports, metrics
+    ):
         self.outgoing = outgoing  # the spool writer
+        self.schedule = schedule  # holds the messages that go later
         self.idempotency = idempotency
         self.waiters = waiters  # the watcher's: woken when smsd moves a file
         self.wait_slots = wait_slots  # max_waiters of them
@@ -4003,15 +4390,21 @@ class Sender:
 
     def queue(self, request, plan, ids, retry):
         """Write one file per number (on a retry, only those not queued yet); the answer's data."""
-        config = request.config
+        config, timing = request.config, plan.timing
+        options = plan.options
+        if timing.send_at is not None:
+            options = options + held_headers(*timing[:3])
         files = {
             ids[number]: render_message(
-                request.user.name, number, plan.encoding, plan.options
+                request.user.name, number, plan.encoding, options
             )
             for number in plan.numbers
             if not retry or find_message(config, ids[number]) is None
         }
-        self.outgoing.write(files)
+        if timing.send_at is None:
+            self.outgoing.write(files)
+        else:
+            self.schedule.hold(files, timing.send_at, timing.valid_until)
         self.metrics.count_accepted(len(files))
         request.written = list(files)
         to = ",".join(n for n in plan.numbers if ids[n] in files)
@@ -4023,6 +4416,7 @@ class Sender:
             "parts_count": plan.encoding.parts,
             "sent_text": plan.text,
             "encoding": plan.encoding.alphabet,
+            **timing.answer(),
         }
 
     def wait_for(self, request, data, wait):
@@ -4334,11 +4728,14 @@ def query_bool(request, name):
     return value is not None and form_bool(name, value or "yes")
 
 
-def cancel_message(request):
-    """Delete a message: a user's own while queued; an admin's anything smsd is not sending."""
+def cancel_message(request, *, schedule):
+    """Delete a message: a user's own while held or queued; an admin's anything
+    smsd is not sending. DELETE .../outgoing/<id> of a held message cancels it too."""
     config, kind = request.config, request.args["kind"]
     message_id = request.args["message_id"]
     message = read_message(config, kind, message_id)
+    if message is None and kind == "outgoing":
+        kind, message = "scheduled", read_message(config, "scheduled", message_id)
     if message is None or not visible(request, message):
         raise not_found()
     if kind == "checked":
@@ -4346,33 +4743,36 @@ def cancel_message(request):
             HTTPStatus.CONFLICT, "smsd is sending this message; it cannot be cancelled"
         )
     may_delete = request.user.admin or kind == "incoming" and request.user.inbox
-    if kind != "outgoing" and not may_delete:
+    if kind not in ("outgoing", "scheduled") and not may_delete:
         raise ApiError(HTTPStatus.CONFLICT, "Only a queued message can be cancelled")
-    path = message_path(config, kind, message_id)
-    if kind == "outgoing":
-        take_from_smsd(config, path, message_id)
+    if kind == "scheduled" and take(config.spool["scheduled"], message_id):
+        schedule.forget(message_id)
+    elif kind in ("outgoing", "scheduled"):  # one just due may be in outgoing now
+        take_from_smsd(config, message_id)
     else:
-        remove_quietly(path)
+        remove_quietly(message_path(config, kind, message_id))
     return Answer(HTTPStatus.OK, {"message_id": message_id, "deleted": True})
 
 
-def take_from_smsd(config, path, message_id):
-    """Cancel a queued file: rename it to a name smsd skips, then unlink it.
+def take(directory, message_id):
+    """Rename a file to a name that smsd and the scheduler skip, then unlink it.
 
-    The rename is atomic, so either we own the file or smsd already took it.
+    The rename is atomic, so either we own the file or another took it: False.
     """
-    hidden = os.path.join(
-        config.spool["outgoing"], TEMP_PREFIX + "cancel-" + message_id
-    )
+    hidden = os.path.join(directory, TEMP_PREFIX + "cancel-" + message_id)
     try:
-        os.rename(path, hidden)
+        os.rename(os.path.join(directory, message_id), hidden)
     except FileNotFoundError:
-        raise ApiError(
-            HTTPStatus.CONFLICT,
-            "smsd took this message already; it cannot be cancelled",
-        ) from None
+        return False
     os.unlink(hidden)
-    if os.path.exists(os.path.join(config.spool["checked"], message_id)):
+    return True
+
+
+def take_from_smsd(config, message_id):
+    """Cancel a queued file, or 409 when smsd took it already."""
+    if not take(config.spool["outgoing"], message_id) or os.path.exists(
+        os.path.join(config.spool["checked"], message_id)
+    ):
         raise ApiError(
             HTTPStatus.CONFLICT,
             "smsd took this message already; it cannot be cancelled",
@@ -4747,6 +5147,7 @@ MESSAGE_STATUS = {
         "status": {
             "type": "string",
             "enum": [
+                "scheduled",
                 "queued",
                 "sending",
                 "sent",
@@ -4757,6 +5158,9 @@ MESSAGE_STATUS = {
             ],
         },
         "to": NULLABLE_STRING,
+        "send_at": NULLABLE_STRING,
+        "held": {"type": "string", "enum": ["quiet_hours"]},
+        "valid_until": STRING,
         "sent_at": NULLABLE_STRING,
         "modem": NULLABLE_STRING,
         "failed_at": NULLABLE_STRING,
@@ -4819,6 +5223,9 @@ SCHEMAS = {
                 "description": "with ?wait: each message's status",
             },
             "error": {"type": "string", "description": "with ?wait, on 502 and 504"},
+            "status": {"type": "string", "enum": ["scheduled"]},
+            "send_at": STRING,
+            "held": {"type": "string", "enum": ["quiet_hours"]},
         },
     },
     "DryRun": {
@@ -4841,6 +5248,8 @@ SCHEMAS = {
             "headers": {"type": "object", "additionalProperties": STRING},
             "sent_text": STRING,
             "ucs2_reason": STRING,
+            "send_at": STRING,
+            "held": {"type": "string", "enum": ["quiet_hours"]},
         },
     },
     "Status": MESSAGE_STATUS,
@@ -4932,6 +5341,7 @@ class Application:
         self.parts = {
             "sender": Sender(
                 Outgoing(config.spool["outgoing"], config.fsync),
+                watcher.schedule,
                 watcher.idempotency,
                 watcher.waiters,
                 threading.BoundedSemaphore(config.max_waiters),
@@ -4939,8 +5349,9 @@ class Application:
                 self.metrics,
             ),
             "reports": watcher.reports,
+            "schedule": watcher.schedule,
             "inbox": watcher.inbox,
-            "health": Health(watcher.failures, watcher.webhooks, health_every),
+            "health": Health(watcher, health_every),
             "metrics": self.metrics,
             "counts": watcher.counts,
             "document": openapi_document,

@@ -243,7 +243,8 @@ def test_module_sections_use_only_what_stands_above_them():
         "Imports", "Constants", "Errors", "Logging helpers", "Passwords",
         "Configuration", "GSM and UCS2 encoding", "Spool",
         "State: idempotency records", "Spool changes", "Delivery reports",
-        "The inbox index", "Retention", "Recent failures", "Waiters", "Webhooks", "The watcher",
+        "The inbox index", "Retention", "Recent failures", "Waiters", "Scheduled messages",
+            "Webhooks", "The watcher",
         "Health", "Metrics", "HTTP helpers", "Authentication", "Handlers", "Routes",
         "OpenAPI document", "Application", "Server adapters", "Command line",
     ]  # fmt: skip
