@@ -2381,7 +2381,7 @@ class Schedule:
         self.group = outgoing.st_gid  # smsd's: it rewrites the file once moved
         self.copy = os.stat(self.directory).st_dev != outgoing.st_dev
         if self.copy:
-            log.info(
+            log.warning(
                 "%s is not on the filesystem of %s: a message due is copied, fsynced,"
                 " renamed into outgoing, then removed",
                 self.directory,
@@ -4233,7 +4233,7 @@ def read_moment(request, name, value, now):
     not given. 400 unless it is ahead, and at most max_schedule ahead."""
     if value is None:
         return None
-    text = LEADING_SPACE.sub("+", value.strip()) if isinstance(value, str) else ""
+    text = LEADING_SPACE.sub("+", value).strip() if isinstance(value, str) else ""
     delay = DELAY.fullmatch(text)
     try:
         if delay:

@@ -14,6 +14,7 @@ import errno
 import http.client
 import io
 import json
+import math
 import os
 import pathlib
 import pwd
@@ -51,6 +52,7 @@ PASSWORDS = {
     "ann": "ann-pass",
     "root": "r00t-pass",
     "inbox": "in-pass",
+    "night": "night-pass",
 }
 #: Hashes of the lowest cost (N = 2^10): a login costs a millisecond, not 50.
 HASHES = {name: smsapi.hash_password(pw, ln=10) for name, pw in PASSWORDS.items()}
@@ -62,8 +64,9 @@ HASHES = {name: smsapi.hash_password(pw, ln=10) for name, pw in PASSWORDS.items(
 
 
 def make_spool(root):
-    """Create the five spool directories under root; return {kind: path}."""
-    spool = {kind: os.path.join(str(root), "spool", kind) for kind in smsapi.KINDS}
+    """Create smsd's five spool directories under root; return {kind: path}."""
+    kinds = [kind for kind in smsapi.KINDS if kind != "scheduled"]  # smsapi's own
+    spool = {kind: os.path.join(str(root), "spool", kind) for kind in kinds}
     for path in spool.values():
         os.makedirs(path, exist_ok=True)
     return spool
@@ -308,7 +311,7 @@ def test_config_shipped_file_is_loopback_with_no_users(tmp_path, spool):
     config = smsapi.load_config(str(path))
     assert config.users == {}
     assert config.listen == ("127.0.0.1:5000",)
-    assert config.spool == spool
+    assert config.spool == dict(spool, scheduled=str(tmp_path / "state" / "scheduled"))
 
 
 SHIPPED_LIKE = """; smsapi configuration
@@ -472,7 +475,7 @@ def test_install_script_places_files_and_keeps_the_config(tmp_path):
 
 
 def test_config_reads_every_option(config, spool):
-    assert config.spool == spool
+    assert config.spool == dict(spool, scheduled=config.state_dir + "/scheduled")
     assert config.queues == ("fast", "slow")
     assert config.users["lvv"].mobiles == ("7968*", "79160000000")
     assert config.users["root"].admin and not config.users["lvv"].admin
@@ -596,7 +599,8 @@ def test_config_spool_defaults_come_from_smsd_conf(tmp_path, spool):
     )
     given = {kind: spool[kind] for kind in ("checked", "incoming")}
     config = smsapi.load_config(write_ini(tmp_path, given, smsd_conf=str(conf)))
-    assert config.spool == dict(spool, report=spool["incoming"])
+    scheduled = os.path.join(str(tmp_path), "state", "scheduled")
+    assert config.spool == dict(spool, report=spool["incoming"], scheduled=scheduled)
     assert config.smsd == {
         "conf": str(conf),
         "pidfile": "/run/smstools/smsd.pid",
@@ -1410,9 +1414,7 @@ def test_cancel_refuses_what_smsd_is_sending_or_has_sent(app, spool):
 def test_cancel_loses_the_race_to_smsd_with_409(config, spool):
     # smsd took the file between our read and our rename: the rename fails.
     with pytest.raises(smsapi.ApiError) as info:
-        smsapi.take_from_smsd(
-            config, os.path.join(spool["outgoing"], "smsapi.gone"), "smsapi.gone"
-        )
+        smsapi.take_from_smsd(config, "smsapi.gone")
     assert info.value.status == 409
 
 
@@ -3310,7 +3312,9 @@ def test_reload_takes_limits_and_keeps_what_needs_a_restart(tmp_path, spool, cap
     assert app.config.retention == {"state": 7200}
     assert app.watcher.idempotency.ttl == 7200  # the records' lifetime, at once
     assert app.config.listen == ("127.0.0.1:0",)
-    assert app.config.spool == spool
+    assert app.config.spool == dict(
+        spool, scheduled=app.config.state_dir + "/scheduled"
+    )
     assert "reload: listen changes only with a restart" in caplog.text
     assert "reload: spool changes only with a restart" in caplog.text
 
@@ -3913,6 +3917,7 @@ def test_health_words_an_unreadable_queue_for_a_person(
     assert queue == {
         "status": "fail",
         "output": "cannot count the queue in outgoing and checked; see the log",
+        "scheduled": 0,
     }
     assert "No such file or directory" in caplog.text  # the raw error: in the log only
 
@@ -3995,6 +4000,447 @@ def test_spool_read_error_is_503_not_500(tmp_path, spool):
     app = smsapi.Application(config.replace(spool=broken))
     response = call(app, "GET", "/api/v1.0/sms/sent/", user="lvv")
     assert response.status == 503 and "Traceback" not in response.body.decode()
+
+
+###############################################################################
+# Scheduled sends, quiet hours, expiry #########################################
+###############################################################################
+
+
+def scheduled_app(tmp_path, spool, extra=""):
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    )
+    return app
+
+
+def held_dir(app):
+    return app.config.spool["scheduled"]
+
+
+def iso_in(seconds, offset_hours=2):
+    """An ISO 8601 time that many seconds from now, written in a zone of its own."""
+    import datetime
+
+    zone = datetime.timezone(datetime.timedelta(hours=offset_hours))
+    return datetime.datetime.fromtimestamp(time.time() + seconds, zone).isoformat()
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [("+90s", 90), ("+90", None), ("+5min", 300), ("+2hour", 7200), ("+1day", 86400),
+     ("+2week", 14 * 86400), ("+ 3 hour", None), (" 90s", 90), ("+0s", None), ("90s", None),
+     ("+36day", None), ("+5 min", 300)],
+)  # fmt: skip
+def test_schedule_delays_are_rounded_up_to_whole_seconds(app, given, seconds):
+    before = time.time()
+    response = post_send(
+        app,
+        {"mobiles": ["79680000000"], "text": "x", "send_at": given},
+        "lvv",
+        query="dry_run=1",
+    )
+    if seconds is None:
+        assert response.status == 400 and "send_at" in response.json()["error"]
+        return
+    import datetime
+
+    moment = datetime.datetime.fromisoformat(response.json()["send_at"]).timestamp()
+    assert moment == int(moment)  # whole seconds
+    assert before + seconds <= moment <= math.ceil(time.time() + seconds)
+
+
+def test_schedule_iso_times_need_an_offset_and_the_limits(app):
+    def dry(value, name="send_at"):
+        return post_send(
+            app,
+            {"mobiles": ["79680000000"], "text": "x", name: value},
+            "lvv",
+            query="dry_run=1",
+        )
+
+    assert dry(iso_in(3600)).status == 200
+    assert dry(iso_in(3600, 0).replace("+00:00", "Z")).status == 200
+    assert dry(iso_in(3600, -5)).status == 200
+    naive = iso_in(3600)[:-6]
+    for bad in (
+        naive,
+        iso_in(-60),
+        iso_in(36 * 86400),
+        "tomorrow",
+        "",
+        1795942664,
+        None,
+        ["+1s"],
+    ):
+        if bad is None:
+            continue
+        response = dry(bad)
+        assert response.status == 400, bad
+        assert "send_at must" in response.json()["error"]
+    assert (
+        dry(iso_in(-60), "valid_until")
+        .json()["error"]
+        .startswith("valid_until must be ahead")
+    )
+    exact = dry(iso_in(3600.0 - time.time() % 1 + 0.25)).json()["send_at"]  # rounded up
+    import datetime
+
+    assert datetime.datetime.fromisoformat(exact).timestamp() % 1 == 0
+
+
+def test_schedule_in_a_form_or_query_reads_plus_as_plus(app, spool):
+    at = iso_in(7200)
+    query = "mobiles=79680000000&text=hi&send_at=" + at + "&valid_until=+3hour"
+    response = call(app, "GET", "/api/v1.0/sms/outgoing", user="lvv", query=query)
+    assert response.status == 201, response.body
+    import datetime
+
+    answered = datetime.datetime.fromisoformat(response.json()["send_at"]).timestamp()
+    assert answered == datetime.datetime.fromisoformat(at).timestamp() // 1 + (
+        1 if datetime.datetime.fromisoformat(at).timestamp() % 1 else 0
+    )
+
+
+def test_schedule_holds_the_file_until_its_time(app, spool):
+    response = send(app, ["79680000000"], send_at="+1hour", valid_until="+2hour")
+    assert response.status == 201
+    data = response.json()
+    message_id = data["message_id"]["79680000000"]
+    assert data["status"] == "scheduled" and data["send_at"]
+    assert os.listdir(spool["outgoing"]) == []
+    assert os.listdir(held_dir(app)) == [message_id]
+    status = status_of(app, message_id)
+    assert status == {
+        "message_id": message_id,
+        "status": "scheduled",
+        "to": "79680000000",
+        "send_at": data["send_at"],
+        "valid_until": status["valid_until"],
+    }
+    app.watcher.schedule.run(time.time() + 3599)
+    assert os.listdir(spool["outgoing"]) == []
+    app.watcher.schedule.run(time.time() + 3601)
+    assert os.listdir(spool["outgoing"]) == [message_id]
+    assert os.listdir(held_dir(app)) == []
+    assert status_of(app, message_id)["status"] == "queued"
+    with open(os.path.join(spool["outgoing"], message_id), "rb") as file:
+        head = file.read().partition(b"\n\n")[0].decode()
+    assert "To: 79680000000" in head and "Send_at: " + data["send_at"] in head
+
+
+def test_schedule_expired_message_is_filed_as_failed_with_why(app, spool):
+    data = send(app, ["79680000000"], send_at="+1hour", valid_until="+30min").json()
+    message_id = data["message_id"]["79680000000"]
+    app.watcher.schedule.run(time.time() + 1801)
+    assert os.listdir(spool["outgoing"]) == [] and os.listdir(held_dir(app)) == []
+    status = status_of(app, message_id)
+    valid_until = read_spool_file(spool, "failed", message_id).decode()
+    assert status["status"] == "failed"
+    assert status["reason"].startswith("expired before it was sent (valid_until 20")
+    assert status["reason"] in valid_until and status["failed_at"]
+    app.watcher.schedule.run(time.time() + 7200)
+    assert os.listdir(spool["outgoing"]) == []  # never sent after all
+
+
+def test_schedule_listing_reading_and_cancelling(app, spool):
+    mine = send(app, ["79680000000"], send_at="+1hour").json()["message_id"][
+        "79680000000"
+    ]
+    theirs = send(app, ["79680000001"], user="ann", send_at="+1hour").json()[
+        "message_id"
+    ]["79680000001"]
+    later = send(app, ["79680000002"], send_at="+2hour").json()["message_id"][
+        "79680000002"
+    ]
+    listed = call(app, "GET", "/api/v1.0/sms/scheduled/", user="lvv").json()
+    assert listed["message_id"] == [later, mine] and listed["total_count"] == 2
+    everything = call(
+        app, "GET", "/api/v1.0/sms/scheduled/", user="root", query="limit=2"
+    ).json()
+    assert (
+        everything["message_id"] == [later, theirs] and everything["total_count"] == 3
+    )
+    assert (
+        call(app, "GET", "/api/v1.0/sms/scheduled/" + theirs, user="lvv").status == 404
+    )
+    assert call(app, "GET", "/api/v1.0/sms/scheduled/" + mine, user="lvv").json()[
+        "Send_at"
+    ]
+    assert (
+        call(app, "DELETE", "/api/v1.0/sms/scheduled/" + theirs, user="lvv").status
+        == 404
+    )
+    deleted = call(app, "DELETE", "/api/v1.0/sms/scheduled/" + mine, user="lvv")
+    assert deleted.status == 200 and deleted.json() == {
+        "message_id": mine,
+        "deleted": True,
+    }
+    by_outgoing = call(app, "DELETE", "/api/v1.0/sms/outgoing/" + later, user="lvv")
+    assert by_outgoing.status == 200
+    for message_id in (mine, later):
+        assert (
+            call(app, "GET", "/api/v1.0/sms/status/" + message_id, user="lvv").status
+            == 404
+        )
+    assert os.listdir(held_dir(app)) == [theirs]
+    app.watcher.schedule.run(time.time() + 7201)
+    assert os.listdir(spool["outgoing"]) == [theirs]
+    assert app.watcher.schedule.count() == 0
+
+
+def test_schedule_cancel_of_one_just_due_takes_it_from_outgoing(app, spool):
+    message_id = send(app, ["79680000000"], send_at="+1s").json()["message_id"][
+        "79680000000"
+    ]
+    os.rename(
+        os.path.join(held_dir(app), message_id),
+        os.path.join(spool["outgoing"], message_id),
+    )
+    response = call(app, "DELETE", "/api/v1.0/sms/scheduled/" + message_id, user="lvv")
+    assert response.status == 404  # it is no longer scheduled: the listing said so
+    response = call(app, "DELETE", "/api/v1.0/sms/outgoing/" + message_id, user="lvv")
+    assert response.status == 200 and os.listdir(spool["outgoing"]) == []
+
+
+def quiet_ini(hours="", days=""):
+    lines = ["[user:night]", "password = " + HASHES["night"]]
+    lines += [f"quiet_hours = {hours}"] if hours else []
+    lines += [f"quiet_days = {days}"] if days else []
+    return "\n" + "\n".join(lines)
+
+
+def window_around_now():
+    """Quiet hours that cover now, an hour either side (local time)."""
+    now = time.localtime()
+    start, end = (now.tm_hour - 1) % 24, (now.tm_hour + 2) % 24
+    return f"{start:02d}:00-{end:02d}:00"
+
+
+def test_quiet_hours_hold_a_normal_message_and_let_high_priority_through(
+    tmp_path, spool
+):
+    app = scheduled_app(tmp_path, spool, quiet_ini(window_around_now()))
+    held = post_send(app, {"mobiles": ["79680000000"], "text": "later"}, "night")
+    urgent = post_send(
+        app, {"mobiles": ["79680000001"], "text": "now", "priority": "high"}, "night"
+    )
+    data = held.json()
+    assert held.status == 201 and data["status"] == "scheduled"
+    assert data["held"] == "quiet_hours"
+    import datetime
+
+    end = datetime.datetime.fromisoformat(data["send_at"])
+    assert end.astimezone().hour == (time.localtime().tm_hour + 2) % 24
+    assert (end.minute, end.second) == (0, 0)
+    assert "status" not in urgent.json()
+    assert os.listdir(spool["outgoing"]) == [urgent.json()["message_id"]["79680000001"]]
+    status = status_of(app, data["message_id"]["79680000000"], "root")
+    assert status["held"] == "quiet_hours" and status["send_at"] == data["send_at"]
+
+
+def local_time(*fields):
+    return time.mktime((*fields, 0, 0, -1))
+
+
+@pytest.fixture
+def berlin():
+    """The box's zone is Europe/Berlin for this test (its DST changes: 2026-03-29, 2026-10-25)."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "Europe/Berlin"
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+def test_quiet_end_windows_days_and_dst(berlin):
+    night, weekend = smsapi.as_quiet_hours("22:00-07:00"), smsapi.as_weekdays("sat sun")
+    day = smsapi.as_quiet_hours("09:00-17:30")
+    quiet_end = smsapi.quiet_end
+    friday_late = local_time(2026, 11, 27, 23, 15, 0)
+    assert quiet_end(night, (), friday_late) == local_time(2026, 11, 28, 7, 0, 0)
+    assert quiet_end(night, weekend, friday_late) == local_time(2026, 11, 30, 7, 0, 0)
+    assert quiet_end(None, weekend, friday_late) is None
+    assert quiet_end(night, (), local_time(2026, 11, 27, 21, 59, 59)) is None
+    assert quiet_end(night, (), local_time(2026, 11, 27, 7, 0, 0)) is None
+    assert quiet_end(night, (), local_time(2026, 11, 27, 6, 59, 0)) == local_time(
+        2026, 11, 27, 7, 0, 0
+    )
+    assert quiet_end(day, (), local_time(2026, 11, 27, 12, 0, 0)) == local_time(
+        2026, 11, 27, 17, 30, 0
+    )
+    assert quiet_end(day, weekend, local_time(2026, 11, 27, 12, 0, 0)) == local_time(
+        2026, 11, 27, 17, 30, 0
+    )
+    assert quiet_end(day, weekend, local_time(2026, 11, 28, 18, 0, 0)) == local_time(
+        2026, 11, 30, 0, 0, 0
+    )
+    # Spring forward: 23:00 CET to 07:00 CEST is seven hours; fall back: nine.
+    spring = quiet_end(night, (), local_time(2026, 3, 28, 23, 0, 0))
+    assert spring - local_time(2026, 3, 28, 23, 0, 0) == 7 * 3600
+    assert time.localtime(spring)[3:5] == (7, 0)
+    autumn = quiet_end(night, (), local_time(2026, 10, 24, 23, 0, 0))
+    assert autumn - local_time(2026, 10, 24, 23, 0, 0) == 9 * 3600
+    assert time.localtime(autumn)[3:5] == (7, 0)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("quiet_hours", "22:00"), ("quiet_hours", "25:00-07:00"), ("quiet_hours", "07:00-07:00"),
+     ("quiet_days", "someday"), ("quiet_days", "mon tue wed thu fri sat sun")],
+)  # fmt: skip
+def test_quiet_hours_config_is_checked(tmp_path, spool, option, value):
+    extra = "\n[user:night]\npassword = " + HASHES["night"] + f"\n{option} = {value}"
+    with pytest.raises(smsapi.ConfigError) as caught:
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    assert f"[user:night] {option}:" in caught.value.problems[0]
+
+
+def test_schedule_with_an_idempotency_key_answers_the_first_send_at(app, spool):
+    key = {"Idempotency-Key": "maintenance-notice"}
+    body = {"mobiles": ["79680000000"], "text": "at six", "send_at": "+1hour"}
+    first = post_send(app, body, "lvv", key)
+    time.sleep(1.1)  # "+1hour" is a second later now
+    again = post_send(app, body, "lvv", key)
+    assert first.status == again.status == 201
+    assert again.json() == first.json()
+    assert os.listdir(held_dir(app)) == [first.json()["message_id"]["79680000000"]]
+    assert post_send(app, dict(body, send_at="+2hour"), "lvv", key).status == 422
+
+
+def test_schedule_dry_run_says_when_and_writes_nothing(tmp_path, spool):
+    app = scheduled_app(tmp_path, spool, quiet_ini(window_around_now()))
+    held = post_send(
+        app, {"mobiles": ["79680000000"], "text": "x"}, "night", query="dry_run=1"
+    )
+    timed = post_send(
+        app,
+        {"mobiles": ["79680000000"], "text": "x", "send_at": "+1day"},
+        "lvv",
+        query="dry_run=1",
+    )
+    assert held.status == timed.status == 200
+    assert held.json()["held"] == "quiet_hours" and held.json()["send_at"]
+    assert timed.json()["send_at"] and "held" not in timed.json()
+    assert os.listdir(held_dir(app)) == [] and spool_snapshot(spool) == {}
+
+
+def test_schedule_survives_a_restart_and_a_time_passed_meanwhile(tmp_path, spool):
+    app = scheduled_app(tmp_path, spool)
+    message_id = send(app, ["79680000000"], send_at="+1s").json()["message_id"][
+        "79680000000"
+    ]
+    app.close()
+    time.sleep(2.1)  # send_at is the next whole second after a second from now
+    again = scheduled_app(tmp_path, spool)
+    try:
+        assert again.watcher.schedule.count() == 1
+        again.watcher.tick()
+        assert os.listdir(spool["outgoing"]) == [message_id]
+    finally:
+        again.close()
+
+
+def test_schedule_finishes_the_moves_a_crash_cut_short(tmp_path, spool, caplog):
+    app = scheduled_app(tmp_path, spool)
+    ids = [
+        send(app, [f"7968000000{n}"], send_at="+1hour").json()["message_id"][
+            f"7968000000{n}"
+        ]
+        for n in range(4)
+    ]
+    app.close()
+    held = held_dir(app)
+    os.rename(os.path.join(held, ids[0]), os.path.join(held, ".release-" + ids[0]))
+    shutil.copy(os.path.join(held, ids[1]), os.path.join(spool["outgoing"], ids[1]))
+    os.rename(os.path.join(held, ids[1]), os.path.join(held, ".release-" + ids[1]))
+    os.rename(os.path.join(held, ids[2]), os.path.join(held, ".expire-" + ids[2]))
+    with open(os.path.join(held, ".smsapi-" + ids[3]), "wb") as file:
+        file.write(b"To: 7968")  # a write the crash cut short
+    put_file({"scheduled": held}, "scheduled", "stray", {"To": "79680000009"})
+    os.mkfifo(os.path.join(held, "fifo"))
+    again = scheduled_app(tmp_path, spool)
+    try:
+        assert sorted(os.listdir(spool["outgoing"])) == sorted(ids[:2])
+        assert os.listdir(spool["failed"]) == [ids[2]]
+        assert sorted(os.listdir(held)) == sorted(["fifo", "stray", ids[3]])
+        assert again.watcher.schedule.count() == 1
+        assert "skipped stray: no Send_at header" in caplog.text
+    finally:
+        again.close()
+
+
+def test_schedule_two_processes_racing_move_each_message_once(tmp_path, spool):
+    first, second = scheduled_app(tmp_path, spool), scheduled_app(tmp_path, spool)
+    ids = [
+        send(first, [f"796800000{n:02d}"], send_at="+1s").json()["message_id"][
+            f"796800000{n:02d}"
+        ]
+        for n in range(50)
+    ]
+    second.watcher.schedule.load()  # as a process started after the sends
+    later = time.time() + 2
+    threads = [
+        threading.Thread(target=a.watcher.schedule.run, args=(later,))
+        for a in (first, second)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(os.listdir(spool["outgoing"])) == sorted(ids)
+    assert os.listdir(held_dir(first)) == []
+    first.close()
+    second.close()
+
+
+def test_schedule_across_filesystems_copies_then_removes(tmp_path, spool, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if not mount_tmpfs(elsewhere, "size=1m"):
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        path = write_ini(tmp_path, dict(spool, scheduled=str(elsewhere)))
+        app = smsapi.Application(smsapi.load_config(path))
+        assert "is not on the filesystem of" in caplog.text
+        message_id = send(app, ["79680000000"], send_at="+1s").json()["message_id"][
+            "79680000000"
+        ]
+        assert os.listdir(elsewhere) == [message_id]
+        app.watcher.schedule.run(time.time() + 3)
+        assert os.listdir(spool["outgoing"]) == [message_id]
+        assert os.listdir(elsewhere) == []
+        app.close()
+    finally:
+        subprocess.run(["umount", "-l", str(elsewhere)], check=True)
+
+
+def test_schedule_the_watcher_moves_a_message_within_a_second(tmp_path, spool):
+    app = scheduled_app(tmp_path, spool)
+    app.start()
+    try:
+        data = send(app, ["79680000000"], send_at="+2s").json()
+        import datetime
+
+        due = datetime.datetime.fromisoformat(data["send_at"]).timestamp()
+        target = os.path.join(spool["outgoing"], data["message_id"]["79680000000"])
+        arrived = wait_until(
+            lambda: os.path.exists(target) and time.time(), 5, "the move"
+        )
+        assert due <= arrived <= due + 1.0
+    finally:
+        app.close()
+
+
+def test_schedule_metrics_count_the_held(app, spool):
+    send(app, ["79680000000", "79680000001"], send_at="+1hour")
+    time.sleep(1.1)  # /health's cache
+    text = call(app, "GET", "/metrics").body.decode()
+    assert "smsapi_scheduled_messages 2" in text
 
 
 ###############################################################################
