@@ -6664,3 +6664,93 @@ def test_smsd_webhook_every_event_once_across_a_kill_9(tmp_path):
         stack.stop()
         hook.close()
     assert hook.rejected == []
+
+
+@needs_smsd
+def test_smsd_scheduled_message_waits_outlives_a_restart_and_goes_once(stack):
+    number = "79680000801"
+    started = time.monotonic()
+    status, data = post(stack, [number], "at five", send_at="+5s")
+    assert status == 201 and data["status"] == "scheduled"
+    time.sleep(max(0.0, started + 3 - time.monotonic()))
+    assert stack.modem.parts_to(number) == []  # not on the air at 3 s
+    time.sleep(max(0.0, started + 4 - time.monotonic()))
+    stack.restart_api()
+    stack.wait_for(
+        lambda: stack.modem.parts_to(number),
+        max(0.1, started + 10 - time.monotonic()),
+        "the scheduled message on the air by 10 s",
+    )
+    time.sleep(2)
+    assert [on_air_text([p]) for p in stack.modem.parts_to(number)] == ["at five"]
+
+
+@needs_smsd
+def test_smsd_cancelled_scheduled_message_never_reaches_the_modem(stack):
+    doomed, kept = "79680000802", "79680000803"
+    message_id = post(stack, [doomed], "never", send_at="+2s")[1]["message_id"][doomed]
+    path = "/api/v1.0/sms/scheduled/" + message_id
+    assert stack.api.request("DELETE", path, user="lvv")[0] == 200
+    time.sleep(3)  # past its time
+    later = post(stack, [kept], "sent")[1]["message_id"][kept]
+    assert stack.wait_final(later)["status"] == "sent"
+    assert stack.modem.parts_to(doomed) == []
+    assert stack.api.request("GET", path, user="lvv")[0] == 404
+
+
+@needs_smsd
+def test_smsd_message_due_while_smsapi_was_stopped_goes_at_start(stack):
+    number = "79680000804"
+    message_id = post(stack, [number], "while away", send_at="+1s")[1]["message_id"][
+        number
+    ]
+    stack.api.stop()
+    time.sleep(2.5)
+    stack.api = Server(os.path.join(stack.root, "smsapi.ini"), stack.root)
+    assert stack.wait_final(message_id)["status"] == "sent"
+    assert [on_air_text([p]) for p in stack.modem.parts_to(number)] == ["while away"]
+
+
+@needs_smsd
+def test_smsd_valid_until_passed_before_send_at_lands_in_failed(stack):
+    number = "79680000805"
+    message_id = post(stack, [number], "too late", send_at="+6s", valid_until="+2s")[1][
+        "message_id"
+    ][number]
+    status = wait_status(stack, message_id, ("failed",), timeout=10)
+    assert status["reason"].startswith("expired before it was sent (valid_until ")
+    time.sleep(5)  # past send_at too
+    assert stack.modem.parts_to(number) == []
+    assert stack.status(message_id)["status"] == "failed"
+
+
+@needs_smsd
+def test_smsd_quiet_hours_hold_normal_messages_not_urgent_ones(stack):
+    ini = os.path.join(stack.root, "smsapi.ini")
+    with open(ini, "a") as file:
+        file.write(quiet_ini(window_around_now()).lstrip("\n") + "\n")
+    stack.restart_api()
+    normal, urgent = "79680000806", "79680000807"
+    held = post(stack, [normal], "tomorrow", user="night")[1]
+    assert held["held"] == "quiet_hours" and held["status"] == "scheduled"
+    now = post(stack, [urgent], "disk full", user="night", priority="high")[1]
+    assert stack.wait_final(now["message_id"][urgent], user="night")["status"] == "sent"
+    assert stack.modem.parts_to(normal) == []
+    status = stack.status(held["message_id"][normal], user="night")
+    assert status["status"] == "scheduled" and status["send_at"] == held["send_at"]
+
+
+@needs_smsd
+def test_smsd_two_processes_moving_at_once_send_each_message_once(stack):
+    numbers = [f"796800009{n:02d}" for n in range(20)]
+    status, data = post(stack, numbers, "once each", send_at="+3s")
+    assert status == 201
+    second = Server(os.path.join(stack.root, "smsapi.ini"), stack.root)
+    try:  # both movers race for the same files when they come due
+        for number in numbers:
+            stack.wait_final(data["message_id"][number])
+    finally:
+        second.stop()
+    time.sleep(2)
+    for number in numbers:
+        assert [on_air_text([p]) for p in stack.modem.parts_to(number)] == ["once each"]
