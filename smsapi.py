@@ -4253,7 +4253,8 @@ def read_moment(request, name, value, now):
     if not now < moment <= now + request.config.max_schedule:
         raise ApiError(
             HTTPStatus.BAD_REQUEST,
-            f"{name} must be ahead, at most {request.config.max_schedule} s",
+            f"{name} must be ahead, and at most max_schedule"
+            f" ({request.config.max_schedule} s) ahead",
         )
     return float(math.ceil(moment))
 
@@ -4269,11 +4270,7 @@ def quiet_end(hours, days, now):
             moment = datetime.datetime.combine(
                 moment.date() + datetime.timedelta(days=1), datetime.time()
             )
-        elif hours and (
-            hours[0] <= minute < hours[1]
-            if hours[0] < hours[1]
-            else (minute >= hours[0] or minute < hours[1])
-        ):
+        elif hours and within(hours, minute):
             end = moment.replace(
                 hour=hours[1] // 60, minute=hours[1] % 60, second=0, microsecond=0
             )
@@ -4281,6 +4278,12 @@ def quiet_end(hours, days, now):
         else:
             break
     return None if moment == start else moment.timestamp()
+
+
+def within(hours, minute):
+    """True when a minute of the day falls in the window (start, end), which may span midnight."""
+    start, end = hours
+    return start <= minute < end if start < end else minute >= start or minute < end
 
 
 def describe_plan(plan):
