@@ -102,6 +102,8 @@ UNIX_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}\$?", re.ASCII)
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 #: International format: digits only, no leading zero, at most 15 (E.164).
 MOBILE = re.compile(r"[1-9][0-9]{2,14}", re.ASCII)
+#: An entry of mobiles: a number, or @NAME of a [group:NAME].
+RECIPIENT = re.compile(rf"\+?(?:{MOBILE.pattern})|@{USER_NAME.pattern}", re.ASCII)
 MOBILE_SEPARATORS = re.compile(r"[\s().-]")
 LEADING_SPACE = re.compile(r"^ (?=[0-9])")
 MOBILE_PATTERN = re.compile(r"[0-9]{1,15}\*?", re.ASCII)
@@ -595,6 +597,19 @@ def as_durations(value):
     return tuple(as_duration(word) for word in value.split())
 
 
+def as_numbers(value):
+    """Space- or comma-separated international numbers, normalised, each once."""
+    numbers = {}
+    for given in value.replace(",", " ").split():
+        number = given.removeprefix("+")
+        if not MOBILE.fullmatch(number):
+            raise ValueError(f"bad number {given!r} (international format, digits)")
+        numbers[number] = None
+    if not numbers:
+        raise ValueError("expected at least one number")
+    return tuple(numbers)
+
+
 def as_quiet_hours(value):
     """A daily window of local time, HH:MM-HH:MM; it may span midnight."""
     match = QUIET_HOURS.fullmatch(value.strip())
@@ -739,6 +754,8 @@ OPTIONS = [
            "`22:00-07:00` (local time): a message sent then without `\"priority\": \"high\"` waits until it ends"),
     option("user", "quiet_days", "", as_weekdays,
            "`sat sun`: whole days held the same way"),
+    option("group", "mobiles", None, as_numbers,
+           "the group's numbers; `@NAME` in any `mobiles` (or `to`) stands for them; required"),
     option("webhook", "url", None, as_webhook_url,
            "where each event is POSTed: `http://` or `https://`; required"),
     option("webhook", "secret", None, as_webhook_secret,
@@ -754,6 +771,7 @@ SECTIONS = {
     section: {o.key: o for o in OPTIONS if o.section == section}
     for section in dict.fromkeys(o.section for o in OPTIONS)
 }
+NAMED_SECTIONS = ("user", "webhook", "group")  # [kind:NAME], any number of each
 #: What a reload cannot change: the file, the sockets, threads and files in use.
 RESTART_ONLY = ("path", "spool") + tuple(
     o.key for o in OPTIONS if o.section == "server" and o.restart
@@ -808,7 +826,8 @@ class Config(types.SimpleNamespace):
     retention are read-only mappings of those sections (config.spool["outgoing"]);
     smsd holds the pid file and stats directory that smsd.conf names (empty
     without one); users maps names to Users, unix_users local accounts to
-    Users, webhooks names to Webhooks. A reload makes a new Config.
+    Users, webhooks names to Webhooks, groups names to their numbers. A reload
+    makes a new Config.
     """
 
     def __init__(self, path="smsapi.ini", **given):
@@ -821,6 +840,7 @@ class Config(types.SimpleNamespace):
             "users": {},
             "unix_users": {},
             "webhooks": {},
+            "groups": {},
         }
         values.update(given)
         values["spool"] = {
@@ -856,8 +876,8 @@ def load_config(path):
             parser.read_file(file)
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
         raise ConfigError([f"{path}: cannot read: {one_line(exc)}"]) from None
-    problems, users, webhooks = [], {}, {}
-    read = {name: {} for name in SECTIONS if name not in ("user", "webhook")}
+    problems, users, webhooks, groups = [], {}, {}, {}
+    read = {name: {} for name in SECTIONS if name not in NAMED_SECTIONS}
     for section in parser.sections():
         kind, _, name = section.partition(":")
         if section in read:
@@ -866,6 +886,9 @@ def load_config(path):
             users[name] = read_user(parser, path, section, problems)
         elif kind == "webhook" and USER_NAME.fullmatch(name):
             webhooks[name] = read_webhook(parser, path, section, problems)
+        elif kind == "group" and USER_NAME.fullmatch(name):
+            group = read_named(parser, path, section, ("mobiles",), problems)
+            groups[name] = group.get("mobiles", ())
         else:
             problems.append(f"{path}: [{section}]: unknown section")
     spool, smsd = spool_settings(path, read["spool"], problems)
@@ -885,6 +908,7 @@ def load_config(path):
         users=users,
         unix_users=unix_user_map(path, users, problems),
         webhooks=webhooks,
+        groups=groups,
     )
     problems += [
         f"{path}: [webhook:{webhook.name}] users: no [user:{name}]"
@@ -923,11 +947,17 @@ def read_user(parser, path, section, problems):
 
 def read_webhook(parser, path, section, problems):
     """Build the Webhook of one [webhook:NAME] section, collecting problems."""
+    values = read_named(parser, path, section, ("url", "secret"), problems)
+    return Webhook(section.partition(":")[2], **values)
+
+
+def read_named(parser, path, section, required, problems):
+    """The options of one [kind:NAME] section; a required one missing is a problem."""
     values = read_section(parser, path, section, problems)
-    for key in ("url", "secret"):
+    for key in required:
         if not parser.has_option(section, key):
             problems.append(f"{path}: [{section}] {key}: missing")
-    return Webhook(section.partition(":")[2], **values)
+    return values
 
 
 def unix_user_map(path, users, problems):
@@ -4151,7 +4181,7 @@ SEND_FIELDS = {
         "minItems": 1,
         "items": {
             "type": "string",
-            "pattern": anchored(MOBILE, r"\+?"),
+            "pattern": anchored(RECIPIENT),
             "example": "+79680000000",
         },
     },
@@ -4492,6 +4522,7 @@ def read_recipients(request, mobiles):
         raise ApiError(
             HTTPStatus.BAD_REQUEST, "mobiles must be a non-empty list of phone numbers"
         )
+    mobiles = expand_groups(request.config.groups, mobiles)
     if len(mobiles) > request.config.max_recipients:
         raise ApiError(
             HTTPStatus.BAD_REQUEST,
@@ -4517,6 +4548,17 @@ def read_recipients(request, mobiles):
             HTTPStatus.FORBIDDEN, "Not allowed to send to: " + quoted(forbidden)
         )
     return recipients
+
+
+def expand_groups(groups, mobiles):
+    """mobiles with each @NAME replaced by the group's numbers; 400 for an unknown one."""
+    unknown = [m for m in mobiles if m.startswith("@") and m[1:] not in groups]
+    if unknown:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Unknown group(s): " + quoted(unknown))
+    expanded = []
+    for given in mobiles:
+        expanded += groups[given[1:]] if given.startswith("@") else [given]
+    return expanded
 
 
 def normalise_mobile(given):
@@ -4787,6 +4829,16 @@ def get_openapi(request, *, document):
     return Answer(HTTPStatus.OK, document(request.config))
 
 
+def get_groups(request):
+    """The groups whose every number the caller may send to."""
+    groups = {
+        name: list(numbers)
+        for name, numbers in request.config.groups.items()
+        if all(request.user.may_send_to(n) for n in numbers)
+    }
+    return Answer(HTTPStatus.OK, {"groups": groups})
+
+
 def get_index(request):
     """Where to start: the API's base, its description, its health, the README."""
     data = {
@@ -4936,6 +4988,11 @@ ROUTES = [
         ("GET",), SMS + "/outgoing", send_message, True,
         "Send, for scripts that can only GET", ("mobiles", "text", *SEND_PARAMETERS),
         replies=SEND_REPLIES,
+    ),
+    Route(
+        SAFE, API + "/groups", get_groups, True,
+        "The groups ([group:NAME]) the caller may send to, as @NAME",
+        replies={200: Reply("Each group's numbers", "Groups")},
     ),
     Route(
         SAFE, SMS + "/status/{message_id}", get_status, True, "Where a message is now",
@@ -5137,7 +5194,7 @@ STRING = {"type": "string"}
 NUMBERS = {
     "type": "string",
     "pattern": anchored(
-        re.compile(rf"\+?(?:{MOBILE.pattern})(,\+?(?:{MOBILE.pattern}))*")
+        re.compile(rf"(?:{RECIPIENT.pattern})(,(?:{RECIPIENT.pattern}))*")
     ),
 }
 NULLABLE_STRING = {"type": "string", "nullable": True}
@@ -5276,6 +5333,16 @@ SCHEMAS = {
                 "description": "incoming only: the received messages themselves",
                 "items": INBOX_ENTRY,
             },
+        },
+    },
+    "Groups": {
+        "type": "object",
+        "required": ["groups"],
+        "properties": {
+            "groups": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "items": STRING},
+            }
         },
     },
     "Deleted": {

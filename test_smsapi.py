@@ -514,9 +514,8 @@ def options_table():
     rows = ["| section | key | default | meaning |", "| --- | --- | --- | --- |"]
     section = None
     for option in smsapi.OPTIONS:
-        name = {"user": "user:NAME", "webhook": "webhook:NAME"}.get(
-            option.section, option.section
-        )
+        named = option.section in smsapi.NAMED_SECTIONS
+        name = f"{option.section}:NAME" if named else option.section
         shown = f"`[{name}]`" if option.section != section else ""
         section = option.section
         default = {None: "(unset)", "": "(none)"}.get(option.default)
@@ -4000,6 +3999,88 @@ def test_spool_read_error_is_503_not_500(tmp_path, spool):
     app = smsapi.Application(config.replace(spool=broken))
     response = call(app, "GET", "/api/v1.0/sms/sent/", user="lvv")
     assert response.status == 503 and "Traceback" not in response.body.decode()
+
+
+###############################################################################
+# Groups, budgets, alerts, heartbeats ##########################################
+###############################################################################
+
+GROUPS = """
+[group:oncall]
+mobiles = 79680000000 +79680000001
+[group:ops]
+mobiles = 79680000001, 79160000000
+[group:abroad]
+mobiles = 79680000002 4915112345678"""
+
+
+@pytest.fixture
+def group_app(tmp_path, spool):
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=GROUPS))
+    )
+    yield app
+    app.close()
+
+
+def test_groups_stand_for_their_numbers_each_sent_once(group_app, spool):
+    response = send(group_app, ["@oncall", "@ops", "+79680000000"])
+    assert response.status == 201, response.body
+    ids = response.json()["message_id"]
+    assert set(ids) == {"79680000000", "79680000001", "79160000000", "+79680000000"}
+    assert ids["+79680000000"] == ids["79680000000"]
+    assert sorted(os.listdir(spool["outgoing"])) == sorted(set(ids.values()))
+    form = call(
+        group_app,
+        "POST",
+        "/api/v1.0/sms/outgoing",
+        b"mobiles=@oncall,79680000005&text=hi",
+        "lvv",
+        FORM,
+    )
+    assert form.status == 201 and set(form.json()["message_id"]) == {
+        "79680000000",
+        "79680000001",
+        "79680000005",
+    }
+    query = call(
+        group_app,
+        "GET",
+        "/api/v1.0/sms/outgoing",
+        user="lvv",
+        query="mobiles=@ops&text=hi",
+    )
+    assert query.status == 201 and len(query.json()["message_id"]) == 2
+
+
+def test_groups_unknown_or_not_allowed_write_nothing(group_app, spool):
+    unknown = send(group_app, ["@oncall", "@nobody"])
+    assert unknown.status == 400 and '"@nobody"' in unknown.json()["error"]
+    abroad = send(group_app, ["@abroad"])  # lvv may not send to 4915112345678
+    assert abroad.status == 403 and "4915112345678" in abroad.json()["error"]
+    assert spool_snapshot(spool) == {}
+    assert send(group_app, ["@abroad"], user="ann").status == 201
+
+
+def test_groups_listed_are_those_the_caller_may_send_to(group_app):
+    listed = call(group_app, "GET", "/api/v1.0/groups", user="lvv").json()
+    assert listed == {
+        "groups": {
+            "oncall": ["79680000000", "79680000001"],
+            "ops": ["79680000001", "79160000000"],
+        }
+    }
+    everything = call(group_app, "GET", "/api/v1.0/groups", user="ann").json()["groups"]
+    assert set(everything) == {"oncall", "ops", "abroad"}
+    assert call(group_app, "GET", "/api/v1.0/groups").status == 401
+
+
+@pytest.mark.parametrize("mobiles", ["", "0791234", "79680000000 abc"])
+def test_groups_config_is_checked(tmp_path, spool, mobiles):
+    extra = "\n[group:bad]" + (f"\nmobiles = {mobiles}" if mobiles else "")
+    with pytest.raises(smsapi.ConfigError) as caught:
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    assert "[group:bad] mobiles:" in caught.value.problems[0]
 
 
 ###############################################################################
