@@ -183,6 +183,9 @@ CREATED, WRITTEN, MOVED_IN, GONE, RESCAN = (
 
 # -- webhooks ------------------------------------------------------------------
 
+BUDGETS_JOURNAL = (
+    "budgets.journal"  # in state_dir: what users with a budget sent lately
+)
 EVENT_TYPES = (
     "sms.received",
     "sms.sent",
@@ -750,6 +753,10 @@ OPTIONS = [
            "may read `/metrics` from anywhere"),
     option("user", "unix_users", "", as_unix_names,
            "local accounts that are this user on the unix socket, with no password"),
+    option("user", "max_per_hour", None, as_count,
+           "SMS (parts times recipients) this user may send in any hour, sends and alerts alike; past it, 429"),
+    option("user", "max_per_day", None, as_count,
+           "the same in any 24 hours"),
     option("user", "quiet_hours", None, as_quiet_hours,
            "`22:00-07:00` (local time): a message sent then without `\"priority\": \"high\"` waits until it ends"),
     option("user", "quiet_days", "", as_weekdays,
@@ -3258,6 +3265,122 @@ class Watcher:
 
 
 ###############################################################################
+# Budgets #####################################################################
+###############################################################################
+
+
+class Budgets:
+    """What each user with max_per_hour or max_per_day sent lately, in SMS
+    parts times recipients, over a sliding hour and a sliding day.
+
+    A send takes its units before it writes (429 when they would pass a
+    limit), and gives them back if the write fails: a refused request uses
+    nothing. What was taken is appended to a journal in state_dir, so the
+    budget outlives a restart; the journal is rewritten when mostly stale.
+    """
+
+    WINDOWS = (("max_per_hour", 3600), ("max_per_day", 86400))
+
+    def __init__(self, config):
+        self.path = os.path.join(config.state_dir, BUDGETS_JOURNAL)
+        self.fsync = config.fsync
+        self.lock = threading.Lock()
+        self.spent = {}  # user name -> deque of [when, units], oldest first
+        self.lines = 0
+        self.load()
+
+    def take(self, user, units, now):
+        """Take units from user's budget, or 429 with Retry-After; a token for give_back."""
+        limits = [(getattr(user, key), window) for key, window in self.WINDOWS]
+        if all(limit is None for limit, _ in limits):
+            return None
+        with self.lock:
+            spent = self.forget_old(user.name, now)
+            for limit, window in limits:
+                recent = [e for e in spent if e[0] > now - window]
+                if limit is not None and sum(u for _, u in recent) + units > limit:
+                    wait = recent[0][0] + window - now if recent else window
+                    raise ApiError(
+                        HTTPStatus.TOO_MANY_REQUESTS,
+                        f"Budget used up: {units} more SMS would pass {limit} per"
+                        f" {'hour' if window == 3600 else 'day'}",
+                        [("Retry-After", str(max(1, math.ceil(wait))))],
+                    )
+            entry = [now, units]
+            spent.append(entry)
+        return user.name, entry
+
+    def give_back(self, token):
+        """The write failed: the units were not used."""
+        if token is not None:
+            with self.lock, contextlib.suppress(ValueError):
+                self.spent[token[0]].remove(token[1])
+
+    def note(self, token):
+        """The write succeeded: put what it took in the journal."""
+        if token is None:
+            return
+        name, (now, units) = token
+        with self.lock:
+            try:
+                if self.lines > max(1000, 4 * sum(map(len, self.spent.values()))):
+                    lines = [[n, *e] for n, spent in self.spent.items() for e in spent]
+                    rewrite_lines(self.path, lines, self.fsync)
+                    self.lines = len(lines)
+                else:
+                    append_lines(self.path, [[name, now, units]], self.fsync)
+                    self.lines += 1
+            except OSError as exc:
+                log.error("cannot save %s: %s", self.path, one_line(exc))
+
+    def used(self, user, now):
+        """{max_per_hour: (used, limit), ...} of the limits user has."""
+        with self.lock:
+            spent = list(self.forget_old(user.name, now))
+        return {
+            key: (sum(u for t, u in spent if t > now - window), getattr(user, key))
+            for key, window in self.WINDOWS
+            if getattr(user, key) is not None
+        }
+
+    def forget_old(self, name, now):
+        """name's deque, without what is older than a day (under the lock)."""
+        spent = self.spent.setdefault(name, collections.deque())
+        while spent and spent[0][0] <= now - 86400:
+            spent.popleft()
+        return spent
+
+    def load(self):
+        """Read the journal: what each user took in the last day."""
+        damaged, cutoff = 0, time.time() - 86400
+        try:
+            with open(self.path, "rb") as file:
+                journal = file.readlines()
+        except FileNotFoundError:
+            return
+        for raw in journal:
+            self.lines += 1
+            try:
+                name, when, units = json.loads(raw)
+                if not (isinstance(name, str) and is_time(when) and is_count(units)):
+                    raise ValueError
+            except (ValueError, TypeError, RecursionError):
+                damaged += 1
+                continue
+            if when > cutoff:
+                self.spent.setdefault(name, collections.deque()).append([when, units])
+        for name, spent in self.spent.items():  # appends may interleave a little
+            self.spent[name] = collections.deque(sorted(spent))
+        if damaged:
+            log.warning("%s: %d damaged lines skipped", self.path, damaged)
+
+
+def is_count(value):
+    """True for a JSON whole number of at least 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+###############################################################################
 # Health ##################################################################
 ###############################################################################
 
@@ -3270,8 +3393,9 @@ class Health:
     the others take that result.
     """
 
-    def __init__(self, watcher, every=1.0):
+    def __init__(self, watcher, budgets, every=1.0):
         self.watcher = watcher  # its RecentFailures, Schedule and Webhooks
+        self.budgets = budgets
         self.every = every
         self.lock = threading.Lock()
         self.made, self.checks = -math.inf, None
@@ -3286,6 +3410,7 @@ class Health:
                 self.checks.update(
                     webhook_checks(watcher.webhooks.states(), time.time())
                 )
+                self.checks.update(budget_checks(config, self.budgets, time.time()))
                 self.made = time.monotonic()
             return self.checks
 
@@ -3299,6 +3424,29 @@ def health_checks(config, failed_last_hour):
         "failed": failed_check(config, failed_last_hour),
     }
     checks.update(modem_checks(config))
+    return checks
+
+
+def budget_checks(config, budgets, now):
+    """One check per user with a budget: warn while it is used up."""
+    checks = {}
+    for user in config.users.values():
+        used = budgets.used(user, now)
+        if used:
+            full = any(spent >= limit for spent, limit in used.values())
+            words = {
+                "max_per_hour": "in the last hour",
+                "max_per_day": "in the last day",
+            }
+            output = ", ".join(
+                f"{spent} of {limit} SMS {words[key]}"
+                for key, (spent, limit) in used.items()
+            )
+            checks["budget:" + user.name] = {
+                "status": "warn" if full else "pass",
+                "output": ("used up: " if full else "") + output,
+                "user": user.name,
+            }
     return checks
 
 
@@ -4356,10 +4504,19 @@ class Sender:
     them, and, if asked, wait until smsd sent them (or the phones got them)."""
 
     def __init__(
-        self, outgoing, schedule, idempotency, waiters, wait_slots, reports, metrics
+        self,
+        outgoing,
+        schedule,
+        budgets,
+        idempotency,
+        waiters,
+        wait_slots,
+        reports,
+        metrics,
     ):
         self.outgoing = outgoing  # the spool writer
         self.schedule = schedule  # holds the messages that go later
+        self.budgets = budgets
         self.idempotency = idempotency
         self.waiters = waiters  # the watcher's: woken when smsd moves a file
         self.wait_slots = wait_slots  # max_waiters of them
@@ -4434,10 +4591,17 @@ class Sender:
             for number in plan.numbers
             if not retry or find_message(config, ids[number]) is None
         }
-        if timing.send_at is None:
-            self.outgoing.write(files)
-        else:
-            self.schedule.hold(files, timing.send_at, timing.valid_until)
+        units = plan.encoding.parts * len(files)
+        token = self.budgets.take(request.user, units, time.time()) if files else None
+        try:
+            if timing.send_at is None:
+                self.outgoing.write(files)
+            else:
+                self.schedule.hold(files, timing.send_at, timing.valid_until)
+        except ApiError:
+            self.budgets.give_back(token)
+            raise
+        self.budgets.note(token)
         self.metrics.count_accepted(len(files))
         request.written = list(files)
         to = ",".join(n for n in plan.numbers if ids[n] in files)
@@ -5407,11 +5571,13 @@ class Application:
         self.throttle = Throttle()
         self.watcher = Watcher(config, Idempotency(config), interval, inotify)
         self.metrics = Metrics()
+        budgets = Budgets(config)
         watcher = self.watcher
         self.parts = {
             "sender": Sender(
                 Outgoing(config.spool["outgoing"], config.fsync),
                 watcher.schedule,
+                budgets,
                 watcher.idempotency,
                 watcher.waiters,
                 threading.BoundedSemaphore(config.max_waiters),
@@ -5421,7 +5587,7 @@ class Application:
             "reports": watcher.reports,
             "schedule": watcher.schedule,
             "inbox": watcher.inbox,
-            "health": Health(watcher, health_every),
+            "health": Health(watcher, budgets, health_every),
             "metrics": self.metrics,
             "counts": watcher.counts,
             "document": openapi_document,

@@ -248,7 +248,7 @@ def test_module_sections_use_only_what_stands_above_them():
         "State: idempotency records", "Spool changes", "Delivery reports",
         "The inbox index", "Retention", "Recent failures", "Waiters", "Scheduled messages",
             "Webhooks", "The watcher",
-        "Health", "Metrics", "HTTP helpers", "Authentication", "Handlers", "Routes",
+        "Budgets", "Health", "Metrics", "HTTP helpers", "Authentication", "Handlers", "Routes",
         "OpenAPI document", "Application", "Server adapters", "Command line",
     ]  # fmt: skip
 
