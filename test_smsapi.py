@@ -4083,6 +4083,70 @@ def test_groups_config_is_checked(tmp_path, spool, mobiles):
     assert "[group:bad] mobiles:" in caught.value.problems[0]
 
 
+def budget_app(tmp_path, spool, hour=5, day=8):
+    extra = f"\n[user:night]\npassword = {HASHES['night']}"
+    extra += f"\nmax_per_hour = {hour}\nmax_per_day = {day}"
+    return smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    )
+
+
+def test_budget_counts_parts_times_recipients_and_refuses_with_429(tmp_path, spool):
+    app = budget_app(tmp_path, spool)
+    three_parts = "x" * 400
+    assert send(app, ["79680000000"], three_parts, user="night").status == 201
+    before = spool_snapshot(spool)
+    refused = send(app, ["79680000001", "79680000002"], "t" * 200, user="night")
+    assert refused.status == 429 and "5 per hour" in refused.json()["error"]
+    assert 3590 <= int(refused.headers["Retry-After"]) <= 3600
+    assert spool_snapshot(spool) == before  # nothing written, nothing used
+    assert send(app, ["79680000001"], "t" * 200, user="night").status == 201  # 5 now
+    assert send(app, ["79680000003"], "one", user="night").status == 429
+    assert send(app, ["79680000003"], "one", user="lvv").status == 201  # no budget
+    assert (
+        send(app, ["79680000003"], "one", user="night", send_at="+1hour").status == 429
+    )
+    checks = call(app, "GET", "/api/v1.0/health").json()["checks"]
+    assert checks["budget:night"]["status"] == "warn"
+    assert checks["budget:night"]["output"].startswith(
+        "used up: 5 of 5 SMS in the last hour"
+    )
+    assert "budget:lvv" not in checks
+    again = budget_app(tmp_path, spool)  # a restart: the budget is still used up
+    assert send(again, ["79680000003"], "one", user="night").status == 429
+
+
+def test_budget_slides_by_the_hour_and_the_day(tmp_path, spool):
+    state = tmp_path / "state"
+    state.mkdir()
+    now = time.time()
+    (state / "budgets.journal").write_text(
+        f'["night", {now - 3500}, 2]\n["night", {now - 7200}, 4]\n'
+        f'["night", {now - 90000}, 8]\n["night", "then", 1]\n["night", {now}, true]\n'
+    )
+    app = budget_app(tmp_path, spool)  # 2 in the last hour, 6 in the last day
+    assert send(app, ["79680000000"], "a", user="night").status == 201  # hour 3, day 7
+    refused = send(app, ["79680000000"], "b" * 200, user="night")  # 2 more: day 9 > 8
+    assert refused.status == 429 and "8 per day" in refused.json()["error"]
+    assert (
+        79100 <= int(refused.headers["Retry-After"]) <= 79200
+    )  # when the 4 from 2 h ago free
+    refused = send(
+        app, ["79680000000", "79680000001", "79680000002"], "c", user="night"
+    )
+    assert refused.status == 429 and "5 per hour" in refused.json()["error"]
+    assert 90 <= int(refused.headers["Retry-After"]) <= 100  # the 2 from 3,500 s ago
+
+
+def test_budget_is_given_back_when_the_write_fails(tmp_path, spool):
+    app = budget_app(tmp_path, spool, hour=2)
+    sender = app.parts["sender"]
+    sender.outgoing.directory = str(tmp_path / "gone")  # as if outgoing vanished
+    assert send(app, ["79680000000", "79680000001"], "x", user="night").status == 503
+    sender.outgoing.directory = spool["outgoing"]
+    assert send(app, ["79680000000", "79680000001"], "x", user="night").status == 201
+
+
 ###############################################################################
 # Scheduled sends, quiet hours, expiry #########################################
 ###############################################################################
