@@ -183,6 +183,12 @@ CREATED, WRITTEN, MOVED_IN, GONE, RESCAN = (
 
 # -- webhooks ------------------------------------------------------------------
 
+ALERTS_OWNER = (
+    "\0alerts"  # whose records a notification's are: no user's (no name has NUL)
+)
+HEARTBEATS = (
+    "heartbeats.json"  # in state_dir: each heartbeat's last beat, and if missed
+)
 BUDGETS_JOURNAL = (
     "budgets.journal"  # in state_dir: what users with a budget sent lately
 )
@@ -440,6 +446,14 @@ def as_duration(value):
     return int(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
 
 
+def as_count_of_seconds(value):
+    """A duration of at least a second."""
+    seconds = as_duration(value)
+    if seconds < 1:
+        raise ValueError(f"expected at least 1s, got {value!r}")
+    return seconds
+
+
 def as_listen(value):
     """Space-separated host:port addresses (IPv6 hosts in brackets) or unix:/path."""
     addresses = tuple(value.split())
@@ -613,6 +627,33 @@ def as_numbers(value):
     return tuple(numbers)
 
 
+def as_recipients(value):
+    """Space- or comma-separated numbers and @NAMEs of groups."""
+    entries = tuple(value.replace(",", " ").split())
+    for entry in entries:
+        if not RECIPIENT.fullmatch(entry):
+            raise ValueError(f"bad recipient {entry!r} (a number, or @group)")
+    if not entries:
+        raise ValueError("expected at least one number or @group")
+    return entries
+
+
+def string_template(text):
+    """A string.Template (string is imported when a template is used, not at start)."""
+    import string
+
+    return string.Template(text)
+
+
+def as_template(value):
+    """A string.Template text; its $names are checked when it is used."""
+    try:
+        string_template(value).substitute(collections.defaultdict(str))
+    except ValueError as exc:
+        raise ValueError(f"bad template: {exc}") from None
+    return value
+
+
 def as_quiet_hours(value):
     """A daily window of local time, HH:MM-HH:MM; it may span midnight."""
     match = QUIET_HOURS.fullmatch(value.strip())
@@ -761,6 +802,18 @@ OPTIONS = [
            "`22:00-07:00` (local time): a message sent then without `\"priority\": \"high\"` waits until it ends"),
     option("user", "quiet_days", "", as_weekdays,
            "`sat sun`: whole days held the same way"),
+    option("alerts", "max_parts", "1", as_count,
+           "the longest alert SMS, in parts; alerts that do not fit are counted as `+N more`"),
+    option("alerts", "dedupe_window", "5min", as_duration,
+           "a notification identical to one sent within this is not sent again"),
+    option("alerts", "template", None, as_template,
+           "the alert text as a `string.Template` (see Alerts); unset: `$head $alerts`"),
+    option("heartbeat", "every", None, as_count_of_seconds,
+           "a beat is expected at least this often (`5min`); required"),
+    option("heartbeat", "to", None, as_recipients,
+           "numbers and `@group`s told when beats stop, and when they are back; required"),
+    option("heartbeat", "text", None, as_template,
+           "the missed text, with `$name` and `$last_beat`; unset: `heartbeat $name missed, last beat at $last_beat`"),
     option("group", "mobiles", None, as_numbers,
            "the group's numbers; `@NAME` in any `mobiles` (or `to`) stands for them; required"),
     option("webhook", "url", None, as_webhook_url,
@@ -778,7 +831,12 @@ SECTIONS = {
     section: {o.key: o for o in OPTIONS if o.section == section}
     for section in dict.fromkeys(o.section for o in OPTIONS)
 }
-NAMED_SECTIONS = ("user", "webhook", "group")  # [kind:NAME], any number of each
+NAMED_SECTIONS = (
+    "user",
+    "webhook",
+    "group",
+    "heartbeat",
+)  # [kind:NAME], any number of each
 #: What a reload cannot change: the file, the sockets, threads and files in use.
 RESTART_ONLY = ("path", "spool") + tuple(
     o.key for o in OPTIONS if o.section == "server" and o.restart
@@ -842,12 +900,14 @@ class Config(types.SimpleNamespace):
             **defaults("server"),
             "spool": default_spool(),
             "health": defaults("health"),
+            "alerts": defaults("alerts"),
             "retention": {k: v for k, v in defaults("retention").items() if v},
             "smsd": {},
             "users": {},
             "unix_users": {},
             "webhooks": {},
             "groups": {},
+            "heartbeats": {},
         }
         values.update(given)
         values["spool"] = {
@@ -883,21 +943,8 @@ def load_config(path):
             parser.read_file(file)
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
         raise ConfigError([f"{path}: cannot read: {one_line(exc)}"]) from None
-    problems, users, webhooks, groups = [], {}, {}, {}
-    read = {name: {} for name in SECTIONS if name not in NAMED_SECTIONS}
-    for section in parser.sections():
-        kind, _, name = section.partition(":")
-        if section in read:
-            read[section] = read_section(parser, path, section, problems)
-        elif kind == "user" and USER_NAME.fullmatch(name):
-            users[name] = read_user(parser, path, section, problems)
-        elif kind == "webhook" and USER_NAME.fullmatch(name):
-            webhooks[name] = read_webhook(parser, path, section, problems)
-        elif kind == "group" and USER_NAME.fullmatch(name):
-            group = read_named(parser, path, section, ("mobiles",), problems)
-            groups[name] = group.get("mobiles", ())
-        else:
-            problems.append(f"{path}: [{section}]: unknown section")
+    problems = []
+    read, named = read_sections(parser, path, problems)
     spool, smsd = spool_settings(path, read["spool"], problems)
     health = {**defaults("health"), **read["health"]}
     problems += [
@@ -911,22 +958,58 @@ def load_config(path):
         spool=spool,
         smsd=smsd,
         health=health,
+        alerts={**defaults("alerts"), **read["alerts"]},
         retention={"state": defaults("retention")["state"], **read["retention"]},
-        users=users,
-        unix_users=unix_user_map(path, users, problems),
-        webhooks=webhooks,
-        groups=groups,
+        unix_users=unix_user_map(path, named["users"], problems),
+        **named,
     )
-    problems += [
-        f"{path}: [webhook:{webhook.name}] users: no [user:{name}]"
-        for webhook in webhooks.values()
-        for name in webhook.users
-        if name not in users
-    ]
+    problems += [f"{path}: {problem}" for problem in cross_problems(config)]
     problems += [f"{path}: {problem}" for problem in check_spool(config)]
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def read_sections(parser, path, problems):
+    """({section: options} of the single sections, {"users": {name: User}, ...}
+    of the [kind:NAME] ones), collecting problems."""
+    read = {name: {} for name in SECTIONS if name not in NAMED_SECTIONS}
+    named = {"users": {}, "webhooks": {}, "groups": {}, "heartbeats": {}}
+    for section in parser.sections():
+        kind, _, name = section.partition(":")
+        if section in read:
+            read[section] = read_section(parser, path, section, problems)
+        elif kind not in NAMED_SECTIONS or not USER_NAME.fullmatch(name):
+            problems.append(f"{path}: [{section}]: unknown section")
+        elif kind == "user":
+            named["users"][name] = read_user(parser, path, section, problems)
+        elif kind == "webhook":
+            named["webhooks"][name] = read_webhook(parser, path, section, problems)
+        elif kind == "group":
+            group = read_named(parser, path, section, ("mobiles",), problems)
+            named["groups"][name] = group.get("mobiles", ())
+        else:
+            values = read_named(parser, path, section, ("every", "to"), problems)
+            named["heartbeats"][name] = types.SimpleNamespace(
+                name=name, **{**defaults("heartbeat"), **values}
+            )
+    return read, named
+
+
+def cross_problems(config):
+    """Names one section gives that no other section defines."""
+    problems = [
+        f"[heartbeat:{heartbeat.name}] to: no [group:{entry[1:]}]"
+        for heartbeat in config.heartbeats.values()
+        for entry in heartbeat.to or ()
+        if entry.startswith("@") and entry[1:] not in config.groups
+    ]
+    return problems + [
+        f"[webhook:{webhook.name}] users: no [user:{name}]"
+        for webhook in config.webhooks.values()
+        for name in webhook.users
+        if name not in config.users
+    ]
 
 
 def read_section(parser, path, section, problems):
@@ -965,6 +1048,18 @@ def read_named(parser, path, section, required, problems):
         if not parser.has_option(section, key):
             problems.append(f"{path}: [{section}] {key}: missing")
     return values
+
+
+def expand_groups(groups, mobiles):
+    """mobiles with each @NAME replaced by the group's numbers; 400 for an unknown one."""
+    unknown = [m for m in mobiles if m.startswith("@") and m[1:] not in groups]
+    if unknown:
+        named = ", ".join(json.dumps(escape(m)) for m in unknown)
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Unknown group(s): " + named)
+    expanded = []
+    for given in mobiles:
+        expanded += groups[given[1:]] if given.startswith("@") else [given]
+    return expanded
 
 
 def unix_user_map(path, users, problems):
@@ -3055,6 +3150,97 @@ class Webhooks:
 
 
 ###############################################################################
+# Heartbeats ##################################################################
+###############################################################################
+
+
+class Heartbeats:
+    """Dead man's switches: each [heartbeat:NAME] expects a beat every `every`.
+
+    When none came for that long, one SMS says so; when beats come back, one
+    more. The last beat and whether it is missed are kept in state_dir; after
+    a start each heartbeat gets one full period before it can fire. The
+    watcher checks them every tick; a beat comes from a request.
+    """
+
+    def __init__(self, config):
+        self.path = os.path.join(config.state_dir, HEARTBEATS)
+        self.outgoing = Outgoing(config.spool["outgoing"], config.fsync)
+        self.fsync = config.fsync
+        self.started = time.time()
+        self.lock = threading.Lock()
+        saved = read_json(self.path) or {}
+        self.state = {}  # name -> {"last": time or None, "missed": bool, "retry": time}
+        for name, state in saved.items():
+            state = dict_of(state)
+            last = state.get("last") if is_time(state.get("last")) else None
+            self.state[name] = {"last": last, "missed": state.get("missed") is True}
+
+    def beat(self, config, name, now):
+        """A beat of heartbeat name; the "back" SMS if it was missed."""
+        with self.lock:
+            state = self.state.setdefault(name, {"last": None, "missed": False})
+            state["last"] = now
+            if state["missed"] and self.tell(config, name, f"heartbeat {name} back"):
+                state["missed"] = False
+                log.warning("heartbeat %s is back", name)
+            self.save(sync=False)
+
+    def check(self, config, now):
+        """Tell the heartbeats' recipients of those whose beats stopped."""
+        with self.lock:
+            for name, heartbeat in config.heartbeats.items():
+                state = self.state.setdefault(name, {"last": None, "missed": False})
+                due = max(state["last"] or 0, self.started) + heartbeat.every
+                if state["missed"] or now < max(due, state.get("retry", 0)):
+                    continue
+                last = iso_time(state["last"]) if state["last"] else "never"
+                text = string_template(
+                    heartbeat.text or "heartbeat $name missed, last beat at $last_beat"
+                ).safe_substitute(name=name, last_beat=last)
+                if self.tell(config, name, text):
+                    state["missed"] = True
+                    log.error("heartbeat %s missed: no beat since %s", name, last)
+                    self.save(sync=self.fsync)
+                else:
+                    state["retry"] = now + 60
+
+    def tell(self, config, name, text):
+        """Queue text to the heartbeat's recipients at once; False if it cannot be written."""
+        entries = expand_groups(config.groups, config.heartbeats[name].to)
+        numbers = dict.fromkeys(n.removeprefix("+") for n in entries)
+        encoding = encode_text(text)
+        sender = "heartbeat"
+        files = {
+            new_message_id(sender): render_message(
+                sender, number, encoding, [("Priority", "High")]
+            )
+            for number in numbers
+        }
+        try:
+            self.outgoing.write(files)
+        except ApiError:  # logged by the writer; tried again in a minute
+            return False
+        return True
+
+    def save(self, sync):
+        try:
+            saved = {
+                n: {"last": s["last"], "missed": s["missed"]}
+                for n, s in self.state.items()
+            }
+            write_json_atomically(self.path, saved, sync)
+        except OSError as exc:
+            log.error("cannot save %s: %s", self.path, one_line(exc))
+
+    def states(self, config):
+        """[(name, last beat or None, missed)] of each configured heartbeat."""
+        with self.lock:
+            found = [(n, self.state.get(n, {})) for n in config.heartbeats]
+            return [(n, s.get("last"), bool(s.get("missed"))) for n, s in found]
+
+
+###############################################################################
 # The watcher #################################################################
 ###############################################################################
 
@@ -3087,6 +3273,7 @@ class Watcher:
         self.stopping = threading.Event()
         self.wake = threading.Event()  # a stop, or a message held for sooner
         self.schedule = Schedule(config, self.wake)
+        self.heartbeats = Heartbeats(config)
         self.thread = None
 
     def reconfigure(self, config):
@@ -3133,6 +3320,7 @@ class Watcher:
         """One pass over what changed; every part gets its turn."""
         now = time.time()
         self.isolated(self.schedule.run, now)
+        self.isolated(self.heartbeats.check, self.config, now)
         changes = self.changes.read()
         for change in changes:
             self.isolated(self.follow, change, now)
@@ -3411,6 +3599,7 @@ class Health:
                     webhook_checks(watcher.webhooks.states(), time.time())
                 )
                 self.checks.update(budget_checks(config, self.budgets, time.time()))
+                self.checks.update(heartbeat_checks(watcher.heartbeats.states(config)))
                 self.made = time.monotonic()
             return self.checks
 
@@ -3425,6 +3614,23 @@ def health_checks(config, failed_last_hour):
     }
     checks.update(modem_checks(config))
     return checks
+
+
+def heartbeat_checks(states):
+    """One check per heartbeat: warn while its beats are missed."""
+    return {
+        "heartbeat:" + name: {
+            "status": "warn" if missed else "pass",
+            "output": (
+                f"missed: no beat since {iso_time(last) if last else 'smsapi started'}"
+                if missed
+                else f"last beat at {iso_time(last) if last else 'none yet'}"
+            ),
+            "heartbeat": name,
+            "last_beat_seconds": last or 0,
+        }
+        for name, last, missed in states
+    }
 
 
 def budget_checks(config, budgets, now):
@@ -3764,6 +3970,17 @@ def spool_gauges(out, checks):
         for modem, dbm in signals:
             out.sample("", {"modem": modem}, dbm)
     webhook_samples(out, [c for c in checks.values() if "webhook" in c])
+    beats = [c for c in checks.values() if "heartbeat" in c]
+    if beats:
+        out.family(
+            "smsapi_heartbeat_last_seconds",
+            "gauge",
+            "When each heartbeat last beat (Unix time; 0: never).",
+        )
+        for check in beats:
+            out.sample(
+                "", {"heartbeat": check["heartbeat"]}, check["last_beat_seconds"]
+            )
 
 
 def webhook_samples(out, checks):
@@ -4311,7 +4528,8 @@ def send_message(request, *, sender):
         )
     with sender.wait_slot() if wait else contextlib.nullcontext():
         if key:
-            return sender.send_once(request, plan, key, wait)
+            path = sender.idempotency.path(request.user.name, key)
+            return sender.send_once(request, plan, path, wait)
         ids = {number: new_message_id(request.user.name) for number in plan.numbers}
         return sender.send(request, plan, ids, wait, retry=False)
 
@@ -4362,7 +4580,11 @@ SEND_FIELDS = {
 
 def plan_send(request):
     """Read and validate every field of a send request, or raise 4xx."""
-    fields = read_fields(request)
+    return plan_fields(request, read_fields(request))
+
+
+def plan_fields(request, fields):
+    """Validate every field of a send (a request's, or an alert's), or raise 4xx."""
     unknown = sorted(set(fields) - set(SEND_FIELDS))
     if unknown:
         raise ApiError(
@@ -4537,14 +4759,18 @@ class Sender:
         finally:
             self.wait_slots.release()
 
-    def send_once(self, request, plan, key, wait):
-        """Send under an Idempotency-Key: the first request does the work, repeats get its answer."""
+    def send_once(self, request, plan, path, wait, fingerprint=None, since=0.0):
+        """Send once per record at path (an Idempotency-Key's, or a notification's):
+        the first request does the work, repeats get its answer. A record made
+        before since is no more; fingerprint is what the record is bound to."""
         store = self.idempotency
-        path = store.path(request.user.name, key)
+        fingerprint = fingerprint or plan.fingerprint
         # Blocked behind another request with this key, a request waits like ?wait does.
         blocked = contextlib.nullcontext if wait else self.wait_slot
         with store.held(path, blocked):
-            record = store.load(path, plan.fingerprint, plan.numbers)
+            record = store.load(path, fingerprint, plan.numbers)
+            if record and record["created"] < since:
+                record = None
             if record and "response" in record:
                 request.replayed = True
                 data = record["response"]
@@ -4554,7 +4780,7 @@ class Sender:
                 ids = {n: new_message_id(request.user.name) for n in plan.numbers}
                 record = {
                     "created": time.time(),
-                    "fingerprint": plan.fingerprint,
+                    "fingerprint": fingerprint,
                     "ids": ids,
                 }
                 store.save(path, record)  # before the files: a retry reuses these ids
@@ -4712,17 +4938,6 @@ def read_recipients(request, mobiles):
             HTTPStatus.FORBIDDEN, "Not allowed to send to: " + quoted(forbidden)
         )
     return recipients
-
-
-def expand_groups(groups, mobiles):
-    """mobiles with each @NAME replaced by the group's numbers; 400 for an unknown one."""
-    unknown = [m for m in mobiles if m.startswith("@") and m[1:] not in groups]
-    if unknown:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "Unknown group(s): " + quoted(unknown))
-    expanded = []
-    for given in mobiles:
-        expanded += groups[given[1:]] if given.startswith("@") else [given]
-    return expanded
 
 
 def normalise_mobile(given):
@@ -4993,6 +5208,159 @@ def get_openapi(request, *, document):
     return Answer(HTTPStatus.OK, document(request.config))
 
 
+def post_alertmanager(request, *, sender, heartbeats):
+    """An Alertmanager (or Grafana) notification: one SMS to each of ?to=,
+    sent once however often it is posted within dedupe_window; or, with
+    ?heartbeat=NAME and a firing Watchdog among its alerts, a beat."""
+    payload = json_fields(request.body())
+    status, alerts = read_alerts(payload)
+    beat = request.param("heartbeat")
+    if beat is not None and any(is_watchdog(a) for a in alerts):
+        return beat_answer(request, heartbeats, beat)
+    to = request.param("to")
+    if not to:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "to= must name the numbers or @groups")
+    mobiles = [LEADING_SPACE.sub("+", m) for m in to.split(",")]
+    text = alert_text(payload, status, alerts, request.config.alerts)
+    priority = request.param("priority", "high")
+    plan = plan_fields(
+        request, {"mobiles": mobiles, "text": text, "priority": priority}
+    )
+    digest = notification_digest(payload, status, alerts, plan.numbers)
+    path = sender.idempotency.path(ALERTS_OWNER, digest)
+    since = time.time() - request.config.alerts["dedupe_window"]
+    try:
+        answer = sender.send_once(request, plan, path, None, digest, since)
+    except ApiError as exc:
+        if exc.status == HTTPStatus.TOO_MANY_REQUESTS:
+            log.error("alert %s not sent: %s", escape(text[:80]), exc.message)
+        raise
+    return answer._replace(status=HTTPStatus.OK) if request.replayed else answer
+
+
+def read_alerts(payload):
+    """(firing or resolved, the alerts) of a notification; 400 if it is not one."""
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list) or not alerts:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "alerts must be a non-empty list")
+    for alert in alerts:
+        if not isinstance(alert, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "each alert must be an object")
+        for key in ("labels", "annotations"):
+            value = alert.get(key, {})
+            if not isinstance(value, dict) or not all(
+                isinstance(v, str) for v in value.values()
+            ):
+                raise ApiError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"each alert's {key} must be an object of strings",
+                )
+    status = payload.get("status")
+    if status not in ("firing", "resolved"):
+        firing = any(a.get("status") == "firing" for a in alerts)
+        status = "firing" if firing else "resolved"
+    return status, alerts
+
+
+def is_watchdog(alert):
+    """Alertmanager's always-firing alert, firing."""
+    labels = alert.get("labels", {})
+    return (
+        labels.get("alertname") == "Watchdog"
+        and alert.get("status", "firing") == "firing"
+    )
+
+
+def alert_text(payload, status, alerts, options):
+    """The SMS of a notification, in at most max_parts parts: the template
+    ($head $alerts) with as many whole alerts as fit, the rest as +N more."""
+    shown = [a for a in alerts if a.get("status", status) == status] or alerts
+    lines = [alert_line(a) for a in shown]
+    head = f"FIRING:{len(shown)}" if status == "firing" else "RESOLVED"
+    values = template_values(payload, status.upper(), len(shown), head)
+    template = string_template(options["template"] or "$head $alerts")
+    text = None
+    for count in range(len(lines) + 1):
+        rest = len(lines) - count
+        listed = "; ".join(lines[:count]) + (f" +{rest} more" if rest else "")
+        candidate = template.safe_substitute(values, alerts=listed.strip())
+        if text is not None and encode_text(candidate).parts > options["max_parts"]:
+            break
+        text = candidate
+    return text
+
+
+def alert_line(alert):
+    """alertname, instance when there is one, and the summary (else description)."""
+    labels, annotations = alert.get("labels", {}), alert.get("annotations", {})
+    words = [labels.get("alertname", "alert"), labels.get("instance", "")]
+    summary = annotations.get("summary") or annotations.get("description") or ""
+    line = " ".join(w for w in words if w)
+    return line + (": " + " ".join(summary.split()) if summary.strip() else "")
+
+
+def template_values(payload, status, count, head):
+    """The $names an alert template may use (the README lists them)."""
+    values = {"status": status, "count": count, "head": head}
+    for key in ("receiver", "externalURL", "groupKey"):
+        if isinstance(payload.get(key), str):
+            values[key] = payload[key]
+    for group in ("groupLabels", "commonLabels", "commonAnnotations"):
+        for name, value in dict_of(payload.get(group)).items():
+            if isinstance(value, str) and name.isidentifier():
+                values[f"{group}_{name}"] = value
+    return values
+
+
+def notification_digest(payload, status, alerts, numbers):
+    """What makes two notifications the same: group, status, alerts, recipients."""
+    same = [
+        str(payload.get("groupKey")),
+        status,
+        sorted(
+            [
+                str(a.get("fingerprint") or sorted(a.get("labels", {}).items())),
+                str(a.get("startsAt")),
+            ]
+            for a in alerts
+        ),
+        sorted(numbers),
+    ]
+    return sha256(json.dumps(same).encode()).hexdigest()
+
+
+def beat_answer(request, heartbeats, name):
+    """Record a beat of heartbeat name, for a caller who may send to its recipients."""
+    heartbeat = request.config.heartbeats.get(name)
+    if heartbeat is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"No [heartbeat:{escape(name)}]")
+    read_recipients(request, list(heartbeat.to))  # 403 unless all are allowed
+    now = time.time()
+    heartbeats.beat(request.config, name, now)
+    return Answer(HTTPStatus.OK, {"heartbeat": name, "beat": iso_time(now)}, "ok\n")
+
+
+def post_heartbeat(request, *, heartbeats):
+    """A beat of one heartbeat (the body, if any, is not read)."""
+    return beat_answer(request, heartbeats, request.args["name"])
+
+
+def get_heartbeats(request, *, heartbeats):
+    """Each heartbeat with its last beat and state."""
+    config = request.config
+    listed = [
+        {
+            "name": name,
+            "every": config.heartbeats[name].every,
+            "to": list(config.heartbeats[name].to),
+            "last_beat": iso_time(last) if last else None,
+            "state": "missed" if missed else "ok",
+        }
+        for name, last, missed in heartbeats.states(config)
+    ]
+    return Answer(HTTPStatus.OK, {"heartbeats": listed})
+
+
 def get_groups(request):
     """The groups whose every number the caller may send to."""
     groups = {
@@ -5154,6 +5522,26 @@ ROUTES = [
         replies=SEND_REPLIES,
     ),
     Route(
+        ("POST",), API + "/alerts/alertmanager", post_alertmanager, True,
+        "An Alertmanager or Grafana notification: one SMS to each of to=",
+        ("to", "heartbeat", "priority"), {"application/json": "AlertNotification"},
+        {
+            200: Reply("Sent before (the earlier ids), or a beat", "AlertAnswer", True),
+            201: Reply("Queued: one file per number", "Sent", True),
+            **error_replies(400, 403, 404, 413, 415, 429, 503, 507),
+        },
+    ),
+    Route(
+        SAFE, API + "/heartbeats", get_heartbeats, True,
+        "Each heartbeat: its last beat and state",
+        replies={200: Reply("The heartbeats", "Heartbeats")},
+    ),
+    Route(
+        ("POST",), API + "/heartbeats/{name}", post_heartbeat, True,
+        "A beat of one heartbeat", ("name",),
+        replies={200: Reply("Beat", "Beat", True), **error_replies(403, 404)},
+    ),
+    Route(
         SAFE, API + "/groups", get_groups, True,
         "The groups ([group:NAME]) the caller may send to, as @NAME",
         replies={200: Reply("Each group's numbers", "Groups")},
@@ -5182,7 +5570,7 @@ ROUTES = [
     ),
 ]  # fmt: skip
 KNOWN_METHODS = frozenset(m for route in ROUTES for m in route.methods)
-PLACEHOLDERS = {"kind": "|".join(KINDS), "message_id": "[^/]+"}
+PLACEHOLDERS = {"kind": "|".join(KINDS), "message_id": "[^/]+", "name": "[^/]+"}
 
 
 def compile_route(template):
@@ -5327,6 +5715,14 @@ def openapi_parameters(config):
         ),
         "dry_run": query_parameter(
             "dry_run", one_of(YES + NO), "say what would be sent, write nothing"
+        ),
+        "name": path_parameter("name", {"type": "string"}),
+        "to": query_parameter("to", NUMBERS, "numbers and @groups, comma-separated"),
+        "heartbeat": query_parameter(
+            "heartbeat", STRING, "a firing Watchdog alert is a beat of this heartbeat"
+        ),
+        "priority": query_parameter(
+            "priority", one_of(PRIORITIES), "normal lets quiet hours hold it"
         ),
         "Idempotency-Key": {
             "name": "Idempotency-Key",
@@ -5499,6 +5895,65 @@ SCHEMAS = {
             },
         },
     },
+    "AlertNotification": {
+        "type": "object",
+        "description": "Alertmanager's webhook payload (version 4), or Grafana's",
+        "required": ["alerts"],
+        "properties": {
+            "status": {"type": "string", "enum": ["firing", "resolved"]},
+            "groupKey": STRING,
+            "receiver": STRING,
+            "externalURL": STRING,
+            **{
+                name: {"type": "object", "additionalProperties": STRING}
+                for name in ("groupLabels", "commonLabels", "commonAnnotations")
+            },
+            "alerts": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "status": {"type": "string", "enum": ["firing", "resolved"]},
+                        "labels": {"type": "object", "additionalProperties": STRING},
+                        "annotations": {
+                            "type": "object",
+                            "additionalProperties": STRING,
+                        },
+                        "startsAt": STRING,
+                        "endsAt": STRING,
+                        "fingerprint": STRING,
+                    },
+                },
+            },
+        },
+    },
+    "Heartbeats": {
+        "type": "object",
+        "required": ["heartbeats"],
+        "properties": {
+            "heartbeats": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "every", "to", "last_beat", "state"],
+                    "properties": {
+                        "name": STRING,
+                        "every": {"type": "integer", "description": "seconds"},
+                        "to": {"type": "array", "items": STRING},
+                        "last_beat": NULLABLE_STRING,
+                        "state": {"type": "string", "enum": ["ok", "missed"]},
+                    },
+                },
+            }
+        },
+    },
+    "AlertAnswer": {"anyOf": [schema_ref("Sent"), schema_ref("Beat")]},
+    "Beat": {
+        "type": "object",
+        "required": ["heartbeat", "beat"],
+        "properties": {"heartbeat": STRING, "beat": STRING},
+    },
     "Groups": {
         "type": "object",
         "required": ["groups"],
@@ -5586,6 +6041,7 @@ class Application:
             ),
             "reports": watcher.reports,
             "schedule": watcher.schedule,
+            "heartbeats": watcher.heartbeats,
             "inbox": watcher.inbox,
             "health": Health(watcher, budgets, health_every),
             "metrics": self.metrics,

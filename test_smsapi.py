@@ -247,7 +247,7 @@ def test_module_sections_use_only_what_stands_above_them():
         "Configuration", "GSM and UCS2 encoding", "Spool",
         "State: idempotency records", "Spool changes", "Delivery reports",
         "The inbox index", "Retention", "Recent failures", "Waiters", "Scheduled messages",
-            "Webhooks", "The watcher",
+            "Webhooks", "Heartbeats", "The watcher",
         "Budgets", "Health", "Metrics", "HTTP helpers", "Authentication", "Handlers", "Routes",
         "OpenAPI document", "Application", "Server adapters", "Command line",
     ]  # fmt: skip
