@@ -4147,6 +4147,401 @@ def test_budget_is_given_back_when_the_write_fails(tmp_path, spool):
     assert send(app, ["79680000000", "79680000001"], "x", user="night").status == 201
 
 
+def notification(alerts, status="firing", group='{}:{alertname="HighCPU"}', **extra):
+    """An Alertmanager webhook payload (version 4) with these alerts."""
+    return {
+        "version": "4",
+        "groupKey": group,
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": "sms",
+        "groupLabels": {"alertname": alerts[0]["labels"]["alertname"]},
+        "commonLabels": {"severity": "critical"},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": alerts,
+        **extra,
+    }
+
+
+def alert(name, instance=None, summary=None, status="firing", n=0, **annotations):
+    labels = {"alertname": name, "severity": "critical"}
+    if instance:
+        labels["instance"] = instance
+    if summary:
+        annotations["summary"] = summary
+    return {
+        "status": status,
+        "labels": labels,
+        "annotations": annotations,
+        "startsAt": "2026-11-29T10:00:00Z",
+        "endsAt": "0001-01-01T00:00:00Z"
+        if status == "firing"
+        else "2026-11-29T10:05:00Z",
+        "generatorURL": "http://prometheus:9090/graph",
+        "fingerprint": f"{n:016x}",
+    }
+
+
+ALERTING = (
+    GROUPS
+    + """
+[heartbeat:monitoring]
+every = 5min
+to = @oncall
+[heartbeat:abroad]
+every = 1min
+to = @abroad"""
+)
+
+
+@pytest.fixture
+def alert_app(tmp_path, spool):
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=ALERTING))
+    )
+    yield app
+    app.close()
+
+
+def post_alert(app, payload, query="to=@oncall", user="lvv"):
+    return call(
+        app, "POST", "/api/v1.0/alerts/alertmanager", payload, user, query=query
+    )
+
+
+def texts_in(spool, kind="outgoing"):
+    """{number: text} of the files in one spool directory."""
+    found = {}
+    for name in os.listdir(spool[kind]):
+        headers, text = smsapi.parse_message(read_spool_file(spool, kind, name))
+        found[headers["To"]] = text
+    return found
+
+
+def test_alert_one_sms_per_recipient_with_status_names_and_summaries(alert_app, spool):
+    payload = notification(
+        [
+            alert("HighCPU", "db1:9100", "CPU at 95%", n=1),
+            alert("DiskFull", None, None, n=2, description="/var\n99% full"),
+        ]
+    )
+    response = post_alert(alert_app, payload, "to=@oncall,+79160000000")
+    assert response.status == 201, response.body
+    assert set(response.json()["message_id"]) == {
+        "79680000000",
+        "79680000001",
+        "+79160000000",
+    }
+    text = "FIRING:2 HighCPU db1:9100: CPU at 95%; DiskFull: /var 99% full"
+    assert texts_in(spool) == dict.fromkeys(
+        ["79680000000", "79680000001", "79160000000"], text
+    )
+    heads = [
+        read_spool_file(spool, "outgoing", i)
+        for i in response.json()["message_id"].values()
+    ]
+    assert all(
+        b"Priority: High" in head for head in heads
+    )  # alerts go before other messages
+
+
+def test_alert_resolved_and_grafana(alert_app, spool):
+    payload = notification(
+        [alert("HighCPU", "db1", "CPU back at 20%", "resolved")], "resolved"
+    )
+    assert post_alert(alert_app, payload, "to=79680000005").status == 201
+    assert texts_in(spool) == {"79680000005": "RESOLVED HighCPU db1: CPU back at 20%"}
+    grafana = {  # Grafana's webhook contact point, as its documentation shows it
+        "receiver": "My Super Webhook",
+        "status": "firing",
+        "orgId": 1,
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {
+                    "alertname": "High memory usage",
+                    "team": "blue",
+                    "zone": "us-1",
+                },
+                "annotations": {
+                    "description": "The system has high memory usage",
+                    "runbook_url": "https://myrunbook.com/runbook/1234",
+                    "summary": "This alert was triggered for zone us-1",
+                },
+                "startsAt": "2021-10-12T09:51:03.157076+02:00",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "https://play.grafana.org/alerting/1afz29v7z/edit",
+                "fingerprint": "c6eadffa33fcdf37",
+                "silenceURL": "https://play.grafana.org/alerting/silence/new",
+                "dashboardURL": "",
+                "panelURL": "",
+                "values": {"B": 44.23943737541908, "C": 1},
+                "valueString": "[ var='B' labels={} value=44.23943737541908 ]",
+            }
+        ],
+        "groupLabels": {},
+        "commonLabels": {
+            "alertname": "High memory usage",
+            "team": "blue",
+            "zone": "us-1",
+        },
+        "commonAnnotations": {},
+        "externalURL": "https://play.grafana.org/",
+        "version": "1",
+        "groupKey": '{}:{alertname="High memory usage"}',
+        "truncatedAlerts": 0,
+        "title": "[FIRING:1]  (High memory usage blue us-1)",
+        "state": "alerting",
+        "message": "**Firing**\n\nLabels:\n - alertname = High memory usage",
+    }
+    response = post_alert(alert_app, grafana, "to=79680000006")
+    assert response.status == 201, response.body
+    assert texts_in(spool)["79680000006"] == (
+        "FIRING:1 High memory usage: This alert was triggered for zone us-1"
+    )
+
+
+def test_alert_storm_is_one_sms_ending_in_more(alert_app, spool):
+    alerts = [
+        alert("InstanceDown", f"node{n:02d}:9100", "target is down", n=n)
+        for n in range(50)
+    ]
+    response = post_alert(alert_app, notification(alerts), "to=79680000007")
+    assert response.status == 201 and response.json()["parts_count"] == 1
+    text = texts_in(spool)["79680000007"]
+    shown = text.split(" +")[0].removeprefix("FIRING:50 ").split("; ")
+    assert text.startswith("FIRING:50 InstanceDown node00:9100: target is down; ")
+    assert text.endswith(f" +{50 - len(shown)} more") and len(text) <= 160
+    assert all(line.endswith(": target is down") for line in shown)  # never cut
+    one_more = "FIRING:50 " + "; ".join(
+        shown + ["InstanceDown node99:9100: target is down"]
+    )
+    assert len(one_more + f" +{49 - len(shown)} more") > 160  # as many as fit
+
+
+def test_alert_template_and_max_parts(tmp_path, spool):
+    extra = (
+        ALERTING
+        + "\n[alerts]\nmax_parts = 2\ntemplate = [$groupLabels_alertname] $head/$count $alerts ($receiver)"
+    )
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    )
+    alerts = [alert("InstanceDown", f"node{n:02d}", "down", n=n) for n in range(50)]
+    response = post_alert(app, notification(alerts), "to=79680000008")
+    assert response.status == 201 and response.json()["parts_count"] == 2
+    text = texts_in(spool)["79680000008"]
+    assert text.startswith("[InstanceDown] FIRING:50/50 InstanceDown node00: down; ")
+    assert text.endswith(" more (sms)") and 160 < len(text) <= 306
+
+
+def test_alert_duplicates_within_the_window_send_once(alert_app, spool, caplog):
+    payload = notification([alert("HighCPU", "db1", "CPU at 95%", n=1)])
+    first = post_alert(alert_app, payload)
+    again = post_alert(
+        alert_app, dict(payload, externalURL="http://alertmanager-2:9093"), user="ann"
+    )
+    assert (first.status, again.status) == (201, 200)
+    assert again.json()["message_id"] == first.json()["message_id"]
+    assert len(os.listdir(spool["outgoing"])) == 2
+    elsewhere = post_alert(alert_app, payload, "to=79680000009")  # other recipients
+    resolved = post_alert(alert_app, dict(payload, status="resolved"))  # other status
+    later = post_alert(
+        alert_app,
+        notification(
+            [
+                alert("HighCPU", "db1", "CPU at 95%", n=1)
+                | {"startsAt": "2026-11-29T11:00:00Z"}
+            ]
+        ),
+    )
+    assert elsewhere.status == resolved.status == later.status == 201
+    assert len(os.listdir(spool["outgoing"])) == 7
+
+
+def test_alert_duplicate_after_the_window_is_sent_again(tmp_path, spool):
+    extra = ALERTING + "\n[alerts]\ndedupe_window = 1"
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    )
+    payload = notification([alert("HighCPU", "db1", "CPU at 95%", n=1)])
+    assert post_alert(app, payload).status == 201
+    time.sleep(1.1)
+    assert post_alert(app, payload).status == 201
+    assert len(os.listdir(spool["outgoing"])) == 4
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[1, 2]", b"not json", {"alerts": []}, {"alerts": "many"}, {"status": "firing"},
+     {"alerts": [1]}, {"alerts": [{"labels": {"alertname": 1}}]},
+     {"alerts": [{"labels": {}, "annotations": ["summary"]}]}],
+)  # fmt: skip
+def test_alert_malformed_notifications_are_400_and_write_nothing(
+    alert_app, spool, body
+):
+    headers = {"Content-Type": "application/json"}
+    response = call(
+        alert_app,
+        "POST",
+        "/api/v1.0/alerts/alertmanager",
+        body,
+        "lvv",
+        headers,
+        query="to=@oncall",
+    )
+    assert response.status == 400, response.body
+    assert spool_snapshot(spool) == {}
+
+
+def test_alert_recipients_are_checked_like_a_send(alert_app, spool):
+    payload = notification([alert("HighCPU", n=1)])
+    assert post_alert(alert_app, payload, "").status == 400
+    assert post_alert(alert_app, payload, "to=@nobody").status == 400
+    assert post_alert(alert_app, payload, "to=@abroad").status == 403
+    assert post_alert(alert_app, payload, "to=79680000000", user=None).status == 401
+    assert spool_snapshot(spool) == {}
+
+
+def test_alert_budget_and_a_broken_spool_are_errors_alertmanager_retries(
+    tmp_path, spool, caplog
+):
+    extra = ALERTING + f"\n[user:night]\npassword = {HASHES['night']}\nmax_per_hour = 2"
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    )
+    payload = notification([alert("HighCPU", n=1)])
+    refused = post_alert(
+        app, payload, "to=79680000000,79680000001,79680000002", "night"
+    )
+    assert refused.status == 429 and refused.headers["Retry-After"]
+    assert (
+        "ERROR" in caplog.text
+        and "alert FIRING:1 HighCPU not sent: Budget used up" in caplog.text
+    )
+    app.parts["sender"].outgoing.directory = str(tmp_path / "gone")
+    assert post_alert(app, payload, "to=79680000000", "night").status == 503
+    app.parts["sender"].outgoing.directory = spool["outgoing"]
+    assert (
+        post_alert(app, payload, "to=79680000000", "night").status == 201
+    )  # not a duplicate
+
+
+def test_alert_quiet_hours_hold_only_what_says_priority_normal(tmp_path, spool):
+    extra = ALERTING + quiet_ini(window_around_now())
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    )
+    payload = notification([alert("HighCPU", n=1)])
+    urgent = post_alert(app, payload, "to=79680000000", "night")
+    held = post_alert(app, payload, "to=79680000001&priority=normal", "night")
+    assert urgent.status == held.status == 201
+    assert "held" not in urgent.json() and held.json()["held"] == "quiet_hours"
+
+
+def test_heartbeat_beats_listing_and_permissions(alert_app, spool):
+    assert (
+        call(alert_app, "POST", "/api/v1.0/heartbeats/monitoring", user="lvv").status
+        == 200
+    )
+    assert (
+        call(alert_app, "POST", "/api/v1.0/heartbeats/nothing", user="lvv").status
+        == 404
+    )
+    assert (
+        call(alert_app, "POST", "/api/v1.0/heartbeats/abroad", user="lvv").status == 403
+    )
+    assert (
+        call(
+            alert_app,
+            "POST",
+            "/api/v1.0/heartbeats/abroad",
+            b"{}",
+            "ann",
+            {"Content-Type": "text/x"},
+        ).status
+        == 200
+    )
+    listed = call(alert_app, "GET", "/api/v1.0/heartbeats", user="lvv").json()[
+        "heartbeats"
+    ]
+    assert [h["name"] for h in listed] == ["monitoring", "abroad"]
+    assert listed[0]["every"] == 300 and listed[0]["to"] == ["@oncall"]
+    assert listed[0]["state"] == "ok" and datetime_with_offset(listed[0]["last_beat"])
+    assert spool_snapshot(spool) == {}
+
+
+def test_heartbeat_missed_then_back_once_each_across_a_restart(tmp_path, spool, caplog):
+    extra = GROUPS + "\n[heartbeat:monitoring]\nevery = 1min\nto = @oncall 79160000000"
+    path = write_ini(tmp_path, spool, extra=extra)
+    app = smsapi.Application(smsapi.load_config(path))
+    beats = app.watcher.heartbeats
+    now = time.time()
+    beats.check(app.config, now + 59)
+    assert spool_snapshot(spool) == {}  # a full period after the start first
+    beats.check(app.config, now + 61)
+    missed = texts_in(spool)
+    assert set(missed) == {"79680000000", "79680000001", "79160000000"}
+    assert set(missed.values()) == {"heartbeat monitoring missed, last beat at never"}
+    beats.check(app.config, now + 200)
+    assert len(os.listdir(spool["outgoing"])) == 3  # once
+    assert (
+        call(app, "GET", "/api/v1.0/health").json()["checks"]["heartbeat:monitoring"][
+            "status"
+        ]
+        == "warn"
+    )
+    app.close()
+    for name in os.listdir(spool["outgoing"]):
+        os.remove(os.path.join(spool["outgoing"], name))
+    again = smsapi.Application(smsapi.load_config(path))  # still missed after a restart
+    again.watcher.heartbeats.check(again.config, time.time() + 3600)
+    assert spool_snapshot(spool) == {}
+    assert (
+        call(again, "POST", "/api/v1.0/heartbeats/monitoring", user="lvv").status == 200
+    )
+    assert set(texts_in(spool).values()) == {"heartbeat monitoring back"}
+    assert (
+        call(again, "POST", "/api/v1.0/heartbeats/monitoring", user="lvv").status == 200
+    )
+    assert len(os.listdir(spool["outgoing"])) == 3  # back once
+    time.sleep(1.1)
+    text = call(again, "GET", "/metrics").body.decode()
+    last = float(
+        re.search(
+            r'smsapi_heartbeat_last_seconds\{heartbeat="monitoring"\} (\S+)', text
+        ).group(1)
+    )
+    assert abs(last - time.time()) < 5
+    for name in os.listdir(spool["outgoing"]):
+        os.remove(os.path.join(spool["outgoing"], name))
+    last_beat = again.watcher.heartbeats.states(again.config)[0][1]
+    again.watcher.heartbeats.check(again.config, last_beat + 61)
+    assert texts_in(spool)["79160000000"].startswith(
+        "heartbeat monitoring missed, last beat at 20"
+    )
+    again.close()
+
+
+def test_heartbeat_from_alertmanagers_watchdog_sends_nothing(alert_app, spool):
+    watchdog = notification(
+        [alert("Watchdog", summary="always firing", n=9)], group="{}:{}"
+    )
+    for _ in range(2):  # byte-identical: a beat each time, never a duplicate
+        response = post_alert(alert_app, watchdog, "heartbeat=monitoring")
+        assert response.status == 200 and response.json()["heartbeat"] == "monitoring"
+    assert spool_snapshot(spool) == {}
+    first = alert_app.watcher.heartbeats.states(alert_app.config)[0][1]
+    assert first and time.time() - first < 5
+    resolved = notification([alert("Watchdog", status="resolved", n=9)], "resolved")
+    assert (
+        post_alert(alert_app, resolved, "heartbeat=monitoring").status == 400
+    )  # no to=
+    assert post_alert(alert_app, watchdog, "heartbeat=nothing").status == 404
+    assert post_alert(alert_app, watchdog, "heartbeat=abroad").status == 403
+
+
 ###############################################################################
 # Scheduled sends, quiet hours, expiry #########################################
 ###############################################################################
