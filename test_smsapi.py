@@ -6733,6 +6733,17 @@ class SmsdStack:
             2
         ]
 
+    def heartbeats(self):
+        return self.api.request("GET", "/api/v1.0/heartbeats", user="lvv")[2][
+            "heartbeats"
+        ]
+
+    def status_of_heartbeat(self):
+        return self.heartbeats()[0]["state"]
+
+    def last_beat(self):
+        return self.heartbeats()[0]["last_beat"]
+
     def wait_final(self, message_id, user="lvv", timeout=60):
         def final():
             status = self.status(message_id, user)
@@ -7294,3 +7305,207 @@ def test_smsd_two_processes_moving_at_once_send_each_message_once(stack):
     time.sleep(2)
     for number in numbers:
         assert [on_air_text([p]) for p in stack.modem.parts_to(number)] == ["once each"]
+
+
+###############################################################################
+# The real Alertmanager, and Zabbix's script engine ############################
+###############################################################################
+
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+AMTOOL = shutil.which("amtool")
+ZABBIX_JS = shutil.which("zabbix_js")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Alertmanager:
+    """The real Alertmanager on loopback, alone (no cluster), with this config."""
+
+    def __init__(self, root, config):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        root = pathlib.Path(root) / f"alertmanager-{self.port}"
+        (root / "data").mkdir(parents=True)
+        (root / "alertmanager.yml").write_text(config)
+        self.log = open(root / "log", "w+")  # noqa: SIM115 (as long as the process)
+        self.process = subprocess.Popen(
+            [
+                ALERTMANAGER,
+                f"--config.file={root / 'alertmanager.yml'}",
+                f"--storage.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--web.external-url={self.url}/",
+                "--cluster.listen-address=",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(self.ready, 20, "Alertmanager to be ready")
+
+    def ready(self):
+        try:
+            with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def push(self, alerts):
+        """POST alerts to its API, as Prometheus does."""
+        request = urllib.request.Request(
+            self.url + "/api/v2/alerts",
+            json.dumps(alerts).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        self.log.close()
+
+
+def alertmanager_config(api, user="lvv"):
+    """Routes: alerts to @oncall; InstanceDown gathered a second; Watchdog to the
+    heartbeat; Flood as a user with a budget."""
+    to = api + "/api/v1.0/alerts/alertmanager?to=@oncall"
+
+    def receiver(name, url, user=user, resolved=True):
+        return f"""
+  - name: {name}
+    webhook_configs:
+      - url: '{url}'
+        send_resolved: {str(resolved).lower()}
+        http_config:
+          basic_auth: {{username: {user}, password: {PASSWORDS[user]}}}"""
+
+    return f"""
+route:
+  receiver: sms
+  group_by: [alertname]
+  group_wait: 0s
+  group_interval: 1s
+  repeat_interval: 1h
+  routes:
+    - matchers: [alertname="InstanceDown"]
+      receiver: sms
+      group_wait: 2s
+    - matchers: [alertname="Watchdog"]
+      receiver: heartbeat
+      repeat_interval: 1s
+    - matchers: [alertname="Flood"]
+      receiver: flood
+receivers:{receiver("sms", to)}{receiver("heartbeat", api + "/api/v1.0/alerts/alertmanager?heartbeat=monitoring", resolved=False)}{receiver("flood", to, "night")}
+"""
+
+
+def rfc3339(seconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+needs_alertmanager = pytest.mark.skipif(
+    SMSD is None or ALERTMANAGER is None or AMTOOL is None,
+    reason="needs smsd (smstools) and Alertmanager (prometheus-alertmanager)",
+)
+
+
+@needs_alertmanager
+def test_smsd_alertmanager_alerts_heartbeat_dedupe_and_budget(tmp_path):
+    oncall = ["79681000001", "79681000002"]
+    extra = (
+        f"\n[group:oncall]\nmobiles = {' '.join(oncall)}"
+        "\n[heartbeat:monitoring]\nevery = 5s\nto = @oncall"
+        f"\n[user:night]\npassword = {HASHES['night']}\nmax_per_hour = 3"
+    )
+    stack = SmsdStack(tmp_path, extra=extra)
+    pair = []
+    try:
+        pair = [
+            Alertmanager(tmp_path, alertmanager_config(stack.api.url)) for _ in range(2)
+        ]
+        started = rfc3339(time.time())
+        watchdog = {"labels": {"alertname": "Watchdog"}, "startsAt": started}
+        pair[0].push([watchdog])  # Alertmanager's always-firing alert: the beats
+        stack.wait_for(stack.last_beat, 20, "a first beat")
+        firing = {
+            "labels": {
+                "alertname": "HighCPU",
+                "instance": "db1:9100",
+                "severity": "page",
+            },
+            "annotations": {"summary": "CPU at 95%"},
+            "startsAt": started,
+        }
+        for manager in pair:  # an HA pair without gossip: both notify
+            manager.push([firing])
+
+        def on_air(number, count):
+            texts = [on_air_text([p]) for p in stack.modem.parts_to(number)]
+            return texts if len(texts) >= count else None
+
+        for number in oncall:
+            texts = stack.wait_for(lambda n=number: on_air(n, 1), 30, "the firing SMS")
+            assert texts == ["FIRING:1 HighCPU db1:9100: CPU at 95%"]
+        subprocess.run(
+            [AMTOOL, f"--alertmanager.url={pair[0].url}", "alert", "add",
+             "alertname=HighCPU", "instance=db1:9100", "severity=page",
+             "--annotation=summary=CPU at 95%", f"--start={started}",
+             f"--end={rfc3339(time.time() - 1)}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        for number in oncall:
+            texts = stack.wait_for(
+                lambda n=number: on_air(n, 2), 30, "the resolved SMS"
+            )
+            assert texts[1] == "RESOLVED HighCPU db1:9100: CPU at 95%"
+        time.sleep(3)
+        print(
+            [[on_air_text([p]) for p in stack.modem.parts_to(n)] for n in oncall],
+            stack.api.output()[-3000:],
+        )
+        assert [len(stack.modem.parts_to(n)) for n in oncall] == [
+            2,
+            2,
+        ]  # the pair's twins sent once
+
+        storm = [
+            {"labels": {"alertname": "InstanceDown", "instance": f"node{n:02d}:9100"},
+             "annotations": {"summary": "target is down"}, "startsAt": started}
+            for n in range(50)
+        ]  # fmt: skip
+        pair[0].push(storm)
+        texts = stack.wait_for(lambda: on_air(oncall[0], 3), 30, "the storm's SMS")
+        assert texts[2].startswith("FIRING:50 InstanceDown node")
+        assert re.search(r" \+\d+ more$", texts[2]) and len(texts[2]) <= 160
+
+        assert stack.status_of_heartbeat() == "ok"  # the beats kept coming all along
+        pair[0].push([dict(watchdog, endsAt=rfc3339(time.time() - 1))])  # it stops
+        texts = stack.wait_for(lambda: on_air(oncall[0], 4), 20, "the missed SMS")
+        assert texts[3].startswith("heartbeat monitoring missed, last beat at 20")
+        time.sleep(3)
+        assert len(stack.modem.parts_to(oncall[0])) == 4  # once
+        pair[0].push([dict(watchdog, startsAt=rfc3339(time.time()))])  # it is back
+        texts = stack.wait_for(lambda: on_air(oncall[0], 5), 20, "the back SMS")
+        assert texts[4] == "heartbeat monitoring back"
+
+        flood = [
+            {"labels": {"alertname": "Flood", "n": str(n)}, "startsAt": started}
+            for n in range(2)
+        ]
+        pair[1].push(flood[:1])  # 2 SMS of night's 3 an hour
+        stack.wait_for(lambda: on_air(oncall[0], 6), 20, "the first flood SMS")
+        pair[1].push(flood)  # 2 more: refused, and Alertmanager retries in vain
+        stack.wait_for(
+            lambda: " 429 user=night" in stack.api.output(), 20, "the budget's 429"
+        )
+        assert "alert FIRING:2 Flood" in stack.api.output()
+        time.sleep(2)
+        assert len(stack.modem.parts_to(oncall[0])) == 6
+    finally:
+        for manager in pair:
+            manager.stop()
+        stack.stop()
