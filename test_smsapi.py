@@ -7509,3 +7509,47 @@ def test_smsd_alertmanager_alerts_heartbeat_dedupe_and_budget(tmp_path):
         for manager in pair:
             manager.stop()
         stack.stop()
+
+
+@pytest.mark.skipif(ZABBIX_JS is None, reason="needs zabbix_js (zabbix-server-pgsql)")
+def test_live_zabbix_media_type_from_the_readme_sends_through_smsapi(tmp_path, spool):
+    script = re.search(r"```js\n(.*?)```", readme_section("Alerts"), re.DOTALL).group(1)
+    (tmp_path / "smsapi.js").write_text(script)
+    extra = "\n[group:oncall]\nmobiles = 79680000000 79680000001"
+    server = Server(write_ini(tmp_path, spool, extra=extra), tmp_path)
+    try:
+
+        def media(to, password=PASSWORDS["lvv"]):
+            params = {
+                "URL": server.url + "/",
+                "To": to,
+                "Subject": "Problem: Disk full on db1",
+                "Message": "Free space on /var is 1%",
+                "User": "lvv",
+                "Password": password,
+            }
+            return subprocess.run(
+                [ZABBIX_JS, "-s", str(tmp_path / "smsapi.js"), "-p", json.dumps(params)],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+
+        sent = media("@oncall, +79160000000")
+        assert sent.returncode == 0 and sent.stdout.strip() == "OK", sent
+        texts = texts_in(spool)
+        assert texts == dict.fromkeys(
+            ["79680000000", "79680000001", "79160000000"],
+            "Problem: Disk full on db1\nFree space on /var is 1%",
+        )
+        refused = media("4915112345678")  # not on lvv's allow-list
+        assert (
+            refused.returncode != 0
+            and "smsapi answered 403" in refused.stdout + refused.stderr
+        )
+        wrong = media("79680000000", "wrong")
+        assert (
+            wrong.returncode != 0
+            and "smsapi answered 401" in wrong.stdout + wrong.stderr
+        )
+        assert len(os.listdir(spool["outgoing"])) == 3
+    finally:
+        server.stop()
