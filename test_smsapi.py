@@ -4357,7 +4357,9 @@ def test_alert_duplicates_within_the_window_send_once(alert_app, spool, caplog):
         ),
     )
     assert elsewhere.status == resolved.status == later.status == 201
+    assert post_alert(alert_app, payload).status == 200  # still a duplicate
     assert len(os.listdir(spool["outgoing"])) == 7
+    assert "damaged" not in caplog.text
 
 
 def test_alert_duplicate_after_the_window_is_sent_again(tmp_path, spool):
