@@ -3248,12 +3248,15 @@ class Heartbeats:
 class Watcher:
     """The one background thread that follows smsd: a thin loop feeding the parts.
 
-    Each tick reads the spool's changes and hands them on: the report index
-    learns what smsd filed in sent/ and attaches the reports that arrive, the
-    inbox index keeps the received files, the waiting requests are woken, the
-    sent and failed messages are counted; then retention and the expiry of
-    idempotency records get their turn. Every file is read once, when it
-    arrives, and a file that cannot be read or parsed is logged and skipped.
+    Each tick first moves the held messages that came due and checks the
+    heartbeats; then it reads the spool's changes and hands them on: the
+    report index learns what smsd filed in sent/ and attaches the reports that
+    arrive, the inbox index keeps the received files, the webhooks are told,
+    the waiting requests are woken, the sent and failed messages are counted;
+    then retention and the expiry of idempotency records get their turn. Every
+    file is read once, when it arrives, and a file that cannot be read or
+    parsed is logged and skipped. Between ticks it sleeps a second, or until
+    the next held message is due.
     """
 
     def __init__(self, config, idempotency, interval=1.0, inotify=True):
