@@ -2488,6 +2488,24 @@ def header_time(headers, name):
         return None
 
 
+def can_rename(source_dir, target_dir):
+    """True when rename() moves a file from one directory into the other:
+    tried with a name that smsd skips."""
+    name = f"{TEMP_PREFIX}probe-{os.urandom(6).hex()}"
+    probe, moved = os.path.join(source_dir, name), os.path.join(target_dir, name)
+    write_file(probe, b"", sync=False)
+    try:
+        os.rename(probe, moved)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return False
+    finally:
+        remove_quietly(probe)
+    remove_quietly(moved)
+    return True
+
+
 class Schedule:
     """The messages held back, for a send_at or by quiet hours: each a file in
     the scheduled directory until its time, then moved into outgoing; or into
@@ -2509,18 +2527,23 @@ class Schedule:
         self.times = {}  # message id -> (send_at, valid_until or None)
         self.heap = []  # (moment, message id): each send_at and valid_until
         os.makedirs(self.directory, 0o750, exist_ok=True)
-        outgoing = os.stat(config.spool["outgoing"])
-        self.group = outgoing.st_gid  # smsd's: it rewrites the file once moved
-        self.copy = os.stat(self.directory).st_dev != outgoing.st_dev
-        if self.copy:
-            log.warning(
-                "%s is not on the filesystem of %s: a message due is copied, fsynced,"
-                " renamed into outgoing, then removed",
-                self.directory,
-                config.spool["outgoing"],
-            )
+        self.group = os.stat(config.spool["outgoing"]).st_gid  # smsd rewrites the file
+        self.copy = False
+        if not can_rename(self.directory, config.spool["outgoing"]):
+            self.copy_from_now()
         self.writer = Outgoing(self.directory, config.fsync, self.group)
         self.load()
+
+    def copy_from_now(self):
+        """rename() cannot move into outgoing (another filesystem, or another mount
+        of it, as systemd's ReadWritePaths= makes): copy instead."""
+        self.copy = True
+        log.warning(
+            "%s is not on the filesystem of %s (or not on its mount): a message due is"
+            " copied, fsynced, renamed into outgoing, then removed",
+            self.directory,
+            self.config.spool["outgoing"],
+        )
 
     def load(self):
         """Take in the held files; finish the moves a crash cut short."""
@@ -2610,6 +2633,12 @@ class Schedule:
             os.rename(source, os.path.join(self.config.spool["outgoing"], message_id))
         except FileNotFoundError:
             return  # cancelled, or moved by another process
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self.copy_from_now()  # the mounts changed since the start
+            self.claim_and_finish(".release-", message_id, now)
+            return
         if self.config.fsync:
             fsync_directory(self.config.spool["outgoing"])
 

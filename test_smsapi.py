@@ -4961,6 +4961,27 @@ def test_schedule_across_filesystems_copies_then_removes(tmp_path, spool, caplog
         subprocess.run(["umount", "-l", str(elsewhere)], check=True)
 
 
+def test_schedule_into_a_bind_mounted_outgoing_copies(tmp_path, spool, caplog):
+    # systemd's ReadWritePaths= bind-mounts outgoing: one filesystem, and yet
+    # rename() from the state directory into it fails with EXDEV.
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "--bind", spool["outgoing"], spool["outgoing"]], check=False
+    ).returncode:
+        pytest.skip("needs root to bind-mount")
+    try:
+        app = scheduled_app(tmp_path, spool)
+        assert "is not on the filesystem of" in caplog.text
+        message_id = send(app, ["79680000000"], send_at="+1s").json()["message_id"][
+            "79680000000"
+        ]
+        app.watcher.schedule.run(time.time() + 3)
+        assert os.listdir(spool["outgoing"]) == [message_id]
+        assert os.listdir(held_dir(app)) == []
+        app.close()
+    finally:
+        subprocess.run(["umount", "-l", spool["outgoing"]], check=True)
+
+
 def test_schedule_the_watcher_moves_a_message_within_a_second(tmp_path, spool):
     app = scheduled_app(tmp_path, spool)
     app.start()
