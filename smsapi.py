@@ -49,6 +49,7 @@ import re
 import signal
 import socket
 import stat
+import string  # logging has loaded it already
 import struct
 import sys
 import threading
@@ -639,9 +640,7 @@ def as_recipients(value):
 
 
 def string_template(text):
-    """A string.Template (string is imported when a template is used, not at start)."""
-    import string
-
+    """A string.Template ($name placeholders) of text."""
     return string.Template(text)
 
 
