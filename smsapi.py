@@ -2551,7 +2551,8 @@ class Schedule:
             if claim:
                 self.isolated(self.finish, claim, name[len(claim) :], time.time())
             elif name.startswith("."):  # a write or cancel that a crash cut short
-                remove_quietly(os.path.join(self.directory, name))
+                with contextlib.suppress(OSError):  # a directory stays
+                    os.unlink(os.path.join(self.directory, name))
             elif is_message_name(name):
                 self.isolated(self.learn, name)
 

@@ -4905,11 +4905,14 @@ def test_schedule_finishes_the_moves_a_crash_cut_short(tmp_path, spool, caplog):
         file.write(b"To: 7968")  # a write the crash cut short
     put_file({"scheduled": held}, "scheduled", "stray", {"To": "79680000009"})
     os.mkfifo(os.path.join(held, "fifo"))
+    os.mkdir(os.path.join(held, ".a-directory"))
     again = scheduled_app(tmp_path, spool)
     try:
         assert os.listdir(spool["outgoing"]) == [ids[0]]  # ids[1] is sent already
         assert os.listdir(spool["failed"]) == [ids[2]]
-        assert sorted(os.listdir(held)) == sorted(["fifo", "stray", ids[3]])
+        assert sorted(os.listdir(held)) == sorted(
+            ["fifo", "stray", ids[3], ".a-directory"]
+        )
         assert again.watcher.schedule.count() == 1
         assert "skipped stray: no Send_at header" in caplog.text
     finally:
