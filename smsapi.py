@@ -4347,7 +4347,8 @@ class Throttle:
                 return 0
             for key in blocked:  # hammering while blocked makes it longer
                 self.count(key, now)
-            return max(math.ceil(self.counters[k].until - now) for k in blocked)
+            wait = max(self.counters[k].until - now for k in blocked)
+            return max(1, math.ceil(round(wait, 3)))  # now + 900 - now may be 900.0001
 
     def over_budget(self, user, address, now):
         """True when user failed too often from everywhere, and address is not its own."""
@@ -4392,7 +4393,7 @@ class Throttle:
         self.counters.move_to_end(key)
         entry.count += 1
         if entry.count >= FAILURE_LIMIT:
-            entry.until = now + min(2.0 ** (entry.count - FAILURE_LIMIT), MAX_LOCKOUT)
+            entry.until = now + lockout(entry.count - FAILURE_LIMIT)
 
     def prune(self, now):
         """Forget what expired; if that is not enough, the least recently failing."""
@@ -4400,6 +4401,13 @@ class Throttle:
             del self.counters[key]
         while len(self.counters) > self.MAX_ENTRIES * 3 // 4:
             self.counters.popitem(last=False)
+
+
+def lockout(excess):
+    """Seconds blocked after excess failures past the limit: 1, 2, 4, ... up to
+    MAX_LOCKOUT; the power is capped before it is taken, since a patient guesser
+    drives excess past what a float can hold."""
+    return min(2.0 ** min(excess, 30), MAX_LOCKOUT)  # 2^30 s: past any lockout
 
 
 def name_digest(name):

@@ -3844,6 +3844,32 @@ def test_throttle_guessing_one_user_from_many_addresses(app):
     )
 
 
+def test_throttle_a_long_attack_costs_at_most_the_longest_lockout(app, caplog):
+    trusted, guesser, stranger = "10.9.9.9", "192.0.2.7", "198.51.100.9"
+    assert login(app, trusted, "lvv").status == 200
+    for n in range(2100):  # blocked after ten: each further attempt counts too
+        assert login(app, guesser, "lvv", f"guess{n}").status in (401, 429)
+    entry = app.throttle.counters[("user", smsapi.name_digest("lvv"))]
+    assert entry.count > 2000
+    assert login(app, trusted, "lvv").status == 200
+    refused = login(app, stranger, "lvv", "wrong")
+    assert refused.status == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= smsapi.MAX_LOCKOUT
+    assert "Traceback" not in caplog.text and "internal error" not in caplog.text
+
+
+@hypothesis.given(st.integers(min_value=0, max_value=10**9))
+def test_throttle_lockout_is_capped_for_any_count(count):
+    throttle = smsapi.Throttle()
+    key = ("address", "192.0.2.1")
+    throttle.counters[key] = smsapi.Failures(100.0)
+    throttle.counters[key].count = count
+    throttle.count(key, 100.0)
+    until = throttle.counters[key].until
+    assert until == 0.0 if count + 1 < smsapi.FAILURE_LIMIT else until > 100.0
+    assert until - 100.0 <= smsapi.MAX_LOCKOUT
+
+
 def test_throttle_memory_is_bounded_whatever_the_names():
     throttle = smsapi.Throttle()
     for n in range(3 * smsapi.Throttle.MAX_ENTRIES):
