@@ -340,6 +340,29 @@ def sd_notify(state):
 
 
 ###############################################################################
+# The clock ###################################################################
+###############################################################################
+
+
+class Clock:
+    """The time, and waiting for it. Every part that waits or expires reads the
+    time here and waits here, so that the tests move time instead of sleeping."""
+
+    def time(self):
+        """Seconds since the epoch: what is stored, shown and compared with mtimes."""
+        return time.time()
+
+    def monotonic(self):
+        """Seconds that only go forward: what durations are measured with."""
+        return time.monotonic()
+
+    def wait(self, waitable, seconds):
+        """Wait on an Event, or on a Condition the caller holds, for at most
+        seconds (None: until it is set or notified)."""
+        return waitable.wait(seconds)
+
+
+###############################################################################
 # Passwords ###################################################################
 ###############################################################################
 
@@ -1200,13 +1223,13 @@ def non_gsm_chars(text):
 ###############################################################################
 
 
-def new_message_id(user, now=None):
+def new_message_id(user, now):
     """A fresh spool file name: prefix, owner tag, creation time, 96 random bits.
 
     The tag and the time let a listing pick one user's messages, newest
     first, from the names alone, without opening or stat-ing every file.
     """
-    micros = int((time.time() if now is None else now) * 1e6)
+    micros = int(now * 1e6)
     random = base64.urlsafe_b64encode(os.urandom(12)).decode()  # 16 characters
     return f"smsapi.{owner_tag(user)}.{base36(micros):0>10}{random}"
 
@@ -1527,13 +1550,19 @@ class Idempotency:
     of making new ones. Requests with the same key are serialised in-process.
     """
 
-    def __init__(self, config):
+    def __init__(self, settings, clock):
+        config = settings()
         self.directory = os.path.join(config.state_dir, "idempotency")
         self.sync = config.fsync
-        self.ttl = config.retention["state"]
+        self.settings, self.clock = settings, clock
         self.guard = threading.Lock()
         self.locks = {}  # record path -> [lock, users]
-        self.expired = time.time()  # when old records were last removed
+        self.expired = clock.time()  # when old records were last removed
+
+    @property
+    def ttl(self):
+        """How long a record lives: [retention] state, as the config in use says."""
+        return self.settings().retention["state"]
 
     def path(self, user, key):
         digest = sha256(f"{user}\0{key}".encode()).hexdigest()
@@ -1571,7 +1600,7 @@ class Idempotency:
         if record is not None and not is_record(record, numbers):
             log.warning("idempotency record %s is damaged: ignored", path)
             return None
-        if record is None or record["created"] < time.time() - self.ttl:
+        if record is None or record["created"] < self.clock.time() - self.ttl:
             return None
         if record.get("fingerprint") != fingerprint:
             raise ApiError(
@@ -1588,9 +1617,9 @@ class Idempotency:
         except OSError as exc:
             raise storage_error(exc) from exc
 
-    def expire(self, now=None):
+    def expire(self, now):
         """Delete the records that have outlived their time (their files' mtime tells)."""
-        self.expired = now = time.time() if now is None else now
+        self.expired = now
         with (
             contextlib.suppress(FileNotFoundError),
             os.scandir(self.directory) as found,
@@ -1712,8 +1741,9 @@ class SpoolChanges:
     #: most of the events, and no part follows what arrives in the queue.
     DEPARTURES_ONLY = ("outgoing", "checked")
 
-    def __init__(self, directories, inotify=True):
+    def __init__(self, directories, clock, inotify=True):
         self.directories = directories  # kind -> path
+        self.clock = clock
         self.watches = {}  # watch descriptor -> kinds
         self.lost = set(directories)  # kinds with no watch yet
         self.complained = set()  # kinds whose trouble is logged already
@@ -1805,7 +1835,8 @@ class SpoolChanges:
         if known is None:
             self.known[kind] = names
             return [Change(kind, "", RESCAN)]
-        ready = {n for n in names - known if settled(path, n)}
+        now = self.clock.time()
+        ready = {n for n in names - known if settled(path, n, now)}
         self.unsettled.discard(kind)
         if names - known - ready:
             self.unsettled.add(kind)  # look again next tick
@@ -1815,11 +1846,11 @@ class SpoolChanges:
         ]
 
 
-def settled(directory, name):
+def settled(directory, name, now):
     """True when a polled file is no longer being written: no lock, and not changed
-    within the last SETTLE seconds (an mtime in the future is no write in progress)."""
+    within SETTLE seconds before now (an mtime in the future is no write in progress)."""
     try:
-        age = time.time() - os.lstat(os.path.join(directory, name)).st_mtime
+        age = now - os.lstat(os.path.join(directory, name)).st_mtime
     except OSError:
         return True  # gone again; the next listing tells
     written = 0 <= age < SETTLE
@@ -1966,8 +1997,10 @@ class ReportIndex:
     again; without a journal, every sent file within report_window is.
     """
 
-    def __init__(self, config, counts):
-        self.config = config
+    def __init__(self, settings, counts, clock):
+        config = settings()
+        self.settings, self.clock = settings, clock
+        self.spool, self.sync = config.spool, config.fsync  # restart-only
         self.counts = counts  # delivered and undelivered are counted here
         self.path = os.path.join(config.state_dir, JOURNAL)
         self.awaiting = {}  # message id -> Awaiting
@@ -1978,8 +2011,8 @@ class ReportIndex:
         self.lines = 0  # lines in the journal file
         self.to_read = []  # names in sent/ to read, a chunk a tick
         self.catching_up = False  # until to_read is done
-        self.clock = self.load()  # when the journal last saw the spool, or None
-        self.swept = time.time()
+        self.seen = self.load()  # when the journal last saw the spool, or None
+        self.swept = clock.time()
 
     def outcome(self, message_id):
         """The Outcome of message_id's report, or None."""
@@ -2014,7 +2047,7 @@ class ReportIndex:
         if report.outcome is None or report.name in self.attached:
             return  # the SMSC is still trying, or this file was read before
         key = (report.modem, report.message_ref, report.to)
-        window = self.config.report_window
+        window = self.settings().report_window
         candidates = [
             (
                 abs(report.submitted - entry.sent) if report.submitted else 0,
@@ -2042,16 +2075,16 @@ class ReportIndex:
 
     def catch_up(self, now):
         """Plan to read the sent files that may have come while nobody looked."""
-        since = now - self.config.report_window
-        if self.clock is not None:
-            since = max(since, self.clock - CLOCK_MARGIN)
+        since = now - self.settings().report_window
+        if self.seen is not None:
+            since = max(since, self.seen - CLOCK_MARGIN)
         else:
             log.info(
                 "delivery report index %s missing: building it from the spool",
                 self.path,
             )
         self.catching_up = True
-        with os.scandir(self.config.spool["sent"]) as entries:
+        with os.scandir(self.spool["sent"]) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
                     if entry.stat(follow_symlinks=False).st_mtime >= since:
@@ -2078,11 +2111,11 @@ class ReportIndex:
     def sweep(self, now):
         """Hourly: forget reports never to come, and outcomes of files gone."""
         self.swept = now
-        cutoff = now - self.config.report_window
+        cutoff = now - self.settings().report_window
         for message_id in [i for i, e in self.awaiting.items() if e.sent < cutoff]:
             self.forget(message_id)
         for message_id in list(self.outcomes):
-            if not os.path.lexists(os.path.join(self.config.spool["sent"], message_id)):
+            if not os.path.lexists(os.path.join(self.spool["sent"], message_id)):
                 self.forget(message_id)
 
     # -- the journal ------------------------------------------------------------
@@ -2119,7 +2152,7 @@ class ReportIndex:
             with open(self.path, "rb") as file:
                 journal = file.readlines()
         except FileNotFoundError:
-            self.migrate(os.path.join(self.config.state_dir, "reports.json"))
+            self.migrate(os.path.join(os.path.dirname(self.path), "reports.json"))
             return None
         for raw in journal:
             self.lines += 1
@@ -2152,7 +2185,7 @@ class ReportIndex:
 
     def save(self, now):
         """Append this tick's lines and the clock; rewrite the journal when mostly stale."""
-        if not self.unsaved and self.clock is not None and now - self.clock < 60:
+        if not self.unsaved and self.seen is not None and now - self.seen < 60:
             return
         lines = self.unsaved + [["clock", now]]
         self.unsaved = []
@@ -2161,9 +2194,9 @@ class ReportIndex:
             if self.lines + len(lines) > max(1000, 4 * live):
                 self.compact(now)
             else:
-                append_lines(self.path, lines, self.config.fsync)
+                append_lines(self.path, lines, self.sync)
                 self.lines += len(lines)
-            self.clock = now
+            self.seen = now
         except OSError as exc:
             log.error("cannot save %s: %s", self.path, one_line(exc))
 
@@ -2172,7 +2205,7 @@ class ReportIndex:
         lines = [["await", i, *e] for i, e in self.awaiting.items()]
         lines += [["outcome", i, *o] for i, o in self.outcomes.items()]
         lines += [["clock", now]] if now else []
-        rewrite_lines(self.path, lines, self.config.fsync)
+        rewrite_lines(self.path, lines, self.sync)
         self.lines = len(lines)
 
 
@@ -2292,14 +2325,14 @@ def inbox_name(name):
 class Retention:
     """Removes spool files older than [retention] allows, every few minutes, a chunk a pass."""
 
-    def __init__(self, config, counts, chunk=RETENTION_CHUNK):
-        self.config = config
+    def __init__(self, settings, counts, chunk=RETENTION_CHUNK):
+        self.settings = settings
         self.counts = counts  # "removed" is counted here
         self.chunk = chunk
         self.last = 0.0  # when the last pass ran
 
     def due(self, now):
-        return bool(self.config.retention) and now - self.last >= RETENTION_EVERY
+        return bool(self.settings().retention) and now - self.last >= RETENTION_EVERY
 
     def run(self, now):
         """One pass; when a chunk was not enough, the next tick goes on."""
@@ -2314,8 +2347,9 @@ class Retention:
 
     def directories(self):
         """(directory, age) for each spool directory with a retention age."""
-        spool, found = self.config.spool, {}
-        for kind, age in self.config.retention.items():
+        config, found = self.settings(), {}
+        spool = config.spool
+        for kind, age in config.retention.items():
             if kind in spool:
                 found[spool[kind]] = age
             if kind == "incoming" and "report" in spool:
@@ -2367,8 +2401,8 @@ class RecentFailures:
     is; only a RESCAN (at start, or when the watch was lost) does, once.
     """
 
-    def __init__(self, directory):
-        self.directory = directory
+    def __init__(self, directory, clock):
+        self.directory, self.clock = directory, clock
         self.lock = threading.Lock()
         self.times = {}  # file name -> its mtime, within the last hour
 
@@ -2377,7 +2411,7 @@ class RecentFailures:
             mtime = os.lstat(os.path.join(self.directory, name)).st_mtime
         except FileNotFoundError:
             return
-        if is_message_name(name) and within_the_hour(mtime):
+        if is_message_name(name) and within_the_hour(mtime, self.clock.time()):
             with self.lock:
                 self.times[name] = mtime
 
@@ -2386,27 +2420,26 @@ class RecentFailures:
             self.times.pop(name, None)
 
     def rescan(self):
-        found = {}
+        found, now = {}, self.clock.time()
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 with contextlib.suppress(OSError):
                     mtime = entry.stat(follow_symlinks=False).st_mtime
-                    if is_message_name(entry.name) and within_the_hour(mtime):
+                    if is_message_name(entry.name) and within_the_hour(mtime, now):
                         found[entry.name] = mtime
         with self.lock:
             self.times = found
 
     def count(self):
         """How many failed within the last hour (older ones are forgotten now)."""
-        cutoff = time.time() - 3600
+        cutoff = self.clock.time() - 3600
         with self.lock:
             self.times = {n: t for n, t in self.times.items() if t > cutoff}
             return len(self.times)
 
 
-def within_the_hour(mtime):
-    """True for a time in the last hour (a file dated ahead did not fail now)."""
-    now = time.time()
+def within_the_hour(mtime, now):
+    """True for a time in the last hour before now (a file dated ahead did not fail now)."""
     return now - 3600 < mtime <= now + 60
 
 
@@ -2424,7 +2457,8 @@ class Waiters:
 
     RECHECK = 5.0  # seconds: a waiter looks again even if nothing woke it
 
-    def __init__(self):
+    def __init__(self, clock):
+        self.clock = clock
         self.changed = threading.Condition()
         self.watched = collections.Counter()  # ids that requests wait for
         self.generation = 0
@@ -2442,8 +2476,9 @@ class Waiters:
             self.stopping = True
             self.changed.notify_all()
 
-    def wait(self, ids, look, done, deadline):
-        """Block until done(look()) or the monotonic deadline; return the last look()."""
+    def wait(self, ids, look, done, seconds):
+        """Block until done(look()), for at most seconds; return the last look()."""
+        deadline = self.clock.monotonic() + seconds
         with self.changed:
             self.watched.update(ids)
         try:
@@ -2451,12 +2486,12 @@ class Waiters:
                 with self.changed:
                     generation = self.generation
                 states = look()
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.clock.monotonic()
                 if done(states) or remaining <= 0 or self.stopping:
                     return states
                 with self.changed:
                     if self.generation == generation and not self.stopping:
-                        self.changed.wait(min(remaining, self.RECHECK))
+                        self.clock.wait(self.changed, min(remaining, self.RECHECK))
         finally:
             with self.changed:
                 self.watched.subtract(ids)
@@ -2518,8 +2553,10 @@ class Schedule:
     finished at the next start.
     """
 
-    def __init__(self, config, wake):
-        self.config = config
+    def __init__(self, settings, wake, clock):
+        config = settings()
+        self.settings, self.clock = settings, clock
+        self.spool, self.sync = config.spool, config.fsync  # restart-only
         self.directory = config.spool["scheduled"]
         self.wake = wake  # the watcher's: set when a new time may be the next
         self.lock = threading.Lock()
@@ -2541,7 +2578,7 @@ class Schedule:
             "%s is not on the filesystem of %s (or not on its mount): a message due is"
             " copied, fsynced, renamed into outgoing, then removed",
             self.directory,
-            self.config.spool["outgoing"],
+            self.spool["outgoing"],
         )
 
     def load(self):
@@ -2549,7 +2586,7 @@ class Schedule:
         for name in sorted(os.listdir(self.directory)):
             claim = next((c for c in CLAIMS if name.startswith(c)), None)
             if claim:
-                self.isolated(self.finish, claim, name[len(claim) :], time.time())
+                self.isolated(self.finish, claim, name[len(claim) :], self.clock.time())
             elif name.startswith("."):  # a write or cancel that a crash cut short
                 with contextlib.suppress(OSError):  # a directory stays
                     os.unlink(os.path.join(self.directory, name))
@@ -2630,7 +2667,7 @@ class Schedule:
             self.claim_and_finish(".release-", message_id, now)
             return
         try:
-            os.rename(source, os.path.join(self.config.spool["outgoing"], message_id))
+            os.rename(source, os.path.join(self.spool["outgoing"], message_id))
         except FileNotFoundError:
             return  # cancelled, or moved by another process
         except OSError as exc:
@@ -2639,8 +2676,8 @@ class Schedule:
             self.copy_from_now()  # the mounts changed since the start
             self.claim_and_finish(".release-", message_id, now)
             return
-        if self.config.fsync:
-            fsync_directory(self.config.spool["outgoing"])
+        if self.sync:
+            fsync_directory(self.spool["outgoing"])
 
     def expire(self, message_id, now):
         """File a message whose valid_until passed before it was sent in failed, with why."""
@@ -2664,10 +2701,10 @@ class Schedule:
         if not MESSAGE_ID.fullmatch(message_id):
             remove_quietly(path)
             return
-        if kind == "outgoing" and find_message(self.config, message_id) is None:
+        if kind == "outgoing" and find_message(self.settings(), message_id) is None:
             found = read_spool_file(path)
             if found:
-                Outgoing(self.config.spool["outgoing"], self.config.fsync).write(
+                Outgoing(self.spool["outgoing"], self.sync).write(
                     {message_id: found[0]}
                 )
         elif kind == "failed":
@@ -2684,15 +2721,15 @@ class Schedule:
         failed = time.strftime("%y-%m-%d %H:%M:%S", time.localtime(now))
         reason = f"expired before it was sent (valid_until {valid_until})"
         head += f"\nFailed: {failed}\nFail_reason: {reason}".encode()
-        outcome = os.path.join(self.config.spool["failed"], message_id)
-        temp = os.path.join(self.config.spool["failed"], TEMP_PREFIX + message_id)
+        outcome = os.path.join(self.spool["failed"], message_id)
+        temp = os.path.join(self.spool["failed"], TEMP_PREFIX + message_id)
         try:
-            write_file(temp, head + b"\n\n" + body, self.config.fsync)
+            write_file(temp, head + b"\n\n" + body, self.sync)
             os.replace(temp, outcome)
         finally:
             remove_quietly(temp)
-        if self.config.fsync:
-            fsync_directory(self.config.spool["failed"])
+        if self.sync:
+            fsync_directory(self.spool["failed"])
 
 
 ###############################################################################
@@ -2715,12 +2752,13 @@ def sign(key, webhook_id, timestamp, body):
     return "v1," + base64.b64encode(signed.digest()).decode()
 
 
-def post_event(webhook, webhook_id, body):
-    """POST one signed event: (HTTP status or None, Retry-After in seconds or None, what happened)."""
+def post_event(webhook, webhook_id, body, now):
+    """POST one signed event at now: (HTTP status or None, Retry-After in seconds
+    or None, what happened)."""
     import http.client  # only a process with webhooks loads it
 
     url = urllib.parse.urlsplit(webhook.url)
-    timestamp = str(int(time.time()))
+    timestamp = str(int(now))
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "smsapi/" + __version__,
@@ -2748,7 +2786,7 @@ def post_event(webhook, webhook_id, body):
         connection.request("POST", target, body, headers)
         response = connection.getresponse()
         response.read(65536)  # what the receiver says is not ours to keep
-        delay = retry_after(response.getheader("Retry-After"))
+        delay = retry_after(response.getheader("Retry-After"), now)
         return response.status, delay, f"HTTP {response.status} {response.reason}"
     except (OSError, http.client.HTTPException) as exc:
         return None, None, one_line(exc) or type(exc).__name__
@@ -2756,15 +2794,15 @@ def post_event(webhook, webhook_id, body):
         connection.close()
 
 
-def retry_after(value):
-    """Seconds a Retry-After header asks to wait (seconds or an HTTP date), or None."""
+def retry_after(value, now):
+    """Seconds a Retry-After header asks to wait from now (seconds or an HTTP date), or None."""
     value = (value or "").strip()
     if is_number(value):
         return float(value)
     import email.utils
 
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        return email.utils.parsedate_to_datetime(value).timestamp() - now
     except (TypeError, ValueError, OverflowError):
         return None
 
@@ -2796,10 +2834,11 @@ class EventQueue:
     stops the sending until a reload or restart; events are still stored.
     """
 
-    def __init__(self, webhook, directory, fsync):
+    def __init__(self, webhook, directory, fsync, clock):
         self.webhook = webhook
         self.directory = directory
         self.fsync = fsync
+        self.clock = clock
         self.lock = threading.Condition()
         self.messages = {}  # message -> deque of its StoredEvents, oldest first
         self.ids = set()  # the webhook-ids of the events stored
@@ -2922,11 +2961,11 @@ class EventQueue:
             while not self.stopping:
                 wait = None
                 if self.heads and not self.disabled:
-                    wait = self.heads[0][0] - time.time()
+                    wait = self.heads[0][0] - self.clock.time()
                     if wait <= 0:
                         message = heapq.heappop(self.heads)[2]
                         return self.messages[message][0]
-                self.lock.wait(wait)
+                self.clock.wait(self.lock, wait)
         return None
 
     def attempt(self, event):
@@ -2942,7 +2981,7 @@ class EventQueue:
             self.settle(event, "dropped")
             return
         body = found[0].partition(b"\n")[2]
-        status, delay, what = post_event(webhook, event.id, body)
+        status, delay, what = post_event(webhook, event.id, body, self.clock.time())
         if status is not None and 200 <= status < 300:
             self.settle(event, "delivered")
         elif status == HTTPStatus.GONE:
@@ -2981,7 +3020,8 @@ class EventQueue:
             escape(what),
             wait,
         )
-        event = event._replace(attempts=event.attempts + 1, due=time.time() + wait)
+        due = self.clock.time() + wait
+        event = event._replace(attempts=event.attempts + 1, due=due)
         try:
             self.write(event, self.read_body(event))
         except OSError as exc:  # the attempts are then counted from the stored ones
@@ -3030,7 +3070,10 @@ class Webhooks:
     CLOCK_MARGIN) make their events, except those emitted already.
     """
 
-    def __init__(self, config):
+    def __init__(self, settings, clock):
+        config = settings()
+        self.clock = clock
+        self.fsync = config.fsync
         self.path = os.path.join(config.state_dir, EVENTS_JOURNAL)
         self.directory = os.path.join(config.state_dir, WEBHOOKS)
         self.queues = {}  # webhook name -> EventQueue
@@ -3040,20 +3083,19 @@ class Webhooks:
         self.lines = 0
         self.seq = 0
         self.started = False
-        self.clock = self.load() if config.webhooks else None
+        self.seen = self.load() if config.webhooks else None
         #: Files that came after this are new to a RESCAN; with no journal, none is.
-        self.horizon = self.clock - CLOCK_MARGIN if self.clock else time.time()
-        self.configure(config)
+        self.horizon = self.seen - CLOCK_MARGIN if self.seen else clock.time()
+        self.reconfigure(config)
 
-    def configure(self, config):
+    def reconfigure(self, config):
         """Make, keep or stop each webhook's queue as config says (at start and on reload)."""
-        self.fsync = config.fsync
         queues = {}
         for name, webhook in config.webhooks.items():
             queue = self.queues.get(name)
             if queue is None:
                 queue = EventQueue(
-                    webhook, os.path.join(self.directory, name), self.fsync
+                    webhook, os.path.join(self.directory, name), self.fsync, self.clock
                 )
                 if self.started:
                     queue.start()
@@ -3094,8 +3136,8 @@ class Webhooks:
             return
         body = {"type": event_type, "timestamp": iso_time(at), "data": data}
         body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        now = time.time()
-        self.seq = max(self.seq + 1, time.time_ns())
+        now = self.clock.time()
+        self.seq = max(self.seq + 1, int(now * 1e9))
         event = StoredEvent(self.seq, webhook_id, name, 0, now)
         self.outbox += [(queue, event, body) for queue in wanting]
         self.emitted[webhook_id] = now
@@ -3131,7 +3173,7 @@ class Webhooks:
             log.error("cannot store webhook events: %s", one_line(exc))
             return
         if not self.queues or (
-            not self.unsaved and self.clock is not None and now - self.clock < 60
+            not self.unsaved and self.seen is not None and now - self.seen < 60
         ):
             return
         self.write_journal(now)
@@ -3151,7 +3193,7 @@ class Webhooks:
         except OSError as exc:
             log.error("cannot save %s: %s", self.path, one_line(exc))
             return
-        self.clock, self.horizon = now, now - CLOCK_MARGIN
+        self.seen, self.horizon = now, now - CLOCK_MARGIN
 
     def load(self):
         """Read the journal: the events emitted lately; the last clock, or None."""
@@ -3192,11 +3234,13 @@ class Heartbeats:
     watcher checks them every tick; a beat comes from a request.
     """
 
-    def __init__(self, config):
+    def __init__(self, settings, outgoing, clock):
+        config = settings()
+        self.settings = settings
         self.path = os.path.join(config.state_dir, HEARTBEATS)
-        self.outgoing = Outgoing(config.spool["outgoing"], config.fsync)
+        self.outgoing = outgoing
         self.fsync = config.fsync
-        self.started = time.time()
+        self.started = clock.time()
         self.lock = threading.Lock()
         saved = read_json(self.path) or {}
         self.state = {}  # name -> {"last": time or None, "missed": bool, "retry": time}
@@ -3205,20 +3249,20 @@ class Heartbeats:
             last = state.get("last") if is_time(state.get("last")) else None
             self.state[name] = {"last": last, "missed": state.get("missed") is True}
 
-    def beat(self, config, name, now):
+    def beat(self, name, now):
         """A beat of heartbeat name; the "back" SMS if it was missed."""
         with self.lock:
             state = self.state.setdefault(name, {"last": None, "missed": False})
             state["last"] = now
-            if state["missed"] and self.tell(config, name, f"heartbeat {name} back"):
+            if state["missed"] and self.tell(name, f"heartbeat {name} back", now):
                 state["missed"] = False
                 log.warning("heartbeat %s is back", name)
             self.save(sync=False)
 
-    def check(self, config, now):
+    def check(self, now):
         """Tell the heartbeats' recipients of those whose beats stopped."""
         with self.lock:
-            for name, heartbeat in config.heartbeats.items():
+            for name, heartbeat in self.settings().heartbeats.items():
                 state = self.state.setdefault(name, {"last": None, "missed": False})
                 due = max(state["last"] or 0, self.started) + heartbeat.every
                 if state["missed"] or now < max(due, state.get("retry", 0)):
@@ -3227,21 +3271,22 @@ class Heartbeats:
                 text = string_template(
                     heartbeat.text or "heartbeat $name missed, last beat at $last_beat"
                 ).safe_substitute(name=name, last_beat=last)
-                if self.tell(config, name, text):
+                if self.tell(name, text, now):
                     state["missed"] = True
                     log.error("heartbeat %s missed: no beat since %s", name, last)
                     self.save(sync=self.fsync)
                 else:
                     state["retry"] = now + 60
 
-    def tell(self, config, name, text):
+    def tell(self, name, text, now):
         """Queue text to the heartbeat's recipients at once; False if it cannot be written."""
+        config = self.settings()
         entries = expand_groups(config.groups, config.heartbeats[name].to)
         numbers = dict.fromkeys(n.removeprefix("+") for n in entries)
         encoding = encode_text(text)
         sender = "heartbeat"
         files = {
-            new_message_id(sender): render_message(
+            new_message_id(sender, now): render_message(
                 sender, number, encoding, [("Priority", "High")]
             )
             for number in numbers
@@ -3262,10 +3307,10 @@ class Heartbeats:
         except OSError as exc:
             log.error("cannot save %s: %s", self.path, one_line(exc))
 
-    def states(self, config):
+    def states(self):
         """[(name, last beat or None, missed)] of each configured heartbeat."""
         with self.lock:
-            found = [(n, self.state.get(n, {})) for n in config.heartbeats]
+            found = [(n, self.state.get(n, {})) for n in self.settings().heartbeats]
             return [(n, s.get("last"), bool(s.get("missed"))) for n, s in found]
 
 
@@ -3288,32 +3333,18 @@ class Watcher:
     the next held message is due.
     """
 
-    def __init__(self, config, idempotency, interval=1.0, inotify=True):
-        os.makedirs(config.state_dir, mode=0o750, exist_ok=True)
-        self.config = config
+    def __init__(self, parts, interval=1.0):
+        self.settings, self.clock = parts.settings, parts.clock
         self.interval = interval
-        self.counts = collections.Counter()  # sent, failed, delivered, ..., removed
-        followed = {k: v for k, v in config.spool.items() if k != "scheduled"}
-        self.changes = SpoolChanges(followed, inotify)
-        self.reports = ReportIndex(config, self.counts)
-        self.inbox = InboxIndex()
-        self.retention = Retention(config, self.counts)
-        self.failures = RecentFailures(config.spool["failed"])
-        self.waiters = Waiters()
-        self.webhooks = Webhooks(config)
-        self.idempotency = idempotency
+        self.counts, self.changes = parts.counts, parts.changes
+        self.reports, self.inbox = parts.reports, parts.inbox
+        self.retention, self.failures = parts.retention, parts.failures
+        self.waiters, self.webhooks = parts.waiters, parts.webhooks
+        self.idempotency = parts.idempotency
+        self.schedule, self.heartbeats = parts.schedule, parts.heartbeats
+        self.wake = parts.wake  # a stop, or a message held for sooner
         self.stopping = threading.Event()
-        self.wake = threading.Event()  # a stop, or a message held for sooner
-        self.schedule = Schedule(config, self.wake)
-        self.heartbeats = Heartbeats(config)
         self.thread = None
-
-    def reconfigure(self, config):
-        """Take report_window, [retention], the records' lifetime and the webhooks
-        from a reloaded config."""
-        self.config = self.reports.config = self.retention.config = config
-        self.idempotency.ttl = config.retention["state"]
-        self.webhooks.configure(config)
 
     def start(self):
         self.thread = threading.Thread(
@@ -3344,15 +3375,15 @@ class Watcher:
                 log.exception("watcher tick failed")
             if watchdog:
                 sd_notify("WATCHDOG=1")
-            due = self.schedule.next_time() - time.time()
-            self.wake.wait(max(0.0, min(self.interval, due)))
+            due = self.schedule.next_time() - self.clock.time()
+            self.clock.wait(self.wake, max(0.0, min(self.interval, due)))
             self.wake.clear()  # the tick that follows sees what it was set for
 
     def tick(self):
         """One pass over what changed; every part gets its turn."""
-        now = time.time()
+        now = self.clock.time()
         self.isolated(self.schedule.run, now)
-        self.isolated(self.heartbeats.check, self.config, now)
+        self.isolated(self.heartbeats.check, now)
         changes = self.changes.read()
         for change in changes:
             self.isolated(self.follow, change, now)
@@ -3412,7 +3443,7 @@ class Watcher:
 
     def learn_sent(self, name):
         if is_message_name(name):
-            message = read_message(self.config, "sent", name)
+            message = read_message(self.settings(), "sent", name)
             if message is not None:
                 self.reports.learn(message)
 
@@ -3423,7 +3454,7 @@ class Watcher:
             if kind == "sent":
                 self.learn_sent(name)
             return
-        message = read_message(self.config, kind, name)
+        message = read_message(self.settings(), kind, name)
         if message is None:
             return
         if kind == "sent":
@@ -3437,16 +3468,16 @@ class Watcher:
         event_type = "sms." + outcome.status
         if not (OUR_ID.fullmatch(message_id) and self.webhooks.wanted(event_type)):
             return
-        message = read_message(self.config, "sent", message_id)
+        message = read_message(self.settings(), "sent", message_id)
         if message is not None:
             data = {**status_data(message, outcome), "from": message.owner}
             self.webhooks.offer(
-                event_type, message_id, message.owner, data, time.time()
+                event_type, message_id, message.owner, data, self.clock.time()
             )
 
     def arrived_meanwhile(self, kind):
         """After a RESCAN: the files that came while nobody looked are news to the webhooks."""
-        for name in self.webhooks.arrivals(self.config.spool[kind]):
+        for name in self.webhooks.arrivals(self.settings().spool[kind]):
             if kind in FINAL:
                 self.isolated(self.filed, kind, name)
             else:
@@ -3454,7 +3485,7 @@ class Watcher:
 
     def rescan_received(self, kind):
         """Read every received file not known yet (at start, or after a lost watch)."""
-        names = [n for n in os.listdir(self.config.spool[kind]) if inbox_name(n)]
+        names = [n for n in os.listdir(self.settings().spool[kind]) if inbox_name(n)]
         if kind == "incoming":
             names = self.inbox.keep_only(names)
         for name in names:
@@ -3465,13 +3496,13 @@ class Watcher:
         a fresh SMS (not one found again by a rescan) is news to the webhooks."""
         if not inbox_name(name):
             return
-        found = read_spool_file(os.path.join(self.config.spool[kind], name))
+        found = read_spool_file(os.path.join(self.settings().spool[kind], name))
         if found is None:
             return
         headers, text = parse_message(found[0])
         received = smsd_time(headers.get("Received")) or found[1]
         report = None
-        if filed_as_report(kind, headers, "report" in self.config.spool):
+        if filed_as_report(kind, headers, "report" in self.settings().spool):
             report = parse_report(name, headers, text, received)
         if report is not None:
             self.reports.attach(report)
@@ -3501,13 +3532,13 @@ class Budgets:
 
     WINDOWS = (("max_per_hour", 3600), ("max_per_day", 86400))
 
-    def __init__(self, config):
-        self.path = os.path.join(config.state_dir, BUDGETS_JOURNAL)
-        self.fsync = config.fsync
+    def __init__(self, state_dir, fsync, clock):
+        self.path = os.path.join(state_dir, BUDGETS_JOURNAL)
+        self.fsync = fsync
         self.lock = threading.Lock()
         self.spent = {}  # user name -> deque of [when, units], oldest first
         self.lines = 0
-        self.load()
+        self.load(clock.time())
 
     def take(self, user, units, now):
         """Take units from user's budget, or 429 with Retry-After; a token for give_back."""
@@ -3570,9 +3601,9 @@ class Budgets:
             spent.popleft()
         return spent
 
-    def load(self):
-        """Read the journal: what each user took in the last day."""
-        damaged, cutoff = 0, time.time() - 86400
+    def load(self, now):
+        """Read the journal: what each user took in the day before now."""
+        damaged, cutoff = 0, now - 86400
         try:
             with open(self.path, "rb") as file:
                 journal = file.readlines()
@@ -3613,35 +3644,39 @@ class Health:
     the others take that result.
     """
 
-    def __init__(self, watcher, budgets, every=1.0):
-        self.watcher = watcher  # its RecentFailures, Schedule and Webhooks
-        self.budgets = budgets
+    def __init__(self, parts, every=1.0):
+        self.settings, self.clock = parts.settings, parts.clock
+        self.failures, self.schedule = parts.failures, parts.schedule
+        self.webhooks, self.heartbeats = parts.webhooks, parts.heartbeats
+        self.budgets = parts.budgets
         self.every = every
         self.lock = threading.Lock()
         self.made, self.checks = -math.inf, None
 
-    def current(self, config):
+    def current(self):
         """{name: {"status": pass|warn|fail, "output", ...}}, at most `every` seconds old."""
         with self.lock:
-            if time.monotonic() - self.made >= self.every:
-                watcher = self.watcher
-                self.checks = health_checks(config, watcher.failures.count())
-                self.checks["queue"]["scheduled"] = watcher.schedule.count()
-                self.checks.update(
-                    webhook_checks(watcher.webhooks.states(), time.time())
-                )
-                self.checks.update(budget_checks(config, self.budgets, time.time()))
-                self.checks.update(heartbeat_checks(watcher.heartbeats.states(config)))
-                self.made = time.monotonic()
+            if self.clock.monotonic() - self.made >= self.every:
+                self.checks = self.make(self.settings(), self.clock.time())
+                self.made = self.clock.monotonic()
             return self.checks
 
+    def make(self, config, now):
+        """Every check, made now."""
+        checks = health_checks(config, self.failures.count(), now)
+        checks["queue"]["scheduled"] = self.schedule.count()
+        checks.update(webhook_checks(self.webhooks.states(), now))
+        checks.update(budget_checks(config, self.budgets, now))
+        checks.update(heartbeat_checks(self.heartbeats.states()))
+        return checks
 
-def health_checks(config, failed_last_hour):
-    """Every check of GET /health, made now."""
+
+def health_checks(config, failed_last_hour, now):
+    """The checks of GET /health that look at the spool, smsd and the modems."""
     checks = {
         "spool": spool_check(config),
         "smsd": smsd_check(config),
-        "queue": queue_check(config, time.time()),
+        "queue": queue_check(config, now),
         "failed": failed_check(config, failed_last_hour),
     }
     checks.update(modem_checks(config))
@@ -3894,9 +3929,9 @@ class Histogram:
 class Metrics:
     """What this process counts for GET /metrics."""
 
-    def __init__(self):
+    def __init__(self, started):
         self.lock = threading.Lock()
-        self.started = time.time()
+        self.started = started
         self.requests = collections.Counter()  # (route, method, code) -> count
         self.durations = {}  # route -> Histogram
         self.accepted = 0  # message files written
@@ -4091,11 +4126,10 @@ class Request:
     """One request: the parts of its WSGI environ a handler needs, the config
     it is served under, and what the application learns while answering it."""
 
-    def __init__(self, environ, config):
+    def __init__(self, environ, config, now):
         self.environ = environ
-        self.config = (
-            config  # as it was when the request came: a reload makes a new one
-        )
+        self.config = config  # as it was when the request came: a reload makes a new one
+        self.now = now  # when it came: the one time its answer is made of
         self.method = environ["REQUEST_METHOD"].upper()
         self.path = environ.get("PATH_INFO", "") or "/"
         self.args = {}  # the route's placeholders, filled by the router
@@ -4323,7 +4357,8 @@ class Throttle:
     USER_BUDGET = 30  # failures a minute for one user from all addresses together
     TRUSTED = 8  # addresses remembered per user that logged in
 
-    def __init__(self):
+    def __init__(self, clock):
+        self.clock = clock
         self.lock = threading.Lock()
         self.counters = collections.OrderedDict()  # key -> Failures, oldest first
         self.trusted = {}  # user digest -> [addresses it logged in from]
@@ -4333,7 +4368,7 @@ class Throttle:
         """Whole seconds the caller must wait before trying again, or 0."""
         if self.quiet:
             return 0
-        now, user = time.monotonic(), name_digest(user)
+        now, user = self.clock.monotonic(), name_digest(user)
         with self.lock:
             keys = [("address", address)]
             if self.live(("pair", user, address), now) or self.over_budget(
@@ -4362,7 +4397,7 @@ class Throttle:
 
     def failed(self, address, user):
         """Count one failed attempt by address for user."""
-        now, user = time.monotonic(), name_digest(user)
+        now, user = self.clock.monotonic(), name_digest(user)
         with self.lock:
             self.quiet = False
             for key in (("address", address), ("user", user), ("pair", user, address)):
@@ -4570,7 +4605,7 @@ def send_message(request, *, sender):
         if key:
             path = sender.idempotency.path(request.user.name, key)
             return sender.send_once(request, plan, path, wait)
-        ids = {number: new_message_id(request.user.name) for number in plan.numbers}
+        ids = {n: new_message_id(request.user.name, request.now) for n in plan.numbers}
         return sender.send(request, plan, ids, wait, retry=False)
 
 
@@ -4653,7 +4688,7 @@ def plan_fields(request, fields):
 def read_timing(request, fields, urgent):
     """The Timing of a send: its send_at and valid_until, else the end of the
     sender's quiet hours when they cover now (not for priority high)."""
-    now = time.time()
+    now = request.now
     given = (fields.get("send_at"), fields.get("valid_until"))
     send_at, valid_until = (
         read_moment(request, name, value, now)
@@ -4817,9 +4852,12 @@ class Sender:
                 return Answer(HTTPStatus(record["status"]), data, ids_text(data))
             new = record is None
             if new:
-                ids = {n: new_message_id(request.user.name) for n in plan.numbers}
+                ids = {
+                    n: new_message_id(request.user.name, request.now)
+                    for n in plan.numbers
+                }
                 record = {
-                    "created": time.time(),
+                    "created": request.now,
                     "fingerprint": fingerprint,
                     "ids": ids,
                 }
@@ -4858,7 +4896,7 @@ class Sender:
             if not retry or find_message(config, ids[number]) is None
         }
         units = plan.encoding.parts * len(files)
-        token = self.budgets.take(request.user, units, time.time()) if files else None
+        token = self.budgets.take(request.user, units, request.now) if files else None
         try:
             if timing.send_at is None:
                 self.outgoing.write(files)
@@ -4899,7 +4937,7 @@ class Sender:
         def look():
             return {i: self.where_and_outcome(request.config, i) for i in ids}
 
-        states = self.waiters.wait(ids, look, done, time.monotonic() + seconds)
+        states = self.waiters.wait(ids, look, done, seconds)
         data["messages"] = {i: self.status_or_gone(request, i) for i in ids}
         bad = {
             i: s.get("reason") or s["status"]
@@ -5268,7 +5306,7 @@ def post_alertmanager(request, *, sender, heartbeats):
     )
     digest = notification_digest(payload, status, alerts, plan.numbers)
     path = sender.idempotency.path(ALERTS_OWNER, digest)
-    since = time.time() - request.config.alerts["dedupe_window"]
+    since = request.now - request.config.alerts["dedupe_window"]
     try:
         answer = sender.send_once(request, plan, path, None, digest, since)
     except ApiError as exc:
@@ -5375,9 +5413,10 @@ def beat_answer(request, heartbeats, name):
     if heartbeat is None:
         raise ApiError(HTTPStatus.NOT_FOUND, f"No [heartbeat:{escape(name)}]")
     read_recipients(request, list(heartbeat.to))  # 403 unless all are allowed
-    now = time.time()
-    heartbeats.beat(request.config, name, now)
-    return Answer(HTTPStatus.OK, {"heartbeat": name, "beat": iso_time(now)}, "ok\n")
+    heartbeats.beat(name, request.now)
+    return Answer(
+        HTTPStatus.OK, {"heartbeat": name, "beat": iso_time(request.now)}, "ok\n"
+    )
 
 
 def post_heartbeat(request, *, heartbeats):
@@ -5396,7 +5435,7 @@ def get_heartbeats(request, *, heartbeats):
             "last_beat": iso_time(last) if last else None,
             "state": "missed" if missed else "ok",
         }
-        for name, last, missed in heartbeats.states(config)
+        for name, last, missed in heartbeats.states()
     ]
     return Answer(HTTPStatus.OK, {"heartbeats": listed})
 
@@ -5427,7 +5466,7 @@ def get_index(request):
 
 def get_monitoring(request, *, health):
     """Is the spool usable? 200 "ok" or 503 with the reason, as v0.1 said; plus each check's grade."""
-    checks = health.current(request.config)
+    checks = health.current()
     details = {name: check["status"] for name, check in checks.items()}
     if checks["spool"]["status"] == "fail":
         error = checks["spool"]["output"]
@@ -5438,7 +5477,7 @@ def get_monitoring(request, *, health):
 
 def get_health(request, *, health):
     """Every check graded pass, warn or fail; 503 when one fails, for curl -f."""
-    checks = health.current(request.config)
+    checks = health.current()
     status = worst([check["status"] for check in checks.values()])
     code = HTTPStatus.SERVICE_UNAVAILABLE if status == "fail" else HTTPStatus.OK
     text = status + "\n"
@@ -5454,7 +5493,7 @@ def get_metrics(request, *, metrics, health, counts):
         raise not_found()
     if request.user is not None and not (request.user.metrics or request.user.admin):
         raise ApiError(HTTPStatus.FORBIDDEN, "This user may not read metrics")
-    text = metrics.render(counts, health.current(request.config))
+    text = metrics.render(counts, health.current())
     return Answer(HTTPStatus.OK, Raw(text.encode(), PROMETHEUS_TEXT))
 
 
@@ -5462,6 +5501,71 @@ def metrics_login(request):
     """Whether a /metrics request needs a login: [server] metrics says."""
     access = request.config.metrics
     return access == "users" or access == "local" and not is_local(request)
+
+
+###############################################################################
+# The composition root ########################################################
+###############################################################################
+
+
+class Parts:
+    """Every long-lived part of the daemon, made once, here, from the config and
+    the clock; the watcher, the handlers and /health take what they use from it
+    by attribute.
+
+    One rule for the config: a part reads what it needs from settings(), the
+    config in use, when it needs it, and keeps no copy (what only a restart
+    changes, such as the spool's directories, it may read once). A part that
+    must act on a change (the webhooks start and stop their threads) has a
+    reconfigure(config) method, and reconfigure() runs it for every part.
+    """
+
+    def __init__(self, config, clock=None, inotify=True, interval=1.0, health_every=1.0):
+        os.makedirs(config.state_dir, mode=0o750, exist_ok=True)
+        self.config = config
+        settings = self.settings
+        self.clock = clock = clock or Clock()
+        self.counts = collections.Counter()  # sent, failed, delivered, ..., removed
+        self.metrics = Metrics(clock.time())
+        self.outgoing = Outgoing(config.spool["outgoing"], config.fsync)
+        self.idempotency = Idempotency(settings, clock)
+        self.reports = ReportIndex(settings, self.counts, clock)
+        self.inbox = InboxIndex()
+        self.retention = Retention(settings, self.counts)
+        self.failures = RecentFailures(config.spool["failed"], clock)
+        self.waiters = Waiters(clock)
+        self.wake = threading.Event()  # the watcher's: a stop, or a message held for sooner
+        self.schedule = Schedule(settings, self.wake, clock)
+        self.budgets = Budgets(config.state_dir, config.fsync, clock)
+        self.heartbeats = Heartbeats(settings, self.outgoing, clock)
+        self.webhooks = Webhooks(settings, clock)
+        followed = {k: v for k, v in config.spool.items() if k != "scheduled"}
+        self.changes = SpoolChanges(followed, clock, inotify)
+        self.sender = Sender(
+            self.outgoing,
+            self.schedule,
+            self.budgets,
+            self.idempotency,
+            self.waiters,
+            threading.BoundedSemaphore(config.max_waiters),
+            self.reports,
+            self.metrics,
+        )
+        self.health = Health(self, health_every)
+        self.watcher = Watcher(self, interval)
+        self.authenticator = Authenticator()
+        self.throttle = Throttle(clock)
+
+    def settings(self):
+        """The config in use: what every part reads its settings from."""
+        return self.config
+
+    def reconfigure(self, config):
+        """Make config the one in use, and let every part that has a hook act on it."""
+        self.config = config
+        for part in list(vars(self).values()):
+            if hasattr(part, "reconfigure"):
+                part.reconfigure(config)
 
 
 ###############################################################################
@@ -6055,56 +6159,38 @@ SCHEMAS = {
 class Application:
     """The WSGI application: route, authenticate, handle, answer JSON (or plain text).
 
-    It makes the parts the handlers use (the watcher and its indexes, the
-    spool writer, the health cache, the metrics) and hands each handler the
-    ones its keyword-only parameters name.
+    Its parts (Parts) are made once; each handler gets the ones its
+    keyword-only parameters name.
     """
 
-    def __init__(self, config, interval=1.0, inotify=True, health_every=1.0):
-        self.config = config
-        self.authenticator = Authenticator()
-        self.throttle = Throttle()
-        self.watcher = Watcher(config, Idempotency(config), interval, inotify)
-        self.metrics = Metrics()
-        budgets = Budgets(config)
-        watcher = self.watcher
-        self.parts = {
-            "sender": Sender(
-                Outgoing(config.spool["outgoing"], config.fsync),
-                watcher.schedule,
-                budgets,
-                watcher.idempotency,
-                watcher.waiters,
-                threading.BoundedSemaphore(config.max_waiters),
-                watcher.reports,
-                self.metrics,
-            ),
-            "reports": watcher.reports,
-            "schedule": watcher.schedule,
-            "heartbeats": watcher.heartbeats,
-            "inbox": watcher.inbox,
-            "health": Health(watcher, budgets, health_every),
-            "metrics": self.metrics,
-            "counts": watcher.counts,
-            "document": openapi_document,
-        }
+    def __init__(self, config, clock=None, inotify=True, interval=1.0, health_every=1.0):
+        self.parts = Parts(config, clock, inotify, interval, health_every)
+        self.clock = self.parts.clock
         self.handlers = {r.handler: self.bind(r.handler) for r in ROUTES}
 
+    @property
+    def config(self):
+        """The config in use (a reload makes a new one)."""
+        return self.parts.config
+
     def bind(self, handler):
-        """handler with the parts its keyword-only parameters name."""
+        """handler with the parts its keyword-only parameters name (and the OpenAPI
+        document's maker, which stands below the handlers)."""
         code = handler.__code__
         wanted = code.co_varnames[
             code.co_argcount : code.co_argcount + code.co_kwonlyargcount
         ]
-        return functools.partial(handler, **{name: self.parts[name] for name in wanted})
+        found = {"document": openapi_document}
+        found.update((name, getattr(self.parts, name)) for name in wanted if name != "document")
+        return functools.partial(handler, **{name: found[name] for name in wanted})
 
     def start(self):
-        """Start the background watcher (tests may call watcher.tick() instead)."""
-        self.watcher.start()
+        """Start the background watcher (tests may call parts.watcher.tick() instead)."""
+        self.parts.watcher.start()
 
     def close(self):
         """Stop the watcher: requests still waiting for smsd are answered now."""
-        self.watcher.stop()
+        self.parts.watcher.stop()
 
     def reload(self, path):
         """Take users, permissions and limits from the config file anew (SIGHUP).
@@ -6122,20 +6208,19 @@ class Application:
         for key, value in kept.items():
             if getattr(new, key) != value:
                 log.warning("reload: %s changes only with a restart", key)
-        self.config = new.replace(**kept)
-        self.watcher.reconfigure(self.config)
+        self.parts.reconfigure(new.replace(**kept))
         log.info("reloaded %s: %d users", path, len(self.config.users))
         return True
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
-        request = Request(environ, self.config)
+        request = Request(environ, self.config, self.clock.time())
         status, headers, body = self.respond(request)
         headers.append(("Content-Length", str(len(body))))
         start_response(STATUS_LINES[status], headers)
         self.log_request(request, status, started)
         method = request.method if request.method in KNOWN_METHODS else "other"
-        self.metrics.observe(
+        self.parts.metrics.observe(
             request.route, method, status.value, time.monotonic() - started
         )
         return [b"" if request.method == "HEAD" else body]
@@ -6147,7 +6232,7 @@ class Application:
             route, request.args = match_route(request.method, request.path)
             request.route = route.path
             if route.login is True or route.login and route.login(request):
-                authenticate(request, self.authenticator, self.throttle)
+                authenticate(request, self.parts.authenticator, self.parts.throttle)
             answer = self.handlers[route.handler](request)
         except ApiError as exc:
             answer, headers = error_answer(exc.status, exc.message), exc.headers
@@ -6261,7 +6346,7 @@ class Signals:
 def run_until_stopped(step, app, signals):
     """Call step() (one turn of a server loop) until a stop signal; reload on SIGHUP
     and when the config file changes (add-user, an editor)."""
-    config_file = ConfigFile(app.config.path)
+    config_file = ConfigFile(app.config.path, app.clock)
     while not signals.stopping:
         step()
         if config_file.changed():
@@ -6283,8 +6368,8 @@ class ConfigFile:
     once, written in place once it stood unchanged for `settle` seconds (a file
     caught truncated would be a valid config with no users)."""
 
-    def __init__(self, path, settle=SETTLE):
-        self.path, self.settle = path, settle
+    def __init__(self, path, clock, settle=SETTLE):
+        self.path, self.clock, self.settle = path, clock, settle
         self.stamp = config_stamp(path)
         self.pending, self.since = None, 0.0  # a stamp being written perhaps, seen when
 
@@ -6297,9 +6382,9 @@ class ConfigFile:
             self.stamp, self.pending = now, None
             return True
         if now != self.pending:
-            self.pending, self.since = now, time.monotonic()
+            self.pending, self.since = now, self.clock.monotonic()
             return False
-        if time.monotonic() - self.since < self.settle:
+        if self.clock.monotonic() - self.since < self.settle:
             return False
         self.stamp, self.pending = now, None
         return True

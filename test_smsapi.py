@@ -410,7 +410,7 @@ def test_live_a_user_added_while_the_server_runs_can_send_at_once(
 def test_config_file_change_is_told_once_whole(tmp_path):
     path = tmp_path / "smsapi.ini"
     path.write_text("[server]\n[user:lvv]\n")
-    watch = smsapi.ConfigFile(str(path), settle=0.3)
+    watch = smsapi.ConfigFile(str(path), smsapi.Clock(), settle=0.3)
     assert not watch.changed()
     with open(path, "w") as file:  # written in place: caught truncated, say
         assert not watch.changed()
@@ -779,7 +779,7 @@ def test_encode_non_gsm_chars_names_the_culprits():
 
 
 def test_new_message_id_form_and_uniqueness():
-    ids = [smsapi.new_message_id("lvv") for _ in range(1000)]
+    ids = [smsapi.new_message_id("lvv", time.time()) for _ in range(1000)]
     assert len(set(ids)) == 1000
     for message_id in ids:
         assert smsapi.MESSAGE_ID.fullmatch(message_id) and smsapi.OUR_ID.fullmatch(
@@ -1236,7 +1236,7 @@ def test_incoming_only_for_admins_and_inbox_users(app, spool):
             call(app, "GET", "/api/v1.0/sms/incoming/GSM1.AbC123", user=user).status
             == status
         )
-    app.watcher.tick()
+    app.parts.watcher.tick()
     listing = call(app, "GET", "/api/v1.0/sms/incoming/", user="lvv")
     assert listing.status == 403 and "inbox = yes" in listing.json()["error"]
     assert call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox").json()[
@@ -1370,7 +1370,7 @@ def test_list_newest_first_paginated_and_filtered(app, spool):
 
 def test_list_confirms_the_owner_of_what_it_shows(app, spool):
     # A file whose name carries lvv's tag but that lvv did not send is not shown.
-    forged = smsapi.new_message_id("lvv")
+    forged = smsapi.new_message_id("lvv", time.time())
     put_file(spool, "sent", forged, {"From": "ann"})
     assert (
         call(app, "GET", "/api/v1.0/sms/sent/", user="lvv").json()["message_id"] == []
@@ -1515,7 +1515,7 @@ def test_delivery_report_attaches_to_its_message(app, spool):
         sent_id(app, report=True),
         sent_id(app, "79680000001", report=True),
     )
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, delivered) == {
         "message_id": delivered,
         "status": "queued",
@@ -1523,11 +1523,11 @@ def test_delivery_report_attaches_to_its_message(app, spool):
     }
     smsd_sends(spool, delivered, 7)
     smsd_sends(spool, undelivered, 8)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, delivered)["report"] == "pending"
     smsd_reports(spool, "79680000000", 7)
     smsd_reports(spool, "79680000001", 8, code=70)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     status = status_of(app, delivered)
     assert (
         status["status"] == "delivered"
@@ -1542,9 +1542,9 @@ def test_delivery_report_attaches_to_its_message(app, spool):
 
 def test_delivery_report_never_attached_on_reference_alone(app, spool):
     message_id = sent_id(app, report=True)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_sends(spool, message_id, 9)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_reports(spool, "79680000099", 9)  # another recipient
     smsd_reports(spool, "79680000000", 9, modem="GSM2")  # another modem
     smsd_reports(spool, "79680000000", 10)  # another reference
@@ -1552,35 +1552,35 @@ def test_delivery_report_never_attached_on_reference_alone(app, spool):
         spool, "79680000000", 9, received=time.time() - 3600
     )  # before it was sent
     smsd_reports(spool, "79680000000", 9, code=48)  # the SMSC is still trying
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, message_id)["status"] == "sent"
 
 
 def test_delivery_reports_with_references_colliding_modulo_256(app, spool):
     first, second = sent_id(app, report=True), sent_id(app, report=True)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     now = time.time()
     smsd_sends(spool, first, 42, when=now - 600)
     smsd_sends(spool, second, 42, when=now - 5)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_reports(spool, "79680000000", 42, code=70, received=now, submitted=now - 5)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, second)["status"] == "undelivered"
     assert status_of(app, first)["status"] == "sent"
     smsd_reports(spool, "79680000000", 42, received=now, submitted=now - 600)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, first)["status"] == "delivered"
 
 
 def test_delivery_index_survives_restart_and_is_rebuilt_when_lost(config, spool):
     app = smsapi.Application(config)
     kept, rebuilt = sent_id(app, report=True), sent_id(app, "79680000001", report=True)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_sends(spool, kept, 1)
     smsd_sends(spool, rebuilt, 2)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_reports(spool, "79680000000", 1)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     restarted = smsapi.Application(config)
     assert (
         status_of(restarted, kept)["status"] == "delivered"
@@ -1588,7 +1588,7 @@ def test_delivery_index_survives_restart_and_is_rebuilt_when_lost(config, spool)
     os.remove(os.path.join(config.state_dir, smsapi.JOURNAL))
     smsd_reports(spool, "79680000001", 2)
     lost = smsapi.Application(config)
-    lost.watcher.tick()
+    lost.parts.watcher.tick()
     assert status_of(lost, rebuilt)["status"] == "delivered"
     assert status_of(lost, kept)["status"] == "delivered"
 
@@ -1609,10 +1609,10 @@ def test_delivery_index_rebuild_reads_sent_a_chunk_a_tick(config, spool):
             spool, "sent", smsapi.new_message_id("lvv", time.time() + n / 1e3), headers
         )
     app = smsapi.Application(config)
-    app.watcher.tick()
-    reports = app.watcher.reports
+    app.parts.watcher.tick()
+    reports = app.parts.reports
     assert reports.to_read and len(reports.awaiting) == smsapi.REBUILD_CHUNK
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert not reports.to_read and len(reports.awaiting) == count
 
 
@@ -1623,11 +1623,11 @@ def test_reports_in_smsds_own_report_directory(tmp_path, spool):
     os.mkdir(spool["report"])
     app = smsapi.Application(smsapi.load_config(write_ini(tmp_path, spool)))
     message_id = sent_id(app, report=True)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_sends(spool, message_id, 3)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_reports(spool, "79680000000", 3, kind="report")
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, message_id)["status"] == "delivered"
 
 
@@ -1801,7 +1801,7 @@ def test_idempotency_key_racing_requests_write_one_set(app, spool):
 
 def test_idempotency_key_retry_after_crash_finishes_the_same_files(app, config, spool):
     # The crash came after the record and the first file, before the second.
-    store = app.watcher.idempotency
+    store = app.parts.idempotency
     first = idempotent(app, "warm-up", numbers=["79680000000", "79680000001"])
     record = smsapi.read_json(store.path("lvv", "warm-up"))
     del record["response"], record["status"]
@@ -1817,17 +1817,17 @@ def test_idempotency_key_retry_after_crash_finishes_the_same_files(app, config, 
 
 def test_idempotency_key_expires_after_a_day(app, spool):
     idempotent(app, "daily")
-    path = app.watcher.idempotency.path("lvv", "daily")
+    path = app.parts.idempotency.path("lvv", "daily")
     record = smsapi.read_json(path)
     record["created"] -= 25 * 3600
     smsapi.write_json_atomically(path, record)
     assert idempotent(app, "daily").status == 201
     assert len(spool_snapshot(spool)) == 4
-    app.watcher.idempotency.expire()
+    app.parts.idempotency.expire(time.time())
     assert os.path.exists(path)  # written just now
     aged = time.time() - 25 * 3600
     os.utime(path, (aged, aged))  # expiry reads mtimes, never the records
-    app.watcher.idempotency.expire()
+    app.parts.idempotency.expire(time.time())
     assert not os.path.exists(path)
 
 
@@ -1863,7 +1863,7 @@ def test_inbox_lists_sender_time_text_without_reports(app, spool):
         )
         os.utime(path, (now, now))
     smsd_reports(spool, "79680000000", 1)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     data = call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox").json()
     assert (
         data["message_id"] == ["GSM1.m2", "GSM1.m1", "GSM1.m0"]
@@ -2053,7 +2053,7 @@ def test_watcher_poison_report_stops_no_other_file(app, spool):
     for n in range(10):
         put_file(spool, "incoming", f"GSM1.sms{n}", {"From": "3584011"}, f"sms {n}")
     smsd_reports(spool, "79680000000", 5)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     listed = inbox(app).json()["messages"]
     assert {m["message_id"] for m in listed if m["type"] == "sms"} == {
         "GSM1.poison",
@@ -2061,7 +2061,7 @@ def test_watcher_poison_report_stops_no_other_file(app, spool):
     }
     assert status_of(app, message_id)["status"] == "delivered"
     restarted = smsapi.Application(app.config)  # and so it stays after a restart
-    restarted.watcher.tick()
+    restarted.parts.watcher.tick()
     assert status_of(restarted, message_id)["status"] == "delivered"
     assert inbox(restarted).json()["total_count"] == 12
 
@@ -2081,11 +2081,11 @@ def test_watcher_sms_that_reads_like_a_report_is_not_one(app, spool):
     message_id = sent_id(app, report=True)
     smsd_sends(spool, message_id, 1)
     forged = forged_report(spool, "79680000000", 1)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, message_id)["status"] == "sent"
     assert [m["type"] for m in inbox(app).json()["messages"]] == ["sms"]
     smsd_reports(spool, "79680000000", 1, code=70)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, message_id)["status"] == "undelivered"
     types = {m["message_id"]: m["type"] for m in inbox(app).json()["messages"]}
     assert types.pop(forged) == "sms" and list(types.values()) == ["report"]
@@ -2098,10 +2098,10 @@ def test_watcher_with_a_report_directory_takes_reports_only_from_there(tmp_path,
     message_id = sent_id(app, report=True)
     smsd_sends(spool, message_id, 3)
     forged_report(spool, "79680000000", 3, udh="no")  # even with the header
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, message_id)["status"] == "sent"
     smsd_reports(spool, "79680000000", 3, kind="report")
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, message_id)["status"] == "delivered"
 
 
@@ -2110,15 +2110,15 @@ def test_watcher_attaches_a_report_file_once_however_often_it_is_written(app, sp
     smsd_sends(spool, first, 100, when=time.time() - 5)
     smsd_sends(spool, second, 100)
     report = smsd_reports(spool, "79680000000", 100, code=70)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, second)["status"] == "undelivered"
     path = os.path.join(spool["incoming"], report)
     with open(path, "ab") as file:  # written again: one more close event
         file.write(b"\n")
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, first)["status"] == "sent"
     restarted = smsapi.Application(app.config)
-    restarted.watcher.tick()  # re-reads incoming: the file is known as used
+    restarted.parts.watcher.tick()  # re-reads incoming: the file is known as used
     assert status_of(restarted, first)["status"] == "sent"
 
 
@@ -2136,7 +2136,7 @@ def test_spool_fifos_block_nothing(app, spool):
     for kind in ("incoming", "sent"):
         os.mkfifo(os.path.join(spool[kind], "GSM1.fifo"))
     try:
-        in_time(app.watcher.tick)
+        in_time(app.parts.watcher.tick)
         assert inbox(app).json()["total_count"] == 0
         for kind in ("incoming", "sent"):
             path = f"/api/v1.0/sms/{kind}/GSM1.fifo"
@@ -2159,7 +2159,7 @@ def test_spool_times_before_1970_and_far_ahead_are_clamped(app, spool):
         os.utime(ahead, (1e12, 1e12))  # the year 33658, where the file system allows
     except (OSError, OverflowError):
         os.utime(ahead, (2**33, 2**33))
-    app.watcher.tick()
+    app.parts.watcher.tick()
     received = inbox(app).json()["messages"][0]["received"]
     assert int(received[:4]) > 2200, received  # ext4 itself stops at 2446
     assert (
@@ -2172,7 +2172,7 @@ def test_spool_symlinks_are_never_followed(app, spool, tmp_path):
     secret.write_text("From: lvv\nTo: 79680000000\n\nthe config's password hashes")
     os.symlink(secret, os.path.join(spool["incoming"], "GSM1.link"))
     os.symlink(secret, os.path.join(spool["sent"], "smsapi.link"))
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert inbox(app).json()["total_count"] == 0
     for kind, name in (("incoming", "GSM1.link"), ("sent", "smsapi.link")):
         for user in ("root", "lvv"):
@@ -2187,7 +2187,7 @@ def test_inbox_page_reads_a_bounded_amount_of_files(app, spool):
     for n in range(100):  # sparse files of 1 MiB each: cheap to make, costly to serve
         path = put_file(spool, "incoming", f"GSM1.big{n:03d}", {"From": "1"}, "x")
         os.truncate(path, 1 << 20)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     response = inbox(app, "limit=100")
     messages = response.json()["messages"]
     assert response.status == 200 and len(messages) == 100
@@ -2202,7 +2202,7 @@ def test_state_damaged_report_journal_lines_are_skipped(config, spool, caplog):
     kept = sent_id(app, report=True)
     smsd_sends(spool, kept, 1)
     smsd_reports(spool, "79680000000", 1)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     other = sent_id(app)
     smsd_sends(spool, other, 2)
     journal = os.path.join(config.state_dir, smsapi.JOURNAL)
@@ -2222,14 +2222,14 @@ def test_state_damaged_report_journal_lines_are_skipped(config, spool, caplog):
         )
     restarted = smsapi.Application(config)
     assert "8 damaged lines skipped" in caplog.text
-    restarted.watcher.tick()
+    restarted.parts.watcher.tick()
     assert status_of(restarted, kept)["status"] == "delivered"
     assert status_of(restarted, other)["status"] == "sent"
 
 
 def test_state_damaged_idempotency_record_is_ignored_not_a_500(app, spool):
     assert idempotent(app, "daily").status == 201
-    path = app.watcher.idempotency.path("lvv", "daily")
+    path = app.parts.idempotency.path("lvv", "daily")
     for damaged in (
         {"created": "yesterday", "fingerprint": "x", "ids": {}},
         {"created": time.time(), "fingerprint": None, "ids": []},
@@ -2246,7 +2246,7 @@ def test_state_damaged_idempotency_record_is_ignored_not_a_500(app, spool):
 
 def test_send_with_report_writes_no_state(app, spool, config):
     sent_id(app, report=True)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     before = {
         n: os.stat(os.path.join(config.state_dir, n)).st_size
         for n in os.listdir(config.state_dir)
@@ -2264,14 +2264,14 @@ def test_watcher_tick_reads_only_what_changed(app, spool):
     queued = [sent_id(app, report=True) for _ in range(50)]
     for n, message_id in enumerate(queued[:40]):
         smsd_sends(spool, message_id, n)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     with counting_opens(os.path.dirname(spool["sent"])) as quiet:
-        app.watcher.tick()
+        app.parts.watcher.tick()
     assert quiet.paths == []  # 10 queued and 40 awaiting reports cost no file read
     smsd_sends(spool, queued[40], 40)
     report = smsd_reports(spool, "79680000000", 0)
     with counting_opens(os.path.dirname(spool["sent"])) as busy:
-        app.watcher.tick()
+        app.parts.watcher.tick()
     assert sorted(busy.paths) == [  # the two files that came, each read once
         os.path.join(spool["incoming"], report),
         os.path.join(spool["sent"], queued[40]),
@@ -2285,7 +2285,7 @@ def test_watcher_saves_a_ticks_progress_when_one_file_fails(
     good, bad = sent_id(app, report=True), sent_id(app, "79680000001", report=True)
     smsd_sends(spool, good, 1)
     smsd_sends(spool, bad, 2)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     real = smsapi.parse_report
 
     def planted_bug(name, headers, text, received):
@@ -2296,30 +2296,30 @@ def test_watcher_saves_a_ticks_progress_when_one_file_fails(
     monkeypatch.setattr(smsapi, "parse_report", planted_bug)
     smsd_reports(spool, "79680000001", 2)
     smsd_reports(spool, "79680000000", 1)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert caplog.text.count("RuntimeError: a bug planted") == 1  # logged once
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert caplog.text.count("RuntimeError: a bug planted") == 1  # not retried
     restarted = smsapi.Application(app.config)
     assert status_of(restarted, good)["status"] == "delivered"  # saved
 
 
 def test_watcher_counts_go_on_after_sent_is_made_anew(app, spool):
-    app.watcher.tick()
+    app.parts.watcher.tick()
     shutil.rmtree(spool["sent"])
-    app.watcher.tick()
+    app.parts.watcher.tick()
     os.mkdir(spool["sent"])
-    app.watcher.tick()
+    app.parts.watcher.tick()
     for _ in range(2):
         smsd_sends(spool, sent_id(app), 1)
-    app.watcher.tick()
-    assert app.watcher.counts["sent"] == 2
+    app.parts.watcher.tick()
+    assert app.parts.counts["sent"] == 2
 
 
 def test_inbox_leaves_out_smsds_store_of_parts(app, spool):
     put_file(spool, "incoming", "GSM1-concatenated", {}, "parts of a long SMS")
     put_file(spool, "incoming", "GSM1.whole", {"From": "1"}, "a whole SMS")
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert inbox(app).json()["message_id"] == ["GSM1.whole"]
 
 
@@ -2345,7 +2345,7 @@ def changes_of(stream):
 
 
 def test_spool_changes_from_inotify_name_what_came_and_went(spool):
-    stream = smsapi.SpoolChanges(spool)
+    stream = smsapi.SpoolChanges(spool, smsapi.Clock())
     assert {c.kind for c in stream.read() if c.event == smsapi.RESCAN} == set(spool)
     path = put_file(spool, "incoming", "GSM1.a", {"From": "1"})
     os.rename(path, os.path.join(spool["sent"], "GSM1.a"))
@@ -2361,7 +2361,7 @@ def test_spool_changes_from_inotify_name_what_came_and_went(spool):
 
 
 def test_spool_changes_in_the_queue_are_only_what_leaves_it(spool):
-    stream = smsapi.SpoolChanges(spool)
+    stream = smsapi.SpoolChanges(spool, smsapi.Clock())
     stream.read()
     smsapi.Outgoing(spool["outgoing"]).write({"smsapi.x": b"To: 1\n\nx"})  # a send
     os.rename(  # smsd takes it
@@ -2377,7 +2377,7 @@ def test_spool_changes_in_the_queue_are_only_what_leaves_it(spool):
 
 
 def test_spool_changes_watch_a_directory_made_anew(spool, caplog):
-    stream = smsapi.SpoolChanges(spool)
+    stream = smsapi.SpoolChanges(spool, smsapi.Clock())
     stream.read()
     shutil.rmtree(spool["failed"])
     assert stream.read() == []
@@ -2390,7 +2390,7 @@ def test_spool_changes_watch_a_directory_made_anew(spool, caplog):
 
 
 def test_spool_changes_by_polling_without_inotify(spool):
-    stream = smsapi.SpoolChanges(spool, inotify=False)
+    stream = smsapi.SpoolChanges(spool, smsapi.Clock(), inotify=False)
     assert {c.kind for c in stream.read()} == {"sent", "failed", "incoming"}
     settled_file = put_file(spool, "sent", "m1", {})
     age_file(settled_file, 5)
@@ -2405,7 +2405,7 @@ def test_spool_changes_by_polling_without_inotify(spool):
 
 
 def test_spool_changes_by_polling_take_a_file_dated_ahead(spool):
-    stream = smsapi.SpoolChanges(spool, inotify=False)
+    stream = smsapi.SpoolChanges(spool, smsapi.Clock(), inotify=False)
     stream.read()
     ahead = put_file(spool, "incoming", "GSM1.ahead", {})
     os.utime(ahead, (2**33, 2**33))  # the year 2242: not a file being written
@@ -2431,27 +2431,27 @@ def settle(spool):
 def test_watcher_reports_inbox_and_counts_by_inotify_and_by_polling(watching, spool):
     app = watching
     message_id = sent_id(app, report=True)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_sends(spool, message_id, 7)
     settle(spool)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     smsd_reports(spool, "79680000000", 7)
     put_file(spool, "incoming", "GSM1.hello", {"From": "358401"}, "hello")
     settle(spool)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert status_of(app, message_id)["status"] == "delivered"
     assert inbox(app, "type=sms").json()["message_id"] == ["GSM1.hello"]
-    assert app.watcher.counts["sent"] == 1
+    assert app.parts.counts["sent"] == 1
     os.remove(os.path.join(spool["incoming"], "GSM1.hello"))
     settle(spool)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert inbox(app, "type=sms").json()["message_id"] == []
 
 
 def test_report_index_journal_grows_by_the_change_and_is_compacted(config, spool):
     os.makedirs(config.state_dir)
     counts = collections.Counter()
-    index = smsapi.ReportIndex(config, counts)
+    index = smsapi.ReportIndex(lambda: config, counts, smsapi.Clock())
     index.save(time.time())  # the first clock
     path = os.path.join(config.state_dir, smsapi.JOURNAL)
     sent = time.time()
@@ -2476,8 +2476,8 @@ def test_report_index_journal_grows_by_the_change_and_is_compacted(config, spool
         assert grown < 400 or index.lines < 10  # two lines and a clock; or compacted
     assert list(index.awaiting) == ["m599"]
     assert index.lines < 1000  # rewritten when mostly stale
-    reloaded = smsapi.ReportIndex(config, counts)
-    assert reloaded.awaiting == index.awaiting and reloaded.clock == index.clock
+    reloaded = smsapi.ReportIndex(lambda: config, counts, smsapi.Clock())
+    assert reloaded.awaiting == index.awaiting and reloaded.seen == index.seen
 
 
 def test_report_index_takes_over_the_index_of_smsapi_1_0(config, spool):
@@ -2499,7 +2499,7 @@ def test_report_index_takes_over_the_index_of_smsapi_1_0(config, spool):
     smsapi.write_json_atomically(os.path.join(config.state_dir, "reports.json"), legacy)
     app = smsapi.Application(config)
     assert status_of(app, delivered)["status"] == "delivered"
-    assert list(app.watcher.reports.awaiting) == ["smsapi.other"]
+    assert list(app.parts.reports.awaiting) == ["smsapi.other"]
     assert not os.path.exists(os.path.join(config.state_dir, "reports.json"))
     assert status_of(smsapi.Application(config), delivered)["status"] == "delivered"
 
@@ -2524,7 +2524,8 @@ def test_retention_cutoff_is_exact_and_covers_the_report_directory(tmp_path, spo
     with open(path, "a") as file:
         file.write("[retention]\nincoming = 1hour\n")
     counts = collections.Counter()
-    retention = smsapi.Retention(smsapi.load_config(path), counts)
+    config = smsapi.load_config(path)
+    retention = smsapi.Retention(lambda: config, counts)
     for kind in ("incoming", "report"):
         for name, age in (("older", 3600 + 30), ("younger", 3600 - 30)):
             age_file(put_file(spool, kind, f"GSM1.{name}", {}), age)
@@ -2538,9 +2539,8 @@ def test_retention_goes_on_next_tick_when_a_chunk_was_not_enough(tmp_path, spool
     path = write_ini(tmp_path, spool)
     with open(path, "a") as file:
         file.write("[retention]\nsent = 1day\n")
-    retention = smsapi.Retention(
-        smsapi.load_config(path), collections.Counter(), chunk=3
-    )
+    config = smsapi.load_config(path)
+    retention = smsapi.Retention(lambda: config, collections.Counter(), chunk=3)
     for n in range(5):
         age_file(put_file(spool, "sent", f"m{n}", {}), 2 * 86400)
     now = time.time()
@@ -2554,7 +2554,7 @@ def test_retention_goes_on_next_tick_when_a_chunk_was_not_enough(tmp_path, spool
 
 
 def test_recent_failures_leave_out_files_dated_ahead(spool):
-    failures = smsapi.RecentFailures(spool["failed"])
+    failures = smsapi.RecentFailures(spool["failed"], smsapi.Clock())
     now = put_file(spool, "failed", "now", {})
     ahead = put_file(spool, "failed", "ahead", {})
     os.utime(ahead, (time.time() + 86400, time.time() + 86400))
@@ -2567,7 +2567,7 @@ def test_recent_failures_leave_out_files_dated_ahead(spool):
 
 
 def test_waiters_wake_only_for_their_names_and_leave_nothing_behind():
-    waiters = smsapi.Waiters()
+    waiters = smsapi.Waiters(smsapi.Clock())
     looks = []
 
     def look():
@@ -2653,13 +2653,13 @@ def test_throttle_per_user_across_addresses(app):
 def test_throttle_delay_grows_and_costs_no_scrypt(app):
     for _ in range(10):
         login(app, "192.0.2.7", "nobody", "x")
-    checked = app.authenticator.hashes_checked
+    checked = app.parts.authenticator.hashes_checked
     delays = [
         int(login(app, "192.0.2.7", "nobody", "x").headers["Retry-After"])
         for _ in range(4)
     ]
     assert delays == sorted(delays) and delays[-1] >= 4 * delays[0]
-    assert app.authenticator.hashes_checked == checked
+    assert app.parts.authenticator.hashes_checked == checked
 
 
 def test_throttle_trusts_forwarded_address_only_from_a_trusted_proxy(tmp_path, spool):
@@ -3215,7 +3215,7 @@ def test_health_grades_smsd_queue_failures_and_modems(tmp_path, spool, fake_smsd
     old = os.path.join(spool["failed"], "old")
     shutil.copy(os.path.join(spool["failed"], "f"), old)
     age_file(old, 7200)  # failed before the last hour
-    app.watcher.tick()  # the watcher tells /health what failed, when
+    app.parts.watcher.tick()  # the watcher tells /health what failed, when
     checks = call(app, "GET", "/api/v1.0/health").json()["checks"]
     assert checks["queue"]["status"] == "warn"
     assert (checks["queue"]["queued"], checks["queue"]["oldest_seconds"]) == (2, 700)
@@ -3228,7 +3228,7 @@ def test_health_is_made_once_a_second_whatever_its_callers_do(
     app = smsapi.Application(app_config(tmp_path, spool, fake_smsd))
     for n in range(50):
         put_file(spool, "failed", f"f{n}", {"To": "1"})
-    app.watcher.tick()
+    app.parts.watcher.tick()
     with counting_opens(os.path.dirname(spool["failed"])) as opens:
         answers = [
             call(app, "GET", route)
@@ -3238,7 +3238,7 @@ def test_health_is_made_once_a_second_whatever_its_callers_do(
     assert opens.paths == [spool["outgoing"], spool["checked"]]  # once; failed/ never
     assert answers[0].json()["checks"]["failed"]["last_hour"] == 50
     os.remove(os.path.join(spool["failed"], "f0"))
-    app.watcher.tick()
+    app.parts.watcher.tick()
     time.sleep(1.05)
     assert (
         call(app, "GET", "/api/v1.0/health").json()["checks"]["failed"]["last_hour"]
@@ -3309,7 +3309,7 @@ def test_reload_takes_limits_and_keeps_what_needs_a_restart(tmp_path, spool, cap
         file.write(text + "[retention]\nstate = 2hour\n")
     assert app.reload(path)
     assert app.config.retention == {"state": 7200}
-    assert app.watcher.idempotency.ttl == 7200  # the records' lifetime, at once
+    assert app.parts.idempotency.ttl == 7200  # the records' lifetime, at once
     assert app.config.listen == ("127.0.0.1:0",)
     assert app.config.spool == dict(
         spool, scheduled=app.config.state_dir + "/scheduled"
@@ -3329,7 +3329,7 @@ def test_retention_removes_old_files_but_never_queued_ones(tmp_path, spool):
             with open(os.path.join(spool[kind], name), "w") as file:
                 file.write("To: 79680000000\n\nhi\n")
             age_file(os.path.join(spool[kind], name), age)
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert {kind: sorted(os.listdir(spool[kind])) for kind in ages} == {
         "outgoing": ["new", "old"],
         "checked": ["new", "old"],
@@ -3337,12 +3337,12 @@ def test_retention_removes_old_files_but_never_queued_ones(tmp_path, spool):
         "failed": ["new", "old"],  # no retention set for failed
         "incoming": ["new"],
     }
-    assert app.watcher.counts["removed"] == 2
+    assert app.parts.counts["removed"] == 2
     shutil.copy(
         os.path.join(spool["outgoing"], "old"), os.path.join(spool["sent"], "x")
     )
     age_file(os.path.join(spool["sent"], "x"), 40 * 86400)
-    app.watcher.tick()  # the next pass is due in a few minutes, not now
+    app.parts.watcher.tick()  # the next pass is due in a few minutes, not now
     assert sorted(os.listdir(spool["sent"])) == ["new", "x"]
 
 
@@ -3391,7 +3391,7 @@ def test_metrics_count_requests_messages_and_what_smsd_did(tmp_path, spool, fake
     os.rename(
         os.path.join(spool["outgoing"], second), os.path.join(spool["failed"], second)
     )
-    app.watcher.tick()
+    app.parts.watcher.tick()
     samples = scrape(app)
     assert metric(samples, "smsapi_messages_total", state="sent") == 1
     assert metric(samples, "smsapi_messages_total", state="failed") == 1
@@ -3407,12 +3407,12 @@ def test_metrics_need_a_user_from_afar(tmp_path, spool, fake_smsd):
     assert call(app, "GET", "/metrics", user="lvv", **far).status == 403
     assert metric(scrape(app, user="root", **far), "smsapi_smsd_up") == 1
     assert metric(scrape(app, remote_addr="::1"), "smsapi_smsd_up") == 1
-    app.config = app.config.replace(metrics="users")  # a login even from loopback
+    app.parts.config = app.config.replace(metrics="users")  # a login even from loopback
     assert call(app, "GET", "/metrics").status == 401
     assert metric(scrape(app, user="root"), "smsapi_smsd_up") == 1
-    app.config = app.config.replace(metrics="open")
+    app.parts.config = app.config.replace(metrics="open")
     assert metric(scrape(app, **far), "smsapi_smsd_up") == 1
-    app.config = app.config.replace(metrics="off")
+    app.parts.config = app.config.replace(metrics="off")
     assert call(app, "GET", "/metrics").status == 404
 
 
@@ -3659,7 +3659,7 @@ def state_files(config):
 
 def test_rejected_keyed_requests_write_no_record(app, spool, config):
     slots = [
-        app.parts["sender"].wait_slots.acquire(blocking=False)
+        app.parts.sender.wait_slots.acquire(blocking=False)
         for _ in range(config.max_waiters)
     ]
     assert all(slots)
@@ -3675,7 +3675,7 @@ def test_rejected_keyed_requests_write_no_record(app, spool, config):
             assert response.status == 503
     finally:
         for _ in slots:
-            app.parts["sender"].wait_slots.release()
+            app.parts.sender.wait_slots.release()
     assert state_files(config) == [] and spool_snapshot(spool) == {}
     os.rename(spool["outgoing"], spool["outgoing"] + ".away")  # the write fails
     try:
@@ -3695,7 +3695,7 @@ def test_unwritable_state_refuses_a_keyed_send_before_any_file(app, spool, confi
 
 
 def test_requests_blocked_on_one_key_count_as_waiters(app, spool, config):
-    store = app.watcher.idempotency
+    store = app.parts.idempotency
     answers = []
 
     def keyed():
@@ -3706,7 +3706,7 @@ def test_requests_blocked_on_one_key_count_as_waiters(app, spool, config):
         for thread in threads:
             thread.start()
         wait_until(
-            lambda: app.parts["sender"].wait_slots._value == 0,
+            lambda: app.parts.sender.wait_slots._value == 0,
             what="the waiter slots to fill",
         )
         assert idempotent(app, "shared").status == 503  # no thread more is held
@@ -3849,7 +3849,7 @@ def test_throttle_a_long_attack_costs_at_most_the_longest_lockout(app, caplog):
     assert login(app, trusted, "lvv").status == 200
     for n in range(2100):  # blocked after ten: each further attempt counts too
         assert login(app, guesser, "lvv", f"guess{n}").status in (401, 429)
-    entry = app.throttle.counters[("user", smsapi.name_digest("lvv"))]
+    entry = app.parts.throttle.counters[("user", smsapi.name_digest("lvv"))]
     assert entry.count > 2000
     assert login(app, trusted, "lvv").status == 200
     refused = login(app, stranger, "lvv", "wrong")
@@ -3860,7 +3860,7 @@ def test_throttle_a_long_attack_costs_at_most_the_longest_lockout(app, caplog):
 
 @hypothesis.given(st.integers(min_value=0, max_value=10**9))
 def test_throttle_lockout_is_capped_for_any_count(count):
-    throttle = smsapi.Throttle()
+    throttle = smsapi.Throttle(smsapi.Clock())
     key = ("address", "192.0.2.1")
     throttle.counters[key] = smsapi.Failures(100.0)
     throttle.counters[key].count = count
@@ -3871,7 +3871,7 @@ def test_throttle_lockout_is_capped_for_any_count(count):
 
 
 def test_throttle_memory_is_bounded_whatever_the_names():
-    throttle = smsapi.Throttle()
+    throttle = smsapi.Throttle(smsapi.Clock())
     for n in range(3 * smsapi.Throttle.MAX_ENTRIES):
         throttle.failed(
             f"127.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", "x" * 1000 + str(n)
@@ -3897,8 +3897,8 @@ def test_throttle_behind_a_proxy_takes_only_an_address_it_forwarded(tmp_path, sp
                 "/api/v1.0/sms/sent/",
                 headers={**basic("lvv", "guess"), "X-Forwarded-For": forwarded},
             )
-    assert ("address", "127.0.0.1") in app.throttle.counters
-    assert all(len(str(k[-1])) < 64 for k in app.throttle.counters)
+    assert ("address", "127.0.0.1") in app.parts.throttle.counters
+    assert all(len(str(k[-1])) < 64 for k in app.parts.throttle.counters)
 
 
 def test_index_points_to_the_api_its_document_health_and_readme(app):
@@ -3986,7 +3986,7 @@ def test_no_request_imports_anything(app, spool):
     call(app, "GET", "/api/v1.0/sms/sent/GSM1.iso", user="root")
     call(app, "GET", "/api/v1.0/openapi.json")
     call(app, "GET", "/api/v1.0/monitoring")
-    app.watcher.tick()
+    app.parts.watcher.tick()
     assert set(sys.modules) - before == set()
 
 
@@ -4003,7 +4003,7 @@ def test_start_imports_only_what_serving_needs(tmp_path, spool):
     smsd_sends(spool, "GSM1.x", 7)  # the tick reads its smsd times
     script = (
         "import sys, smsapi; app = smsapi.Application(smsapi.load_config(sys.argv[1]));"
-        " app.watcher.tick(); print(smsapi.smsd_time('26-11-29 10:00:00'));"
+        " app.parts.watcher.tick(); print(smsapi.smsd_time('26-11-29 10:00:00'));"
         " print(*sorted(sys.modules))"
     )
     ini = write_ini(tmp_path, spool)
@@ -4166,7 +4166,7 @@ def test_budget_slides_by_the_hour_and_the_day(tmp_path, spool):
 
 def test_budget_is_given_back_when_the_write_fails(tmp_path, spool):
     app = budget_app(tmp_path, spool, hour=2)
-    sender = app.parts["sender"]
+    sender = app.parts.sender
     sender.outgoing.directory = str(tmp_path / "gone")  # as if outgoing vanished
     assert send(app, ["79680000000", "79680000001"], "x", user="night").status == 503
     sender.outgoing.directory = spool["outgoing"]
@@ -4448,9 +4448,9 @@ def test_alert_budget_and_a_broken_spool_are_errors_alertmanager_retries(
         "ERROR" in caplog.text
         and "alert FIRING:1 HighCPU not sent: Budget used up" in caplog.text
     )
-    app.parts["sender"].outgoing.directory = str(tmp_path / "gone")
+    app.parts.sender.outgoing.directory = str(tmp_path / "gone")
     assert post_alert(app, payload, "to=79680000000", "night").status == 503
-    app.parts["sender"].outgoing.directory = spool["outgoing"]
+    app.parts.sender.outgoing.directory = spool["outgoing"]
     assert (
         post_alert(app, payload, "to=79680000000", "night").status == 201
     )  # not a duplicate
@@ -4504,15 +4504,15 @@ def test_heartbeat_missed_then_back_once_each_across_a_restart(tmp_path, spool, 
     extra = GROUPS + "\n[heartbeat:monitoring]\nevery = 1min\nto = @oncall 79160000000"
     path = write_ini(tmp_path, spool, extra=extra)
     app = smsapi.Application(smsapi.load_config(path))
-    beats = app.watcher.heartbeats
+    beats = app.parts.heartbeats
     now = time.time()
-    beats.check(app.config, now + 59)
+    beats.check(now + 59)
     assert spool_snapshot(spool) == {}  # a full period after the start first
-    beats.check(app.config, now + 61)
+    beats.check(now + 61)
     missed = texts_in(spool)
     assert set(missed) == {"79680000000", "79680000001", "79160000000"}
     assert set(missed.values()) == {"heartbeat monitoring missed, last beat at never"}
-    beats.check(app.config, now + 200)
+    beats.check(now + 200)
     assert len(os.listdir(spool["outgoing"])) == 3  # once
     assert (
         call(app, "GET", "/api/v1.0/health").json()["checks"]["heartbeat:monitoring"][
@@ -4524,7 +4524,7 @@ def test_heartbeat_missed_then_back_once_each_across_a_restart(tmp_path, spool, 
     for name in os.listdir(spool["outgoing"]):
         os.remove(os.path.join(spool["outgoing"], name))
     again = smsapi.Application(smsapi.load_config(path))  # still missed after a restart
-    again.watcher.heartbeats.check(again.config, time.time() + 3600)
+    again.parts.heartbeats.check(time.time() + 3600)
     assert spool_snapshot(spool) == {}
     assert (
         call(again, "POST", "/api/v1.0/heartbeats/monitoring", user="lvv").status == 200
@@ -4544,8 +4544,8 @@ def test_heartbeat_missed_then_back_once_each_across_a_restart(tmp_path, spool, 
     assert abs(last - time.time()) < 5
     for name in os.listdir(spool["outgoing"]):
         os.remove(os.path.join(spool["outgoing"], name))
-    last_beat = again.watcher.heartbeats.states(again.config)[0][1]
-    again.watcher.heartbeats.check(again.config, last_beat + 61)
+    last_beat = again.parts.heartbeats.states()[0][1]
+    again.parts.heartbeats.check(last_beat + 61)
     assert texts_in(spool)["79160000000"].startswith(
         "heartbeat monitoring missed, last beat at 20"
     )
@@ -4560,7 +4560,7 @@ def test_heartbeat_from_alertmanagers_watchdog_sends_nothing(alert_app, spool):
         response = post_alert(alert_app, watchdog, "heartbeat=monitoring")
         assert response.status == 200 and response.json()["heartbeat"] == "monitoring"
     assert spool_snapshot(spool) == {}
-    first = alert_app.watcher.heartbeats.states(alert_app.config)[0][1]
+    first = alert_app.parts.heartbeats.states()[0][1]
     assert first and time.time() - first < 5
     resolved = notification([alert("Watchdog", status="resolved", n=9)], "resolved")
     assert (
@@ -4686,9 +4686,9 @@ def test_schedule_holds_the_file_until_its_time(app, spool):
         "send_at": data["send_at"],
         "valid_until": status["valid_until"],
     }
-    app.watcher.schedule.run(time.time() + 3599)
+    app.parts.schedule.run(time.time() + 3599)
     assert os.listdir(spool["outgoing"]) == []
-    app.watcher.schedule.run(time.time() + 3601)
+    app.parts.schedule.run(time.time() + 3601)
     assert os.listdir(spool["outgoing"]) == [message_id]
     assert os.listdir(held_dir(app)) == []
     assert status_of(app, message_id)["status"] == "queued"
@@ -4700,14 +4700,14 @@ def test_schedule_holds_the_file_until_its_time(app, spool):
 def test_schedule_expired_message_is_filed_as_failed_with_why(app, spool):
     data = send(app, ["79680000000"], send_at="+1hour", valid_until="+30min").json()
     message_id = data["message_id"]["79680000000"]
-    app.watcher.schedule.run(time.time() + 1801)
+    app.parts.schedule.run(time.time() + 1801)
     assert os.listdir(spool["outgoing"]) == [] and os.listdir(held_dir(app)) == []
     status = status_of(app, message_id)
     valid_until = read_spool_file(spool, "failed", message_id).decode()
     assert status["status"] == "failed"
     assert status["reason"].startswith("expired before it was sent (valid_until 20")
     assert status["reason"] in valid_until and status["failed_at"]
-    app.watcher.schedule.run(time.time() + 7200)
+    app.parts.schedule.run(time.time() + 7200)
     assert os.listdir(spool["outgoing"]) == []  # never sent after all
 
 
@@ -4752,9 +4752,9 @@ def test_schedule_listing_reading_and_cancelling(app, spool):
             == 404
         )
     assert os.listdir(held_dir(app)) == [theirs]
-    app.watcher.schedule.run(time.time() + 7201)
+    app.parts.schedule.run(time.time() + 7201)
     assert os.listdir(spool["outgoing"]) == [theirs]
-    assert app.watcher.schedule.count() == 0
+    assert app.parts.schedule.count() == 0
 
 
 def test_schedule_cancel_of_one_just_due_takes_it_from_outgoing(app, spool):
@@ -4906,8 +4906,8 @@ def test_schedule_survives_a_restart_and_a_time_passed_meanwhile(tmp_path, spool
     time.sleep(2.1)  # send_at is the next whole second after a second from now
     again = scheduled_app(tmp_path, spool)
     try:
-        assert again.watcher.schedule.count() == 1
-        again.watcher.tick()
+        assert again.parts.schedule.count() == 1
+        again.parts.watcher.tick()
         assert os.listdir(spool["outgoing"]) == [message_id]
     finally:
         again.close()
@@ -4939,7 +4939,7 @@ def test_schedule_finishes_the_moves_a_crash_cut_short(tmp_path, spool, caplog):
         assert sorted(os.listdir(held)) == sorted(
             ["fifo", "stray", ids[3], ".a-directory"]
         )
-        assert again.watcher.schedule.count() == 1
+        assert again.parts.schedule.count() == 1
         assert "skipped stray: no Send_at header" in caplog.text
     finally:
         again.close()
@@ -4953,10 +4953,10 @@ def test_schedule_two_processes_racing_move_each_message_once(tmp_path, spool):
         ]
         for n in range(50)
     ]
-    second.watcher.schedule.load()  # as a process started after the sends
+    second.parts.schedule.load()  # as a process started after the sends
     later = time.time() + 2
     threads = [
-        threading.Thread(target=a.watcher.schedule.run, args=(later,))
+        threading.Thread(target=a.parts.schedule.run, args=(later,))
         for a in (first, second)
     ]
     for thread in threads:
@@ -4982,7 +4982,7 @@ def test_schedule_across_filesystems_copies_then_removes(tmp_path, spool, caplog
             "79680000000"
         ]
         assert os.listdir(elsewhere) == [message_id]
-        app.watcher.schedule.run(time.time() + 3)
+        app.parts.schedule.run(time.time() + 3)
         assert os.listdir(spool["outgoing"]) == [message_id]
         assert os.listdir(elsewhere) == []
         app.close()
@@ -5006,7 +5006,7 @@ def test_schedule_into_a_bind_mounted_outgoing_copies(tmp_path, spool, caplog):
         message_id = send(app, ["79680000000"], send_at="+1s").json()["message_id"][
             "79680000000"
         ]
-        app.watcher.schedule.run(time.time() + 3)
+        app.parts.schedule.run(time.time() + 3)
         assert os.listdir(spool["outgoing"]) == [message_id]
         assert os.listdir(held_dir(app)) == []
         app.close()
@@ -5340,7 +5340,7 @@ def test_webhook_ids_are_stable_and_have_no_dot():
 
 def ticks(app, count=3):
     for _ in range(count):
-        app.watcher.tick()
+        app.parts.watcher.tick()
 
 
 def test_webhook_events_of_a_message_carry_its_status_in_order(
