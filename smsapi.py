@@ -1256,57 +1256,64 @@ def render_message(user, mobile, encoding, options):
     return ("\n".join(lines) + "\n\n").encode("ascii") + encoding.body
 
 
-class Outgoing:
-    """smsd's outgoing directory, written so that a 201 is on disk.
-
-    Each file is written and fsynced under a dot name smsd skips, then all are
-    renamed to their ids, and the directory is fsynced; with fsync = no, none
-    of it is. (A group commit of the directory fsync, one for many writers,
-    was slower on ext4, whose journal already batches concurrent fsyncs.)
-    """
+class SpoolWriter:
+    """A spool directory (smsd's outgoing, or the scheduled one) written so that
+    a 201 is on disk: write_files(), with smsd's group able to rewrite the files.
+    (A group commit of the directory fsync, one for many writers, was slower on
+    ext4, whose journal already batches concurrent fsyncs.)"""
 
     def __init__(self, directory, fsync=True, group=None):
         self.directory = directory
         self.fsync = fsync
-        self.chmod = process_umask() & 0o660 != 0  # else open() gives 0660 itself
         #: smsd's group, for files written elsewhere that later move into outgoing
         if group is not None and group == os.stat(directory).st_gid:
             group = None
         self.group = group
 
     def write(self, files):
-        """Put {message_id: bytes} into outgoing, all or nothing; 507 or 503 if it refuses."""
-        temps = []
+        """Put {message_id: bytes} into the directory, all or nothing; 507 or 503 if it refuses."""
         try:
-            for message_id, data in files.items():
-                temp = os.path.join(self.directory, TEMP_PREFIX + message_id)
-                write_file(temp, data, self.fsync, self.chmod, self.group)
-                temps.append((temp, os.path.join(self.directory, message_id)))
-            for temp, final in temps:
-                os.rename(temp, final)
-            if self.fsync:
-                fsync_directory(self.directory)
+            write_files(self.directory, files, self.fsync, 0o660, self.group)
         except OSError as exc:
-            for temp, _ in temps:
-                remove_quietly(temp)
             raise storage_error(exc) from exc
 
 
-def write_file(path, data, sync, chmod=True, group=None):
-    """Create path exclusively, group-writable for smsd, write data, fsync.
+def write_files(directory, files, sync, mode=0o640, group=None, owner=None):
+    """Put {name: bytes} into directory, all or nothing, durably: the one way
+    smsapi writes what must outlast a crash or a power cut.
 
-    chmod=False when the umask lets open() make it 0660 already; group, a gid
-    to give it (else the directory's, or ours).
+    Each file is written under a dot name (which smsd, and every reader here,
+    skips) and fsynced; then all are renamed into place; then the directory is
+    fsynced. With sync false, nothing is fsynced. mode is the files' (smsd,
+    in group smsd, rewrites what it sends: 0660); group, a gid to give them;
+    owner, a (uid, gid) to give them instead (a config that add-user rewrites).
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+    temps = []
     try:
-        if group is not None:
-            os.fchown(fd, -1, group)
-        if chmod:  # smsd (group smsd via the setgid spool) rewrites it
-            os.fchmod(fd, 0o660)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for name, data in files.items():
+            temp = os.path.join(directory, f"{TEMP_PREFIX}{name}.{os.urandom(4).hex()}")
+            temps.append(temp)
+            write_file(temp, data, sync, mode, (-1, group) if owner is None else owner)
+        for temp, name in zip(temps, files):
+            os.replace(temp, os.path.join(directory, name))
+        if sync:
+            fsync_directory(directory)
+    except OSError:
+        for temp in temps:
+            remove_quietly(temp)
+        raise
+
+
+def write_file(path, data, sync, mode, owner=(-1, None)):
+    """Create path exclusively with mode (whatever the umask), owned by owner
+    ((uid, gid); -1 or None: as made), write data, fsync if sync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        if owner[1] is not None:
+            os.fchown(fd, owner[0], owner[1])
+        if mode & process_umask():  # else open() made it so already
+            os.fchmod(fd, mode)
+        write_all(fd, data)
         if sync:
             os.fsync(fd)
     except OSError:
@@ -1316,6 +1323,13 @@ def write_file(path, data, sync, chmod=True, group=None):
     os.close(fd)
 
 
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@functools.lru_cache(maxsize=1)
 def process_umask():
     """This process's umask, read without setting it (Linux 4.7 on); else 0o777."""
     with (
@@ -1335,6 +1349,74 @@ def fsync_directory(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Journal:
+    """State kept as an append-only file of JSON lines: replayed at start (a
+    damaged line is counted, skipped and logged), appended a change at a time
+    (fsynced), and written anew, whole, when most of it is stale: past 1000
+    lines and four times the lines still live."""
+
+    def __init__(self, path, sync):
+        self.path, self.sync = path, sync
+        self.lines = 0  # in the file
+
+    def replay(self, apply):
+        """apply(line) to each line, oldest first; False when there is no journal.
+
+        apply raises ValueError, TypeError, IndexError or KeyError for a line
+        that is not one of its own.
+        """
+        try:
+            with open(self.path, "rb") as file:
+                journal = file.readlines()
+        except FileNotFoundError:
+            return False
+        damaged = 0
+        for raw in journal:
+            try:
+                apply(json.loads(raw))
+            except (ValueError, TypeError, IndexError, KeyError, RecursionError):
+                damaged += 1
+        self.lines = len(journal)
+        if damaged:
+            log.warning("%s: %d damaged lines skipped", self.path, damaged)
+        return True
+
+    def append(self, lines, live, everything):
+        """Append lines; when the file would pass max(1000, 4 * live) lines, write
+        everything() (the live lines) instead. OSError if the disk refuses."""
+        if self.lines + len(lines) > max(1000, 4 * live):
+            self.rewrite(everything())
+            return
+        created = not os.path.exists(self.path)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.path, flags, 0o640)
+        try:
+            write_all(fd, json_lines(lines))
+            if self.sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created and self.sync:
+            fsync_directory(os.path.dirname(self.path))
+        self.lines += len(lines)
+
+    def rewrite(self, lines):
+        """Replace the journal with these lines, all or nothing."""
+        directory, name = os.path.split(self.path)
+        write_files(directory, {name: json_lines(lines)}, self.sync)
+        self.lines = len(lines)
+
+
+def json_lines(lines):
+    return "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
+
+
+def write_json(path, data, sync):
+    """Replace the file at path with data as JSON, durably (write_files)."""
+    directory, name = os.path.split(path)
+    write_files(directory, {name: json.dumps(data, separators=(",", ":")).encode()}, sync)
 
 
 def remove_quietly(path):
@@ -1510,19 +1592,6 @@ def is_message_name(name):
 ###############################################################################
 
 
-def write_json_atomically(path, data, sync=True):
-    """Replace path with data as JSON: temp file, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(path)
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(4).hex()}")
-    try:
-        write_file(temp, json.dumps(data, separators=(",", ":")).encode(), sync)
-        os.replace(temp, path)
-    finally:
-        remove_quietly(temp)
-    if sync:
-        fsync_directory(directory)
-
-
 def read_json(path):
     """The JSON object stored at path, or None if it is missing or damaged."""
     try:
@@ -1613,7 +1682,7 @@ class Idempotency:
         """Write a record durably; 507 or 503 if the state directory refuses."""
         try:
             os.makedirs(self.directory, mode=0o750, exist_ok=True)
-            write_json_atomically(path, record, self.sync)
+            write_json(path, record, self.sync)
         except OSError as exc:
             raise storage_error(exc) from exc
 
@@ -2002,16 +2071,17 @@ class ReportIndex:
         self.settings, self.clock = settings, clock
         self.spool, self.sync = config.spool, config.fsync  # restart-only
         self.counts = counts  # delivered and undelivered are counted here
-        self.path = os.path.join(config.state_dir, JOURNAL)
+        self.journal = Journal(os.path.join(config.state_dir, JOURNAL), self.sync)
         self.awaiting = {}  # message id -> Awaiting
         self.outcomes = {}  # message id -> Outcome
         self.attached = {}  # report file name -> message id
         self.deferred = []  # Reports that came while catching up, matching nothing yet
         self.unsaved = []  # journal lines of this tick
-        self.lines = 0  # lines in the journal file
         self.to_read = []  # names in sent/ to read, a chunk a tick
         self.catching_up = False  # until to_read is done
-        self.seen = self.load()  # when the journal last saw the spool, or None
+        self.seen = None  # when the journal last saw the spool
+        if not self.journal.replay(self.replayed):
+            self.migrate(os.path.join(config.state_dir, "reports.json"))
         self.swept = clock.time()
 
     def outcome(self, message_id):
@@ -2081,7 +2151,7 @@ class ReportIndex:
         else:
             log.info(
                 "delivery report index %s missing: building it from the spool",
-                self.path,
+                self.journal.path,
             )
         self.catching_up = True
         with os.scandir(self.spool["sent"]) as entries:
@@ -2145,28 +2215,12 @@ class ReportIndex:
         else:
             raise ValueError("not a journal line")
 
-    def load(self):
-        """Replay the journal; the last clock in it, or None if there is none."""
-        clock, damaged = None, 0
-        try:
-            with open(self.path, "rb") as file:
-                journal = file.readlines()
-        except FileNotFoundError:
-            self.migrate(os.path.join(os.path.dirname(self.path), "reports.json"))
-            return None
-        for raw in journal:
-            self.lines += 1
-            try:
-                line = json.loads(raw)
-                if line[0] == "clock" and is_time(line[1]):
-                    clock = line[1]
-                else:
-                    self.apply(line)
-            except (ValueError, TypeError, IndexError, KeyError, RecursionError):
-                damaged += 1
-        if damaged:
-            log.warning("%s: %d damaged lines skipped", self.path, damaged)
-        return clock
+    def replayed(self, line):
+        """Take one line of the journal in at start: a change, or the clock."""
+        if line[0] == "clock" and is_time(line[1]):
+            self.seen = line[1]
+        else:
+            self.apply(line)
 
     def migrate(self, path):
         """Take the outcomes and awaited reports from the index of smsapi 1.0."""
@@ -2179,34 +2233,27 @@ class ReportIndex:
             with contextlib.suppress(ValueError, TypeError):
                 self.apply(["outcome", message_id, *fields, ""])
         if old:  # written first, with no clock: the first start reads all of sent/
-            self.compact(None)
-            log.info("%s: taken into %s", path, self.path)
+            self.journal.rewrite(self.live_lines(None))
+            log.info("%s: taken into %s", path, self.journal.path)
             remove_quietly(path)
 
     def save(self, now):
-        """Append this tick's lines and the clock; rewrite the journal when mostly stale."""
+        """Append this tick's lines and the clock (the journal rewrites itself when mostly stale)."""
         if not self.unsaved and self.seen is not None and now - self.seen < 60:
             return
-        lines = self.unsaved + [["clock", now]]
-        self.unsaved = []
+        lines, self.unsaved = self.unsaved + [["clock", now]], []
         live = len(self.awaiting) + len(self.outcomes)
         try:
-            if self.lines + len(lines) > max(1000, 4 * live):
-                self.compact(now)
-            else:
-                append_lines(self.path, lines, self.sync)
-                self.lines += len(lines)
+            self.journal.append(lines, live, lambda: self.live_lines(now))
             self.seen = now
         except OSError as exc:
-            log.error("cannot save %s: %s", self.path, one_line(exc))
+            log.error("cannot save %s: %s", self.journal.path, one_line(exc))
 
-    def compact(self, now):
-        """Write the journal anew with only what is live."""
+    def live_lines(self, now):
+        """The journal's lines for what is live, and the clock (unless None)."""
         lines = [["await", i, *e] for i, e in self.awaiting.items()]
         lines += [["outcome", i, *o] for i, o in self.outcomes.items()]
-        lines += [["clock", now]] if now else []
-        rewrite_lines(self.path, lines, self.sync)
-        self.lines = len(lines)
+        return lines + ([["clock", now]] if now else [])
 
 
 def dict_of(value):
@@ -2229,32 +2276,6 @@ def valid_outcome(fields):
     return status in ("delivered", "undelivered") and all(
         isinstance(field, str) for field in (at, detail, report)
     )
-
-
-def append_lines(path, lines, sync):
-    """Append JSON lines to path (made 0640 if new), fsynced if sync."""
-    data = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        view = memoryview(data.encode())
-        while view:
-            view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rewrite_lines(path, lines, sync):
-    """Replace path with these JSON lines, all or nothing."""
-    temp = f"{path}.{os.urandom(4).hex()}"
-    try:
-        append_lines(temp, lines, sync)
-        os.replace(temp, path)
-    finally:
-        remove_quietly(temp)
-    if sync:
-        fsync_directory(os.path.dirname(path))
 
 
 ###############################################################################
@@ -2527,7 +2548,7 @@ def can_rename(source_dir, target_dir):
     tried with a name that smsd skips."""
     name = f"{TEMP_PREFIX}probe-{os.urandom(6).hex()}"
     probe, moved = os.path.join(source_dir, name), os.path.join(target_dir, name)
-    write_file(probe, b"", sync=False)
+    write_file(probe, b"", False, 0o600)
     try:
         os.rename(probe, moved)
     except OSError as exc:
@@ -2567,7 +2588,7 @@ class Schedule:
         self.copy = False
         if not can_rename(self.directory, config.spool["outgoing"]):
             self.copy_from_now()
-        self.writer = Outgoing(self.directory, config.fsync, self.group)
+        self.writer = SpoolWriter(self.directory, config.fsync, self.group)
         self.load()
 
     def copy_from_now(self):
@@ -2704,7 +2725,7 @@ class Schedule:
         if kind == "outgoing" and find_message(self.settings(), message_id) is None:
             found = read_spool_file(path)
             if found:
-                Outgoing(self.spool["outgoing"], self.sync).write(
+                SpoolWriter(self.spool["outgoing"], self.sync).write(
                     {message_id: found[0]}
                 )
         elif kind == "failed":
@@ -2721,15 +2742,8 @@ class Schedule:
         failed = time.strftime("%y-%m-%d %H:%M:%S", time.localtime(now))
         reason = f"expired before it was sent (valid_until {valid_until})"
         head += f"\nFailed: {failed}\nFail_reason: {reason}".encode()
-        outcome = os.path.join(self.spool["failed"], message_id)
-        temp = os.path.join(self.spool["failed"], TEMP_PREFIX + message_id)
-        try:
-            write_file(temp, head + b"\n\n" + body, self.sync)
-            os.replace(temp, outcome)
-        finally:
-            remove_quietly(temp)
-        if self.sync:
-            fsync_directory(self.spool["failed"])
+        files = {message_id: head + b"\n\n" + body}
+        write_files(self.spool["failed"], files, self.sync, 0o660)
 
 
 ###############################################################################
@@ -2914,25 +2928,21 @@ class EventQueue:
         """Write [(StoredEvent, body)] durably, then queue them (not those queued already)."""
         with self.lock:
             events = [(e, b) for e, b in events if e.id not in self.ids]
-        for event, body in events:
-            self.write(event, body)
-        if events and self.fsync:
-            fsync_directory(self.directory)
+        self.write(events)
         with self.lock:
             for event, _ in events:
                 self.enqueue(event)
             self.lock.notify()
 
-    def write(self, event, body):
-        """Write an event's file anew: a meta line, then the body as sent."""
-        meta = json.dumps([event.message, event.attempts, event.due]).encode()
-        path = os.path.join(self.directory, event.file_name)
-        temp = os.path.join(self.directory, "." + event.file_name)
-        try:
-            write_file(temp, meta + b"\n" + body, self.fsync, chmod=False)
-            os.replace(temp, path)
-        finally:
-            remove_quietly(temp)
+    def write(self, events):
+        """Write [(StoredEvent, body)]'s files anew: each a meta line, then the body as sent."""
+        files = {
+            event.file_name: json.dumps([event.message, event.attempts, event.due]).encode()
+            + b"\n"
+            + body
+            for event, body in events
+        }
+        write_files(self.directory, files, self.fsync)
 
     def enqueue(self, event):
         """Put an event behind its message's others (under the lock)."""
@@ -3023,7 +3033,7 @@ class EventQueue:
         due = self.clock.time() + wait
         event = event._replace(attempts=event.attempts + 1, due=due)
         try:
-            self.write(event, self.read_body(event))
+            self.write([(event, self.read_body(event))])
         except OSError as exc:  # the attempts are then counted from the stored ones
             log.error(
                 "webhook %s: cannot update %s: %s",
@@ -3074,16 +3084,17 @@ class Webhooks:
         config = settings()
         self.clock = clock
         self.fsync = config.fsync
-        self.path = os.path.join(config.state_dir, EVENTS_JOURNAL)
+        self.journal = Journal(os.path.join(config.state_dir, EVENTS_JOURNAL), self.fsync)
         self.directory = os.path.join(config.state_dir, WEBHOOKS)
         self.queues = {}  # webhook name -> EventQueue
         self.emitted = {}  # event id -> when, for the last EMITTED_KEPT seconds
         self.unsaved = []  # journal lines of this tick
         self.outbox = []  # (EventQueue, StoredEvent, body) of this tick
-        self.lines = 0
         self.seq = 0
         self.started = False
-        self.seen = self.load() if config.webhooks else None
+        self.seen = None  # when the journal last saw the spool
+        if config.webhooks:
+            self.journal.replay(self.replayed)
         #: Files that came after this are new to a RESCAN; with no journal, none is.
         self.horizon = self.seen - CLOCK_MARGIN if self.seen else clock.time()
         self.reconfigure(config)
@@ -3182,42 +3193,23 @@ class Webhooks:
         lines, self.unsaved = self.unsaved + [["clock", now]], []
         cutoff = now - EMITTED_KEPT
         self.emitted = {i: t for i, t in self.emitted.items() if t >= cutoff}
+        live = [["emitted", i, t] for i, t in self.emitted.items()]
         try:
-            if self.lines + len(lines) > max(1000, 4 * len(self.emitted)):
-                live = [["emitted", i, t] for i, t in self.emitted.items()]
-                rewrite_lines(self.path, live + [["clock", now]], self.fsync)
-                self.lines = len(self.emitted) + 1
-            else:
-                append_lines(self.path, lines, self.fsync)
-                self.lines += len(lines)
+            self.journal.append(lines, len(live), lambda: live + [["clock", now]])
         except OSError as exc:
-            log.error("cannot save %s: %s", self.path, one_line(exc))
+            log.error("cannot save %s: %s", self.journal.path, one_line(exc))
             return
         self.seen, self.horizon = now, now - CLOCK_MARGIN
 
-    def load(self):
-        """Read the journal: the events emitted lately; the last clock, or None."""
-        clock, damaged = None, 0
-        try:
-            with open(self.path, "rb") as file:
-                journal = file.readlines()
-        except FileNotFoundError:
-            return None
-        for raw in journal:
-            self.lines += 1
-            try:
-                verb, value, *rest = json.loads(raw)
-                if verb == "clock" and is_time(value):
-                    clock = value
-                elif verb == "emitted" and isinstance(value, str) and is_time(rest[0]):
-                    self.emitted[value] = rest[0]
-                else:
-                    damaged += 1
-            except (ValueError, TypeError, IndexError, RecursionError):
-                damaged += 1
-        if damaged:
-            log.warning("%s: %d damaged lines skipped", self.path, damaged)
-        return clock
+    def replayed(self, line):
+        """Take one line of the journal in at start: an event emitted, or the clock."""
+        verb, value, *rest = line
+        if verb == "clock" and is_time(value):
+            self.seen = value
+        elif verb == "emitted" and isinstance(value, str) and is_time(rest[0]):
+            self.emitted[value] = rest[0]
+        else:
+            raise ValueError("not a line of the events journal")
 
 
 ###############################################################################
@@ -3303,7 +3295,7 @@ class Heartbeats:
                 n: {"last": s["last"], "missed": s["missed"]}
                 for n, s in self.state.items()
             }
-            write_json_atomically(self.path, saved, sync)
+            write_json(self.path, saved, sync)
         except OSError as exc:
             log.error("cannot save %s: %s", self.path, one_line(exc))
 
@@ -3533,11 +3525,9 @@ class Budgets:
     WINDOWS = (("max_per_hour", 3600), ("max_per_day", 86400))
 
     def __init__(self, state_dir, fsync, clock):
-        self.path = os.path.join(state_dir, BUDGETS_JOURNAL)
-        self.fsync = fsync
+        self.journal = Journal(os.path.join(state_dir, BUDGETS_JOURNAL), fsync)
         self.lock = threading.Lock()
         self.spent = {}  # user name -> deque of [when, units], oldest first
-        self.lines = 0
         self.load(clock.time())
 
     def take(self, user, units, now):
@@ -3573,16 +3563,14 @@ class Budgets:
             return
         name, (now, units) = token
         with self.lock:
+            live = sum(map(len, self.spent.values()))
             try:
-                if self.lines > max(1000, 4 * sum(map(len, self.spent.values()))):
-                    lines = [[n, *e] for n, spent in self.spent.items() for e in spent]
-                    rewrite_lines(self.path, lines, self.fsync)
-                    self.lines = len(lines)
-                else:
-                    append_lines(self.path, [[name, now, units]], self.fsync)
-                    self.lines += 1
+                self.journal.append([[name, now, units]], live, self.live_lines)
             except OSError as exc:
-                log.error("cannot save %s: %s", self.path, one_line(exc))
+                log.error("cannot save %s: %s", self.journal.path, one_line(exc))
+
+    def live_lines(self):
+        return [[n, *e] for n, spent in self.spent.items() for e in spent]
 
     def used(self, user, now):
         """{max_per_hour: (used, limit), ...} of the limits user has."""
@@ -3603,27 +3591,18 @@ class Budgets:
 
     def load(self, now):
         """Read the journal: what each user took in the day before now."""
-        damaged, cutoff = 0, now - 86400
-        try:
-            with open(self.path, "rb") as file:
-                journal = file.readlines()
-        except FileNotFoundError:
-            return
-        for raw in journal:
-            self.lines += 1
-            try:
-                name, when, units = json.loads(raw)
-                if not (isinstance(name, str) and is_time(when) and is_count(units)):
-                    raise ValueError
-            except (ValueError, TypeError, RecursionError):
-                damaged += 1
-                continue
+        cutoff = now - 86400
+
+        def replayed(line):
+            name, when, units = line
+            if not (isinstance(name, str) and is_time(when) and is_count(units)):
+                raise ValueError("not a line of the budgets journal")
             if when > cutoff:
                 self.spent.setdefault(name, collections.deque()).append([when, units])
+
+        self.journal.replay(replayed)
         for name, spent in self.spent.items():  # appends may interleave a little
             self.spent[name] = collections.deque(sorted(spent))
-        if damaged:
-            log.warning("%s: %d damaged lines skipped", self.path, damaged)
 
 
 def is_count(value):
@@ -5527,7 +5506,7 @@ class Parts:
         self.clock = clock = clock or Clock()
         self.counts = collections.Counter()  # sent, failed, delivered, ..., removed
         self.metrics = Metrics(clock.time())
-        self.outgoing = Outgoing(config.spool["outgoing"], config.fsync)
+        self.outgoing = SpoolWriter(config.spool["outgoing"], config.fsync)
         self.idempotency = Idempotency(settings, clock)
         self.reports = ReportIndex(settings, self.counts, clock)
         self.inbox = InboxIndex()
@@ -6938,7 +6917,7 @@ def add_user_command(name, admin, path):
         return EX_CONFIG
     changed = with_user(text, name, hash_password(password), admin)
     try:
-        replace_keeping_mode(path, changed)
+        replace_keeping_mode(path, changed.encode())
     except OSError as exc:
         print(
             f"add-user: cannot write {path}: {one_line(exc)} (sudo?)", file=sys.stderr
@@ -6978,24 +6957,13 @@ def setting_of(line, key):
     return bool(separator) and name.strip().lower() == key
 
 
-def replace_keeping_mode(path, text):
-    """Write text over path atomically, with the file's owner, group and mode kept."""
+def replace_keeping_mode(path, data):
+    """Write data over path durably (write_files), with the file's owner, group
+    and mode kept."""
     status = os.stat(path)
-    temp = os.path.join(
-        os.path.dirname(path) or ".",
-        f".{os.path.basename(path)}.{os.urandom(4).hex()}",
-    )
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fchown(file.fileno(), status.st_uid, status.st_gid)
-            os.fchmod(file.fileno(), stat.S_IMODE(status.st_mode))
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        remove_quietly(temp)
+    directory, name = os.path.split(path)
+    owner = (status.st_uid, status.st_gid)
+    write_files(directory or ".", {name: data}, True, stat.S_IMODE(status.st_mode), owner=owner)
 
 
 if __name__ == "__main__":
