@@ -832,6 +832,76 @@ def test_clean_temp_files_removes_only_temporaries(config, spool):
     assert os.listdir(spool["outgoing"]) == ["smsapi.y"]
 
 
+class Fsyncs:
+    """Every fsync this process makes, by the path of what it synced."""
+
+    def __init__(self, monkeypatch):
+        self.paths = []
+        real = os.fsync
+
+        def fsync(fd):
+            self.paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def synced(self, path):
+        """Where path, or a temporary file of it, was fsynced: the indexes."""
+        directory, name = os.path.split(str(path))
+        temp = smsapi.TEMP_PREFIX + name + "."
+        return [
+            i
+            for i, p in enumerate(self.paths)
+            if p == str(path)
+            or os.path.dirname(p) == directory and os.path.basename(p).startswith(temp)
+        ]
+
+    def durable(self, path):
+        """True when path (or its temporary file) was fsynced, then its directory."""
+        found = self.synced(path)
+        return bool(found) and os.path.dirname(str(path)) in self.paths[found[0] + 1 :]
+
+
+def test_durable_every_piece_of_state_syncs_its_file_and_directory(
+    tmp_path, spool, monkeypatch
+):
+    extra = GROUPS + webhook_ini("http://127.0.0.1:9/hook")  # nobody answers there
+    extra += "\n[heartbeat:beat]\nevery = 1min\nto = @oncall"
+    extra += f"\n[user:night]\npassword = {HASHES['night']}\nmax_per_day = 50"
+    path = write_ini(tmp_path, spool, extra=extra)
+    app = smsapi.Application(smsapi.load_config(path))
+    state, fsyncs = tmp_path / "state", Fsyncs(monkeypatch)
+    message_id = sent_id(app, report=True)
+    assert fsyncs.durable(os.path.join(spool["outgoing"], message_id))
+    keyed = {"mobiles": ["79680000001"], "text": "once"}
+    assert post_send(app, keyed, "lvv", {"Idempotency-Key": "k"}).status == 201
+    assert fsyncs.durable(app.parts.idempotency.path("lvv", "k"))
+    held = sent_id(app, "79680000002", send_at="+1hour")
+    assert fsyncs.durable(os.path.join(app.config.spool["scheduled"], held))
+    app.parts.schedule.expire(held, time.time())
+    assert fsyncs.durable(os.path.join(spool["failed"], held))
+    assert send(app, ["79680000000"], user="night").status == 201
+    assert fsyncs.durable(state / "budgets.journal")
+    app.parts.heartbeats.check(time.time() + 120)  # missed: an SMS, and the state
+    assert fsyncs.durable(state / "heartbeats.json")
+    smsd_sends(spool, message_id, 7)
+    app.parts.watcher.tick()
+    assert fsyncs.durable(state / "reports.journal")
+    assert fsyncs.durable(state / "events.journal")
+    queue = app.parts.webhooks.queues["hook"]
+    event = queue.messages[message_id][0]  # sms.sent (and the expiry's sms.failed)
+    assert fsyncs.durable(state / "webhooks" / "hook" / event.file_name)
+    fsyncs.paths.clear()
+    queue.retry(event, None, "refused")  # the attempts, written anew
+    assert fsyncs.durable(state / "webhooks" / "hook" / event.file_name)
+    smsd_reports(spool, "79680000000", 7)
+    app.parts.watcher.tick()  # an append to the journal syncs the file
+    assert fsyncs.synced(state / "reports.journal")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("new-pass\n"))
+    assert smsapi.add_user_command("newbie", False, path) == 0
+    assert fsyncs.durable(path)
+
+
 @pytest.mark.parametrize(
     "data, headers, text",
     [
