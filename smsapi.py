@@ -3520,6 +3520,7 @@ class Budgets:
     limit), and gives them back if the write fails: a refused request uses
     nothing. What was taken is appended to a journal in state_dir, so the
     budget outlives a restart; the journal is rewritten when mostly stale.
+    A take costs the same however much was sent: each window keeps its sum.
     """
 
     WINDOWS = (("max_per_hour", 3600), ("max_per_day", 86400))
@@ -3527,35 +3528,36 @@ class Budgets:
     def __init__(self, state_dir, fsync, clock):
         self.journal = Journal(os.path.join(state_dir, BUDGETS_JOURNAL), fsync)
         self.lock = threading.Lock()
-        self.spent = {}  # user name -> deque of [when, units], oldest first
+        self.spent = {}  # user name -> {seconds: Window}
         self.load(clock.time())
 
     def take(self, user, units, now):
         """Take units from user's budget, or 429 with Retry-After; a token for give_back."""
-        limits = [(getattr(user, key), window) for key, window in self.WINDOWS]
-        if all(limit is None for limit, _ in limits):
+        if all(getattr(user, key) is None for key, _ in self.WINDOWS):
             return None
         with self.lock:
-            spent = self.forget_old(user.name, now)
-            for limit, window in limits:
-                recent = [e for e in spent if e[0] > now - window]
-                if limit is not None and sum(u for _, u in recent) + units > limit:
-                    wait = recent[0][0] + window - now if recent else window
+            windows = self.windows(user.name, now)
+            for key, seconds in self.WINDOWS:
+                limit, window = getattr(user, key), windows[seconds]
+                if limit is not None and window.total + units > limit:
+                    oldest = window.entries[0][0] if window.entries else now
                     raise ApiError(
                         HTTPStatus.TOO_MANY_REQUESTS,
                         f"Budget used up: {units} more SMS would pass {limit} per"
-                        f" {'hour' if window == 3600 else 'day'}",
-                        [("Retry-After", str(max(1, math.ceil(wait))))],
+                        f" {'hour' if seconds == 3600 else 'day'}",
+                        [("Retry-After", str(max(1, math.ceil(oldest + seconds - now))))],
                     )
             entry = [now, units]
-            spent.append(entry)
+            for window in windows.values():
+                window.add(entry)
         return user.name, entry
 
     def give_back(self, token):
         """The write failed: the units were not used."""
         if token is not None:
-            with self.lock, contextlib.suppress(ValueError):
-                self.spent[token[0]].remove(token[1])
+            with self.lock, contextlib.suppress(ValueError, KeyError):
+                for window in self.spent[token[0]].values():
+                    window.remove(token[1])
 
     def note(self, token):
         """The write succeeded: put what it took in the journal."""
@@ -3563,46 +3565,75 @@ class Budgets:
             return
         name, (now, units) = token
         with self.lock:
-            live = sum(map(len, self.spent.values()))
+            live = sum(len(w[86400].entries) for w in self.spent.values())
             try:
                 self.journal.append([[name, now, units]], live, self.live_lines)
             except OSError as exc:
                 log.error("cannot save %s: %s", self.journal.path, one_line(exc))
 
     def live_lines(self):
-        return [[n, *e] for n, spent in self.spent.items() for e in spent]
+        return [[n, *e] for n, w in self.spent.items() for e in w[86400].entries]
 
     def used(self, user, now):
         """{max_per_hour: (used, limit), ...} of the limits user has."""
         with self.lock:
-            spent = list(self.forget_old(user.name, now))
-        return {
-            key: (sum(u for t, u in spent if t > now - window), getattr(user, key))
-            for key, window in self.WINDOWS
-            if getattr(user, key) is not None
-        }
+            windows = self.windows(user.name, now)
+            return {
+                key: (windows[seconds].total, getattr(user, key))
+                for key, seconds in self.WINDOWS
+                if getattr(user, key) is not None
+            }
 
-    def forget_old(self, name, now):
-        """name's deque, without what is older than a day (under the lock)."""
-        spent = self.spent.setdefault(name, collections.deque())
-        while spent and spent[0][0] <= now - 86400:
-            spent.popleft()
-        return spent
+    def windows(self, name, now):
+        """name's windows, slid to now (under the lock)."""
+        windows = self.spent.get(name)
+        if windows is None:
+            windows = self.spent[name] = {s: Window(s) for _, s in self.WINDOWS}
+        for window in windows.values():
+            window.slide(now)
+        return windows
 
     def load(self, now):
         """Read the journal: what each user took in the day before now."""
-        cutoff = now - 86400
+        cutoff, found = now - 86400, {}
 
         def replayed(line):
             name, when, units = line
             if not (isinstance(name, str) and is_time(when) and is_count(units)):
                 raise ValueError("not a line of the budgets journal")
             if when > cutoff:
-                self.spent.setdefault(name, collections.deque()).append([when, units])
+                found.setdefault(name, []).append([when, units])
 
         self.journal.replay(replayed)
-        for name, spent in self.spent.items():  # appends may interleave a little
-            self.spent[name] = collections.deque(sorted(spent))
+        for name, entries in found.items():  # appends may interleave a little
+            windows = self.windows(name, now)
+            for entry in sorted(entries):
+                for window in windows.values():
+                    window.add(entry)
+
+
+class Window:
+    """What one user sent within a sliding window: entries [when, units], oldest
+    first, and their sum."""
+
+    __slots__ = ("seconds", "entries", "total")
+
+    def __init__(self, seconds):
+        self.seconds, self.entries, self.total = seconds, collections.deque(), 0
+
+    def add(self, entry):
+        self.entries.append(entry)
+        self.total += entry[1]
+
+    def remove(self, entry):
+        """Take an entry out again; ValueError if it is not in the window."""
+        self.entries.remove(entry)
+        self.total -= entry[1]
+
+    def slide(self, now):
+        """Forget what is older than the window before now."""
+        while self.entries and self.entries[0][0] <= now - self.seconds:
+            self.total -= self.entries.popleft()[1]
 
 
 def is_count(value):

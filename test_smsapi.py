@@ -376,6 +376,19 @@ def test_add_user_command_writes_a_hash_the_server_accepts(tmp_path, spool):
     assert "[user:empty]" not in pathlib.Path(path).read_text()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_add_user_keeps_the_files_owner_group_and_mode(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(path, 0o640)
+    assert add_user(path, "newbie", "first-password").returncode == 0
+    status = os.stat(path)
+    assert (status.st_uid, status.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert stat.S_IMODE(status.st_mode) == 0o640
+    assert "[user:newbie]" in pathlib.Path(path).read_text()
+
+
 def test_live_a_user_added_while_the_server_runs_can_send_at_once(
     live, tmp_path, spool
 ):
@@ -3390,6 +3403,32 @@ def test_reload_takes_limits_and_keeps_what_needs_a_restart(tmp_path, spool, cap
     assert "reload: spool changes only with a restart" in caplog.text
 
 
+def config_objects(value, depth=2):
+    """Every Config reachable from value's attributes, depth levels down."""
+    if isinstance(value, smsapi.Config):
+        return [value]
+    if depth == 0 or not hasattr(value, "__dict__"):
+        return []
+    return [c for v in vars(value).values() for c in config_objects(v, depth - 1)]
+
+
+def test_reload_reaches_every_part_none_keeps_the_old_config(tmp_path, spool):
+    extra = GROUPS + "\n[heartbeat:beat]\nevery = 1min\nto = @oncall"
+    path = write_ini(tmp_path, spool, extra=extra)
+    app = smsapi.Application(smsapi.load_config(path))
+    old = app.config
+    with open(path, "a") as file:
+        file.write("[retention]\nsent = 1hour\nstate = 2hour\n")
+    assert app.reload(path)
+    parts = dict(vars(app.parts))
+    assert parts.pop("config") is app.config is not old
+    for name, part in parts.items():  # a part reads settings(), it keeps no config
+        assert config_objects(part) == [], name
+    age_file(put_file(spool, "sent", "GSM1.old", {}), 3600 + 60)
+    app.parts.retention.run(time.time())
+    assert os.listdir(spool["sent"]) == []  # [retention] sent, as reloaded
+
+
 def test_retention_removes_old_files_but_never_queued_ones(tmp_path, spool):
     path = write_ini(tmp_path, spool)
     with open(path, "a") as file:
@@ -4160,6 +4199,15 @@ def test_groups_unknown_or_not_allowed_write_nothing(group_app, spool):
     assert send(group_app, ["@abroad"], user="ann").status == 201
 
 
+def test_groups_count_for_max_recipients_once_expanded(tmp_path, spool):
+    path = write_ini(tmp_path, spool, extra="max_recipients = 2\n" + GROUPS)
+    app = smsapi.Application(smsapi.load_config(path))
+    assert send(app, ["@oncall"], user="ann").status == 201  # two numbers
+    refused = send(app, ["@oncall", "79680000009"], user="ann")  # one name, three numbers
+    assert refused.status == 400 and "Too many recipients: 3" in refused.json()["error"]
+    assert len(os.listdir(spool["outgoing"])) == 2
+
+
 def test_groups_listed_are_those_the_caller_may_send_to(group_app):
     listed = call(group_app, "GET", "/api/v1.0/groups", user="lvv").json()
     assert listed == {
@@ -4234,6 +4282,49 @@ def test_budget_slides_by_the_hour_and_the_day(tmp_path, spool):
     )
     assert refused.status == 429 and "5 per hour" in refused.json()["error"]
     assert 90 <= int(refused.headers["Retry-After"]) <= 100  # the 2 from 3,500 s ago
+
+
+def test_budget_racing_threads_take_exactly_the_limit(tmp_path, spool):
+    app = budget_app(tmp_path, spool, hour=10, day=10)
+    user, budgets, now = app.config.users["night"], app.parts.budgets, time.time()
+    start = threading.Barrier(16)
+
+    def take(_):
+        start.wait()
+        taken = 0
+        for _ in range(3):
+            with contextlib.suppress(smsapi.ApiError):
+                budgets.take(user, 1, now)
+                taken += 1
+        return taken
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads trade the interpreter as often as it lets them
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            assert sum(pool.map(take, range(16))) == 10
+    finally:
+        sys.setswitchinterval(interval)
+    with budgets.lock:  # a take waits while another one holds the budget
+        waiting = threading.Thread(target=budgets.take, args=(user, 0, now))
+        waiting.start()
+        waiting.join(0.2)
+        assert waiting.is_alive()
+    waiting.join(5)
+
+
+def test_budget_windows_slide_over_many_sends(tmp_path, spool):
+    app = budget_app(tmp_path, spool, hour=100000, day=100000)
+    user, budgets, now = app.config.users["night"], app.parts.budgets, time.time()
+    times = [now - 7200 + n * 0.36 for n in range(20000)]  # the last two hours
+    for when in times:
+        budgets.take(user, 1, when)
+    in_the_hour = sum(1 for when in times if when > now - 3600)
+    assert budgets.used(user, now) == {
+        "max_per_hour": (in_the_hour, 100000),
+        "max_per_day": (20000, 100000),
+    }
+    assert budgets.used(user, now + 3600)["max_per_hour"] == (0, 100000)
 
 
 def test_budget_is_given_back_when_the_write_fails(tmp_path, spool):
