@@ -1410,13 +1410,17 @@ class Journal:
 
 
 def json_lines(lines):
-    return "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
+    return "".join(
+        json.dumps(line, separators=(",", ":")) + "\n" for line in lines
+    ).encode()
 
 
 def write_json(path, data, sync):
     """Replace the file at path with data as JSON, durably (write_files)."""
     directory, name = os.path.split(path)
-    write_files(directory, {name: json.dumps(data, separators=(",", ":")).encode()}, sync)
+    write_files(
+        directory, {name: json.dumps(data, separators=(",", ":")).encode()}, sync
+    )
 
 
 def remove_quietly(path):
@@ -2937,7 +2941,9 @@ class EventQueue:
     def write(self, events):
         """Write [(StoredEvent, body)]'s files anew: each a meta line, then the body as sent."""
         files = {
-            event.file_name: json.dumps([event.message, event.attempts, event.due]).encode()
+            event.file_name: json.dumps(
+                [event.message, event.attempts, event.due]
+            ).encode()
             + b"\n"
             + body
             for event, body in events
@@ -3084,7 +3090,9 @@ class Webhooks:
         config = settings()
         self.clock = clock
         self.fsync = config.fsync
-        self.journal = Journal(os.path.join(config.state_dir, EVENTS_JOURNAL), self.fsync)
+        self.journal = Journal(
+            os.path.join(config.state_dir, EVENTS_JOURNAL), self.fsync
+        )
         self.directory = os.path.join(config.state_dir, WEBHOOKS)
         self.queues = {}  # webhook name -> EventQueue
         self.emitted = {}  # event id -> when, for the last EMITTED_KEPT seconds
@@ -3545,7 +3553,12 @@ class Budgets:
                         HTTPStatus.TOO_MANY_REQUESTS,
                         f"Budget used up: {units} more SMS would pass {limit} per"
                         f" {'hour' if seconds == 3600 else 'day'}",
-                        [("Retry-After", str(max(1, math.ceil(oldest + seconds - now))))],
+                        [
+                            (
+                                "Retry-After",
+                                str(max(1, math.ceil(oldest + seconds - now))),
+                            )
+                        ],
                     )
             entry = [now, units]
             for window in windows.values():
@@ -3616,7 +3629,7 @@ class Window:
     """What one user sent within a sliding window: entries [when, units], oldest
     first, and their sum."""
 
-    __slots__ = ("seconds", "entries", "total")
+    __slots__ = ("entries", "seconds", "total")
 
     def __init__(self, seconds):
         self.seconds, self.entries, self.total = seconds, collections.deque(), 0
@@ -4138,7 +4151,9 @@ class Request:
 
     def __init__(self, environ, config, now):
         self.environ = environ
-        self.config = config  # as it was when the request came: a reload makes a new one
+        self.config = (
+            config  # as it was when the request came: a reload makes a new one
+        )
         self.now = now  # when it came: the one time its answer is made of
         self.method = environ["REQUEST_METHOD"].upper()
         self.path = environ.get("PATH_INFO", "") or "/"
@@ -5530,7 +5545,9 @@ class Parts:
     reconfigure(config) method, and reconfigure() runs it for every part.
     """
 
-    def __init__(self, config, clock=None, inotify=True, interval=1.0, health_every=1.0):
+    def __init__(
+        self, config, clock=None, inotify=True, interval=1.0, health_every=1.0
+    ):
         os.makedirs(config.state_dir, mode=0o750, exist_ok=True)
         self.config = config
         settings = self.settings
@@ -5544,7 +5561,9 @@ class Parts:
         self.retention = Retention(settings, self.counts)
         self.failures = RecentFailures(config.spool["failed"], clock)
         self.waiters = Waiters(clock)
-        self.wake = threading.Event()  # the watcher's: a stop, or a message held for sooner
+        self.wake = (
+            threading.Event()
+        )  # the watcher's: a stop, or a message held for sooner
         self.schedule = Schedule(settings, self.wake, clock)
         self.budgets = Budgets(config.state_dir, config.fsync, clock)
         self.heartbeats = Heartbeats(settings, self.outgoing, clock)
@@ -6173,7 +6192,9 @@ class Application:
     keyword-only parameters name.
     """
 
-    def __init__(self, config, clock=None, inotify=True, interval=1.0, health_every=1.0):
+    def __init__(
+        self, config, clock=None, inotify=True, interval=1.0, health_every=1.0
+    ):
         self.parts = Parts(config, clock, inotify, interval, health_every)
         self.clock = self.parts.clock
         self.handlers = {r.handler: self.bind(r.handler) for r in ROUTES}
@@ -6191,7 +6212,9 @@ class Application:
             code.co_argcount : code.co_argcount + code.co_kwonlyargcount
         ]
         found = {"document": openapi_document}
-        found.update((name, getattr(self.parts, name)) for name in wanted if name != "document")
+        found.update(
+            (name, getattr(self.parts, name)) for name in wanted if name != "document"
+        )
         return functools.partial(handler, **{name: found[name] for name in wanted})
 
     def start(self):
@@ -6299,12 +6322,8 @@ def rendered(request, answer, headers):
 # Server adapters #############################################################
 ###############################################################################
 
-# waitress when it is installed, else the standard library's wsgiref. The
-# waitress adapters use waitress's private API, as of Debian 12's 2.1.2 and
-# PyPI's 3.0.2 (CI runs the tests against both): create_server(_dispatcher=),
-# server._map, .active_channels, .task_dispatcher, .maintenance(); channel.request,
-# .requests, .last_activity, .will_close, .total_outbufs_len; the dispatcher's
-# .lock, .queue and .queue_cv; wasyncore.loop(count=1).
+# waitress when it is installed, else the standard library's wsgiref: each
+# behind the same small interface, serve(app, sockets, signals).
 
 
 def serve(config):
@@ -6327,10 +6346,12 @@ def serve(config):
     signal.signal(signal.SIGTERM, signals.stop)  # systemctl stop
     signal.signal(signal.SIGHUP, signals.reload)  # systemctl reload
     try:
-        return serve_waitress(config, app, sockets, signals)
+        server = WaitressServer(config)
     except ImportError:
         log.warning("waitress is not installed; using the slower wsgiref server")
-        return serve_wsgiref(config, app, sockets, signals)
+        server = WsgirefServer(config)
+    try:
+        return server.serve(app, sockets, signals)
     finally:
         for sock in sockets:
             sock.close()
@@ -6496,236 +6517,277 @@ def announce(sockets):
     sd_notify("READY=1\nSTATUS=listening on " + " ".join(urls))
 
 
-def serve_waitress(config, app, sockets, signals):
-    """Run waitress on the sockets; ImportError if it is not installed."""
-    import waitress.server
-    from waitress import wasyncore
+class WaitressServer:
+    """waitress, the server for production. Every use of waitress's private API
+    is in this class, as of Debian 12's 2.1.2 and PyPI's 3.0.2 (CI runs the
+    tests against both): create_server(_dispatcher=), server._map,
+    .active_channels, .task_dispatcher, .maintenance(); channel.request,
+    .requests, .last_activity, .will_close, .total_outbufs_len; the
+    dispatcher's .lock, .queue and .queue_cv; wasyncore.loop(count=1)."""
 
-    channels = {}  # every socket waitress serves, listening or connected
-    unix = [sock for sock in sockets if sock.family == socket.AF_UNIX]
-    tcp = [sock for sock in sockets if sock.family != socket.AF_UNIX]
-    servers = [
-        waitress.server.create_server(
-            app,
-            map=channels,
-            sockets=group,  # waitress takes unix and TCP sockets only apart
-            threads=config.threads,
-            ident="smsapi",
-            # waitress answers absurd bodies itself; up to this much, the app
-            # gives the JSON 413 after looking at Content-Length.
-            max_request_body_size=config.max_body * 16,
-            # the unix socket has room of its own: TCP clients cannot take it
-            connection_limit=config.connection_limit
-            + (UNIX_RESERVE if group is unix else 0),
-            channel_timeout=config.channel_timeout,
-            cleanup_interval=1,  # how often maintain() looks at the connections
-            asyncore_use_poll=True,  # select() stops at 1024 descriptors
-            _dispatcher=open_routes_last(config.threads),
+    def __init__(self, config):
+        import waitress  # noqa: F401 (ImportError when it is not installed)
+
+        self.config = (
+            config  # what it reads (threads, limits, timeouts) needs a restart
         )
-        for group in (tcp, unix)
-        if group
-    ]
-    listeners = [
-        c for c in channels.values() if isinstance(c, waitress.server.BaseWSGIServer)
-    ]
-    for listener in listeners:
-        listener.channel_class = channel_class(listener.socket.family == socket.AF_UNIX)
-        listener.maintenance = functools.partial(
-            maintain, listener, listener.maintenance, config.request_timeout
-        )
-    announce(sockets)
 
-    def turn(timeout=1.0):
-        wasyncore.loop(timeout=timeout, use_poll=True, map=channels, count=1)
+    def serve(self, app, sockets, signals):
+        """Serve app on the sockets until a stop signal, then finish what is in hand."""
+        import waitress.server
+        from waitress import wasyncore
 
-    run_until_stopped(turn, app, signals)
-    for listener in listeners:  # accept no more, without closing waitress's trigger
-        wasyncore.dispatcher.close(listener)
-        listener.task_dispatcher.release_held(everything=True)
-    app.close()  # requests that wait for smsd answer now
-    deadline = time.monotonic() + STOP_GRACE
-    while time.monotonic() < deadline and any(map(is_busy, channels.values())):
-        turn(0.05)
-    for server in servers:
-        server.task_dispatcher.shutdown()
-    wasyncore.close_all(channels)
-    return 0
+        config = self.config
 
-
-def channel_class(unix):
-    """waitress's connection class, knowing when its request began (and, on the
-    unix socket, the caller's uid)."""
-    import waitress.channel
-    import waitress.task
-
-    class UnixTask(waitress.task.WSGITask):
-        def get_environment(self):
-            environ = super().get_environment()
-            environ[PEER_UID] = self.channel.peer_uid
-            return environ
-
-    class Channel(waitress.channel.HTTPChannel):
-        task_class = UnixTask if unix else waitress.task.WSGITask
-
-        def __init__(self, server, sock, addr, adj, map=None):
-            self.peer_uid = peer_uid(sock) if unix else None
-            # when the request now arriving began: at accept, or at the first byte
-            # after an idle spell; None between requests (kept alive, idle)
-            self.began = time.monotonic()
-            super().__init__(server, sock, addr, adj, map)
-
-        def received(self, data):
-            before = self.request
-            result = super().received(data)
-            if self.request is None and self.requests:
-                self.began = None  # whole: now it is the app's turn
-            elif self.began is None or self.request not in (before, None):
-                self.began = time.monotonic()  # after an idle spell, or pipelined
-            return result
-
-    return Channel
-
-
-def open_routes_last(threads):
-    """waitress's worker threads, taking requests for the routes that need no login
-    after all others, and at most OPEN_ROUTE_RATE of them a second.
-
-    A flood of /health can then neither keep a send waiting nor busy the
-    server: a request past the rate is held, with no thread, until maintain()
-    lets it go (waitress reads nothing more from its connection meanwhile).
-    """
-    import waitress.task
-
-    open_paths = {route.path for route in ROUTES if route.login is not True}
-
-    def urgent(channel):
-        return bool(channel.requests) and channel.requests[0].path not in open_paths
-
-    class Dispatcher(waitress.task.ThreadedTaskDispatcher):
-        def __init__(self):
-            super().__init__()
-            self.held = collections.deque()  # open-route requests past the rate
-            self.tokens, self.filled = float(OPEN_ROUTE_RATE), time.monotonic()
-
-        def add_task(self, task):  # a channel with a request in hand
-            with self.lock:
-                if urgent(task):  # behind the other urgent ones, ahead of the rest
-                    ahead = 0
-                    while ahead < len(self.queue) and urgent(self.queue[ahead]):
-                        ahead += 1
-                    self.queue.insert(ahead, task)
-                elif self.take_token():
-                    self.queue.append(task)
-                else:
-                    self.held.append(task)
-                    return
-                self.queue_cv.notify()
-
-        def take_token(self):
-            now = time.monotonic()
-            self.tokens = min(
-                OPEN_ROUTE_RATE, self.tokens + (now - self.filled) * OPEN_ROUTE_RATE
+        channels = {}  # every socket waitress serves, listening or connected
+        unix = [sock for sock in sockets if sock.family == socket.AF_UNIX]
+        tcp = [sock for sock in sockets if sock.family != socket.AF_UNIX]
+        servers = [
+            waitress.server.create_server(
+                app,
+                map=channels,
+                sockets=group,  # waitress takes unix and TCP sockets only apart
+                threads=config.threads,
+                ident="smsapi",
+                # waitress answers absurd bodies itself; up to this much, the app
+                # gives the JSON 413 after looking at Content-Length.
+                max_request_body_size=config.max_body * 16,
+                # the unix socket has room of its own: TCP clients cannot take it
+                connection_limit=config.connection_limit
+                + (UNIX_RESERVE if group is unix else 0),
+                channel_timeout=config.channel_timeout,
+                cleanup_interval=1,  # how often maintain() looks at the connections
+                asyncore_use_poll=True,  # select() stops at 1024 descriptors
+                _dispatcher=self.dispatcher(),
             )
-            self.filled = now
-            if self.tokens < 1:
-                return False
-            self.tokens -= 1
-            return True
+            for group in (tcp, unix)
+            if group
+        ]
+        listeners = [
+            c
+            for c in channels.values()
+            if isinstance(c, waitress.server.BaseWSGIServer)
+        ]
+        for listener in listeners:
+            unix_socket = listener.socket.family == socket.AF_UNIX
+            listener.channel_class = self.channel_class(unix_socket)
+            listener.maintenance = functools.partial(
+                self.maintain, listener, listener.maintenance, config.request_timeout
+            )
+        announce(sockets)
 
-        def release_held(self, everything=False):
-            """Queue the held requests the rate allows now (all of them on the way out)."""
-            with self.lock:
-                while self.held and (everything or self.take_token()):
-                    self.queue.append(self.held.popleft())
+        def turn(timeout=1.0):
+            wasyncore.loop(timeout=timeout, use_poll=True, map=channels, count=1)
+
+        run_until_stopped(turn, app, signals)
+        for listener in listeners:  # accept no more, without closing waitress's trigger
+            wasyncore.dispatcher.close(listener)
+            listener.task_dispatcher.release_held(everything=True)
+        app.close()  # requests that wait for smsd answer now
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and any(map(self.is_busy, channels.values())):
+            turn(0.05)
+        for server in servers:
+            server.task_dispatcher.shutdown()
+        wasyncore.close_all(channels)
+        return 0
+
+    def channel_class(self, unix):
+        """waitress's connection class, knowing when its request began (and, on the
+        unix socket, the caller's uid)."""
+        import waitress.channel
+        import waitress.task
+
+        class UnixTask(waitress.task.WSGITask):
+            def get_environment(self):
+                environ = super().get_environment()
+                environ[PEER_UID] = self.channel.peer_uid
+                return environ
+
+        class Channel(waitress.channel.HTTPChannel):
+            task_class = UnixTask if unix else waitress.task.WSGITask
+
+            def __init__(self, server, sock, addr, adj, map=None):
+                self.peer_uid = peer_uid(sock) if unix else None
+                # when the request now arriving began: at accept, or at the first byte
+                # after an idle spell; None between requests (kept alive, idle)
+                self.began = time.monotonic()
+                super().__init__(server, sock, addr, adj, map)
+
+            def received(self, data):
+                before = self.request
+                result = super().received(data)
+                if self.request is None and self.requests:
+                    self.began = None  # whole: now it is the app's turn
+                elif self.began is None or self.request not in (before, None):
+                    self.began = time.monotonic()  # after an idle spell, or pipelined
+                return result
+
+        return Channel
+
+    def dispatcher(self):
+        """waitress's worker threads, taking requests for the routes that need no login
+        after all others, and at most OPEN_ROUTE_RATE of them a second.
+
+        A flood of /health can then neither keep a send waiting nor busy the
+        server: a request past the rate is held, with no thread, until maintain()
+        lets it go (waitress reads nothing more from its connection meanwhile).
+        """
+        import waitress.task
+
+        open_paths = {route.path for route in ROUTES if route.login is not True}
+
+        def urgent(channel):
+            return bool(channel.requests) and channel.requests[0].path not in open_paths
+
+        class Dispatcher(waitress.task.ThreadedTaskDispatcher):
+            def __init__(self):
+                super().__init__()
+                self.held = collections.deque()  # open-route requests past the rate
+                self.tokens, self.filled = float(OPEN_ROUTE_RATE), time.monotonic()
+
+            def add_task(self, task):  # a channel with a request in hand
+                with self.lock:
+                    if urgent(task):  # behind the other urgent ones, ahead of the rest
+                        ahead = 0
+                        while ahead < len(self.queue) and urgent(self.queue[ahead]):
+                            ahead += 1
+                        self.queue.insert(ahead, task)
+                    elif self.take_token():
+                        self.queue.append(task)
+                    else:
+                        self.held.append(task)
+                        return
                     self.queue_cv.notify()
 
-    dispatcher = Dispatcher()
-    dispatcher.set_thread_count(threads)
-    return dispatcher
+            def take_token(self):
+                now = time.monotonic()
+                self.tokens = min(
+                    OPEN_ROUTE_RATE, self.tokens + (now - self.filled) * OPEN_ROUTE_RATE
+                )
+                self.filled = now
+                if self.tokens < 1:
+                    return False
+                self.tokens -= 1
+                return True
 
+            def release_held(self, everything=False):
+                """Queue the held requests the rate allows now (all of them on the way out)."""
+                with self.lock:
+                    while self.held and (everything or self.take_token()):
+                        self.queue.append(self.held.popleft())
+                        self.queue_cv.notify()
 
-def maintain(listener, waitress_maintenance, request_timeout, now):
-    """Every second: waitress's own clean-up, then close what holds connections for nothing.
+        dispatcher = Dispatcher()
+        dispatcher.set_thread_count(self.config.threads)
+        return dispatcher
 
-    A request that has not arrived whole within request_timeout is closed,
-    however it dribbles (waitress's channel_timeout restarts at every byte).
-    Past 90% of the connection limit, the keep-alive connections idle longest
-    are closed to make room.
-    """
-    waitress_maintenance(now)
-    listener.task_dispatcher.release_held()
-    late = time.monotonic() - request_timeout
-    channels = list(listener.active_channels.values())
-    for channel in channels:
-        if channel.began is not None and channel.began < late and not channel.requests:
-            channel.will_close = True
-    room = len(listener._map) - listener.adj.connection_limit * 9 // 10
-    if room > 0:
-        quiet = time.time() - 1.0  # answered a second ago at least: read by now
-        idle = [
-            c
-            for c in channels
-            if c.began is None and not is_busy(c) and c.last_activity < quiet
-        ]
-        for channel in sorted(idle, key=lambda c: c.last_activity)[:room]:
-            channel.will_close = True
+    @staticmethod
+    def maintain(listener, waitress_maintenance, request_timeout, now):
+        """Every second: waitress's own clean-up, then close what holds connections for nothing.
 
+        A request that has not arrived whole within request_timeout is closed,
+        however it dribbles (waitress's channel_timeout restarts at every byte).
+        Past 90% of the connection limit, the keep-alive connections idle longest
+        are closed to make room.
+        """
+        waitress_maintenance(now)
+        listener.task_dispatcher.release_held()
+        late = time.monotonic() - request_timeout
+        channels = list(listener.active_channels.values())
+        for channel in channels:
+            if (
+                channel.began is not None
+                and channel.began < late
+                and not channel.requests
+            ):
+                channel.will_close = True
+        room = len(listener._map) - listener.adj.connection_limit * 9 // 10
+        if room > 0:
+            quiet = time.time() - 1.0  # answered a second ago at least: read by now
+            idle = [
+                c
+                for c in channels
+                if c.began is None
+                and not WaitressServer.is_busy(c)
+                and c.last_activity < quiet
+            ]
+            for channel in sorted(idle, key=lambda c: c.last_activity)[:room]:
+                channel.will_close = True
 
-def is_busy(channel):
-    """True for a waitress connection with a request in hand or an answer unsent."""
-    return bool(getattr(channel, "requests", None)) or bool(
-        getattr(channel, "total_outbufs_len", 0)
-    )
-
-
-def serve_wsgiref(config, app, sockets, signals):
-    """The fallback: the standard library's WSGI server, a thread per connection."""
-    from wsgiref import simple_server
-
-    class Handler(simple_server.WSGIRequestHandler):
-        timeout = config.channel_timeout
-
-        def setup(self):
-            super().setup()
-            deadline = time.monotonic() + config.request_timeout
-            self.rfile.close()  # read through one that keeps the request's deadline
-            self.rfile = io.BufferedReader(DeadlineReader(self.connection, deadline))
-            self.peer_uid = None
-            if self.connection.family == socket.AF_UNIX:
-                self.client_address = ("localhost", 0)
-                self.peer_uid = peer_uid(self.connection)
-
-        def get_environ(self):
-            environ = super().get_environ()
-            if self.peer_uid is not None:
-                environ[PEER_UID] = self.peer_uid
-            return environ
-
-        def log_message(self, *args):  # the app logs each request itself
-            pass
-
-    workers = config.threads + config.max_waiters
-    servers = [
-        wsgiref_server(
-            sock,
-            app,
-            Handler,
-            workers,
-            UNIX_RESERVE if sock.family == socket.AF_UNIX else config.connection_limit,
+    @staticmethod
+    def is_busy(channel):
+        """True for a waitress connection with a request in hand or an answer unsent."""
+        return bool(getattr(channel, "requests", None)) or bool(
+            getattr(channel, "total_outbufs_len", 0)
         )
-        for sock in sockets
-    ]
-    for server in servers:
-        threading.Thread(target=server.serve_forever, args=(0.5,), daemon=True).start()
-    announce(sockets)
-    run_until_stopped(lambda: time.sleep(0.5), app, signals)
-    for server in servers:
-        server.shutdown()  # accept no more
-    app.close()  # requests that wait for smsd answer now
-    deadline = time.monotonic() + STOP_GRACE
-    for server in servers:
-        server.finish(deadline)  # the requests in progress and those accepted
-    return 0
+
+
+class WsgirefServer:
+    """The fallback, without waitress: the standard library's WSGI server, with
+    a fixed pool of threads per socket."""
+
+    def __init__(self, config):
+        self.config = (
+            config  # what it reads (threads, limits, timeouts) needs a restart
+        )
+
+    def serve(self, app, sockets, signals):
+        """Serve app on the sockets until a stop signal, then finish what is in hand."""
+        from wsgiref import simple_server
+
+        config = self.config
+
+        class Handler(simple_server.WSGIRequestHandler):
+            timeout = config.channel_timeout
+
+            def setup(self):
+                super().setup()
+                deadline = time.monotonic() + config.request_timeout
+                self.rfile.close()  # read through one that keeps the request's deadline
+                self.rfile = io.BufferedReader(
+                    DeadlineReader(self.connection, deadline)
+                )
+                self.peer_uid = None
+                if self.connection.family == socket.AF_UNIX:
+                    self.client_address = ("localhost", 0)
+                    self.peer_uid = peer_uid(self.connection)
+
+            def get_environ(self):
+                environ = super().get_environ()
+                if self.peer_uid is not None:
+                    environ[PEER_UID] = self.peer_uid
+                return environ
+
+            def log_message(self, *args):  # the app logs each request itself
+                pass
+
+        workers = config.threads + config.max_waiters
+        servers = [
+            wsgiref_server(
+                sock,
+                app,
+                Handler,
+                workers,
+                UNIX_RESERVE
+                if sock.family == socket.AF_UNIX
+                else config.connection_limit,
+            )
+            for sock in sockets
+        ]
+        for server in servers:
+            threading.Thread(
+                target=server.serve_forever, args=(0.5,), daemon=True
+            ).start()
+        announce(sockets)
+        run_until_stopped(lambda: time.sleep(0.5), app, signals)
+        for server in servers:
+            server.shutdown()  # accept no more
+        app.close()  # requests that wait for smsd answer now
+        deadline = time.monotonic() + STOP_GRACE
+        for server in servers:
+            server.finish(deadline)  # the requests in progress and those accepted
+        return 0
 
 
 class DeadlineReader(io.RawIOBase):
@@ -6994,7 +7056,9 @@ def replace_keeping_mode(path, data):
     status = os.stat(path)
     directory, name = os.path.split(path)
     owner = (status.st_uid, status.st_gid)
-    write_files(directory or ".", {name: data}, True, stat.S_IMODE(status.st_mode), owner=owner)
+    write_files(
+        directory or ".", {name: data}, True, stat.S_IMODE(status.st_mode), owner=owner
+    )
 
 
 if __name__ == "__main__":
