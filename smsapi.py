@@ -134,7 +134,6 @@ PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # ?limit= default and highest
 MAX_OFFSET = 10**9
 JSON_TYPES = ("application/json",)
 YES, NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")  # as_bool reads
-KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "DELETE"])
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")  # escaped in log lines
 SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
@@ -253,6 +252,7 @@ GSM_EXTENSION = frozenset("\f^{}\\[~]|€")  # each costs an escape septet too
 GSM_SINGLE, GSM_PART = 160, 153  # septets in one message / in each part
 UCS2_SINGLE, UCS2_PART = 70, 67  # UTF-16 code units likewise
 
+
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
@@ -284,6 +284,7 @@ class ConfigError(Exception):
 ###############################################################################
 # Logging helpers #############################################################
 ###############################################################################
+
 
 log = logging.getLogger("smsapi")
 
@@ -638,6 +639,13 @@ def as_durations(value):
     return tuple(as_duration(word) for word in value.split())
 
 
+def normalise_mobile(given):
+    """Digits of an international number ('+7 916-000', '79160...'), or None."""
+    number = MOBILE_SEPARATORS.sub("", given)
+    number = number.removeprefix("+")
+    return number if MOBILE.fullmatch(number) else None
+
+
 def as_numbers(value):
     """Space- or comma-separated international numbers, normalised, each once."""
     numbers = {}
@@ -849,16 +857,22 @@ OPTIONS = [
     option("webhook", "retry_schedule", "5s 5min 30min 2hour 5hour 10hour 14hour 20hour 24hour", as_durations,
            "delays after each failed attempt, each lengthened by up to 10%; after the last, the event is dropped"),
 ]  # fmt: skip
+
+
 SECTIONS = {
     section: {o.key: o for o in OPTIONS if o.section == section}
     for section in dict.fromkeys(o.section for o in OPTIONS)
 }
+
+
 NAMED_SECTIONS = (
     "user",
     "webhook",
     "group",
     "heartbeat",
 )  # [kind:NAME], any number of each
+
+
 #: What a reload cannot change: the file, the sockets, threads and files in use.
 RESTART_ONLY = ("path", "spool") + tuple(
     o.key for o in OPTIONS if o.section == "server" and o.restart
@@ -1073,11 +1087,12 @@ def read_named(parser, path, section, required, problems):
 
 
 def expand_groups(groups, mobiles):
-    """mobiles with each @NAME replaced by the group's numbers; 400 for an unknown one."""
+    """mobiles with each @NAME replaced by the group's numbers; ValueError naming
+    each unknown group."""
     unknown = [m for m in mobiles if m.startswith("@") and m[1:] not in groups]
     if unknown:
         named = ", ".join(json.dumps(escape(m)) for m in unknown)
-        raise ApiError(HTTPStatus.BAD_REQUEST, "Unknown group(s): " + named)
+        raise ValueError("Unknown group(s): " + named)
     expanded = []
     for given in mobiles:
         expanded += groups[given[1:]] if given.startswith("@") else [given]
@@ -1171,55 +1186,7 @@ def check_own_dir(option, directory):
 
 
 ###############################################################################
-# GSM and UCS2 encoding #######################################################
-###############################################################################
-
-
-class Encoding(collections.namedtuple("Encoding", "alphabet parts units body header")):
-    """How a text goes on the air: alphabet ("GSM", sent 7-bit, or "UCS2"), parts,
-    units (septets for GSM, UTF-16 code units for UCS2), the file body for smsd,
-    and the Alphabet: header value smsd reads."""
-
-    __slots__ = ()
-
-
-def encode_text(text):
-    """Choose the encoding smsd will use and count the parts it will send."""
-    septets = gsm_septets(text)
-    if septets is not None:
-        parts = 1 if septets <= GSM_SINGLE else math.ceil(septets / GSM_PART)
-        return Encoding("GSM", parts, septets, text.encode("utf-8"), "UTF-8")
-    body = text.encode("utf-16-be")
-    units = len(body) // 2
-    parts = 1 if units <= UCS2_SINGLE else math.ceil(units / UCS2_PART)
-    return Encoding("UCS2", parts, units, body, "UCS2")
-
-
-def gsm_septets(text):
-    """Septets text needs in the GSM alphabet, or None if it must go as UCS2.
-
-    smsd cuts a long 7-bit text every 153 septets even inside an escape pair,
-    which the phone cannot decode; such a text goes as UCS2 instead.
-    """
-    septets, straddles = 0, False
-    for char in text:
-        if char in GSM_BASIC:
-            septets += 1
-        elif char in GSM_EXTENSION:
-            straddles = straddles or septets % GSM_PART == GSM_PART - 1
-            septets += 2
-        else:
-            return None
-    return None if straddles and septets > GSM_SINGLE else septets
-
-
-def non_gsm_chars(text):
-    """The distinct characters that keep a text out of the GSM alphabet."""
-    return sorted({c for c in text if c not in GSM_BASIC and c not in GSM_EXTENSION})
-
-
-###############################################################################
-# Spool #######################################################################
+# Spool files #################################################################
 ###############################################################################
 
 
@@ -1254,202 +1221,6 @@ def render_message(user, mobile, encoding, options):
     lines = ["From: " + user, "To: " + mobile, "Alphabet: " + encoding.header]
     lines += [f"{name}: {value}" for name, value in options]
     return ("\n".join(lines) + "\n\n").encode("ascii") + encoding.body
-
-
-class SpoolWriter:
-    """A spool directory (smsd's outgoing, or the scheduled one) written so that
-    a 201 is on disk: write_files(), with smsd's group able to rewrite the files.
-    (A group commit of the directory fsync, one for many writers, was slower on
-    ext4, whose journal already batches concurrent fsyncs.)"""
-
-    def __init__(self, directory, fsync=True, group=None):
-        self.directory = directory
-        self.fsync = fsync
-        #: smsd's group, for files written elsewhere that later move into outgoing
-        if group is not None and group == os.stat(directory).st_gid:
-            group = None
-        self.group = group
-
-    def write(self, files):
-        """Put {message_id: bytes} into the directory, all or nothing; 507 or 503 if it refuses."""
-        try:
-            write_files(self.directory, files, self.fsync, 0o660, self.group)
-        except OSError as exc:
-            raise storage_error(exc) from exc
-
-
-def write_files(directory, files, sync, mode=0o640, group=None, owner=None):
-    """Put {name: bytes} into directory, all or nothing, durably: the one way
-    smsapi writes what must outlast a crash or a power cut.
-
-    Each file is written under a dot name (which smsd, and every reader here,
-    skips) and fsynced; then all are renamed into place; then the directory is
-    fsynced. With sync false, nothing is fsynced. mode is the files' (smsd,
-    in group smsd, rewrites what it sends: 0660); group, a gid to give them;
-    owner, a (uid, gid) to give them instead (a config that add-user rewrites).
-    """
-    temps = []
-    try:
-        for name, data in files.items():
-            temp = os.path.join(directory, f"{TEMP_PREFIX}{name}.{os.urandom(4).hex()}")
-            temps.append(temp)
-            write_file(temp, data, sync, mode, (-1, group) if owner is None else owner)
-        for temp, name in zip(temps, files):
-            os.replace(temp, os.path.join(directory, name))
-        if sync:
-            fsync_directory(directory)
-    except OSError:
-        for temp in temps:
-            remove_quietly(temp)
-        raise
-
-
-def write_file(path, data, sync, mode, owner=(-1, None)):
-    """Create path exclusively with mode (whatever the umask), owned by owner
-    ((uid, gid); -1 or None: as made), write data, fsync if sync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        if owner[1] is not None:
-            os.fchown(fd, owner[0], owner[1])
-        if mode & process_umask():  # else open() made it so already
-            os.fchmod(fd, mode)
-        write_all(fd, data)
-        if sync:
-            os.fsync(fd)
-    except OSError:
-        os.close(fd)
-        remove_quietly(path)
-        raise
-    os.close(fd)
-
-
-def write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-@functools.lru_cache(maxsize=1)
-def process_umask():
-    """This process's umask, read without setting it (Linux 4.7 on); else 0o777."""
-    with (
-        contextlib.suppress(OSError, ValueError),
-        open("/proc/self/status", "rb") as status,
-    ):
-        for line in status:
-            if line.startswith(b"Umask:"):
-                return int(line.split()[1], 8)
-    return 0o777
-
-
-def fsync_directory(path):
-    """Make renames in directory path durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class Journal:
-    """State kept as an append-only file of JSON lines: replayed at start (a
-    damaged line is counted, skipped and logged), appended a change at a time
-    (fsynced), and written anew, whole, when most of it is stale: past 1000
-    lines and four times the lines still live."""
-
-    def __init__(self, path, sync):
-        self.path, self.sync = path, sync
-        self.lines = 0  # in the file
-
-    def replay(self, apply):
-        """apply(line) to each line, oldest first; False when there is no journal.
-
-        apply raises ValueError, TypeError, IndexError or KeyError for a line
-        that is not one of its own.
-        """
-        try:
-            with open(self.path, "rb") as file:
-                journal = file.readlines()
-        except FileNotFoundError:
-            return False
-        damaged = 0
-        for raw in journal:
-            try:
-                apply(json.loads(raw))
-            except (ValueError, TypeError, IndexError, KeyError, RecursionError):
-                damaged += 1
-        self.lines = len(journal)
-        if damaged:
-            log.warning("%s: %d damaged lines skipped", self.path, damaged)
-        return True
-
-    def append(self, lines, live, everything):
-        """Append lines; when the file would pass max(1000, 4 * live) lines, write
-        everything() (the live lines) instead. OSError if the disk refuses."""
-        if self.lines + len(lines) > max(1000, 4 * live):
-            self.rewrite(everything())
-            return
-        created = not os.path.exists(self.path)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = os.open(self.path, flags, 0o640)
-        try:
-            write_all(fd, json_lines(lines))
-            if self.sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created and self.sync:
-            fsync_directory(os.path.dirname(self.path))
-        self.lines += len(lines)
-
-    def rewrite(self, lines):
-        """Replace the journal with these lines, all or nothing."""
-        directory, name = os.path.split(self.path)
-        write_files(directory, {name: json_lines(lines)}, self.sync)
-        self.lines = len(lines)
-
-
-def json_lines(lines):
-    return "".join(
-        json.dumps(line, separators=(",", ":")) + "\n" for line in lines
-    ).encode()
-
-
-def write_json(path, data, sync):
-    """Replace the file at path with data as JSON, durably (write_files)."""
-    directory, name = os.path.split(path)
-    write_files(
-        directory, {name: json.dumps(data, separators=(",", ":")).encode()}, sync
-    )
-
-
-def remove_quietly(path):
-    """Unlink path if it is there."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def storage_error(exc):
-    """The HTTP error for a failed spool write."""
-    log.error("spool write failed: %s", one_line(exc))
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ApiError(
-            HTTPStatus.INSUFFICIENT_STORAGE, "Spool is full: message not stored"
-        )
-    return ApiError(
-        HTTPStatus.SERVICE_UNAVAILABLE, "Spool is not writable: message not stored"
-    )
-
-
-def clean_temp_files(config):
-    """Remove temporary files a crash left in outgoing; smsd never saw them."""
-    with os.scandir(config.spool["outgoing"]) as entries:  # no list of the queue
-        for entry in entries:
-            if entry.name.startswith(TEMP_PREFIX):
-                remove_quietly(entry.path)
-                log.warning("removed unfinished temporary file %s", escape(entry.name))
 
 
 class Message(
@@ -1592,8 +1363,204 @@ def is_message_name(name):
 
 
 ###############################################################################
-# State: idempotency records ##################################################
+# Durable writes and journals #################################################
 ###############################################################################
+
+
+def write_files(directory, files, sync, mode=0o640, group=None, owner=None):
+    """Put {name: bytes} into directory, all or nothing, durably: the one way
+    smsapi writes what must outlast a crash or a power cut.
+
+    Each file is written under a dot name (which smsd, and every reader here,
+    skips) and fsynced; then all are renamed into place; then the directory is
+    fsynced. With sync false, nothing is fsynced. mode is the files' (smsd,
+    in group smsd, rewrites what it sends: 0660); group, a gid to give them;
+    owner, a (uid, gid) to give them instead (a config that add-user rewrites).
+    """
+    temps = []
+    try:
+        for name, data in files.items():
+            temp = os.path.join(directory, f"{TEMP_PREFIX}{name}.{os.urandom(4).hex()}")
+            temps.append(temp)
+            write_file(temp, data, sync, mode, (-1, group) if owner is None else owner)
+        for temp, name in zip(temps, files):
+            os.replace(temp, os.path.join(directory, name))
+        if sync:
+            fsync_directory(directory)
+    except OSError:
+        for temp in temps:
+            remove_quietly(temp)
+        raise
+
+
+def write_file(path, data, sync, mode, owner=(-1, None)):
+    """Create path exclusively with mode (whatever the umask), owned by owner
+    ((uid, gid); -1 or None: as made), write data, fsync if sync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        if owner[1] is not None:
+            os.fchown(fd, owner[0], owner[1])
+        if mode & process_umask():  # else open() made it so already
+            os.fchmod(fd, mode)
+        write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        remove_quietly(path)
+        raise
+    os.close(fd)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@functools.lru_cache(maxsize=1)
+def process_umask():
+    """This process's umask, read without setting it (Linux 4.7 on); else 0o777."""
+    with (
+        contextlib.suppress(OSError, ValueError),
+        open("/proc/self/status", "rb") as status,
+    ):
+        for line in status:
+            if line.startswith(b"Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777
+
+
+def fsync_directory(path):
+    """Make renames in directory path durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(path):
+    """Unlink path if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def storage_error(exc):
+    """The HTTP error for a failed spool write."""
+    log.error("spool write failed: %s", one_line(exc))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ApiError(
+            HTTPStatus.INSUFFICIENT_STORAGE, "Spool is full: message not stored"
+        )
+    return ApiError(
+        HTTPStatus.SERVICE_UNAVAILABLE, "Spool is not writable: message not stored"
+    )
+
+
+class SpoolWriter:
+    """A spool directory (smsd's outgoing, or the scheduled one) written so that
+    a 201 is on disk: write_files(), with smsd's group able to rewrite the files.
+    (A group commit of the directory fsync, one for many writers, was slower on
+    ext4, whose journal already batches concurrent fsyncs.)"""
+
+    def __init__(self, directory, fsync=True, group=None):
+        self.directory = directory
+        self.fsync = fsync
+        #: smsd's group, for files written elsewhere that later move into outgoing
+        if group is not None and group == os.stat(directory).st_gid:
+            group = None
+        self.group = group
+
+    def write(self, files):
+        """Put {message_id: bytes} into the directory, all or nothing; 507 or 503 if it refuses."""
+        try:
+            write_files(self.directory, files, self.fsync, 0o660, self.group)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+
+def clean_temp_files(config):
+    """Remove temporary files a crash left in outgoing; smsd never saw them."""
+    with os.scandir(config.spool["outgoing"]) as entries:  # no list of the queue
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX):
+                remove_quietly(entry.path)
+                log.warning("removed unfinished temporary file %s", escape(entry.name))
+
+
+class Journal:
+    """State kept as an append-only file of JSON lines: replayed at start (a
+    damaged line is counted, skipped and logged), appended a change at a time
+    (fsynced), and written anew, whole, when most of it is stale: past 1000
+    lines and four times the lines still live."""
+
+    def __init__(self, path, sync):
+        self.path, self.sync = path, sync
+        self.lines = 0  # in the file
+
+    def replay(self, apply):
+        """apply(line) to each line, oldest first; False when there is no journal.
+
+        apply raises ValueError, TypeError, IndexError or KeyError for a line
+        that is not one of its own.
+        """
+        try:
+            with open(self.path, "rb") as file:
+                journal = file.readlines()
+        except FileNotFoundError:
+            return False
+        damaged = 0
+        for raw in journal:
+            try:
+                apply(json.loads(raw))
+            except (ValueError, TypeError, IndexError, KeyError, RecursionError):
+                damaged += 1
+        self.lines = len(journal)
+        if damaged:
+            log.warning("%s: %d damaged lines skipped", self.path, damaged)
+        return True
+
+    def append(self, lines, live, everything):
+        """Append lines; when the file would pass max(1000, 4 * live) lines, write
+        everything() (the live lines) instead. OSError if the disk refuses."""
+        if self.lines + len(lines) > max(1000, 4 * live):
+            self.rewrite(everything())
+            return
+        created = not os.path.exists(self.path)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.path, flags, 0o640)
+        try:
+            write_all(fd, json_lines(lines))
+            if self.sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created and self.sync:
+            fsync_directory(os.path.dirname(self.path))
+        self.lines += len(lines)
+
+    def rewrite(self, lines):
+        """Replace the journal with these lines, all or nothing."""
+        directory, name = os.path.split(self.path)
+        write_files(directory, {name: json_lines(lines)}, self.sync)
+        self.lines = len(lines)
+
+
+def json_lines(lines):
+    return "".join(
+        json.dumps(line, separators=(",", ":")) + "\n" for line in lines
+    ).encode()
+
+
+def write_json(path, data, sync):
+    """Replace the file at path with data as JSON, durably (write_files)."""
+    directory, name = os.path.split(path)
+    write_files(
+        directory, {name: json.dumps(data, separators=(",", ":")).encode()}, sync
+    )
 
 
 def read_json(path):
@@ -1615,110 +1582,540 @@ def is_time(value):
     )
 
 
-class Idempotency:
-    """Remembers, per user and Idempotency-Key, the first answer ([retention] state, 1day).
+def dict_of(value):
+    return value if isinstance(value, dict) else {}
 
-    A record is written, fsynced, before the message files, holding the ids
-    the files will get; a retry after a crash finishes the same files instead
-    of making new ones. Requests with the same key are serialised in-process.
+
+###############################################################################
+# HTTP helpers ################################################################
+###############################################################################
+
+
+@functools.lru_cache(maxsize=64)
+def environ_key(header):
+    """The WSGI environ key of an HTTP header: Content-Type, X-Forwarded-For..."""
+    key = header.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
+def too_large(limit):
+    return ApiError(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"Body is larger than {limit} bytes"
+    )
+
+
+class Request:
+    """One request: the parts of its WSGI environ a handler needs, the config
+    it is served under, and what the application learns while answering it."""
+
+    def __init__(self, environ, config, now):
+        self.environ = environ
+        self.config = (
+            config  # as it was when the request came: a reload makes a new one
+        )
+        self.now = now  # when it came: the one time its answer is made of
+        self.method = environ["REQUEST_METHOD"].upper()
+        self.path = environ.get("PATH_INFO", "") or "/"
+        self.args = {}  # the route's placeholders, filled by the router
+        self.route = "other"  # the route's template, for the metrics
+        self.user = None  # filled by authenticate()
+        self.written = []  # ids of the message files it wrote
+        self.log_detail = ""  # what its log line says after the ids: numbers, parts
+        self.replayed = False  # answered from an Idempotency-Key record
+
+    @functools.cached_property
+    def query(self):
+        """The query string as {name: [values]}; 400 unless it is UTF-8."""
+        # PEP 3333 hands bytes over as latin-1; anything else becomes "?".
+        query = self.environ.get("QUERY_STRING", "")
+        return parse_form(query.encode("latin-1", "replace")) if query else {}
+
+    def header(self, name):
+        """A request header by its HTTP name, or ''."""
+        return self.environ.get(environ_key(name), "")
+
+    def body(self):
+        """The request body, refused with 413 past the limit without reading it all."""
+        limit = self.config.max_body
+        length = self.header("Content-Length").strip()
+        if length:
+            if not is_number(length):
+                raise ApiError(HTTPStatus.BAD_REQUEST, "Bad Content-Length")
+            if int(length) > limit:
+                raise too_large(limit)
+            size = int(length)
+        elif self.environ.get("wsgi.input_terminated"):
+            size = limit + 1  # no length given, but the server ends the stream
+        else:
+            return b""
+        try:
+            data = self.environ["wsgi.input"].read(size)
+        except TimeoutError:  # the wsgiref fallback's request_timeout, mid-body
+            raise ApiError(
+                HTTPStatus.REQUEST_TIMEOUT, "Request body too slow"
+            ) from None
+        if len(data) > limit:
+            raise too_large(limit)
+        return data
+
+    def param(self, name, default=None):
+        """The last value of a query parameter, or default."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+
+def wants_plain_text(request):
+    """True when the client asks for text/plain rather than JSON (curl in a shell script)."""
+    accept = request.header("Accept").lower()
+    return "text/plain" in accept and "json" not in accept
+
+
+def read_fields(request):
+    """The send request's fields from JSON, a form, or the query string."""
+    if request.method in ("GET", "HEAD"):
+        fields = {k: v for k, v in request.query.items() if k not in CONTROL_PARAMS}
+        return form_fields(fields)
+    media_type = request.header("Content-Type").split(";")[0].strip().lower()
+    body = request.body()
+    # curl -d sends a form's Content-Type: a body that is a JSON object is one
+    if (
+        media_type in JSON_TYPES
+        or media_type.endswith("+json")
+        or body.lstrip()[:1] == b"{"
+    ):
+        return json_fields(body)
+    if media_type == "application/x-www-form-urlencoded":
+        return form_fields(parse_form(body))
+    raise ApiError(
+        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+        "Content-Type must be application/json (curl -H 'Content-Type: application/json')"
+        " or application/x-www-form-urlencoded",
+    )
+
+
+def parse_form(data):
+    """Decode urlencoded bytes strictly as UTF-8 into {name: [values]}."""
+    try:
+        return urllib.parse.parse_qs(
+            data.decode("utf-8"), keep_blank_values=True, errors="strict"
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Form data is not valid UTF-8") from None
+
+
+def json_fields(body):
+    """Decode a JSON object body."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Body is not valid JSON") from None
+    try:  # in a key as well as in a value; only a \u escape can make one
+        if b"\\u" in body:
+            json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, "Body holds a lone surrogate (\\ud800): not Unicode"
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Body must be a JSON object")
+    return data
+
+
+def form_fields(query):
+    """Fields from parsed form data; mobiles may be comma-separated or repeated."""
+    fields = {key: values[-1] for key, values in query.items()}
+    if "mobiles" in query:
+        # An unescaped + in a query string arrives as a space: read it as +.
+        fields["mobiles"] = [
+            LEADING_SPACE.sub("+", m)
+            for value in query["mobiles"]
+            for m in value.split(",")
+        ]
+    for name in ("flash", "report"):
+        if name in fields:
+            fields[name] = form_bool(name, fields[name])
+    for name in ("retries", "class"):
+        if name in fields and is_number(fields[name].strip()):
+            fields[name] = int(fields[name])
+    return fields
+
+
+def form_bool(name, value):
+    try:
+        return as_bool(value)
+    except ValueError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be yes or no") from None
+
+
+def query_int(request, name, default, low, high):
+    value = request.param(name)
+    if value is None:
+        return default
+    if not is_number(value) or not low <= int(value) <= high:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"{name} must be a number from {low} to {high}",
+        )
+    return int(value)
+
+
+def query_bool(request, name):
+    """A yes/no query parameter; absent is no."""
+    value = request.param(name)
+    return value is not None and form_bool(name, value or "yes")
+
+
+def quoted(values):
+    return ", ".join(json.dumps(escape(v)) for v in values)
+
+
+def anchored(regex, prefix=""):
+    """A JSON Schema pattern for what regex matches whole (after an optional prefix)."""
+    return f"^{prefix}(?:{regex.pattern})$"
+
+
+# A handler takes the request and, as keyword-only arguments, the parts of the
+# application it uses (the Application hands them over by name); it returns an
+# Answer.
+
+
+class Answer(collections.namedtuple("Answer", "status data text", defaults=(None,))):
+    """What a handler answers: the status, the data (JSON, or Raw), and the
+    plain-text form for Accept: text/plain (None: it has none, JSON goes out)."""
+
+    __slots__ = ()
+
+
+class Raw(collections.namedtuple("Raw", "body content_type")):
+    """Data of an answer that is not JSON: the body and its Content-Type."""
+
+    __slots__ = ()
+
+
+def read_page(request):
+    """The Page the query asks for (?limit=, ?offset=), bounded."""
+    return Page(
+        limit=query_int(request, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE),
+        offset=query_int(request, "offset", 0, 0, MAX_OFFSET),
+    )
+
+
+def listing(ids, total, page, **extra):
+    """A page of a listing; its plain-text form is the ids, one a line."""
+    data = {"message_id": ids, **extra, "total_count": total, **page._asdict()}
+    return Answer(HTTPStatus.OK, data, "".join(i + "\n" for i in ids))
+
+
+###############################################################################
+# Authentication ##############################################################
+###############################################################################
+
+
+class Authenticator:
+    """Checks Basic credentials against the config, with a cache of successes.
+
+    The cache keeps a keyed BLAKE2b hash of the password, under a key that
+    lives only in this process, so a hot credential costs one fast hash, not
+    one scrypt, and memory never holds the password itself.
     """
 
-    def __init__(self, settings, clock):
-        config = settings()
-        self.directory = os.path.join(config.state_dir, "idempotency")
-        self.sync = config.fsync
-        self.settings, self.clock = settings, clock
-        self.guard = threading.Lock()
-        self.locks = {}  # record path -> [lock, users]
-        self.expired = clock.time()  # when old records were last removed
+    def __init__(self):
+        self.key = os.urandom(32)
+        self.verified = {}  # (user, stored hash) -> keyed hash of the password
+        self.dummies = {}  # (ln, r, p) -> a hash that matches no password
+        self.hashes_checked = 0  # scrypt runs: the same for every kind of failure
 
-    @property
-    def ttl(self):
-        """How long a record lives: [retention] state, as the config in use says."""
-        return self.settings().retention["state"]
+    def check(self, users, name, password):
+        """The User of users for these credentials, or None; same cost for unknown users."""
+        user = users.get(name)
+        if user is not None and not user.password:  # a unix_users-only user
+            user = None
+        stored = user.password if user else self.dummy(users)
+        tag = blake2b(
+            password.encode("utf-8", "replace"), key=self.key, digest_size=32
+        ).digest()
+        cached = self.verified.get((name, stored)) if user else None
+        import hmac  # loaded with OpenSSL by the first check (scrypt's), like hashlib
 
-    def path(self, user, key):
-        digest = sha256(f"{user}\0{key}".encode()).hexdigest()
-        return os.path.join(self.directory, digest + ".json")
+        if cached is not None and hmac.compare_digest(cached, tag):
+            return user
+        # Every failure costs one scrypt, so timing tells nothing about names.
+        self.hashes_checked += 1
+        ln, r, p, salt, digest = parse_password_hash(stored)
+        good = hmac.compare_digest(scrypt(password, salt, ln, r, p), digest)
+        if good and user is not None:
+            self.verified[(name, stored)] = tag
+            return user
+        return None
 
-    BRIEF = 0.25  # seconds a request may wait for a record's lock as any request does
+    def dummy(self, users):
+        """What an unknown user's password is checked against: it matches nothing,
+        and costs what the users' own hashes cost (the first one's parameters)."""
+        model = next((u.password for u in users.values() if u.password), None)
+        cost = (SCRYPT_LN, SCRYPT_R, SCRYPT_P)
+        if model:
+            cost = parse_password_hash(model)[:3]
+        if cost not in self.dummies:
+            salt, digest = os.urandom(16), os.urandom(32)
+            self.dummies[cost] = password_hash(*cost, salt, digest)
+        return self.dummies[cost]
 
-    @contextlib.contextmanager
-    def held(self, path, blocked=contextlib.nullcontext):
-        """Hold the in-process lock of one record; inside blocked() if it stays busy.
 
-        Racing retries wait the few milliseconds a send takes; behind a request
-        that waits for smsd, a request waits as a waiter does (blocked()).
-        """
-        with self.guard:
-            entry = self.locks.setdefault(path, [threading.Lock(), 0])
-            entry[1] += 1
+class Failures:
+    """Failed logins for one key: how many, since when, blocked until when (monotonic)."""
+
+    __slots__ = ("count", "since", "until")
+
+    def __init__(self, now):
+        self.count, self.since, self.until = 0, now, 0.0
+
+
+class Throttle:
+    """Slows password guessing down, per client address and per user name.
+
+    Ten failures within a minute from one address block that address. Ten
+    for one user block that user from the addresses that failed for it, so
+    the real user elsewhere keeps working. Thirty for one user from all
+    addresses together (many addresses guessing one password) block that user
+    everywhere but from the addresses it logged in from before. Every attempt
+    while blocked counts too and doubles the delay, up to 15 minutes; it
+    costs no scrypt. Memory is bounded: names are kept as short digests, and
+    past MAX_ENTRIES the least recently failing keys are forgotten.
+    """
+
+    MAX_ENTRIES = 10_000
+    USER_BUDGET = 30  # failures a minute for one user from all addresses together
+    TRUSTED = 8  # addresses remembered per user that logged in
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.counters = collections.OrderedDict()  # key -> Failures, oldest first
+        self.trusted = {}  # user digest -> [addresses it logged in from]
+        self.quiet = True  # no failure yet: nothing to look up
+
+    def retry_after(self, address, user):
+        """Whole seconds the caller must wait before trying again, or 0."""
+        if self.quiet:
+            return 0
+        now, user = self.clock.monotonic(), name_digest(user)
+        with self.lock:
+            keys = [("address", address)]
+            if self.live(("pair", user, address), now) or self.over_budget(
+                user, address, now
+            ):
+                keys.append(("user", user))
+            blocked = [
+                k for k in keys if k in self.counters and self.counters[k].until > now
+            ]
+            if not blocked:
+                return 0
+            for key in blocked:  # hammering while blocked makes it longer
+                self.count(key, now)
+            wait = max(self.counters[k].until - now for k in blocked)
+            return max(1, math.ceil(round(wait, 3)))  # now + 900 - now may be 900.0001
+
+    def over_budget(self, user, address, now):
+        """True when user failed too often from everywhere, and address is not its own."""
+        entry = self.counters.get(("user", user))
+        return (
+            entry is not None
+            and entry.count >= self.USER_BUDGET
+            and self.live(("user", user), now)
+            and address not in self.trusted.get(user, ())
+        )
+
+    def failed(self, address, user):
+        """Count one failed attempt by address for user."""
+        now, user = self.clock.monotonic(), name_digest(user)
+        with self.lock:
+            self.quiet = False
+            for key in (("address", address), ("user", user), ("pair", user, address)):
+                self.count(key, now)
+            if len(self.counters) > self.MAX_ENTRIES:
+                self.prune(now)
+
+    def succeeded(self, address, user):
+        """Remember an address that logged in as user (the real user's own)."""
+        user = name_digest(user)
+        if address in self.trusted.get(user, ()):
+            return  # known already: the usual case, and no lock for it
+        with self.lock:
+            known = self.trusted.setdefault(user, [])
+            if address not in known:
+                known[:] = [*known, address][-self.TRUSTED :]
+
+    def live(self, key, now):
+        entry = self.counters.get(key)
+        return entry is not None and (
+            now - entry.since < FAILURE_WINDOW or entry.until > now
+        )
+
+    def count(self, key, now):
+        entry = self.counters.get(key)
+        if entry is None or not self.live(key, now):
+            entry = self.counters[key] = Failures(now)
+        self.counters.move_to_end(key)
+        entry.count += 1
+        if entry.count >= FAILURE_LIMIT:
+            entry.until = now + lockout(entry.count - FAILURE_LIMIT)
+
+    def prune(self, now):
+        """Forget what expired; if that is not enough, the least recently failing."""
+        for key in [k for k in self.counters if not self.live(k, now)]:
+            del self.counters[key]
+        while len(self.counters) > self.MAX_ENTRIES * 3 // 4:
+            self.counters.popitem(last=False)
+
+
+def lockout(excess):
+    """Seconds blocked after excess failures past the limit: 1, 2, 4, ... up to
+    MAX_LOCKOUT; the power is capped before it is taken, since a patient guesser
+    drives excess past what a float can hold."""
+    return min(2.0 ** min(excess, 30), MAX_LOCKOUT)  # 2^30 s: past any lockout
+
+
+def name_digest(name):
+    """A short digest of a client-supplied user name: what the throttle keeps of it."""
+    return blake2b(name.encode(errors="replace"), digest_size=8).digest()
+
+
+def client_address(request):
+    """The caller's address: its uid on the unix socket; behind a trusted proxy,
+    the address the proxy appended to X-Forwarded-For (if it is one)."""
+    if PEER_UID in request.environ:
+        return f"uid:{request.environ[PEER_UID]}"
+    address = request.environ.get("REMOTE_ADDR", "")
+    if address in request.config.trusted_proxies:
+        forwarded = request.header("X-Forwarded-For").split(",")[-1].strip()
+        with contextlib.suppress(ValueError):
+            address = str(ipaddress.ip_address(forwarded[:64]))
+    return address
+
+
+def is_local(request):
+    """True on the unix socket and from loopback (behind a trusted proxy: the client's)."""
+    if PEER_UID in request.environ:
+        return True
+    try:
+        return ipaddress.ip_address(client_address(request)).is_loopback
+    except ValueError:
+        return False
+
+
+def authenticate(request, authenticator, throttle):
+    """Set request.user from the Authorization header, or raise 401 (429 when throttled)."""
+    scheme, _, credentials = request.header("Authorization").strip().partition(" ")
+    name, password = "", None
+    if scheme.lower() == "basic":
         try:
-            if not entry[0].acquire(timeout=self.BRIEF):
-                with blocked():
-                    entry[0].acquire()
-            try:
-                yield
-            finally:
-                entry[0].release()
-        finally:
-            with self.guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self.locks[path]
-
-    def load(self, path, fingerprint, numbers):
-        """The live record at path, None, or 422 if it was for another body."""
-        record = read_json(path)
-        if record is not None and not is_record(record, numbers):
-            log.warning("idempotency record %s is damaged: ignored", path)
-            return None
-        if record is None or record["created"] < self.clock.time() - self.ttl:
-            return None
-        if record.get("fingerprint") != fingerprint:
-            raise ApiError(
-                HTTPStatus.UNPROCESSABLE_ENTITY,
-                "Idempotency-Key was used before with a different request",
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode(
+                "utf-8"
             )
-        return record
-
-    def save(self, path, record):
-        """Write a record durably; 507 or 503 if the state directory refuses."""
-        try:
-            os.makedirs(self.directory, mode=0o750, exist_ok=True)
-            write_json(path, record, self.sync)
-        except OSError as exc:
-            raise storage_error(exc) from exc
-
-    def expire(self, now):
-        """Delete the records that have outlived their time (their files' mtime tells)."""
-        self.expired = now
-        with (
-            contextlib.suppress(FileNotFoundError),
-            os.scandir(self.directory) as found,
-        ):
-            for entry in found:
-                with contextlib.suppress(OSError):
-                    if entry.stat(follow_symlinks=False).st_mtime < now - self.ttl:
-                        os.unlink(entry.path)
-
-    def expire_hourly(self, now):
-        if now - self.expired > 3600:
-            self.expire(now)
-
-
-def is_record(record, numbers):
-    """True for an idempotency record as Idempotency.save() writes it, for these numbers."""
-    ids, status = record.get("ids"), record.get("status", 201)
-    return (
-        is_time(record.get("created"))
-        and isinstance(record.get("fingerprint"), str)
-        and isinstance(ids, dict)
-        and set(ids) == set(numbers)
-        and all(isinstance(i, str) and MESSAGE_ID.fullmatch(i) for i in ids.values())
-        and isinstance(record.get("response", {}), dict)
-        and status in (201, 502, 504)  # what deliver() answers
+        except (binascii.Error, ValueError):
+            decoded = ""
+        name, colon, password = decoded.partition(":")
+        if not colon:  # no "name:password": never log what might be a password
+            name, password = "(malformed credentials)", None
+    if not scheme:  # a local account the kernel vouches for: no password to guess
+        request.user = unix_peer_user(request)
+        if request.user is not None:
+            return
+    address = client_address(request)
+    wait = throttle.retry_after(address, name)
+    if wait:
+        log.warning("throttled: %s for user %s", escape(address), logged_name(name))
+        raise ApiError(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            "Too many failed logins; retry later",
+            [("Retry-After", str(wait))],
+        )
+    users = request.config.users
+    request.user = (
+        None if password is None else authenticator.check(users, name, password)
     )
+    if request.user is not None:
+        throttle.succeeded(address, name)
+        return
+    if scheme:  # no header at all is a client asking for the challenge
+        throttle.failed(address, name)
+        log.warning(
+            "authentication failed for user %s from %s",
+            logged_name(name),
+            escape(address),
+        )
+    raise unauthorized()
+
+
+def logged_name(name):
+    """A client-supplied user name for a log line: escaped, and cut short."""
+    return escape(name[:64]) + ("..." if len(name) > 64 else "")
+
+
+def unix_peer_user(request):
+    """The API user a caller on the unix socket is, by its local account, or None."""
+    uid = request.environ.get(PEER_UID)
+    try:
+        name = pwd.getpwuid(uid).pw_name if uid is not None else None
+    except KeyError:  # an account without a name
+        return None
+    return request.config.unix_users.get(name)
+
+
+def unauthorized():
+    return ApiError(
+        HTTPStatus.UNAUTHORIZED,
+        "Unauthorized access",
+        [("WWW-Authenticate", 'Basic realm="smsapi", charset="UTF-8"')],
+    )
+
+
+###############################################################################
+# GSM and UCS2 encoding #######################################################
+###############################################################################
+
+
+class Encoding(collections.namedtuple("Encoding", "alphabet parts units body header")):
+    """How a text goes on the air: alphabet ("GSM", sent 7-bit, or "UCS2"), parts,
+    units (septets for GSM, UTF-16 code units for UCS2), the file body for smsd,
+    and the Alphabet: header value smsd reads."""
+
+    __slots__ = ()
+
+
+def encode_text(text):
+    """Choose the encoding smsd will use and count the parts it will send."""
+    septets = gsm_septets(text)
+    if septets is not None:
+        parts = 1 if septets <= GSM_SINGLE else math.ceil(septets / GSM_PART)
+        return Encoding("GSM", parts, septets, text.encode("utf-8"), "UTF-8")
+    body = text.encode("utf-16-be")
+    units = len(body) // 2
+    parts = 1 if units <= UCS2_SINGLE else math.ceil(units / UCS2_PART)
+    return Encoding("UCS2", parts, units, body, "UCS2")
+
+
+def gsm_septets(text):
+    """Septets text needs in the GSM alphabet, or None if it must go as UCS2.
+
+    smsd cuts a long 7-bit text every 153 septets even inside an escape pair,
+    which the phone cannot decode; such a text goes as UCS2 instead.
+    """
+    septets, straddles = 0, False
+    for char in text:
+        if char in GSM_BASIC:
+            septets += 1
+        elif char in GSM_EXTENSION:
+            straddles = straddles or septets % GSM_PART == GSM_PART - 1
+            septets += 2
+        else:
+            return None
+    return None if straddles and septets > GSM_SINGLE else septets
+
+
+def non_gsm_chars(text):
+    """The distinct characters that keep a text out of the GSM alphabet."""
+    return sorted({c for c in text if c not in GSM_BASIC and c not in GSM_EXTENSION})
 
 
 ###############################################################################
@@ -2260,10 +2657,6 @@ class ReportIndex:
         return lines + ([["clock", now]] if now else [])
 
 
-def dict_of(value):
-    return value if isinstance(value, dict) else {}
-
-
 def valid_awaiting(fields):
     modem, ref, to, sent = fields  # ValueError if there are not four
     return (
@@ -2283,7 +2676,7 @@ def valid_outcome(fields):
 
 
 ###############################################################################
-# The inbox index #############################################################
+# The inbox ###################################################################
 ###############################################################################
 
 
@@ -2340,6 +2733,57 @@ def inbox_entry(entry, text):
 def inbox_name(name):
     """True for a file in incoming that is a message (not smsd's store of parts)."""
     return is_message_name(name) and not CONCATENATED.fullmatch(name)
+
+
+def list_inbox(request, inbox):
+    """Received messages with sender, time and text, newest first, for polling scripts.
+
+    ?type=sms (default), report (status reports) or all; ?since=<ISO time or
+    id> keeps what came after it; ?from=<number> keeps one sender.
+    """
+    if not (request.user.admin or request.user.inbox):
+        raise ApiError(
+            HTTPStatus.FORBIDDEN, "This user may not read the inbox (inbox = yes)"
+        )
+    page = read_page(request)
+    kinds = INBOX_TYPES.get(request.param("type", "sms"))
+    if kinds is None:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "type must be sms, report or all")
+    entries = inbox.listing(kinds)
+    since = request.param("since")
+    if since:
+        after = read_since(since, entries)
+        entries = [e for e in entries if e.received > after]
+    sender = request.param("from")
+    if sender is not None:
+        number = normalise_mobile(sender)
+        entries = [e for e in entries if e.sender.lstrip("+") == number]
+    messages, budget = [], MAX_PAGE_READ
+    for entry in entries[page.offset : page.offset + page.limit]:
+        found = None
+        if budget > 0:  # past it, texts are null: GET each message instead
+            found = read_spool_file(
+                os.path.join(request.config.spool["incoming"], entry.name)
+            )
+            budget -= len(found[0]) if found else 0
+        messages.append(
+            inbox_entry(entry, parse_message(found[0])[1] if found else None)
+        )
+    ids = [m["message_id"] for m in messages]
+    return listing(ids, len(entries), page, messages=messages)
+
+
+def read_since(since, entries):
+    """The received time that ?since= names: an ISO 8601 time, or a message id."""
+    for entry in entries:
+        if entry.name == since:
+            return entry.received
+    try:
+        return datetime.datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):  # also year 1 in local time
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, "since must be an ISO 8601 time or a message id"
+        ) from None
 
 
 ###############################################################################
@@ -2748,6 +3192,907 @@ class Schedule:
         head += f"\nFailed: {failed}\nFail_reason: {reason}".encode()
         files = {message_id: head + b"\n\n" + body}
         write_files(self.spool["failed"], files, self.sync, 0o660)
+
+
+###############################################################################
+# Budgets #####################################################################
+###############################################################################
+
+
+class Budgets:
+    """What each user with max_per_hour or max_per_day sent lately, in SMS
+    parts times recipients, over a sliding hour and a sliding day.
+
+    A send takes its units before it writes (429 when they would pass a
+    limit), and gives them back if the write fails: a refused request uses
+    nothing. What was taken is appended to a journal in state_dir, so the
+    budget outlives a restart; the journal is rewritten when mostly stale.
+    A take costs the same however much was sent: each window keeps its sum.
+    """
+
+    WINDOWS = (("max_per_hour", 3600), ("max_per_day", 86400))
+
+    def __init__(self, state_dir, fsync, clock):
+        self.journal = Journal(os.path.join(state_dir, BUDGETS_JOURNAL), fsync)
+        self.lock = threading.Lock()
+        self.spent = {}  # user name -> {seconds: Window}
+        self.load(clock.time())
+
+    def take(self, user, units, now):
+        """Take units from user's budget, or 429 with Retry-After; a token for give_back."""
+        if all(getattr(user, key) is None for key, _ in self.WINDOWS):
+            return None
+        with self.lock:
+            windows = self.windows(user.name, now)
+            for key, seconds in self.WINDOWS:
+                limit, window = getattr(user, key), windows[seconds]
+                if limit is not None and window.total + units > limit:
+                    oldest = window.entries[0][0] if window.entries else now
+                    raise ApiError(
+                        HTTPStatus.TOO_MANY_REQUESTS,
+                        f"Budget used up: {units} more SMS would pass {limit} per"
+                        f" {'hour' if seconds == 3600 else 'day'}",
+                        [
+                            (
+                                "Retry-After",
+                                str(max(1, math.ceil(oldest + seconds - now))),
+                            )
+                        ],
+                    )
+            entry = [now, units]
+            for window in windows.values():
+                window.add(entry)
+        return user.name, entry
+
+    def give_back(self, token):
+        """The write failed: the units were not used."""
+        if token is not None:
+            with self.lock, contextlib.suppress(ValueError, KeyError):
+                for window in self.spent[token[0]].values():
+                    window.remove(token[1])
+
+    def note(self, token):
+        """The write succeeded: put what it took in the journal."""
+        if token is None:
+            return
+        name, (now, units) = token
+        with self.lock:
+            live = sum(len(w[86400].entries) for w in self.spent.values())
+            try:
+                self.journal.append([[name, now, units]], live, self.live_lines)
+            except OSError as exc:
+                log.error("cannot save %s: %s", self.journal.path, one_line(exc))
+
+    def live_lines(self):
+        return [[n, *e] for n, w in self.spent.items() for e in w[86400].entries]
+
+    def used(self, user, now):
+        """{max_per_hour: (used, limit), ...} of the limits user has."""
+        with self.lock:
+            windows = self.windows(user.name, now)
+            return {
+                key: (windows[seconds].total, getattr(user, key))
+                for key, seconds in self.WINDOWS
+                if getattr(user, key) is not None
+            }
+
+    def windows(self, name, now):
+        """name's windows, slid to now (under the lock)."""
+        windows = self.spent.get(name)
+        if windows is None:
+            windows = self.spent[name] = {s: Window(s) for _, s in self.WINDOWS}
+        for window in windows.values():
+            window.slide(now)
+        return windows
+
+    def load(self, now):
+        """Read the journal: what each user took in the day before now."""
+        cutoff, found = now - 86400, {}
+
+        def replayed(line):
+            name, when, units = line
+            if not (isinstance(name, str) and is_time(when) and is_count(units)):
+                raise ValueError("not a line of the budgets journal")
+            if when > cutoff:
+                found.setdefault(name, []).append([when, units])
+
+        self.journal.replay(replayed)
+        for name, entries in found.items():  # appends may interleave a little
+            windows = self.windows(name, now)
+            for entry in sorted(entries):
+                for window in windows.values():
+                    window.add(entry)
+
+
+class Window:
+    """What one user sent within a sliding window: entries [when, units], oldest
+    first, and their sum."""
+
+    __slots__ = ("entries", "seconds", "total")
+
+    def __init__(self, seconds):
+        self.seconds, self.entries, self.total = seconds, collections.deque(), 0
+
+    def add(self, entry):
+        self.entries.append(entry)
+        self.total += entry[1]
+
+    def remove(self, entry):
+        """Take an entry out again; ValueError if it is not in the window."""
+        self.entries.remove(entry)
+        self.total -= entry[1]
+
+    def slide(self, now):
+        """Forget what is older than the window before now."""
+        while self.entries and self.entries[0][0] <= now - self.seconds:
+            self.total -= self.entries.popleft()[1]
+
+
+def is_count(value):
+    """True for a JSON whole number of at least 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+###############################################################################
+# Reading messages ############################################################
+###############################################################################
+
+
+def visible(request, message):
+    """True when the caller may see message: its own, or any for admins."""
+    user = request.user
+    if message.kind == "incoming":
+        return user.admin or user.inbox
+    return user.admin or message.owner == user.name
+
+
+def get_message(request):
+    """Every header of one message file, plus its id and decoded text."""
+    kind, message_id = request.args["kind"], request.args["message_id"]
+    message = read_message(request.config, kind, message_id)
+    if message is None or not visible(request, message):
+        raise not_found()
+    fields = {**message.headers, "message_id": message_id, "text": message.text}
+    return Answer(HTTPStatus.OK, fields)
+
+
+def get_status(request, *, reports):
+    """Where a message is in smsd's lifecycle, found by name, never by a scan."""
+    data = message_status(request, reports, request.args["message_id"])
+    return Answer(HTTPStatus.OK, data, data["status"] + "\n")
+
+
+def message_status(request, reports, message_id):
+    """The status answer of one message; 404 if missing or not visible."""
+    message = find_message(request.config, message_id)
+    if message is None or not visible(request, message):
+        raise not_found()
+    return status_data(message, reports.outcome(message_id))
+
+
+def list_messages(request, *, inbox):
+    """Ids in one spool the caller may see, newest first, a page at a time."""
+    kind = request.args["kind"]
+    if kind == "incoming":
+        return list_inbox(request, inbox)
+    page = read_page(request)
+    if request.user.admin:
+        total, shown = list_page(request.config, kind, page)
+    else:  # the tag narrows it down; the page's files confirm the owner
+        total, shown = list_page(request.config, kind, page, request.user.name)
+        shown = [n for n in shown if visible_name(request, kind, n)]
+    return listing(shown, total, page)
+
+
+def visible_name(request, kind, name):
+    message = read_message(request.config, kind, name)
+    return message is not None and visible(request, message)
+
+
+###############################################################################
+# Sending #####################################################################
+###############################################################################
+
+
+class SendPlan(
+    collections.namedtuple(
+        "SendPlan", "recipients numbers text encoding options report timing"
+    )
+):
+    """A validated send request: everything needed to write its files.
+
+    recipients maps each mobile as given to its normalised number; numbers
+    are those, each once; options are the smsd headers [(header, value)];
+    report is whether it asks for one; timing, when it may go.
+    """
+
+    __slots__ = ()
+
+    @property
+    def fingerprint(self):
+        """What an Idempotency-Key is bound to: everything that shapes the files
+        (and the times as given: "+2hour" is the same request a minute later)."""
+        canonical = [self.recipients, self.text, self.options]
+        if any(self.timing.given):
+            canonical.append(self.timing.given)
+        return sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+class Timing(collections.namedtuple("Timing", "send_at valid_until held given")):
+    """When a send may go: send_at (None: now), valid_until (None: any time),
+    held ("quiet_hours", or None), and the send_at and valid_until as given."""
+
+    __slots__ = ()
+
+    def answer(self):
+        """What the answer to a send says of it: nothing, unless it is held."""
+        if self.send_at is None:
+            return {}
+        held = {"held": self.held} if self.held else {}
+        return {"status": "scheduled", "send_at": iso_time(self.send_at), **held}
+
+
+#: The fields of a send, as JSON Schema: plan_send refuses any other, and the
+#: OpenAPI document shows these (with the queue names of the config).
+SEND_FIELDS = {
+    "mobiles": {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "string",
+            "pattern": anchored(RECIPIENT),
+            "example": "+79680000000",
+        },
+    },
+    "text": {"type": "string", "minLength": 1, "example": "Hi, Jack!"},
+    "queue": {"type": "string"},
+    "flash": {"type": "boolean"},
+    "report": {"type": "boolean"},
+    "priority": {"type": "string", "enum": list(PRIORITIES)},
+    **{
+        name: {
+            "type": "string",
+            "description": "an ISO 8601 time with its offset, or a delay: +N and"
+            " s, min, hour, day or week",
+            "example": "+2hour",
+        }
+        for name in ("send_at", "valid_until")
+    },
+    "validity": {
+        "oneOf": [
+            {"type": "string", "pattern": anchored(VALIDITY), "example": "2hour"},
+            {"type": "integer", "minimum": 0, "maximum": 255},
+        ]
+    },
+    **{
+        name: {"type": "integer", "minimum": low, "maximum": high}
+        for name, (low, high) in NUMBER_FIELDS.items()
+    },
+}
+
+
+def plan_send(request):
+    """Read and validate every field of a send request, or raise 4xx."""
+    return plan_fields(request, read_fields(request))
+
+
+def plan_fields(request, fields):
+    """Validate every field of a send (a request's, or an alert's), or raise 4xx."""
+    unknown = sorted(set(fields) - set(SEND_FIELDS))
+    if unknown:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            "Unknown field(s): " + ", ".join(map(escape, unknown)),
+        )
+    recipients = read_recipients(request, fields.get("mobiles"))
+    text = read_text(fields.get("text"))
+    encoding = encode_text(text)
+    if encoding.parts > request.config.max_parts:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"Text needs {encoding.parts} parts; the limit is {request.config.max_parts}",
+        )
+    user, config = request.user, request.config
+    report = fields.get("report")
+    if report is None:
+        report = user.report if user.report is not None else config.report
+        fields = dict(fields, report=report)
+    options = message_options(config, fields)
+    numbers = list(dict.fromkeys(recipients.values()))
+    timing = read_timing(request, fields, ("Priority", "High") in options)
+    return SendPlan(recipients, numbers, text, encoding, options, bool(report), timing)
+
+
+def read_recipients(request, mobiles):
+    """{mobile as given: normalised number}, or 400/403 naming every bad one."""
+    if isinstance(mobiles, str):
+        mobiles = [mobiles]
+    if (
+        not isinstance(mobiles, list)
+        or not mobiles
+        or not all(isinstance(m, str) for m in mobiles)
+    ):
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, "mobiles must be a non-empty list of phone numbers"
+        )
+    try:
+        mobiles = expand_groups(request.config.groups, mobiles)
+    except ValueError as exc:
+        raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+    if len(mobiles) > request.config.max_recipients:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"Too many recipients: {len(mobiles)}, the limit is {request.config.max_recipients}",
+        )
+    recipients, malformed, forbidden = {}, [], []
+    for given in mobiles:
+        number = normalise_mobile(given)
+        if number is None:
+            malformed.append(given)
+        elif not request.user.may_send_to(number):
+            forbidden.append(given)
+        else:
+            recipients[given] = number
+    if malformed:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            "Malformed phone number(s), expected international format: "
+            + quoted(malformed),
+        )
+    if forbidden:
+        raise ApiError(
+            HTTPStatus.FORBIDDEN, "Not allowed to send to: " + quoted(forbidden)
+        )
+    return recipients
+
+
+def read_text(text):
+    """The message text: a non-empty string of valid Unicode without NUL."""
+    if not isinstance(text, str) or not text:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "text must be a non-empty string")
+    if "\0" in text:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "text must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "text is not valid Unicode") from None
+    return text
+
+
+def message_options(config, fields):
+    """smsd headers for the optional fields, each validated: [(header, value)]."""
+    options = []
+    if fields.get("queue") is not None:
+        if fields["queue"] not in config.queues:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST,
+                "Unknown queue; known: " + " ".join(config.queues),
+            )
+        options.append(("Queue", fields["queue"]))
+    for name, header in (("flash", "Flash"), ("report", "Report")):
+        if fields.get(name) is not None:
+            options.append((header, "yes" if expect(fields, name, bool) else "no"))
+    priority = fields.get("priority")
+    if priority is not None:
+        if priority not in PRIORITIES:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "priority must be high or normal")
+        if priority == "high":
+            options.append(("Priority", "High"))
+    if fields.get("validity") is not None:
+        options.append(("Validity", read_validity(fields["validity"])))
+    for name, (low, high) in NUMBER_FIELDS.items():
+        if fields.get(name) is not None:
+            options.append((name.title(), str(expect(fields, name, int, low, high))))
+    return options
+
+
+def expect(fields, name, kind, low=None, high=None):
+    """fields[name] if it is of kind (and within low..high), else 400."""
+    value = fields[name]
+    if type(value) is not kind or low is not None and not low <= value <= high:
+        what = (
+            "yes/no (a boolean)"
+            if kind is bool
+            else f"a whole number from {low} to {high}"
+        )
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be {what}")
+    return value
+
+
+def read_validity(value):
+    """smsd's Validity, from a string or a JSON number: 30min, 2hour, 1day or 0-255."""
+    text = (
+        str(value).strip()
+        if isinstance(value, (str, int)) and not isinstance(value, bool)
+        else ""
+    )
+    if not VALIDITY.fullmatch(text):
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, "validity must be like 30min, 2hour, 1day or 0-255"
+        )
+    return "".join(text.split())
+
+
+def read_timing(request, fields, urgent):
+    """The Timing of a send: its send_at and valid_until, else the end of the
+    sender's quiet hours when they cover now (not for priority high)."""
+    now = request.now
+    given = (fields.get("send_at"), fields.get("valid_until"))
+    send_at, valid_until = (
+        read_moment(request, name, value, now)
+        for name, value in zip(("send_at", "valid_until"), given)
+    )
+    held = None
+    if send_at is None and not urgent:
+        user = request.user
+        send_at = quiet_end(user.quiet_hours, user.quiet_days, now)
+        held = "quiet_hours" if send_at else None
+    return Timing(send_at, valid_until, held, given)
+
+
+def read_moment(request, name, value, now):
+    """The moment a send_at or valid_until names, in whole seconds: a delay
+    (+90s, +2hour; rounded up) or an ISO 8601 time with its offset; None if
+    not given. 400 unless it is ahead, and at most max_schedule ahead."""
+    if value is None:
+        return None
+    text = LEADING_SPACE.sub("+", value).strip() if isinstance(value, str) else ""
+    delay = DELAY.fullmatch(text)
+    try:
+        if delay:
+            moment = now + int(delay.group(1)) * DELAY_UNITS[delay.group(2)]
+        else:
+            text = FORM_OFFSET.sub("+", re.sub("[Zz]$", "+00:00", text))
+            moment = datetime.datetime.fromisoformat(text)
+            moment = math.inf if moment.tzinfo is None else moment.timestamp()
+    except (ValueError, OverflowError, OSError):
+        moment = math.inf
+    if moment == math.inf:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"{name} must be an ISO 8601 time with its offset"
+            " (2026-12-01T06:00:00+02:00, ...Z) or a delay like +90s or +2hour",
+        )
+    if not now < moment <= now + request.config.max_schedule:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            f"{name} must be ahead, and at most max_schedule"
+            f" ({request.config.max_schedule} s) ahead",
+        )
+    return float(math.ceil(moment))
+
+
+def quiet_end(hours, days, now):
+    """When the quiet hours (minutes of the day, (start, end)) and quiet days
+    (weekday numbers) that cover the moment now end, in local time; None when
+    they do not cover it. Each step goes to the end of a quiet day or window."""
+    moment = start = datetime.datetime.fromtimestamp(now)
+    for _ in range(32):  # six quiet days, a window each, and the rest
+        minute = moment.hour * 60 + moment.minute
+        if moment.weekday() in days:
+            moment = datetime.datetime.combine(
+                moment.date() + datetime.timedelta(days=1), datetime.time()
+            )
+        elif hours and within(hours, minute):
+            end = moment.replace(
+                hour=hours[1] // 60, minute=hours[1] % 60, second=0, microsecond=0
+            )
+            moment = end if end > moment else end + datetime.timedelta(days=1)
+        else:
+            break
+    return None if moment == start else moment.timestamp()
+
+
+def within(hours, minute):
+    """True when a minute of the day falls in the window (start, end), which may span midnight."""
+    start, end = hours
+    return start <= minute < end if start < end else minute >= start or minute < end
+
+
+def describe_plan(plan):
+    """What a send would do, for ?dry_run=1."""
+    non_gsm = non_gsm_chars(plan.text)
+    answer = {
+        "dry_run": True,
+        "recipients": plan.recipients,
+        "encoding": plan.encoding.alphabet,
+        "parts_count": plan.encoding.parts,
+        "units": plan.encoding.units,
+        "non_gsm_characters": non_gsm,
+        "headers": dict(plan.options),
+        "sent_text": plan.text,
+        **plan.timing.answer(),
+    }
+    answer.pop("status", None)
+    if plan.encoding.alphabet == "UCS2" and not non_gsm:
+        answer["ucs2_reason"] = (
+            "a two-septet character would straddle a part boundary, or the text has ¤"
+        )
+    return answer
+
+
+def read_wait(request, plan):
+    """(seconds, "sent" or "delivered") from ?wait=N&wait_for=..., or None."""
+    seconds = query_int(request, "wait", 0, 0, request.config.max_wait)
+    target = request.param("wait_for", WAIT_TARGETS[0])
+    if target not in WAIT_TARGETS:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "wait_for must be sent or delivered")
+    if target == "delivered" and not plan.report:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, 'wait_for=delivered needs "report": true'
+        )
+    return (seconds, target) if seconds else None
+
+
+class Idempotency:
+    """Remembers, per user and Idempotency-Key, the first answer ([retention] state, 1day).
+
+    A record is written, fsynced, before the message files, holding the ids
+    the files will get; a retry after a crash finishes the same files instead
+    of making new ones. Requests with the same key are serialised in-process.
+    """
+
+    def __init__(self, settings, clock):
+        config = settings()
+        self.directory = os.path.join(config.state_dir, "idempotency")
+        self.sync = config.fsync
+        self.settings, self.clock = settings, clock
+        self.guard = threading.Lock()
+        self.locks = {}  # record path -> [lock, users]
+        self.expired = clock.time()  # when old records were last removed
+
+    @property
+    def ttl(self):
+        """How long a record lives: [retention] state, as the config in use says."""
+        return self.settings().retention["state"]
+
+    def path(self, user, key):
+        digest = sha256(f"{user}\0{key}".encode()).hexdigest()
+        return os.path.join(self.directory, digest + ".json")
+
+    BRIEF = 0.25  # seconds a request may wait for a record's lock as any request does
+
+    @contextlib.contextmanager
+    def held(self, path, blocked=contextlib.nullcontext):
+        """Hold the in-process lock of one record; inside blocked() if it stays busy.
+
+        Racing retries wait the few milliseconds a send takes; behind a request
+        that waits for smsd, a request waits as a waiter does (blocked()).
+        """
+        with self.guard:
+            entry = self.locks.setdefault(path, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            if not entry[0].acquire(timeout=self.BRIEF):
+                with blocked():
+                    entry[0].acquire()
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self.guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self.locks[path]
+
+    def load(self, path, fingerprint, numbers):
+        """The live record at path, None, or 422 if it was for another body."""
+        record = read_json(path)
+        if record is not None and not is_record(record, numbers):
+            log.warning("idempotency record %s is damaged: ignored", path)
+            return None
+        if record is None or record["created"] < self.clock.time() - self.ttl:
+            return None
+        if record.get("fingerprint") != fingerprint:
+            raise ApiError(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                "Idempotency-Key was used before with a different request",
+            )
+        return record
+
+    def save(self, path, record):
+        """Write a record durably; 507 or 503 if the state directory refuses."""
+        try:
+            os.makedirs(self.directory, mode=0o750, exist_ok=True)
+            write_json(path, record, self.sync)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    def expire(self, now):
+        """Delete the records that have outlived their time (their files' mtime tells)."""
+        self.expired = now
+        with (
+            contextlib.suppress(FileNotFoundError),
+            os.scandir(self.directory) as found,
+        ):
+            for entry in found:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < now - self.ttl:
+                        os.unlink(entry.path)
+
+    def expire_hourly(self, now):
+        if now - self.expired > 3600:
+            self.expire(now)
+
+
+def is_record(record, numbers):
+    """True for an idempotency record as Idempotency.save() writes it, for these numbers."""
+    ids, status = record.get("ids"), record.get("status", 201)
+    return (
+        is_time(record.get("created"))
+        and isinstance(record.get("fingerprint"), str)
+        and isinstance(ids, dict)
+        and set(ids) == set(numbers)
+        and all(isinstance(i, str) and MESSAGE_ID.fullmatch(i) for i in ids.values())
+        and isinstance(record.get("response", {}), dict)
+        and status in (201, 502, 504)  # what deliver() answers
+    )
+
+
+class Sender:
+    """What a valid send does: write its files (once per Idempotency-Key), count
+    them, and, if asked, wait until smsd sent them (or the phones got them)."""
+
+    def __init__(
+        self,
+        outgoing,
+        schedule,
+        budgets,
+        idempotency,
+        waiters,
+        wait_slots,
+        reports,
+        metrics,
+    ):
+        self.outgoing = outgoing  # the spool writer
+        self.schedule = schedule  # holds the messages that go later
+        self.budgets = budgets
+        self.idempotency = idempotency
+        self.waiters = waiters  # the watcher's: woken when smsd moves a file
+        self.wait_slots = wait_slots  # max_waiters of them
+        self.reports = reports
+        self.metrics = metrics
+
+    @contextlib.contextmanager
+    def wait_slot(self):
+        """Hold one of max_waiters slots while waiting; 503 at once when none is free."""
+        if not self.wait_slots.acquire(blocking=False):
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "Too many requests are waiting; try again or send without wait",
+                [("Retry-After", "5")],
+            )
+        try:
+            yield
+        finally:
+            self.wait_slots.release()
+
+    def send_once(self, request, plan, path, wait, fingerprint=None, since=0.0):
+        """Send once per record at path (an Idempotency-Key's, or a notification's):
+        the first request does the work, repeats get its answer. A record made
+        before since is no more; fingerprint is what the record is bound to."""
+        store = self.idempotency
+        fingerprint = fingerprint or plan.fingerprint
+        # Blocked behind another request with this key, a request waits like ?wait does.
+        blocked = contextlib.nullcontext if wait else self.wait_slot
+        with store.held(path, blocked):
+            record = store.load(path, fingerprint, plan.numbers)
+            if record and record["created"] < since:
+                record = None
+            if record and "response" in record:
+                request.replayed = True
+                data = record["response"]
+                return Answer(HTTPStatus(record["status"]), data, ids_text(data))
+            new = record is None
+            if new:
+                ids = {
+                    n: new_message_id(request.user.name, request.now)
+                    for n in plan.numbers
+                }
+                record = {
+                    "created": request.now,
+                    "fingerprint": fingerprint,
+                    "ids": ids,
+                }
+                store.save(path, record)  # before the files: a retry reuses these ids
+            try:
+                answer = self.send(request, plan, record["ids"], wait, retry=True)
+            except ApiError:
+                if new:  # nothing was written: neither is the record
+                    remove_quietly(path)
+                raise
+            # If this write fails, the files are queued all the same; a retry finds them.
+            with contextlib.suppress(ApiError):
+                store.save(
+                    path, dict(record, status=answer.status.value, response=answer.data)
+                )
+            return answer
+
+    def send(self, request, plan, ids, wait, retry):
+        """Queue the files; answer 201 at once, or once smsd is done with them if asked."""
+        data = self.queue(request, plan, ids, retry)
+        if wait:
+            return self.wait_for(request, data, wait)
+        return Answer(HTTPStatus.CREATED, data, ids_text(data))
+
+    def queue(self, request, plan, ids, retry):
+        """Write one file per number (on a retry, only those not queued yet); the answer's data."""
+        config, timing = request.config, plan.timing
+        options = plan.options
+        if timing.send_at is not None:
+            options = options + held_headers(*timing[:3])
+        files = {
+            ids[number]: render_message(
+                request.user.name, number, plan.encoding, options
+            )
+            for number in plan.numbers
+            if not retry or find_message(config, ids[number]) is None
+        }
+        units = plan.encoding.parts * len(files)
+        token = self.budgets.take(request.user, units, request.now) if files else None
+        try:
+            if timing.send_at is None:
+                self.outgoing.write(files)
+            else:
+                self.schedule.hold(files, timing.send_at, timing.valid_until)
+        except ApiError:
+            self.budgets.give_back(token)
+            raise
+        self.budgets.note(token)
+        self.metrics.count_accepted(len(files))
+        request.written = list(files)
+        to = ",".join(n for n in plan.numbers if ids[n] in files)
+        request.log_detail = f" to={to} parts={plan.encoding.parts}" if files else ""
+        if files and config.log_text:
+            request.log_detail += f' text="{escape(plan.text)}"'
+        return {
+            "message_id": {g: ids[number] for g, number in plan.recipients.items()},
+            "parts_count": plan.encoding.parts,
+            "sent_text": plan.text,
+            "encoding": plan.encoding.alphabet,
+            **timing.answer(),
+        }
+
+    def wait_for(self, request, data, wait):
+        """Wait until every message is sent (or delivered): 201, 502 if any failed, 504 on time-out."""
+        seconds, target = wait
+        ids = list(dict.fromkeys(data["message_id"].values()))
+
+        def done(states):
+            if target == "delivered":
+                return all(
+                    kind == "failed" or outcome for kind, outcome in states.values()
+                )
+            return all(
+                kind not in ("outgoing", "checked") for kind, _ in states.values()
+            )
+
+        def look():
+            return {i: self.where_and_outcome(request.config, i) for i in ids}
+
+        states = self.waiters.wait(ids, look, done, seconds)
+        data["messages"] = {i: self.status_or_gone(request, i) for i in ids}
+        bad = {
+            i: s.get("reason") or s["status"]
+            for i, s in data["messages"].items()
+            if s["status"] in ("failed", "undelivered", "gone")
+        }
+        status = HTTPStatus.CREATED
+        if not done(states):
+            data["error"] = (
+                f"Timed out after {seconds} s waiting for {target}; the messages stay queued"
+            )
+            status = HTTPStatus.GATEWAY_TIMEOUT
+        elif bad:
+            reasons = "; ".join(f"{i}: {reason}" for i, reason in bad.items())
+            data["error"] = "Not all messages went through: " + reasons
+            status = HTTPStatus.BAD_GATEWAY
+        return Answer(status, data, ids_text(data))
+
+    def where_and_outcome(self, config, message_id):
+        """(the spool kind message_id is in, or None; its report's Outcome, or None)."""
+        message = find_message(config, message_id)
+        outcome = self.reports.outcome(message_id)
+        return message.kind if message else None, outcome
+
+    def status_or_gone(self, request, message_id):
+        """message_status, or "gone" for a message deleted while we waited."""
+        try:
+            return message_status(request, self.reports, message_id)
+        except ApiError:
+            return {"message_id": message_id, "status": "gone"}
+
+
+def ids_text(data):
+    """The plain-text form of a send's answer: each message id on a line of its own."""
+    ids = data.get("message_id")
+    if not isinstance(ids, dict):
+        return None
+    return "".join(f"{i}\n" for i in dict.fromkeys(ids.values()))
+
+
+def send_message(request, *, sender):
+    """Validate a send completely; then dry-run it, or queue it (once per key) and maybe wait."""
+    plan = plan_send(request)
+    if query_bool(request, "dry_run"):
+        return Answer(HTTPStatus.OK, describe_plan(plan))
+    wait = read_wait(request, plan)
+    if plan.timing.send_at is not None:
+        wait = None  # held: the answer says until when, at once
+    key = request.header("Idempotency-Key")
+    if key and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+        )
+    with sender.wait_slot() if wait else contextlib.nullcontext():
+        if key:
+            path = sender.idempotency.path(request.user.name, key)
+            return sender.send_once(request, plan, path, wait)
+        ids = {n: new_message_id(request.user.name, request.now) for n in plan.numbers}
+        return sender.send(request, plan, ids, wait, retry=False)
+
+
+def get_groups(request):
+    """The groups whose every number the caller may send to."""
+    groups = {
+        name: list(numbers)
+        for name, numbers in request.config.groups.items()
+        if all(request.user.may_send_to(n) for n in numbers)
+    }
+    return Answer(HTTPStatus.OK, {"groups": groups})
+
+
+def cancel_message(request, *, schedule):
+    """Delete a message: a user's own while held or queued; an admin's anything
+    smsd is not sending. DELETE .../outgoing/<id> of a held message cancels it too."""
+    config, kind = request.config, request.args["kind"]
+    message_id = request.args["message_id"]
+    message = read_message(config, kind, message_id)
+    if message is None and kind == "outgoing":
+        kind, message = "scheduled", read_message(config, "scheduled", message_id)
+    if message is None or not visible(request, message):
+        raise not_found()
+    if kind == "checked":
+        raise ApiError(
+            HTTPStatus.CONFLICT, "smsd is sending this message; it cannot be cancelled"
+        )
+    may_delete = request.user.admin or kind == "incoming" and request.user.inbox
+    if kind not in ("outgoing", "scheduled") and not may_delete:
+        raise ApiError(HTTPStatus.CONFLICT, "Only a queued message can be cancelled")
+    if kind == "scheduled" and take(config.spool["scheduled"], message_id):
+        schedule.forget(message_id)
+    elif kind in ("outgoing", "scheduled"):  # one just due may be in outgoing now
+        take_from_smsd(config, message_id)
+    else:
+        remove_quietly(message_path(config, kind, message_id))
+    return Answer(HTTPStatus.OK, {"message_id": message_id, "deleted": True})
+
+
+def take(directory, message_id):
+    """Rename a file to a name that smsd and the scheduler skip, then unlink it.
+
+    The rename is atomic, so either we own the file or another took it: False.
+    """
+    hidden = os.path.join(directory, TEMP_PREFIX + "cancel-" + message_id)
+    try:
+        os.rename(os.path.join(directory, message_id), hidden)
+    except FileNotFoundError:
+        return False
+    os.unlink(hidden)
+    return True
+
+
+def take_from_smsd(config, message_id):
+    """Cancel a queued file, or 409 when smsd took it already."""
+    if not take(config.spool["outgoing"], message_id) or os.path.exists(
+        os.path.join(config.spool["checked"], message_id)
+    ):
+        raise ApiError(
+            HTTPStatus.CONFLICT,
+            "smsd took this message already; it cannot be cancelled",
+        )
 
 
 ###############################################################################
@@ -3221,8 +4566,129 @@ class Webhooks:
 
 
 ###############################################################################
-# Heartbeats ##################################################################
+# Alerts and heartbeats #######################################################
 ###############################################################################
+
+
+def post_alertmanager(request, *, sender, heartbeats):
+    """An Alertmanager (or Grafana) notification: one SMS to each of ?to=,
+    sent once however often it is posted within dedupe_window; or, with
+    ?heartbeat=NAME and a firing Watchdog among its alerts, a beat."""
+    payload = json_fields(request.body())
+    status, alerts = read_alerts(payload)
+    beat = request.param("heartbeat")
+    if beat is not None and any(is_watchdog(a) for a in alerts):
+        return beat_answer(request, heartbeats, beat)
+    to = request.param("to")
+    if not to:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "to= must name the numbers or @groups")
+    mobiles = [LEADING_SPACE.sub("+", m) for m in to.split(",")]
+    text = alert_text(payload, status, alerts, request.config.alerts)
+    priority = request.param("priority", "high")
+    plan = plan_fields(
+        request, {"mobiles": mobiles, "text": text, "priority": priority}
+    )
+    digest = notification_digest(payload, status, alerts, plan.numbers)
+    path = sender.idempotency.path(ALERTS_OWNER, digest)
+    since = request.now - request.config.alerts["dedupe_window"]
+    try:
+        answer = sender.send_once(request, plan, path, None, digest, since)
+    except ApiError as exc:
+        if exc.status == HTTPStatus.TOO_MANY_REQUESTS:
+            log.error("alert %s not sent: %s", escape(text[:80]), exc.message)
+        raise
+    return answer._replace(status=HTTPStatus.OK) if request.replayed else answer
+
+
+def read_alerts(payload):
+    """(firing or resolved, the alerts) of a notification; 400 if it is not one."""
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list) or not alerts:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "alerts must be a non-empty list")
+    for alert in alerts:
+        if not isinstance(alert, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "each alert must be an object")
+        for key in ("labels", "annotations"):
+            value = alert.get(key, {})
+            if not isinstance(value, dict) or not all(
+                isinstance(v, str) for v in value.values()
+            ):
+                raise ApiError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"each alert's {key} must be an object of strings",
+                )
+    status = payload.get("status")
+    if status not in ("firing", "resolved"):
+        firing = any(a.get("status") == "firing" for a in alerts)
+        status = "firing" if firing else "resolved"
+    return status, alerts
+
+
+def is_watchdog(alert):
+    """Alertmanager's always-firing alert, firing."""
+    labels = alert.get("labels", {})
+    return (
+        labels.get("alertname") == "Watchdog"
+        and alert.get("status", "firing") == "firing"
+    )
+
+
+def alert_text(payload, status, alerts, options):
+    """The SMS of a notification, in at most max_parts parts: the template
+    ($head $alerts) with as many whole alerts as fit, the rest as +N more."""
+    shown = [a for a in alerts if a.get("status", status) == status] or alerts
+    lines = [alert_line(a) for a in shown]
+    head = f"FIRING:{len(shown)}" if status == "firing" else "RESOLVED"
+    values = template_values(payload, status.upper(), len(shown), head)
+    template = string_template(options["template"] or "$head $alerts")
+    text = None
+    for count in range(len(lines) + 1):
+        rest = len(lines) - count
+        listed = "; ".join(lines[:count]) + (f" +{rest} more" if rest else "")
+        candidate = template.safe_substitute(values, alerts=listed.strip())
+        if text is not None and encode_text(candidate).parts > options["max_parts"]:
+            break
+        text = candidate
+    return text
+
+
+def alert_line(alert):
+    """alertname, instance when there is one, and the summary (else description)."""
+    labels, annotations = alert.get("labels", {}), alert.get("annotations", {})
+    words = [labels.get("alertname", "alert"), labels.get("instance", "")]
+    summary = annotations.get("summary") or annotations.get("description") or ""
+    line = " ".join(w for w in words if w)
+    return line + (": " + " ".join(summary.split()) if summary.strip() else "")
+
+
+def template_values(payload, status, count, head):
+    """The $names an alert template may use (the README lists them)."""
+    values = {"status": status, "count": count, "head": head}
+    for key in ("receiver", "externalURL", "groupKey"):
+        if isinstance(payload.get(key), str):
+            values[key] = payload[key]
+    for group in ("groupLabels", "commonLabels", "commonAnnotations"):
+        for name, value in dict_of(payload.get(group)).items():
+            if isinstance(value, str) and name.isidentifier():
+                values[f"{group}_{name}"] = value
+    return values
+
+
+def notification_digest(payload, status, alerts, numbers):
+    """What makes two notifications the same: group, status, alerts, recipients."""
+    same = [
+        str(payload.get("groupKey")),
+        status,
+        sorted(
+            [
+                str(a.get("fingerprint") or sorted(a.get("labels", {}).items())),
+                str(a.get("startsAt")),
+            ]
+            for a in alerts
+        ),
+        sorted(numbers),
+    ]
+    return sha256(json.dumps(same).encode()).hexdigest()
 
 
 class Heartbeats:
@@ -3314,348 +4780,41 @@ class Heartbeats:
             return [(n, s.get("last"), bool(s.get("missed"))) for n, s in found]
 
 
-###############################################################################
-# The watcher #################################################################
-###############################################################################
+def beat_answer(request, heartbeats, name):
+    """Record a beat of heartbeat name, for a caller who may send to its recipients."""
+    heartbeat = request.config.heartbeats.get(name)
+    if heartbeat is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"No [heartbeat:{escape(name)}]")
+    read_recipients(request, list(heartbeat.to))  # 403 unless all are allowed
+    heartbeats.beat(name, request.now)
+    return Answer(
+        HTTPStatus.OK, {"heartbeat": name, "beat": iso_time(request.now)}, "ok\n"
+    )
 
 
-class Watcher:
-    """The one background thread that follows smsd: a thin loop feeding the parts.
+def post_heartbeat(request, *, heartbeats):
+    """A beat of one heartbeat (the body, if any, is not read)."""
+    return beat_answer(request, heartbeats, request.args["name"])
 
-    Each tick first moves the held messages that came due and checks the
-    heartbeats; then it reads the spool's changes and hands them on: the
-    report index learns what smsd filed in sent/ and attaches the reports that
-    arrive, the inbox index keeps the received files, the webhooks are told,
-    the waiting requests are woken, the sent and failed messages are counted;
-    then retention and the expiry of idempotency records get their turn. Every
-    file is read once, when it arrives, and a file that cannot be read or
-    parsed is logged and skipped. Between ticks it sleeps a second, or until
-    the next held message is due.
-    """
 
-    def __init__(self, parts, interval=1.0):
-        self.settings, self.clock = parts.settings, parts.clock
-        self.interval = interval
-        self.counts, self.changes = parts.counts, parts.changes
-        self.reports, self.inbox = parts.reports, parts.inbox
-        self.retention, self.failures = parts.retention, parts.failures
-        self.waiters, self.webhooks = parts.waiters, parts.webhooks
-        self.idempotency = parts.idempotency
-        self.schedule, self.heartbeats = parts.schedule, parts.heartbeats
-        self.wake = parts.wake  # a stop, or a message held for sooner
-        self.stopping = threading.Event()
-        self.thread = None
-
-    def start(self):
-        self.thread = threading.Thread(
-            target=self.run, name="smsapi-watcher", daemon=True
-        )
-        self.thread.start()
-        self.webhooks.start()
-
-    def stop(self):
-        """Stop watching; waiting requests are answered with what is known now."""
-        self.stopping.set()
-        self.wake.set()
-        self.waiters.stop()
-        self.webhooks.stop()
-        if self.thread:
-            self.thread.join(10)
-        if self.changes.inotify:
-            self.changes.inotify.close()
-
-    def run(self):
-        # systemd's watchdog (WatchdogSec=) hears from the watcher: if it hangs, a restart follows.
-        pid = os.environ.get("WATCHDOG_PID", str(os.getpid()))
-        watchdog = bool(os.environ.get("WATCHDOG_USEC")) and pid == str(os.getpid())
-        while not self.stopping.is_set():
-            try:
-                self.tick()
-            except Exception:  # a bug must not stop the watching
-                log.exception("watcher tick failed")
-            if watchdog:
-                sd_notify("WATCHDOG=1")
-            due = self.schedule.next_time() - self.clock.time()
-            self.clock.wait(self.wake, max(0.0, min(self.interval, due)))
-            self.wake.clear()  # the tick that follows sees what it was set for
-
-    def tick(self):
-        """One pass over what changed; every part gets its turn."""
-        now = self.clock.time()
-        self.isolated(self.schedule.run, now)
-        self.isolated(self.heartbeats.check, now)
-        changes = self.changes.read()
-        for change in changes:
-            self.isolated(self.follow, change, now)
-        for name in self.reports.next_chunk():
-            self.isolated(self.learn_sent, name)
-        self.isolated(self.reports.retry_deferred)
-        if now - self.reports.swept > 3600:
-            self.isolated(self.reports.sweep, now)
-        touched = {c.name for c in changes}  # and the messages a report came for:
-        touched.update(line[1] for line in self.reports.unsaved)
-        for line in self.reports.unsaved:
-            if line[0] == "outcome":
-                self.isolated(self.reported, line[1], Outcome(*line[2:]))
-        self.isolated(self.webhooks.save, now)  # before the report index moves on
-        self.reports.save(now)
-        rescan = any(c.event == RESCAN for c in changes)
-        self.waiters.wake(None if rescan else touched)
-        self.isolated(self.retention.run, now)
-        self.isolated(self.idempotency.expire_hourly, now)
-
-    def isolated(self, action, *args):
-        """Run one step; an error in it is logged with what it was about, and skipped."""
-        try:
-            action(*args)
-        except Exception:  # one odd file must not stop the others
-            log.exception("watcher: skipped %s", escape(args[0] if args else action))
-
-    def follow(self, change, now):
-        """Hand one change to the parts that care about its directory."""
-        kind, name = change.kind, change.name
-        if kind in FINAL and change.new and OUR_ID.fullmatch(name):
-            self.counts[kind] += 1
-        if kind == "sent":
-            if change.event == RESCAN:
-                self.reports.catch_up(now)
-            elif change.complete:
-                self.filed(kind, name)
-            elif change.event == GONE:
-                self.reports.forget(name)
-        elif kind == "failed":
-            if change.event == RESCAN:
-                self.failures.rescan()
-            elif change.complete:
-                self.failures.arrived(name)
-                self.filed(kind, name)
-            elif change.event == GONE:
-                self.failures.gone(name)
-        elif kind in ("incoming", "report"):
-            if change.event == RESCAN:
-                self.rescan_received(kind)
-            elif change.complete:
-                self.read_received(kind, name, fresh=True)
-            elif change.event == GONE and kind == "incoming":
-                self.inbox.remove(name)
-        if change.event == RESCAN and kind in ("sent", "failed", "incoming"):
-            self.arrived_meanwhile(kind)
-
-    def learn_sent(self, name):
-        if is_message_name(name):
-            message = read_message(self.settings(), "sent", name)
-            if message is not None:
-                self.reports.learn(message)
-
-    def filed(self, kind, name):
-        """smsd filed a message in sent or failed: learn it, and tell the webhooks."""
-        event_type = "sms." + kind
-        if not (OUR_ID.fullmatch(name) and self.webhooks.wanted(event_type)):
-            if kind == "sent":
-                self.learn_sent(name)
-            return
-        message = read_message(self.settings(), kind, name)
-        if message is None:
-            return
-        if kind == "sent":
-            self.reports.learn(message)
-        data = {**status_data(message, None), "from": message.owner}
-        at = smsd_time(message.headers.get(kind.capitalize())) or message.mtime
-        self.webhooks.offer(event_type, name, message.owner, data, at)
-
-    def reported(self, message_id, outcome):
-        """A report told what became of a sent message: tell the webhooks."""
-        event_type = "sms." + outcome.status
-        if not (OUR_ID.fullmatch(message_id) and self.webhooks.wanted(event_type)):
-            return
-        message = read_message(self.settings(), "sent", message_id)
-        if message is not None:
-            data = {**status_data(message, outcome), "from": message.owner}
-            self.webhooks.offer(
-                event_type, message_id, message.owner, data, self.clock.time()
-            )
-
-    def arrived_meanwhile(self, kind):
-        """After a RESCAN: the files that came while nobody looked are news to the webhooks."""
-        for name in self.webhooks.arrivals(self.settings().spool[kind]):
-            if kind in FINAL:
-                self.isolated(self.filed, kind, name)
-            else:
-                self.isolated(self.read_received, kind, name, True)
-
-    def rescan_received(self, kind):
-        """Read every received file not known yet (at start, or after a lost watch)."""
-        names = [n for n in os.listdir(self.settings().spool[kind]) if inbox_name(n)]
-        if kind == "incoming":
-            names = self.inbox.keep_only(names)
-        for name in names:
-            self.isolated(self.read_received, kind, name, False)
-
-    def read_received(self, kind, name, fresh):
-        """Index a received file and attach it if it is a genuine status report;
-        a fresh SMS (not one found again by a rescan) is news to the webhooks."""
-        if not inbox_name(name):
-            return
-        found = read_spool_file(os.path.join(self.settings().spool[kind], name))
-        if found is None:
-            return
-        headers, text = parse_message(found[0])
-        received = smsd_time(headers.get("Received")) or found[1]
-        report = None
-        if filed_as_report(kind, headers, "report" in self.settings().spool):
-            report = parse_report(name, headers, text, received)
-        if report is not None:
-            self.reports.attach(report)
-        if kind == "incoming":
-            sender = headers.get("From", "")[:64]
-            entry = InboxEntry(received, name, sender, "report" if report else "sms")
-            self.inbox.add(entry)
-            if fresh and report is None:
-                data = inbox_entry(entry, text)
-                self.webhooks.offer("sms.received", name, None, data, received)
+def get_heartbeats(request, *, heartbeats):
+    """Each heartbeat with its last beat and state."""
+    config = request.config
+    listed = [
+        {
+            "name": name,
+            "every": config.heartbeats[name].every,
+            "to": list(config.heartbeats[name].to),
+            "last_beat": iso_time(last) if last else None,
+            "state": "missed" if missed else "ok",
+        }
+        for name, last, missed in heartbeats.states()
+    ]
+    return Answer(HTTPStatus.OK, {"heartbeats": listed})
 
 
 ###############################################################################
-# Budgets #####################################################################
-###############################################################################
-
-
-class Budgets:
-    """What each user with max_per_hour or max_per_day sent lately, in SMS
-    parts times recipients, over a sliding hour and a sliding day.
-
-    A send takes its units before it writes (429 when they would pass a
-    limit), and gives them back if the write fails: a refused request uses
-    nothing. What was taken is appended to a journal in state_dir, so the
-    budget outlives a restart; the journal is rewritten when mostly stale.
-    A take costs the same however much was sent: each window keeps its sum.
-    """
-
-    WINDOWS = (("max_per_hour", 3600), ("max_per_day", 86400))
-
-    def __init__(self, state_dir, fsync, clock):
-        self.journal = Journal(os.path.join(state_dir, BUDGETS_JOURNAL), fsync)
-        self.lock = threading.Lock()
-        self.spent = {}  # user name -> {seconds: Window}
-        self.load(clock.time())
-
-    def take(self, user, units, now):
-        """Take units from user's budget, or 429 with Retry-After; a token for give_back."""
-        if all(getattr(user, key) is None for key, _ in self.WINDOWS):
-            return None
-        with self.lock:
-            windows = self.windows(user.name, now)
-            for key, seconds in self.WINDOWS:
-                limit, window = getattr(user, key), windows[seconds]
-                if limit is not None and window.total + units > limit:
-                    oldest = window.entries[0][0] if window.entries else now
-                    raise ApiError(
-                        HTTPStatus.TOO_MANY_REQUESTS,
-                        f"Budget used up: {units} more SMS would pass {limit} per"
-                        f" {'hour' if seconds == 3600 else 'day'}",
-                        [
-                            (
-                                "Retry-After",
-                                str(max(1, math.ceil(oldest + seconds - now))),
-                            )
-                        ],
-                    )
-            entry = [now, units]
-            for window in windows.values():
-                window.add(entry)
-        return user.name, entry
-
-    def give_back(self, token):
-        """The write failed: the units were not used."""
-        if token is not None:
-            with self.lock, contextlib.suppress(ValueError, KeyError):
-                for window in self.spent[token[0]].values():
-                    window.remove(token[1])
-
-    def note(self, token):
-        """The write succeeded: put what it took in the journal."""
-        if token is None:
-            return
-        name, (now, units) = token
-        with self.lock:
-            live = sum(len(w[86400].entries) for w in self.spent.values())
-            try:
-                self.journal.append([[name, now, units]], live, self.live_lines)
-            except OSError as exc:
-                log.error("cannot save %s: %s", self.journal.path, one_line(exc))
-
-    def live_lines(self):
-        return [[n, *e] for n, w in self.spent.items() for e in w[86400].entries]
-
-    def used(self, user, now):
-        """{max_per_hour: (used, limit), ...} of the limits user has."""
-        with self.lock:
-            windows = self.windows(user.name, now)
-            return {
-                key: (windows[seconds].total, getattr(user, key))
-                for key, seconds in self.WINDOWS
-                if getattr(user, key) is not None
-            }
-
-    def windows(self, name, now):
-        """name's windows, slid to now (under the lock)."""
-        windows = self.spent.get(name)
-        if windows is None:
-            windows = self.spent[name] = {s: Window(s) for _, s in self.WINDOWS}
-        for window in windows.values():
-            window.slide(now)
-        return windows
-
-    def load(self, now):
-        """Read the journal: what each user took in the day before now."""
-        cutoff, found = now - 86400, {}
-
-        def replayed(line):
-            name, when, units = line
-            if not (isinstance(name, str) and is_time(when) and is_count(units)):
-                raise ValueError("not a line of the budgets journal")
-            if when > cutoff:
-                found.setdefault(name, []).append([when, units])
-
-        self.journal.replay(replayed)
-        for name, entries in found.items():  # appends may interleave a little
-            windows = self.windows(name, now)
-            for entry in sorted(entries):
-                for window in windows.values():
-                    window.add(entry)
-
-
-class Window:
-    """What one user sent within a sliding window: entries [when, units], oldest
-    first, and their sum."""
-
-    __slots__ = ("entries", "seconds", "total")
-
-    def __init__(self, seconds):
-        self.seconds, self.entries, self.total = seconds, collections.deque(), 0
-
-    def add(self, entry):
-        self.entries.append(entry)
-        self.total += entry[1]
-
-    def remove(self, entry):
-        """Take an entry out again; ValueError if it is not in the window."""
-        self.entries.remove(entry)
-        self.total -= entry[1]
-
-    def slide(self, now):
-        """Forget what is older than the window before now."""
-        while self.entries and self.entries[0][0] <= now - self.seconds:
-            self.total -= self.entries.popleft()[1]
-
-
-def is_count(value):
-    """True for a JSON whole number of at least 1 (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-###############################################################################
-# Health ##################################################################
+# Health and metrics ##########################################################
 ###############################################################################
 
 
@@ -3920,11 +5079,6 @@ def modem_check(fields):
     }
 
 
-###############################################################################
-# Metrics #####################################################################
-###############################################################################
-
-
 class Histogram:
     """Request durations of one route: how many fell in each bucket (the last
     one past every bound), and their sum."""
@@ -4127,1368 +5281,6 @@ def label_value(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-###############################################################################
-# HTTP helpers ################################################################
-###############################################################################
-
-
-@functools.lru_cache(maxsize=64)
-def environ_key(header):
-    """The WSGI environ key of an HTTP header: Content-Type, X-Forwarded-For..."""
-    key = header.upper().replace("-", "_")
-    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
-
-
-def too_large(limit):
-    return ApiError(
-        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"Body is larger than {limit} bytes"
-    )
-
-
-class Request:
-    """One request: the parts of its WSGI environ a handler needs, the config
-    it is served under, and what the application learns while answering it."""
-
-    def __init__(self, environ, config, now):
-        self.environ = environ
-        self.config = (
-            config  # as it was when the request came: a reload makes a new one
-        )
-        self.now = now  # when it came: the one time its answer is made of
-        self.method = environ["REQUEST_METHOD"].upper()
-        self.path = environ.get("PATH_INFO", "") or "/"
-        self.args = {}  # the route's placeholders, filled by the router
-        self.route = "other"  # the route's template, for the metrics
-        self.user = None  # filled by authenticate()
-        self.written = []  # ids of the message files it wrote
-        self.log_detail = ""  # what its log line says after the ids: numbers, parts
-        self.replayed = False  # answered from an Idempotency-Key record
-
-    @functools.cached_property
-    def query(self):
-        """The query string as {name: [values]}; 400 unless it is UTF-8."""
-        # PEP 3333 hands bytes over as latin-1; anything else becomes "?".
-        query = self.environ.get("QUERY_STRING", "")
-        return parse_form(query.encode("latin-1", "replace")) if query else {}
-
-    def header(self, name):
-        """A request header by its HTTP name, or ''."""
-        return self.environ.get(environ_key(name), "")
-
-    def body(self):
-        """The request body, refused with 413 past the limit without reading it all."""
-        limit = self.config.max_body
-        length = self.header("Content-Length").strip()
-        if length:
-            if not is_number(length):
-                raise ApiError(HTTPStatus.BAD_REQUEST, "Bad Content-Length")
-            if int(length) > limit:
-                raise too_large(limit)
-            size = int(length)
-        elif self.environ.get("wsgi.input_terminated"):
-            size = limit + 1  # no length given, but the server ends the stream
-        else:
-            return b""
-        try:
-            data = self.environ["wsgi.input"].read(size)
-        except TimeoutError:  # the wsgiref fallback's request_timeout, mid-body
-            raise ApiError(
-                HTTPStatus.REQUEST_TIMEOUT, "Request body too slow"
-            ) from None
-        if len(data) > limit:
-            raise too_large(limit)
-        return data
-
-    def param(self, name, default=None):
-        """The last value of a query parameter, or default."""
-        values = self.query.get(name)
-        return values[-1] if values else default
-
-
-def wants_plain_text(request):
-    """True when the client asks for text/plain rather than JSON (curl in a shell script)."""
-    accept = request.header("Accept").lower()
-    return "text/plain" in accept and "json" not in accept
-
-
-def read_fields(request):
-    """The send request's fields from JSON, a form, or the query string."""
-    if request.method in ("GET", "HEAD"):
-        fields = {k: v for k, v in request.query.items() if k not in CONTROL_PARAMS}
-        return form_fields(fields)
-    media_type = request.header("Content-Type").split(";")[0].strip().lower()
-    body = request.body()
-    # curl -d sends a form's Content-Type: a body that is a JSON object is one
-    if (
-        media_type in JSON_TYPES
-        or media_type.endswith("+json")
-        or body.lstrip()[:1] == b"{"
-    ):
-        return json_fields(body)
-    if media_type == "application/x-www-form-urlencoded":
-        return form_fields(parse_form(body))
-    raise ApiError(
-        HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-        "Content-Type must be application/json (curl -H 'Content-Type: application/json')"
-        " or application/x-www-form-urlencoded",
-    )
-
-
-def parse_form(data):
-    """Decode urlencoded bytes strictly as UTF-8 into {name: [values]}."""
-    try:
-        return urllib.parse.parse_qs(
-            data.decode("utf-8"), keep_blank_values=True, errors="strict"
-        )
-    except (UnicodeDecodeError, ValueError):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "Form data is not valid UTF-8") from None
-
-
-def json_fields(body):
-    """Decode a JSON object body."""
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "Body is not valid JSON") from None
-    try:  # in a key as well as in a value; only a \u escape can make one
-        if b"\\u" in body:
-            json.dumps(data, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST, "Body holds a lone surrogate (\\ud800): not Unicode"
-        ) from None
-    if not isinstance(data, dict):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "Body must be a JSON object")
-    return data
-
-
-def form_fields(query):
-    """Fields from parsed form data; mobiles may be comma-separated or repeated."""
-    fields = {key: values[-1] for key, values in query.items()}
-    if "mobiles" in query:
-        # An unescaped + in a query string arrives as a space: read it as +.
-        fields["mobiles"] = [
-            LEADING_SPACE.sub("+", m)
-            for value in query["mobiles"]
-            for m in value.split(",")
-        ]
-    for name in ("flash", "report"):
-        if name in fields:
-            fields[name] = form_bool(name, fields[name])
-    for name in ("retries", "class"):
-        if name in fields and is_number(fields[name].strip()):
-            fields[name] = int(fields[name])
-    return fields
-
-
-def form_bool(name, value):
-    try:
-        return as_bool(value)
-    except ValueError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be yes or no") from None
-
-
-class Answer(collections.namedtuple("Answer", "status data text", defaults=(None,))):
-    """What a handler answers: the status, the data (JSON, or Raw), and the
-    plain-text form for Accept: text/plain (None: it has none, JSON goes out)."""
-
-    __slots__ = ()
-
-
-class Raw(collections.namedtuple("Raw", "body content_type")):
-    """Data of an answer that is not JSON: the body and its Content-Type."""
-
-    __slots__ = ()
-
-
-###############################################################################
-# Authentication ##############################################################
-###############################################################################
-
-
-class Authenticator:
-    """Checks Basic credentials against the config, with a cache of successes.
-
-    The cache keeps a keyed BLAKE2b hash of the password, under a key that
-    lives only in this process, so a hot credential costs one fast hash, not
-    one scrypt, and memory never holds the password itself.
-    """
-
-    def __init__(self):
-        self.key = os.urandom(32)
-        self.verified = {}  # (user, stored hash) -> keyed hash of the password
-        self.dummies = {}  # (ln, r, p) -> a hash that matches no password
-        self.hashes_checked = 0  # scrypt runs: the same for every kind of failure
-
-    def check(self, users, name, password):
-        """The User of users for these credentials, or None; same cost for unknown users."""
-        user = users.get(name)
-        if user is not None and not user.password:  # a unix_users-only user
-            user = None
-        stored = user.password if user else self.dummy(users)
-        tag = blake2b(
-            password.encode("utf-8", "replace"), key=self.key, digest_size=32
-        ).digest()
-        cached = self.verified.get((name, stored)) if user else None
-        import hmac  # loaded with OpenSSL by the first check (scrypt's), like hashlib
-
-        if cached is not None and hmac.compare_digest(cached, tag):
-            return user
-        # Every failure costs one scrypt, so timing tells nothing about names.
-        self.hashes_checked += 1
-        ln, r, p, salt, digest = parse_password_hash(stored)
-        good = hmac.compare_digest(scrypt(password, salt, ln, r, p), digest)
-        if good and user is not None:
-            self.verified[(name, stored)] = tag
-            return user
-        return None
-
-    def dummy(self, users):
-        """What an unknown user's password is checked against: it matches nothing,
-        and costs what the users' own hashes cost (the first one's parameters)."""
-        model = next((u.password for u in users.values() if u.password), None)
-        cost = (SCRYPT_LN, SCRYPT_R, SCRYPT_P)
-        if model:
-            cost = parse_password_hash(model)[:3]
-        if cost not in self.dummies:
-            salt, digest = os.urandom(16), os.urandom(32)
-            self.dummies[cost] = password_hash(*cost, salt, digest)
-        return self.dummies[cost]
-
-
-class Failures:
-    """Failed logins for one key: how many, since when, blocked until when (monotonic)."""
-
-    __slots__ = ("count", "since", "until")
-
-    def __init__(self, now):
-        self.count, self.since, self.until = 0, now, 0.0
-
-
-class Throttle:
-    """Slows password guessing down, per client address and per user name.
-
-    Ten failures within a minute from one address block that address. Ten
-    for one user block that user from the addresses that failed for it, so
-    the real user elsewhere keeps working. Thirty for one user from all
-    addresses together (many addresses guessing one password) block that user
-    everywhere but from the addresses it logged in from before. Every attempt
-    while blocked counts too and doubles the delay, up to 15 minutes; it
-    costs no scrypt. Memory is bounded: names are kept as short digests, and
-    past MAX_ENTRIES the least recently failing keys are forgotten.
-    """
-
-    MAX_ENTRIES = 10_000
-    USER_BUDGET = 30  # failures a minute for one user from all addresses together
-    TRUSTED = 8  # addresses remembered per user that logged in
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.lock = threading.Lock()
-        self.counters = collections.OrderedDict()  # key -> Failures, oldest first
-        self.trusted = {}  # user digest -> [addresses it logged in from]
-        self.quiet = True  # no failure yet: nothing to look up
-
-    def retry_after(self, address, user):
-        """Whole seconds the caller must wait before trying again, or 0."""
-        if self.quiet:
-            return 0
-        now, user = self.clock.monotonic(), name_digest(user)
-        with self.lock:
-            keys = [("address", address)]
-            if self.live(("pair", user, address), now) or self.over_budget(
-                user, address, now
-            ):
-                keys.append(("user", user))
-            blocked = [
-                k for k in keys if k in self.counters and self.counters[k].until > now
-            ]
-            if not blocked:
-                return 0
-            for key in blocked:  # hammering while blocked makes it longer
-                self.count(key, now)
-            wait = max(self.counters[k].until - now for k in blocked)
-            return max(1, math.ceil(round(wait, 3)))  # now + 900 - now may be 900.0001
-
-    def over_budget(self, user, address, now):
-        """True when user failed too often from everywhere, and address is not its own."""
-        entry = self.counters.get(("user", user))
-        return (
-            entry is not None
-            and entry.count >= self.USER_BUDGET
-            and self.live(("user", user), now)
-            and address not in self.trusted.get(user, ())
-        )
-
-    def failed(self, address, user):
-        """Count one failed attempt by address for user."""
-        now, user = self.clock.monotonic(), name_digest(user)
-        with self.lock:
-            self.quiet = False
-            for key in (("address", address), ("user", user), ("pair", user, address)):
-                self.count(key, now)
-            if len(self.counters) > self.MAX_ENTRIES:
-                self.prune(now)
-
-    def succeeded(self, address, user):
-        """Remember an address that logged in as user (the real user's own)."""
-        user = name_digest(user)
-        if address in self.trusted.get(user, ()):
-            return  # known already: the usual case, and no lock for it
-        with self.lock:
-            known = self.trusted.setdefault(user, [])
-            if address not in known:
-                known[:] = [*known, address][-self.TRUSTED :]
-
-    def live(self, key, now):
-        entry = self.counters.get(key)
-        return entry is not None and (
-            now - entry.since < FAILURE_WINDOW or entry.until > now
-        )
-
-    def count(self, key, now):
-        entry = self.counters.get(key)
-        if entry is None or not self.live(key, now):
-            entry = self.counters[key] = Failures(now)
-        self.counters.move_to_end(key)
-        entry.count += 1
-        if entry.count >= FAILURE_LIMIT:
-            entry.until = now + lockout(entry.count - FAILURE_LIMIT)
-
-    def prune(self, now):
-        """Forget what expired; if that is not enough, the least recently failing."""
-        for key in [k for k in self.counters if not self.live(k, now)]:
-            del self.counters[key]
-        while len(self.counters) > self.MAX_ENTRIES * 3 // 4:
-            self.counters.popitem(last=False)
-
-
-def lockout(excess):
-    """Seconds blocked after excess failures past the limit: 1, 2, 4, ... up to
-    MAX_LOCKOUT; the power is capped before it is taken, since a patient guesser
-    drives excess past what a float can hold."""
-    return min(2.0 ** min(excess, 30), MAX_LOCKOUT)  # 2^30 s: past any lockout
-
-
-def name_digest(name):
-    """A short digest of a client-supplied user name: what the throttle keeps of it."""
-    return blake2b(name.encode(errors="replace"), digest_size=8).digest()
-
-
-def client_address(request):
-    """The caller's address: its uid on the unix socket; behind a trusted proxy,
-    the address the proxy appended to X-Forwarded-For (if it is one)."""
-    if PEER_UID in request.environ:
-        return f"uid:{request.environ[PEER_UID]}"
-    address = request.environ.get("REMOTE_ADDR", "")
-    if address in request.config.trusted_proxies:
-        forwarded = request.header("X-Forwarded-For").split(",")[-1].strip()
-        with contextlib.suppress(ValueError):
-            address = str(ipaddress.ip_address(forwarded[:64]))
-    return address
-
-
-def is_local(request):
-    """True on the unix socket and from loopback (behind a trusted proxy: the client's)."""
-    if PEER_UID in request.environ:
-        return True
-    try:
-        return ipaddress.ip_address(client_address(request)).is_loopback
-    except ValueError:
-        return False
-
-
-def authenticate(request, authenticator, throttle):
-    """Set request.user from the Authorization header, or raise 401 (429 when throttled)."""
-    scheme, _, credentials = request.header("Authorization").strip().partition(" ")
-    name, password = "", None
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(credentials.strip(), validate=True).decode(
-                "utf-8"
-            )
-        except (binascii.Error, ValueError):
-            decoded = ""
-        name, colon, password = decoded.partition(":")
-        if not colon:  # no "name:password": never log what might be a password
-            name, password = "(malformed credentials)", None
-    if not scheme:  # a local account the kernel vouches for: no password to guess
-        request.user = unix_peer_user(request)
-        if request.user is not None:
-            return
-    address = client_address(request)
-    wait = throttle.retry_after(address, name)
-    if wait:
-        log.warning("throttled: %s for user %s", escape(address), logged_name(name))
-        raise ApiError(
-            HTTPStatus.TOO_MANY_REQUESTS,
-            "Too many failed logins; retry later",
-            [("Retry-After", str(wait))],
-        )
-    users = request.config.users
-    request.user = (
-        None if password is None else authenticator.check(users, name, password)
-    )
-    if request.user is not None:
-        throttle.succeeded(address, name)
-        return
-    if scheme:  # no header at all is a client asking for the challenge
-        throttle.failed(address, name)
-        log.warning(
-            "authentication failed for user %s from %s",
-            logged_name(name),
-            escape(address),
-        )
-    raise unauthorized()
-
-
-def logged_name(name):
-    """A client-supplied user name for a log line: escaped, and cut short."""
-    return escape(name[:64]) + ("..." if len(name) > 64 else "")
-
-
-def unix_peer_user(request):
-    """The API user a caller on the unix socket is, by its local account, or None."""
-    uid = request.environ.get(PEER_UID)
-    try:
-        name = pwd.getpwuid(uid).pw_name if uid is not None else None
-    except KeyError:  # an account without a name
-        return None
-    return request.config.unix_users.get(name)
-
-
-def unauthorized():
-    return ApiError(
-        HTTPStatus.UNAUTHORIZED,
-        "Unauthorized access",
-        [("WWW-Authenticate", 'Basic realm="smsapi", charset="UTF-8"')],
-    )
-
-
-###############################################################################
-# Handlers ####################################################################
-###############################################################################
-
-# A handler takes the request and, as keyword-only arguments, the parts of the
-# application it uses (the Application hands them over by name); it returns an
-# Answer.
-
-
-class SendPlan(
-    collections.namedtuple(
-        "SendPlan", "recipients numbers text encoding options report timing"
-    )
-):
-    """A validated send request: everything needed to write its files.
-
-    recipients maps each mobile as given to its normalised number; numbers
-    are those, each once; options are the smsd headers [(header, value)];
-    report is whether it asks for one; timing, when it may go.
-    """
-
-    __slots__ = ()
-
-    @property
-    def fingerprint(self):
-        """What an Idempotency-Key is bound to: everything that shapes the files
-        (and the times as given: "+2hour" is the same request a minute later)."""
-        canonical = [self.recipients, self.text, self.options]
-        if any(self.timing.given):
-            canonical.append(self.timing.given)
-        return sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-
-
-class Timing(collections.namedtuple("Timing", "send_at valid_until held given")):
-    """When a send may go: send_at (None: now), valid_until (None: any time),
-    held ("quiet_hours", or None), and the send_at and valid_until as given."""
-
-    __slots__ = ()
-
-    def answer(self):
-        """What the answer to a send says of it: nothing, unless it is held."""
-        if self.send_at is None:
-            return {}
-        held = {"held": self.held} if self.held else {}
-        return {"status": "scheduled", "send_at": iso_time(self.send_at), **held}
-
-
-def send_message(request, *, sender):
-    """Validate a send completely; then dry-run it, or queue it (once per key) and maybe wait."""
-    plan = plan_send(request)
-    if query_bool(request, "dry_run"):
-        return Answer(HTTPStatus.OK, describe_plan(plan))
-    wait = read_wait(request, plan)
-    if plan.timing.send_at is not None:
-        wait = None  # held: the answer says until when, at once
-    key = request.header("Idempotency-Key")
-    if key and not IDEMPOTENCY_KEY.fullmatch(key):
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            "Idempotency-Key must be 1-255 printable ASCII characters",
-        )
-    with sender.wait_slot() if wait else contextlib.nullcontext():
-        if key:
-            path = sender.idempotency.path(request.user.name, key)
-            return sender.send_once(request, plan, path, wait)
-        ids = {n: new_message_id(request.user.name, request.now) for n in plan.numbers}
-        return sender.send(request, plan, ids, wait, retry=False)
-
-
-def anchored(regex, prefix=""):
-    """A JSON Schema pattern for what regex matches whole (after an optional prefix)."""
-    return f"^{prefix}(?:{regex.pattern})$"
-
-
-#: The fields of a send, as JSON Schema: plan_send refuses any other, and the
-#: OpenAPI document shows these (with the queue names of the config).
-SEND_FIELDS = {
-    "mobiles": {
-        "type": "array",
-        "minItems": 1,
-        "items": {
-            "type": "string",
-            "pattern": anchored(RECIPIENT),
-            "example": "+79680000000",
-        },
-    },
-    "text": {"type": "string", "minLength": 1, "example": "Hi, Jack!"},
-    "queue": {"type": "string"},
-    "flash": {"type": "boolean"},
-    "report": {"type": "boolean"},
-    "priority": {"type": "string", "enum": list(PRIORITIES)},
-    **{
-        name: {
-            "type": "string",
-            "description": "an ISO 8601 time with its offset, or a delay: +N and"
-            " s, min, hour, day or week",
-            "example": "+2hour",
-        }
-        for name in ("send_at", "valid_until")
-    },
-    "validity": {
-        "oneOf": [
-            {"type": "string", "pattern": anchored(VALIDITY), "example": "2hour"},
-            {"type": "integer", "minimum": 0, "maximum": 255},
-        ]
-    },
-    **{
-        name: {"type": "integer", "minimum": low, "maximum": high}
-        for name, (low, high) in NUMBER_FIELDS.items()
-    },
-}
-
-
-def plan_send(request):
-    """Read and validate every field of a send request, or raise 4xx."""
-    return plan_fields(request, read_fields(request))
-
-
-def plan_fields(request, fields):
-    """Validate every field of a send (a request's, or an alert's), or raise 4xx."""
-    unknown = sorted(set(fields) - set(SEND_FIELDS))
-    if unknown:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            "Unknown field(s): " + ", ".join(map(escape, unknown)),
-        )
-    recipients = read_recipients(request, fields.get("mobiles"))
-    text = read_text(fields.get("text"))
-    encoding = encode_text(text)
-    if encoding.parts > request.config.max_parts:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            f"Text needs {encoding.parts} parts; the limit is {request.config.max_parts}",
-        )
-    user, config = request.user, request.config
-    report = fields.get("report")
-    if report is None:
-        report = user.report if user.report is not None else config.report
-        fields = dict(fields, report=report)
-    options = message_options(config, fields)
-    numbers = list(dict.fromkeys(recipients.values()))
-    timing = read_timing(request, fields, ("Priority", "High") in options)
-    return SendPlan(recipients, numbers, text, encoding, options, bool(report), timing)
-
-
-def read_timing(request, fields, urgent):
-    """The Timing of a send: its send_at and valid_until, else the end of the
-    sender's quiet hours when they cover now (not for priority high)."""
-    now = request.now
-    given = (fields.get("send_at"), fields.get("valid_until"))
-    send_at, valid_until = (
-        read_moment(request, name, value, now)
-        for name, value in zip(("send_at", "valid_until"), given)
-    )
-    held = None
-    if send_at is None and not urgent:
-        user = request.user
-        send_at = quiet_end(user.quiet_hours, user.quiet_days, now)
-        held = "quiet_hours" if send_at else None
-    return Timing(send_at, valid_until, held, given)
-
-
-def read_moment(request, name, value, now):
-    """The moment a send_at or valid_until names, in whole seconds: a delay
-    (+90s, +2hour; rounded up) or an ISO 8601 time with its offset; None if
-    not given. 400 unless it is ahead, and at most max_schedule ahead."""
-    if value is None:
-        return None
-    text = LEADING_SPACE.sub("+", value).strip() if isinstance(value, str) else ""
-    delay = DELAY.fullmatch(text)
-    try:
-        if delay:
-            moment = now + int(delay.group(1)) * DELAY_UNITS[delay.group(2)]
-        else:
-            text = FORM_OFFSET.sub("+", re.sub("[Zz]$", "+00:00", text))
-            moment = datetime.datetime.fromisoformat(text)
-            moment = math.inf if moment.tzinfo is None else moment.timestamp()
-    except (ValueError, OverflowError, OSError):
-        moment = math.inf
-    if moment == math.inf:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            f"{name} must be an ISO 8601 time with its offset"
-            " (2026-12-01T06:00:00+02:00, ...Z) or a delay like +90s or +2hour",
-        )
-    if not now < moment <= now + request.config.max_schedule:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            f"{name} must be ahead, and at most max_schedule"
-            f" ({request.config.max_schedule} s) ahead",
-        )
-    return float(math.ceil(moment))
-
-
-def quiet_end(hours, days, now):
-    """When the quiet hours (minutes of the day, (start, end)) and quiet days
-    (weekday numbers) that cover the moment now end, in local time; None when
-    they do not cover it. Each step goes to the end of a quiet day or window."""
-    moment = start = datetime.datetime.fromtimestamp(now)
-    for _ in range(32):  # six quiet days, a window each, and the rest
-        minute = moment.hour * 60 + moment.minute
-        if moment.weekday() in days:
-            moment = datetime.datetime.combine(
-                moment.date() + datetime.timedelta(days=1), datetime.time()
-            )
-        elif hours and within(hours, minute):
-            end = moment.replace(
-                hour=hours[1] // 60, minute=hours[1] % 60, second=0, microsecond=0
-            )
-            moment = end if end > moment else end + datetime.timedelta(days=1)
-        else:
-            break
-    return None if moment == start else moment.timestamp()
-
-
-def within(hours, minute):
-    """True when a minute of the day falls in the window (start, end), which may span midnight."""
-    start, end = hours
-    return start <= minute < end if start < end else minute >= start or minute < end
-
-
-def describe_plan(plan):
-    """What a send would do, for ?dry_run=1."""
-    non_gsm = non_gsm_chars(plan.text)
-    answer = {
-        "dry_run": True,
-        "recipients": plan.recipients,
-        "encoding": plan.encoding.alphabet,
-        "parts_count": plan.encoding.parts,
-        "units": plan.encoding.units,
-        "non_gsm_characters": non_gsm,
-        "headers": dict(plan.options),
-        "sent_text": plan.text,
-        **plan.timing.answer(),
-    }
-    answer.pop("status", None)
-    if plan.encoding.alphabet == "UCS2" and not non_gsm:
-        answer["ucs2_reason"] = (
-            "a two-septet character would straddle a part boundary, or the text has ¤"
-        )
-    return answer
-
-
-def read_wait(request, plan):
-    """(seconds, "sent" or "delivered") from ?wait=N&wait_for=..., or None."""
-    seconds = query_int(request, "wait", 0, 0, request.config.max_wait)
-    target = request.param("wait_for", WAIT_TARGETS[0])
-    if target not in WAIT_TARGETS:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "wait_for must be sent or delivered")
-    if target == "delivered" and not plan.report:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST, 'wait_for=delivered needs "report": true'
-        )
-    return (seconds, target) if seconds else None
-
-
-class Sender:
-    """What a valid send does: write its files (once per Idempotency-Key), count
-    them, and, if asked, wait until smsd sent them (or the phones got them)."""
-
-    def __init__(
-        self,
-        outgoing,
-        schedule,
-        budgets,
-        idempotency,
-        waiters,
-        wait_slots,
-        reports,
-        metrics,
-    ):
-        self.outgoing = outgoing  # the spool writer
-        self.schedule = schedule  # holds the messages that go later
-        self.budgets = budgets
-        self.idempotency = idempotency
-        self.waiters = waiters  # the watcher's: woken when smsd moves a file
-        self.wait_slots = wait_slots  # max_waiters of them
-        self.reports = reports
-        self.metrics = metrics
-
-    @contextlib.contextmanager
-    def wait_slot(self):
-        """Hold one of max_waiters slots while waiting; 503 at once when none is free."""
-        if not self.wait_slots.acquire(blocking=False):
-            raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "Too many requests are waiting; try again or send without wait",
-                [("Retry-After", "5")],
-            )
-        try:
-            yield
-        finally:
-            self.wait_slots.release()
-
-    def send_once(self, request, plan, path, wait, fingerprint=None, since=0.0):
-        """Send once per record at path (an Idempotency-Key's, or a notification's):
-        the first request does the work, repeats get its answer. A record made
-        before since is no more; fingerprint is what the record is bound to."""
-        store = self.idempotency
-        fingerprint = fingerprint or plan.fingerprint
-        # Blocked behind another request with this key, a request waits like ?wait does.
-        blocked = contextlib.nullcontext if wait else self.wait_slot
-        with store.held(path, blocked):
-            record = store.load(path, fingerprint, plan.numbers)
-            if record and record["created"] < since:
-                record = None
-            if record and "response" in record:
-                request.replayed = True
-                data = record["response"]
-                return Answer(HTTPStatus(record["status"]), data, ids_text(data))
-            new = record is None
-            if new:
-                ids = {
-                    n: new_message_id(request.user.name, request.now)
-                    for n in plan.numbers
-                }
-                record = {
-                    "created": request.now,
-                    "fingerprint": fingerprint,
-                    "ids": ids,
-                }
-                store.save(path, record)  # before the files: a retry reuses these ids
-            try:
-                answer = self.send(request, plan, record["ids"], wait, retry=True)
-            except ApiError:
-                if new:  # nothing was written: neither is the record
-                    remove_quietly(path)
-                raise
-            # If this write fails, the files are queued all the same; a retry finds them.
-            with contextlib.suppress(ApiError):
-                store.save(
-                    path, dict(record, status=answer.status.value, response=answer.data)
-                )
-            return answer
-
-    def send(self, request, plan, ids, wait, retry):
-        """Queue the files; answer 201 at once, or once smsd is done with them if asked."""
-        data = self.queue(request, plan, ids, retry)
-        if wait:
-            return self.wait_for(request, data, wait)
-        return Answer(HTTPStatus.CREATED, data, ids_text(data))
-
-    def queue(self, request, plan, ids, retry):
-        """Write one file per number (on a retry, only those not queued yet); the answer's data."""
-        config, timing = request.config, plan.timing
-        options = plan.options
-        if timing.send_at is not None:
-            options = options + held_headers(*timing[:3])
-        files = {
-            ids[number]: render_message(
-                request.user.name, number, plan.encoding, options
-            )
-            for number in plan.numbers
-            if not retry or find_message(config, ids[number]) is None
-        }
-        units = plan.encoding.parts * len(files)
-        token = self.budgets.take(request.user, units, request.now) if files else None
-        try:
-            if timing.send_at is None:
-                self.outgoing.write(files)
-            else:
-                self.schedule.hold(files, timing.send_at, timing.valid_until)
-        except ApiError:
-            self.budgets.give_back(token)
-            raise
-        self.budgets.note(token)
-        self.metrics.count_accepted(len(files))
-        request.written = list(files)
-        to = ",".join(n for n in plan.numbers if ids[n] in files)
-        request.log_detail = f" to={to} parts={plan.encoding.parts}" if files else ""
-        if files and config.log_text:
-            request.log_detail += f' text="{escape(plan.text)}"'
-        return {
-            "message_id": {g: ids[number] for g, number in plan.recipients.items()},
-            "parts_count": plan.encoding.parts,
-            "sent_text": plan.text,
-            "encoding": plan.encoding.alphabet,
-            **timing.answer(),
-        }
-
-    def wait_for(self, request, data, wait):
-        """Wait until every message is sent (or delivered): 201, 502 if any failed, 504 on time-out."""
-        seconds, target = wait
-        ids = list(dict.fromkeys(data["message_id"].values()))
-
-        def done(states):
-            if target == "delivered":
-                return all(
-                    kind == "failed" or outcome for kind, outcome in states.values()
-                )
-            return all(
-                kind not in ("outgoing", "checked") for kind, _ in states.values()
-            )
-
-        def look():
-            return {i: self.where_and_outcome(request.config, i) for i in ids}
-
-        states = self.waiters.wait(ids, look, done, seconds)
-        data["messages"] = {i: self.status_or_gone(request, i) for i in ids}
-        bad = {
-            i: s.get("reason") or s["status"]
-            for i, s in data["messages"].items()
-            if s["status"] in ("failed", "undelivered", "gone")
-        }
-        status = HTTPStatus.CREATED
-        if not done(states):
-            data["error"] = (
-                f"Timed out after {seconds} s waiting for {target}; the messages stay queued"
-            )
-            status = HTTPStatus.GATEWAY_TIMEOUT
-        elif bad:
-            reasons = "; ".join(f"{i}: {reason}" for i, reason in bad.items())
-            data["error"] = "Not all messages went through: " + reasons
-            status = HTTPStatus.BAD_GATEWAY
-        return Answer(status, data, ids_text(data))
-
-    def where_and_outcome(self, config, message_id):
-        """(the spool kind message_id is in, or None; its report's Outcome, or None)."""
-        message = find_message(config, message_id)
-        outcome = self.reports.outcome(message_id)
-        return message.kind if message else None, outcome
-
-    def status_or_gone(self, request, message_id):
-        """message_status, or "gone" for a message deleted while we waited."""
-        try:
-            return message_status(request, self.reports, message_id)
-        except ApiError:
-            return {"message_id": message_id, "status": "gone"}
-
-
-def ids_text(data):
-    """The plain-text form of a send's answer: each message id on a line of its own."""
-    ids = data.get("message_id")
-    if not isinstance(ids, dict):
-        return None
-    return "".join(f"{i}\n" for i in dict.fromkeys(ids.values()))
-
-
-def read_recipients(request, mobiles):
-    """{mobile as given: normalised number}, or 400/403 naming every bad one."""
-    if isinstance(mobiles, str):
-        mobiles = [mobiles]
-    if (
-        not isinstance(mobiles, list)
-        or not mobiles
-        or not all(isinstance(m, str) for m in mobiles)
-    ):
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST, "mobiles must be a non-empty list of phone numbers"
-        )
-    mobiles = expand_groups(request.config.groups, mobiles)
-    if len(mobiles) > request.config.max_recipients:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            f"Too many recipients: {len(mobiles)}, the limit is {request.config.max_recipients}",
-        )
-    recipients, malformed, forbidden = {}, [], []
-    for given in mobiles:
-        number = normalise_mobile(given)
-        if number is None:
-            malformed.append(given)
-        elif not request.user.may_send_to(number):
-            forbidden.append(given)
-        else:
-            recipients[given] = number
-    if malformed:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            "Malformed phone number(s), expected international format: "
-            + quoted(malformed),
-        )
-    if forbidden:
-        raise ApiError(
-            HTTPStatus.FORBIDDEN, "Not allowed to send to: " + quoted(forbidden)
-        )
-    return recipients
-
-
-def normalise_mobile(given):
-    """Digits of an international number ('+7 916-000', '79160...'), or None."""
-    number = MOBILE_SEPARATORS.sub("", given)
-    number = number.removeprefix("+")
-    return number if MOBILE.fullmatch(number) else None
-
-
-def quoted(values):
-    return ", ".join(json.dumps(escape(v)) for v in values)
-
-
-def read_text(text):
-    """The message text: a non-empty string of valid Unicode without NUL."""
-    if not isinstance(text, str) or not text:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "text must be a non-empty string")
-    if "\0" in text:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "text must not contain NUL characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "text is not valid Unicode") from None
-    return text
-
-
-def message_options(config, fields):
-    """smsd headers for the optional fields, each validated: [(header, value)]."""
-    options = []
-    if fields.get("queue") is not None:
-        if fields["queue"] not in config.queues:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST,
-                "Unknown queue; known: " + " ".join(config.queues),
-            )
-        options.append(("Queue", fields["queue"]))
-    for name, header in (("flash", "Flash"), ("report", "Report")):
-        if fields.get(name) is not None:
-            options.append((header, "yes" if expect(fields, name, bool) else "no"))
-    priority = fields.get("priority")
-    if priority is not None:
-        if priority not in PRIORITIES:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "priority must be high or normal")
-        if priority == "high":
-            options.append(("Priority", "High"))
-    if fields.get("validity") is not None:
-        options.append(("Validity", read_validity(fields["validity"])))
-    for name, (low, high) in NUMBER_FIELDS.items():
-        if fields.get(name) is not None:
-            options.append((name.title(), str(expect(fields, name, int, low, high))))
-    return options
-
-
-def expect(fields, name, kind, low=None, high=None):
-    """fields[name] if it is of kind (and within low..high), else 400."""
-    value = fields[name]
-    if type(value) is not kind or low is not None and not low <= value <= high:
-        what = (
-            "yes/no (a boolean)"
-            if kind is bool
-            else f"a whole number from {low} to {high}"
-        )
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be {what}")
-    return value
-
-
-def read_validity(value):
-    """smsd's Validity, from a string or a JSON number: 30min, 2hour, 1day or 0-255."""
-    text = (
-        str(value).strip()
-        if isinstance(value, (str, int)) and not isinstance(value, bool)
-        else ""
-    )
-    if not VALIDITY.fullmatch(text):
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST, "validity must be like 30min, 2hour, 1day or 0-255"
-        )
-    return "".join(text.split())
-
-
-def visible(request, message):
-    """True when the caller may see message: its own, or any for admins."""
-    user = request.user
-    if message.kind == "incoming":
-        return user.admin or user.inbox
-    return user.admin or message.owner == user.name
-
-
-def get_message(request):
-    """Every header of one message file, plus its id and decoded text."""
-    kind, message_id = request.args["kind"], request.args["message_id"]
-    message = read_message(request.config, kind, message_id)
-    if message is None or not visible(request, message):
-        raise not_found()
-    fields = {**message.headers, "message_id": message_id, "text": message.text}
-    return Answer(HTTPStatus.OK, fields)
-
-
-def get_status(request, *, reports):
-    """Where a message is in smsd's lifecycle, found by name, never by a scan."""
-    data = message_status(request, reports, request.args["message_id"])
-    return Answer(HTTPStatus.OK, data, data["status"] + "\n")
-
-
-def message_status(request, reports, message_id):
-    """The status answer of one message; 404 if missing or not visible."""
-    message = find_message(request.config, message_id)
-    if message is None or not visible(request, message):
-        raise not_found()
-    return status_data(message, reports.outcome(message_id))
-
-
-def list_messages(request, *, inbox):
-    """Ids in one spool the caller may see, newest first, a page at a time."""
-    kind = request.args["kind"]
-    if kind == "incoming":
-        return list_inbox(request, inbox)
-    page = read_page(request)
-    if request.user.admin:
-        total, shown = list_page(request.config, kind, page)
-    else:  # the tag narrows it down; the page's files confirm the owner
-        total, shown = list_page(request.config, kind, page, request.user.name)
-        shown = [n for n in shown if visible_name(request, kind, n)]
-    return listing(shown, total, page)
-
-
-def read_page(request):
-    """The Page the query asks for (?limit=, ?offset=), bounded."""
-    return Page(
-        limit=query_int(request, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE),
-        offset=query_int(request, "offset", 0, 0, MAX_OFFSET),
-    )
-
-
-def listing(ids, total, page, **extra):
-    """A page of a listing; its plain-text form is the ids, one a line."""
-    data = {"message_id": ids, **extra, "total_count": total, **page._asdict()}
-    return Answer(HTTPStatus.OK, data, "".join(i + "\n" for i in ids))
-
-
-def list_inbox(request, inbox):
-    """Received messages with sender, time and text, newest first, for polling scripts.
-
-    ?type=sms (default), report (status reports) or all; ?since=<ISO time or
-    id> keeps what came after it; ?from=<number> keeps one sender.
-    """
-    if not (request.user.admin or request.user.inbox):
-        raise ApiError(
-            HTTPStatus.FORBIDDEN, "This user may not read the inbox (inbox = yes)"
-        )
-    page = read_page(request)
-    kinds = INBOX_TYPES.get(request.param("type", "sms"))
-    if kinds is None:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "type must be sms, report or all")
-    entries = inbox.listing(kinds)
-    since = request.param("since")
-    if since:
-        after = read_since(since, entries)
-        entries = [e for e in entries if e.received > after]
-    sender = request.param("from")
-    if sender is not None:
-        number = normalise_mobile(sender)
-        entries = [e for e in entries if e.sender.lstrip("+") == number]
-    messages, budget = [], MAX_PAGE_READ
-    for entry in entries[page.offset : page.offset + page.limit]:
-        found = None
-        if budget > 0:  # past it, texts are null: GET each message instead
-            found = read_spool_file(
-                os.path.join(request.config.spool["incoming"], entry.name)
-            )
-            budget -= len(found[0]) if found else 0
-        messages.append(
-            inbox_entry(entry, parse_message(found[0])[1] if found else None)
-        )
-    ids = [m["message_id"] for m in messages]
-    return listing(ids, len(entries), page, messages=messages)
-
-
-def read_since(since, entries):
-    """The received time that ?since= names: an ISO 8601 time, or a message id."""
-    for entry in entries:
-        if entry.name == since:
-            return entry.received
-    try:
-        return datetime.datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
-    except (ValueError, OverflowError, OSError):  # also year 1 in local time
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST, "since must be an ISO 8601 time or a message id"
-        ) from None
-
-
-def visible_name(request, kind, name):
-    message = read_message(request.config, kind, name)
-    return message is not None and visible(request, message)
-
-
-def query_int(request, name, default, low, high):
-    value = request.param(name)
-    if value is None:
-        return default
-    if not is_number(value) or not low <= int(value) <= high:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            f"{name} must be a number from {low} to {high}",
-        )
-    return int(value)
-
-
-def query_bool(request, name):
-    """A yes/no query parameter; absent is no."""
-    value = request.param(name)
-    return value is not None and form_bool(name, value or "yes")
-
-
-def cancel_message(request, *, schedule):
-    """Delete a message: a user's own while held or queued; an admin's anything
-    smsd is not sending. DELETE .../outgoing/<id> of a held message cancels it too."""
-    config, kind = request.config, request.args["kind"]
-    message_id = request.args["message_id"]
-    message = read_message(config, kind, message_id)
-    if message is None and kind == "outgoing":
-        kind, message = "scheduled", read_message(config, "scheduled", message_id)
-    if message is None or not visible(request, message):
-        raise not_found()
-    if kind == "checked":
-        raise ApiError(
-            HTTPStatus.CONFLICT, "smsd is sending this message; it cannot be cancelled"
-        )
-    may_delete = request.user.admin or kind == "incoming" and request.user.inbox
-    if kind not in ("outgoing", "scheduled") and not may_delete:
-        raise ApiError(HTTPStatus.CONFLICT, "Only a queued message can be cancelled")
-    if kind == "scheduled" and take(config.spool["scheduled"], message_id):
-        schedule.forget(message_id)
-    elif kind in ("outgoing", "scheduled"):  # one just due may be in outgoing now
-        take_from_smsd(config, message_id)
-    else:
-        remove_quietly(message_path(config, kind, message_id))
-    return Answer(HTTPStatus.OK, {"message_id": message_id, "deleted": True})
-
-
-def take(directory, message_id):
-    """Rename a file to a name that smsd and the scheduler skip, then unlink it.
-
-    The rename is atomic, so either we own the file or another took it: False.
-    """
-    hidden = os.path.join(directory, TEMP_PREFIX + "cancel-" + message_id)
-    try:
-        os.rename(os.path.join(directory, message_id), hidden)
-    except FileNotFoundError:
-        return False
-    os.unlink(hidden)
-    return True
-
-
-def take_from_smsd(config, message_id):
-    """Cancel a queued file, or 409 when smsd took it already."""
-    if not take(config.spool["outgoing"], message_id) or os.path.exists(
-        os.path.join(config.spool["checked"], message_id)
-    ):
-        raise ApiError(
-            HTTPStatus.CONFLICT,
-            "smsd took this message already; it cannot be cancelled",
-        )
-
-
-def get_openapi(request, *, document):
-    """The OpenAPI document of this API (document(config) makes it)."""
-    return Answer(HTTPStatus.OK, document(request.config))
-
-
-def post_alertmanager(request, *, sender, heartbeats):
-    """An Alertmanager (or Grafana) notification: one SMS to each of ?to=,
-    sent once however often it is posted within dedupe_window; or, with
-    ?heartbeat=NAME and a firing Watchdog among its alerts, a beat."""
-    payload = json_fields(request.body())
-    status, alerts = read_alerts(payload)
-    beat = request.param("heartbeat")
-    if beat is not None and any(is_watchdog(a) for a in alerts):
-        return beat_answer(request, heartbeats, beat)
-    to = request.param("to")
-    if not to:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "to= must name the numbers or @groups")
-    mobiles = [LEADING_SPACE.sub("+", m) for m in to.split(",")]
-    text = alert_text(payload, status, alerts, request.config.alerts)
-    priority = request.param("priority", "high")
-    plan = plan_fields(
-        request, {"mobiles": mobiles, "text": text, "priority": priority}
-    )
-    digest = notification_digest(payload, status, alerts, plan.numbers)
-    path = sender.idempotency.path(ALERTS_OWNER, digest)
-    since = request.now - request.config.alerts["dedupe_window"]
-    try:
-        answer = sender.send_once(request, plan, path, None, digest, since)
-    except ApiError as exc:
-        if exc.status == HTTPStatus.TOO_MANY_REQUESTS:
-            log.error("alert %s not sent: %s", escape(text[:80]), exc.message)
-        raise
-    return answer._replace(status=HTTPStatus.OK) if request.replayed else answer
-
-
-def read_alerts(payload):
-    """(firing or resolved, the alerts) of a notification; 400 if it is not one."""
-    alerts = payload.get("alerts")
-    if not isinstance(alerts, list) or not alerts:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "alerts must be a non-empty list")
-    for alert in alerts:
-        if not isinstance(alert, dict):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "each alert must be an object")
-        for key in ("labels", "annotations"):
-            value = alert.get(key, {})
-            if not isinstance(value, dict) or not all(
-                isinstance(v, str) for v in value.values()
-            ):
-                raise ApiError(
-                    HTTPStatus.BAD_REQUEST,
-                    f"each alert's {key} must be an object of strings",
-                )
-    status = payload.get("status")
-    if status not in ("firing", "resolved"):
-        firing = any(a.get("status") == "firing" for a in alerts)
-        status = "firing" if firing else "resolved"
-    return status, alerts
-
-
-def is_watchdog(alert):
-    """Alertmanager's always-firing alert, firing."""
-    labels = alert.get("labels", {})
-    return (
-        labels.get("alertname") == "Watchdog"
-        and alert.get("status", "firing") == "firing"
-    )
-
-
-def alert_text(payload, status, alerts, options):
-    """The SMS of a notification, in at most max_parts parts: the template
-    ($head $alerts) with as many whole alerts as fit, the rest as +N more."""
-    shown = [a for a in alerts if a.get("status", status) == status] or alerts
-    lines = [alert_line(a) for a in shown]
-    head = f"FIRING:{len(shown)}" if status == "firing" else "RESOLVED"
-    values = template_values(payload, status.upper(), len(shown), head)
-    template = string_template(options["template"] or "$head $alerts")
-    text = None
-    for count in range(len(lines) + 1):
-        rest = len(lines) - count
-        listed = "; ".join(lines[:count]) + (f" +{rest} more" if rest else "")
-        candidate = template.safe_substitute(values, alerts=listed.strip())
-        if text is not None and encode_text(candidate).parts > options["max_parts"]:
-            break
-        text = candidate
-    return text
-
-
-def alert_line(alert):
-    """alertname, instance when there is one, and the summary (else description)."""
-    labels, annotations = alert.get("labels", {}), alert.get("annotations", {})
-    words = [labels.get("alertname", "alert"), labels.get("instance", "")]
-    summary = annotations.get("summary") or annotations.get("description") or ""
-    line = " ".join(w for w in words if w)
-    return line + (": " + " ".join(summary.split()) if summary.strip() else "")
-
-
-def template_values(payload, status, count, head):
-    """The $names an alert template may use (the README lists them)."""
-    values = {"status": status, "count": count, "head": head}
-    for key in ("receiver", "externalURL", "groupKey"):
-        if isinstance(payload.get(key), str):
-            values[key] = payload[key]
-    for group in ("groupLabels", "commonLabels", "commonAnnotations"):
-        for name, value in dict_of(payload.get(group)).items():
-            if isinstance(value, str) and name.isidentifier():
-                values[f"{group}_{name}"] = value
-    return values
-
-
-def notification_digest(payload, status, alerts, numbers):
-    """What makes two notifications the same: group, status, alerts, recipients."""
-    same = [
-        str(payload.get("groupKey")),
-        status,
-        sorted(
-            [
-                str(a.get("fingerprint") or sorted(a.get("labels", {}).items())),
-                str(a.get("startsAt")),
-            ]
-            for a in alerts
-        ),
-        sorted(numbers),
-    ]
-    return sha256(json.dumps(same).encode()).hexdigest()
-
-
-def beat_answer(request, heartbeats, name):
-    """Record a beat of heartbeat name, for a caller who may send to its recipients."""
-    heartbeat = request.config.heartbeats.get(name)
-    if heartbeat is None:
-        raise ApiError(HTTPStatus.NOT_FOUND, f"No [heartbeat:{escape(name)}]")
-    read_recipients(request, list(heartbeat.to))  # 403 unless all are allowed
-    heartbeats.beat(name, request.now)
-    return Answer(
-        HTTPStatus.OK, {"heartbeat": name, "beat": iso_time(request.now)}, "ok\n"
-    )
-
-
-def post_heartbeat(request, *, heartbeats):
-    """A beat of one heartbeat (the body, if any, is not read)."""
-    return beat_answer(request, heartbeats, request.args["name"])
-
-
-def get_heartbeats(request, *, heartbeats):
-    """Each heartbeat with its last beat and state."""
-    config = request.config
-    listed = [
-        {
-            "name": name,
-            "every": config.heartbeats[name].every,
-            "to": list(config.heartbeats[name].to),
-            "last_beat": iso_time(last) if last else None,
-            "state": "missed" if missed else "ok",
-        }
-        for name, last, missed in heartbeats.states()
-    ]
-    return Answer(HTTPStatus.OK, {"heartbeats": listed})
-
-
-def get_groups(request):
-    """The groups whose every number the caller may send to."""
-    groups = {
-        name: list(numbers)
-        for name, numbers in request.config.groups.items()
-        if all(request.user.may_send_to(n) for n in numbers)
-    }
-    return Answer(HTTPStatus.OK, {"groups": groups})
-
-
-def get_index(request):
-    """Where to start: the API's base, its description, its health, the README."""
-    data = {
-        "name": "smsapi",
-        "version": __version__,
-        "api": API,
-        "openapi": API + "/openapi.json",
-        "health": API + "/health",
-        "readme": README,
-    }
-    text = "".join(f"{key}: {value}\n" for key, value in data.items())
-    return Answer(HTTPStatus.OK, data, text)
-
-
 def get_monitoring(request, *, health):
     """Is the spool usable? 200 "ok" or 503 with the reason, as v0.1 said; plus each check's grade."""
     checks = health.current()
@@ -5526,6 +5318,207 @@ def metrics_login(request):
     """Whether a /metrics request needs a login: [server] metrics says."""
     access = request.config.metrics
     return access == "users" or access == "local" and not is_local(request)
+
+
+###############################################################################
+# The watcher #################################################################
+###############################################################################
+
+
+class Watcher:
+    """The one background thread that follows smsd: a thin loop feeding the parts.
+
+    Each tick first moves the held messages that came due and checks the
+    heartbeats; then it reads the spool's changes and hands them on: the
+    report index learns what smsd filed in sent/ and attaches the reports that
+    arrive, the inbox index keeps the received files, the webhooks are told,
+    the waiting requests are woken, the sent and failed messages are counted;
+    then retention and the expiry of idempotency records get their turn. Every
+    file is read once, when it arrives, and a file that cannot be read or
+    parsed is logged and skipped. Between ticks it sleeps a second, or until
+    the next held message is due.
+    """
+
+    def __init__(self, parts, interval=1.0):
+        self.settings, self.clock = parts.settings, parts.clock
+        self.interval = interval
+        self.counts, self.changes = parts.counts, parts.changes
+        self.reports, self.inbox = parts.reports, parts.inbox
+        self.retention, self.failures = parts.retention, parts.failures
+        self.waiters, self.webhooks = parts.waiters, parts.webhooks
+        self.idempotency = parts.idempotency
+        self.schedule, self.heartbeats = parts.schedule, parts.heartbeats
+        self.wake = parts.wake  # a stop, or a message held for sooner
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self):
+        self.thread = threading.Thread(
+            target=self.run, name="smsapi-watcher", daemon=True
+        )
+        self.thread.start()
+        self.webhooks.start()
+
+    def stop(self):
+        """Stop watching; waiting requests are answered with what is known now."""
+        self.stopping.set()
+        self.wake.set()
+        self.waiters.stop()
+        self.webhooks.stop()
+        if self.thread:
+            self.thread.join(10)
+        if self.changes.inotify:
+            self.changes.inotify.close()
+
+    def run(self):
+        # systemd's watchdog (WatchdogSec=) hears from the watcher: if it hangs, a restart follows.
+        pid = os.environ.get("WATCHDOG_PID", str(os.getpid()))
+        watchdog = bool(os.environ.get("WATCHDOG_USEC")) and pid == str(os.getpid())
+        while not self.stopping.is_set():
+            try:
+                self.tick()
+            except Exception:  # a bug must not stop the watching
+                log.exception("watcher tick failed")
+            if watchdog:
+                sd_notify("WATCHDOG=1")
+            due = self.schedule.next_time() - self.clock.time()
+            self.clock.wait(self.wake, max(0.0, min(self.interval, due)))
+            self.wake.clear()  # the tick that follows sees what it was set for
+
+    def tick(self):
+        """One pass over what changed; every part gets its turn."""
+        now = self.clock.time()
+        self.isolated(self.schedule.run, now)
+        self.isolated(self.heartbeats.check, now)
+        changes = self.changes.read()
+        for change in changes:
+            self.isolated(self.follow, change, now)
+        for name in self.reports.next_chunk():
+            self.isolated(self.learn_sent, name)
+        self.isolated(self.reports.retry_deferred)
+        if now - self.reports.swept > 3600:
+            self.isolated(self.reports.sweep, now)
+        touched = {c.name for c in changes}  # and the messages a report came for:
+        touched.update(line[1] for line in self.reports.unsaved)
+        for line in self.reports.unsaved:
+            if line[0] == "outcome":
+                self.isolated(self.reported, line[1], Outcome(*line[2:]))
+        self.isolated(self.webhooks.save, now)  # before the report index moves on
+        self.reports.save(now)
+        rescan = any(c.event == RESCAN for c in changes)
+        self.waiters.wake(None if rescan else touched)
+        self.isolated(self.retention.run, now)
+        self.isolated(self.idempotency.expire_hourly, now)
+
+    def isolated(self, action, *args):
+        """Run one step; an error in it is logged with what it was about, and skipped."""
+        try:
+            action(*args)
+        except Exception:  # one odd file must not stop the others
+            log.exception("watcher: skipped %s", escape(args[0] if args else action))
+
+    def follow(self, change, now):
+        """Hand one change to the parts that care about its directory."""
+        kind, name = change.kind, change.name
+        if kind in FINAL and change.new and OUR_ID.fullmatch(name):
+            self.counts[kind] += 1
+        if kind == "sent":
+            if change.event == RESCAN:
+                self.reports.catch_up(now)
+            elif change.complete:
+                self.filed(kind, name)
+            elif change.event == GONE:
+                self.reports.forget(name)
+        elif kind == "failed":
+            if change.event == RESCAN:
+                self.failures.rescan()
+            elif change.complete:
+                self.failures.arrived(name)
+                self.filed(kind, name)
+            elif change.event == GONE:
+                self.failures.gone(name)
+        elif kind in ("incoming", "report"):
+            if change.event == RESCAN:
+                self.rescan_received(kind)
+            elif change.complete:
+                self.read_received(kind, name, fresh=True)
+            elif change.event == GONE and kind == "incoming":
+                self.inbox.remove(name)
+        if change.event == RESCAN and kind in ("sent", "failed", "incoming"):
+            self.arrived_meanwhile(kind)
+
+    def learn_sent(self, name):
+        if is_message_name(name):
+            message = read_message(self.settings(), "sent", name)
+            if message is not None:
+                self.reports.learn(message)
+
+    def filed(self, kind, name):
+        """smsd filed a message in sent or failed: learn it, and tell the webhooks."""
+        event_type = "sms." + kind
+        if not (OUR_ID.fullmatch(name) and self.webhooks.wanted(event_type)):
+            if kind == "sent":
+                self.learn_sent(name)
+            return
+        message = read_message(self.settings(), kind, name)
+        if message is None:
+            return
+        if kind == "sent":
+            self.reports.learn(message)
+        data = {**status_data(message, None), "from": message.owner}
+        at = smsd_time(message.headers.get(kind.capitalize())) or message.mtime
+        self.webhooks.offer(event_type, name, message.owner, data, at)
+
+    def reported(self, message_id, outcome):
+        """A report told what became of a sent message: tell the webhooks."""
+        event_type = "sms." + outcome.status
+        if not (OUR_ID.fullmatch(message_id) and self.webhooks.wanted(event_type)):
+            return
+        message = read_message(self.settings(), "sent", message_id)
+        if message is not None:
+            data = {**status_data(message, outcome), "from": message.owner}
+            self.webhooks.offer(
+                event_type, message_id, message.owner, data, self.clock.time()
+            )
+
+    def arrived_meanwhile(self, kind):
+        """After a RESCAN: the files that came while nobody looked are news to the webhooks."""
+        for name in self.webhooks.arrivals(self.settings().spool[kind]):
+            if kind in FINAL:
+                self.isolated(self.filed, kind, name)
+            else:
+                self.isolated(self.read_received, kind, name, True)
+
+    def rescan_received(self, kind):
+        """Read every received file not known yet (at start, or after a lost watch)."""
+        names = [n for n in os.listdir(self.settings().spool[kind]) if inbox_name(n)]
+        if kind == "incoming":
+            names = self.inbox.keep_only(names)
+        for name in names:
+            self.isolated(self.read_received, kind, name, False)
+
+    def read_received(self, kind, name, fresh):
+        """Index a received file and attach it if it is a genuine status report;
+        a fresh SMS (not one found again by a rescan) is news to the webhooks."""
+        if not inbox_name(name):
+            return
+        found = read_spool_file(os.path.join(self.settings().spool[kind], name))
+        if found is None:
+            return
+        headers, text = parse_message(found[0])
+        received = smsd_time(headers.get("Received")) or found[1]
+        report = None
+        if filed_as_report(kind, headers, "report" in self.settings().spool):
+            report = parse_report(name, headers, text, received)
+        if report is not None:
+            self.reports.attach(report)
+        if kind == "incoming":
+            sender = headers.get("From", "")[:64]
+            entry = InboxEntry(received, name, sender, "report" if report else "sms")
+            self.inbox.add(entry)
+            if fresh and report is None:
+                data = inbox_entry(entry, text)
+                self.webhooks.offer("sms.received", name, None, data, received)
 
 
 ###############################################################################
@@ -5602,6 +5595,25 @@ class Parts:
 ###############################################################################
 
 
+def get_index(request):
+    """Where to start: the API's base, its description, its health, the README."""
+    data = {
+        "name": "smsapi",
+        "version": __version__,
+        "api": API,
+        "openapi": API + "/openapi.json",
+        "health": API + "/health",
+        "readme": README,
+    }
+    text = "".join(f"{key}: {value}\n" for key, value in data.items())
+    return Answer(HTTPStatus.OK, data, text)
+
+
+def get_openapi(request, *, document):
+    """The OpenAPI document of this API (document(config) makes it)."""
+    return Answer(HTTPStatus.OK, document(request.config))
+
+
 class Reply(
     collections.namedtuple("Reply", "description schema plain", defaults=(False,))
 ):
@@ -5623,11 +5635,17 @@ SEND_REPLIES = {
     504: Reply("With ?wait: time ran out, the messages stay queued", "Sent", True),
     **error_replies(400, 403, 413, 415, 422, 507),
 }
+
+
 SEND_PARAMETERS = ("wait", "wait_for", "dry_run", "Idempotency-Key")
+
+
 SEND_BODY = {
     "application/json": "Send",
     "application/x-www-form-urlencoded": "SendForm",
 }
+
+
 SAFE = ("GET", "HEAD")  # a GET that changes nothing answers HEAD too
 
 
@@ -5652,6 +5670,8 @@ class Route(
 
 
 SMS = API + "/sms"
+
+
 ROUTES = [
     Route(
         SAFE, "/", get_index, False,
@@ -5742,7 +5762,11 @@ ROUTES = [
         replies={200: Reply("Deleted", "Deleted"), **error_replies(404, 409)},
     ),
 ]  # fmt: skip
+
+
 KNOWN_METHODS = frozenset(m for route in ROUTES for m in route.methods)
+
+
 PLACEHOLDERS = {"kind": "|".join(KINDS), "message_id": "[^/]+", "name": "[^/]+"}
 
 
@@ -5924,14 +5948,22 @@ def openapi_schemas(config):
 
 
 STRING = {"type": "string"}
+
+
 NUMBERS = {
     "type": "string",
     "pattern": anchored(
         re.compile(rf"(?:{RECIPIENT.pattern})(,(?:{RECIPIENT.pattern}))*")
     ),
 }
+
+
 NULLABLE_STRING = {"type": "string", "nullable": True}
+
+
 GRADE = {"type": "string", "enum": list(GRADES)}
+
+
 MESSAGE_STATUS = {
     "type": "object",
     "required": ["message_id", "status"],
@@ -5963,6 +5995,8 @@ MESSAGE_STATUS = {
         "report": STRING,
     },
 }
+
+
 INBOX_ENTRY = {
     "type": "object",
     "required": ["message_id", "type", "from", "received", "text"],
@@ -5974,6 +6008,8 @@ INBOX_ENTRY = {
         "text": NULLABLE_STRING,
     },
 }
+
+
 WEBHOOK_EVENT = {
     "type": "object",
     "description": "The body of each webhook POST, signed as Standard Webhooks says"
@@ -5995,6 +6031,8 @@ WEBHOOK_EVENT = {
         },
     },
 }
+
+
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": STRING}},
     "OpenAPI": {"type": "object"},
