@@ -244,7 +244,7 @@ def test_module_sections_use_only_what_stands_above_them():
     sections, tree = module_sections()
     assert [title for title, _ in sections] == [
         "Imports", "Constants", "Errors", "Logging helpers", "The clock", "Passwords",
-        "Configuration", "Spool files", "Durable writes and journals", "HTTP helpers",
+        "Options", "Loading the config", "Spool files", "Durable writes and journals", "HTTP helpers",
         "Authentication", "GSM and UCS2 encoding", "Spool changes", "Delivery reports",
         "The inbox", "Retention", "Recent failures", "Waiters", "Scheduled messages",
         "Budgets", "Reading messages", "Sending", "Webhooks", "Alerts and heartbeats",
