@@ -205,6 +205,46 @@ def wait_until(predicate, timeout=20, what="a condition"):
     raise AssertionError(f"gave up waiting for {what}")
 
 
+class ManualClock(smsapi.Clock):
+    """Time that moves only when the test says so: advance() wakes whoever waits."""
+
+    def __init__(self):
+        self.now = time.time()
+        self.lock = threading.Lock()
+        self.sleepers = set()
+
+    def time(self):
+        return self.now
+
+    def monotonic(self):
+        return self.now
+
+    def wait(self, waitable, seconds):
+        with self.lock:
+            self.sleepers.add(waitable)
+        try:  # a real wait stays short: a thread looks again, and sees the same time
+            return waitable.wait(0.05 if seconds is None or seconds > 0 else 0)
+        finally:
+            with self.lock:
+                self.sleepers.discard(waitable)
+
+    def advance(self, seconds):
+        with self.lock:
+            self.now += seconds
+            sleepers = list(self.sleepers)
+        for waitable in sleepers:
+            if isinstance(waitable, threading.Event):
+                waitable.set()
+            else:
+                with waitable:
+                    waitable.notify_all()
+
+
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
 def spool_snapshot(spool):
     """Every file name and content under the spool, to prove nothing changed."""
     snapshot = {}
@@ -1715,9 +1755,9 @@ def test_reports_in_smsds_own_report_directory(tmp_path, spool):
 
 
 @pytest.fixture
-def running(config):
-    """An app whose watcher really runs, ticking fast."""
-    app = smsapi.Application(config, interval=0.05)
+def running(config, clock):
+    """An app whose watcher really runs, ticking fast, on the test's clock."""
+    app = smsapi.Application(config, clock=clock, interval=0.05)
     app.start()
     yield app
     app.close()
@@ -1768,7 +1808,9 @@ def test_send_and_wait_502_when_any_failed(running, spool):
     assert sorted(m["status"] for m in data["messages"].values()) == ["failed", "sent"]
 
 
-def test_send_and_wait_504_leaves_messages_queued(running, spool):
+def test_send_and_wait_504_leaves_messages_queued(running, spool, clock):
+    later(0.2, clock.advance, 0.99)
+    later(0.4, clock.advance, 0.01)  # a second after the send: time is up
     response = wait_send(running, ["79680000000"], query="wait=1")
     assert response.status == 504
     (message_id,) = response.json()["message_id"].values()
@@ -1815,7 +1857,7 @@ def test_send_and_wait_can_be_turned_off(tmp_path, spool):
     assert wait_send(app, ["79680000000"], query="wait=0").status == 201
 
 
-def test_send_and_wait_bounds_the_waiters(running, spool):
+def test_send_and_wait_bounds_the_waiters(running, spool, clock):
     results = []
     waiters = [
         threading.Thread(
@@ -1831,6 +1873,7 @@ def test_send_and_wait_bounds_the_waiters(running, spool):
     refused = wait_send(running, ["79680000001"], query="wait=2")
     assert refused.status == 503 and refused.headers["Retry-After"]
     assert send(running, ["79680000002"]).status == 201  # a plain send is never blocked
+    clock.advance(2)
     for thread in waiters:
         thread.join()
     assert [r.status for r in results] == [504, 504]
@@ -3308,9 +3351,9 @@ def test_health_grades_smsd_queue_failures_and_modems(tmp_path, spool, fake_smsd
 
 
 def test_health_is_made_once_a_second_whatever_its_callers_do(
-    tmp_path, spool, fake_smsd
+    tmp_path, spool, fake_smsd, clock
 ):
-    app = smsapi.Application(app_config(tmp_path, spool, fake_smsd))
+    app = smsapi.Application(app_config(tmp_path, spool, fake_smsd), clock=clock)
     for n in range(50):
         put_file(spool, "failed", f"f{n}", {"To": "1"})
     app.parts.watcher.tick()
@@ -3324,7 +3367,8 @@ def test_health_is_made_once_a_second_whatever_its_callers_do(
     assert answers[0].json()["checks"]["failed"]["last_hour"] == 50
     os.remove(os.path.join(spool["failed"], "f0"))
     app.parts.watcher.tick()
-    time.sleep(1.05)
+    assert call(app, "GET", "/api/v1.0/health").json() == answers[0].json()  # cached
+    clock.advance(1)
     assert (
         call(app, "GET", "/api/v1.0/health").json()["checks"]["failed"]["last_hour"]
         == 49
@@ -4551,14 +4595,15 @@ def test_alert_duplicates_within_the_window_send_once(alert_app, spool, caplog):
     assert "damaged" not in caplog.text
 
 
-def test_alert_duplicate_after_the_window_is_sent_again(tmp_path, spool):
+def test_alert_duplicate_after_the_window_is_sent_again(tmp_path, spool, clock):
     extra = ALERTING + "\n[alerts]\ndedupe_window = 1"
-    app = smsapi.Application(
-        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
-    )
+    config = smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    app = smsapi.Application(config, clock=clock)
     payload = notification([alert("HighCPU", "db1", "CPU at 95%", n=1)])
     assert post_alert(app, payload).status == 201
-    time.sleep(1.1)
+    clock.advance(0.9)
+    assert post_alert(app, payload).status == 200  # within the window: the same
+    clock.advance(0.2)
     assert post_alert(app, payload).status == 201
     assert len(os.listdir(spool["outgoing"])) == 4
 
@@ -4663,12 +4708,14 @@ def test_heartbeat_beats_listing_and_permissions(alert_app, spool):
     assert spool_snapshot(spool) == {}
 
 
-def test_heartbeat_missed_then_back_once_each_across_a_restart(tmp_path, spool, caplog):
+def test_heartbeat_missed_then_back_once_each_across_a_restart(
+    tmp_path, spool, caplog, clock
+):
     extra = GROUPS + "\n[heartbeat:monitoring]\nevery = 1min\nto = @oncall 79160000000"
     path = write_ini(tmp_path, spool, extra=extra)
-    app = smsapi.Application(smsapi.load_config(path))
+    app = smsapi.Application(smsapi.load_config(path), clock=clock)
     beats = app.parts.heartbeats
-    now = time.time()
+    now = clock.now
     beats.check(now + 59)
     assert spool_snapshot(spool) == {}  # a full period after the start first
     beats.check(now + 61)
@@ -4686,8 +4733,9 @@ def test_heartbeat_missed_then_back_once_each_across_a_restart(tmp_path, spool, 
     app.close()
     for name in os.listdir(spool["outgoing"]):
         os.remove(os.path.join(spool["outgoing"], name))
-    again = smsapi.Application(smsapi.load_config(path))  # still missed after a restart
-    again.parts.heartbeats.check(time.time() + 3600)
+    clock.advance(3600)
+    again = smsapi.Application(smsapi.load_config(path), clock=clock)  # still missed
+    again.parts.heartbeats.check(clock.now + 3600)
     assert spool_snapshot(spool) == {}
     assert (
         call(again, "POST", "/api/v1.0/heartbeats/monitoring", user="lvv").status == 200
@@ -4697,14 +4745,13 @@ def test_heartbeat_missed_then_back_once_each_across_a_restart(tmp_path, spool, 
         call(again, "POST", "/api/v1.0/heartbeats/monitoring", user="lvv").status == 200
     )
     assert len(os.listdir(spool["outgoing"])) == 3  # back once
-    time.sleep(1.1)
     text = call(again, "GET", "/metrics").body.decode()
     last = float(
         re.search(
             r'smsapi_heartbeat_last_seconds\{heartbeat="monitoring"\} (\S+)', text
         ).group(1)
     )
-    assert abs(last - time.time()) < 5
+    assert last == clock.now
     for name in os.listdir(spool["outgoing"]):
         os.remove(os.path.join(spool["outgoing"], name))
     last_beat = again.parts.heartbeats.states()[0][1]
@@ -4738,11 +4785,16 @@ def test_heartbeat_from_alertmanagers_watchdog_sends_nothing(alert_app, spool):
 ###############################################################################
 
 
-def scheduled_app(tmp_path, spool, extra=""):
-    app = smsapi.Application(
-        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
-    )
-    return app
+def scheduled_app(tmp_path, spool, extra="", clock=None):
+    config = smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    return smsapi.Application(config, clock=clock)
+
+
+def iso_seconds(text):
+    """Seconds since the epoch of an ISO 8601 time with its offset."""
+    import datetime
+
+    return datetime.datetime.fromisoformat(text).timestamp()
 
 
 def held_dir(app):
@@ -5031,11 +5083,14 @@ def test_quiet_hours_config_is_checked(tmp_path, spool, option, value):
     assert f"[user:night] {option}:" in caught.value.problems[0]
 
 
-def test_schedule_with_an_idempotency_key_answers_the_first_send_at(app, spool):
+def test_schedule_with_an_idempotency_key_answers_the_first_send_at(
+    tmp_path, spool, clock
+):
+    app = scheduled_app(tmp_path, spool, clock=clock)
     key = {"Idempotency-Key": "maintenance-notice"}
     body = {"mobiles": ["79680000000"], "text": "at six", "send_at": "+1hour"}
     first = post_send(app, body, "lvv", key)
-    time.sleep(1.1)  # "+1hour" is a second later now
+    clock.advance(60)  # "+1hour" is a minute later now
     again = post_send(app, body, "lvv", key)
     assert first.status == again.status == 201
     assert again.json() == first.json()
@@ -5060,14 +5115,16 @@ def test_schedule_dry_run_says_when_and_writes_nothing(tmp_path, spool):
     assert os.listdir(held_dir(app)) == [] and spool_snapshot(spool) == {}
 
 
-def test_schedule_survives_a_restart_and_a_time_passed_meanwhile(tmp_path, spool):
-    app = scheduled_app(tmp_path, spool)
+def test_schedule_survives_a_restart_and_a_time_passed_meanwhile(
+    tmp_path, spool, clock
+):
+    app = scheduled_app(tmp_path, spool, clock=clock)
     message_id = send(app, ["79680000000"], send_at="+1s").json()["message_id"][
         "79680000000"
     ]
     app.close()
-    time.sleep(2.1)  # send_at is the next whole second after a second from now
-    again = scheduled_app(tmp_path, spool)
+    clock.advance(2.1)  # send_at is the next whole second after a second from now
+    again = scheduled_app(tmp_path, spool, clock=clock)
     try:
         assert again.parts.schedule.count() == 1
         again.parts.watcher.tick()
@@ -5177,26 +5234,27 @@ def test_schedule_into_a_bind_mounted_outgoing_copies(tmp_path, spool, caplog):
         subprocess.run(["umount", "-l", spool["outgoing"]], check=True)
 
 
-def test_schedule_the_watcher_moves_a_message_within_a_second(tmp_path, spool):
-    app = scheduled_app(tmp_path, spool)
+def test_schedule_the_watcher_moves_a_message_at_its_time(tmp_path, spool, clock):
+    app = scheduled_app(tmp_path, spool, clock=clock)
     app.start()
     try:
         data = send(app, ["79680000000"], send_at="+2s").json()
-        import datetime
-
-        due = datetime.datetime.fromisoformat(data["send_at"]).timestamp()
         target = os.path.join(spool["outgoing"], data["message_id"]["79680000000"])
-        arrived = wait_until(
-            lambda: os.path.exists(target) and time.time(), 5, "the move"
-        )
-        assert due <= arrived <= due + 1.0
+        due = iso_seconds(data["send_at"])
+        clock.advance(due - clock.now - 0.01)
+        time.sleep(0.2)  # the watcher looks, and leaves it: not due yet
+        assert not os.path.exists(target)
+        clock.advance(0.01)  # its time: the watcher wakes and moves it
+        wait_until(lambda: os.path.exists(target), 5, "the move")
     finally:
         app.close()
 
 
-def test_schedule_metrics_count_the_held(app, spool):
+def test_schedule_metrics_count_the_held(tmp_path, spool, clock):
+    app = scheduled_app(tmp_path, spool, clock=clock)
+    call(app, "GET", "/metrics")  # /health's cache, made now
     send(app, ["79680000000", "79680000001"], send_at="+1hour")
-    time.sleep(1.1)  # /health's cache
+    clock.advance(1)
     text = call(app, "GET", "/metrics").body.decode()
     assert "smsapi_scheduled_messages 2" in text
 
@@ -5330,11 +5388,11 @@ def webhook_ini(url, name="hook", **options):
     return "\n" + "\n".join(lines)  # write_ini's [spool] follows
 
 
-def webhook_app(tmp_path, spool, url, **options):
+def webhook_app(tmp_path, spool, url, clock=None, **options):
     config = smsapi.load_config(
         write_ini(tmp_path, spool, extra=webhook_ini(url, **options))
     )
-    app = smsapi.Application(config)
+    app = smsapi.Application(config, clock=clock)
     app.start()
     return app
 
@@ -5616,7 +5674,7 @@ def test_webhook_received_sms_is_its_inbox_entry_and_reports_are_not(
         smsd_reports(spool, "79680000000", 7)  # a report, not a received SMS
         ticks(app)
         ((_, payload),) = hook.wait_for(1)
-        time.sleep(0.5)
+        time.sleep(0.2)
         assert len(hook.events()) == 1
         listed = call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox").json()[
             "messages"
@@ -5647,60 +5705,69 @@ def test_webhook_events_and_users_choose_what_a_receiver_gets(
         put_file(spool, "incoming", "GSM1.QwErTy", {"From": "358401234567"}, "hi")
         ticks(app)
         hook.wait_for(2)
-        time.sleep(0.5)
+        time.sleep(0.2)
         got = sorted((p["type"], p["data"]["message_id"]) for _, p in hook.events())
         assert got == [("sms.received", "GSM1.QwErTy"), ("sms.sent", mine)]
     finally:
         app.close()
 
 
-def test_webhook_retries_on_the_schedule_then_drops(tmp_path, spool, receiver, caplog):
+def attempts(hook, count):
+    """The receiver's deliveries once there are count of them (and not more, a moment later)."""
+    wait_until(lambda: len(hook.deliveries) >= count, 10, f"{count} attempts")
+    time.sleep(0.1)
+    assert len(hook.deliveries) == count
+    return hook.deliveries
+
+
+def test_webhook_retries_on_the_schedule_then_drops(
+    tmp_path, spool, receiver, caplog, clock
+):
     hook = receiver(answers=[500, 500, 500, 500, 500])
-    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="1s 1s")
+    app = webhook_app(tmp_path, spool, hook.url, clock, retry_schedule="1s 1s")
     try:
         message_id = sent_id(app)
         ticks(app)
         smsd_sends(spool, message_id, 1)
         ticks(app)
-        wait_until(lambda: len(hook.deliveries) == 3, 10, "three attempts")
-        tried = [int(h["webhook-timestamp"]) for h, _, _ in hook.deliveries]
+        attempts(hook, 1)
+        clock.advance(0.9)  # the first delay is 1 s, and up to 10% more
+        attempts(hook, 1)
+        clock.advance(0.3)
+        attempts(hook, 2)
+        clock.advance(1.2)
+        tried = [int(h["webhook-timestamp"]) for h, _, _ in attempts(hook, 3)]
         assert len({h["webhook-id"] for h, _, _ in hook.deliveries}) == 1
         assert len({b for _, b, _ in hook.deliveries}) == 1  # the same body each time
         assert tried[1] - tried[0] >= 1 and tried[2] - tried[1] >= 1
-        check = wait_until(
-            lambda: (
-                call(app, "GET", "/api/v1.0/health")
-                .json()["checks"]["webhook:hook"]["deliveries"]
-                .get("dropped")
-            ),
-            5,
-            "the event dropped",
-        )
-        assert check == 1
+        queue = app.parts.webhooks.queues["hook"]
+        wait_until(lambda: queue.state()[2].get("dropped") == 1, 5, "the drop")
         assert os.listdir(tmp_path / "state" / "webhooks" / "hook") == []
         assert "dropped after 3 attempts, the last: HTTP 500" in caplog.text
-        time.sleep(1.5)
-        assert len(hook.deliveries) == 3
+        clock.advance(60)
+        attempts(hook, 3)
     finally:
         app.close()
 
 
 def test_webhook_one_refused_event_holds_up_only_its_own_message(
-    tmp_path, spool, receiver
+    tmp_path, spool, receiver, clock
 ):
     hook = receiver(answers=[500])  # the first event fails once
-    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="2s")
+    app = webhook_app(tmp_path, spool, hook.url, clock, retry_schedule="2s")
     try:
         first, second = sent_id(app, report=True), sent_id(app, "79680000001")
         ticks(app)
         smsd_sends(spool, first, 1)
         ticks(app)
-        wait_until(lambda: hook.deliveries, 5, "the first attempt")
+        attempts(hook, 1)
         smsd_reports(spool, "79680000000", 1)  # first's next event waits behind it
         smsd_sends(spool, second, 2)  # another message's event does not
         ticks(app)
         events = hook.wait_for(1, 5)
         assert [p["data"]["message_id"] for _, p in events] == [second]
+        attempts(hook, 2)
+        clock.advance(2.3)
         hook.wait_for(3, 10)
         tries = [
             (json.loads(body)["type"], int(headers["webhook-timestamp"]), answer)
@@ -5717,34 +5784,38 @@ def test_webhook_one_refused_event_holds_up_only_its_own_message(
         app.close()
 
 
-def test_webhook_retry_after_is_honoured_when_longer(tmp_path, spool, receiver):
+def test_webhook_retry_after_is_honoured_when_longer(tmp_path, spool, receiver, clock):
     hook = receiver(answers=[503])  # with Retry-After: 2
-    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="0s")
+    app = webhook_app(tmp_path, spool, hook.url, clock, retry_schedule="0s")
     try:
         message_id = sent_id(app)
         ticks(app)
         smsd_sends(spool, message_id, 1)
         ticks(app)
+        attempts(hook, 1)
+        clock.advance(1.9)  # the schedule says at once; the receiver, in 2 s
+        attempts(hook, 1)
+        clock.advance(0.1)
         hook.wait_for(1, 10)
-        tried = [h["webhook-timestamp"] for h, _, _ in hook.deliveries]
-        assert int(tried[1]) - int(tried[0]) >= 2
+        tried = [int(h["webhook-timestamp"]) for h, _, _ in attempts(hook, 2)]
+        assert tried[1] - tried[0] == 2
     finally:
         app.close()
 
 
-def test_webhook_410_disables_until_a_reload(tmp_path, spool, receiver, caplog):
+def test_webhook_410_disables_until_a_reload(tmp_path, spool, receiver, caplog, clock):
     hook = receiver(answers=[410])
-    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="1s")
+    app = webhook_app(tmp_path, spool, hook.url, clock, retry_schedule="1s")
     try:
         first, second = sent_id(app), sent_id(app, "79680000001")
         ticks(app)
         smsd_sends(spool, first, 1)
         ticks(app)
-        wait_until(lambda: hook.deliveries, 5, "the 410")
+        attempts(hook, 1)
         smsd_sends(spool, second, 2)
         ticks(app)
-        time.sleep(2.5)
-        assert len(hook.deliveries) == 1  # disabled: nothing more is sent
+        clock.advance(3)
+        attempts(hook, 1)  # disabled: nothing more is sent
         check = call(app, "GET", "/api/v1.0/health").json()["checks"]["webhook:hook"]
         assert (
             check["status"] == "warn"
@@ -5781,7 +5852,7 @@ def test_webhook_events_wait_in_the_state_directory_across_restarts(
         ((event_id, payload),) = hook.wait_for(1, 15)
         assert stored[0].endswith(event_id)
         assert payload["data"]["message_id"] == message_id
-        time.sleep(0.5)
+        time.sleep(0.2)
         assert len(hook.events()) == 1
     finally:
         again.close()
@@ -5806,7 +5877,7 @@ def test_webhook_changes_made_while_down_are_emitted_once_at_start(
         try:
             ticks(again, 5)
             hook.wait_for(4, 10)
-            time.sleep(0.5)
+            time.sleep(0.2)
         finally:
             again.close()
     got = sorted((p["type"], p["data"]["message_id"]) for _, p in hook.events())
@@ -5829,7 +5900,7 @@ def test_webhook_first_start_does_not_replay_the_spool(tmp_path, spool, receiver
         put_file(spool, "incoming", "GSM1.NeWoNe", {"From": "358401234567"}, "news")
         ticks(app)
         hook.wait_for(1)
-        time.sleep(0.5)
+        time.sleep(0.2)
         assert [p["data"]["message_id"] for _, p in hook.events()] == ["GSM1.NeWoNe"]
     finally:
         app.close()
@@ -5866,16 +5937,19 @@ def test_webhook_damaged_state_is_skipped_with_a_log_line(
         app.close()
 
 
-def test_webhook_metrics_count_deliveries_and_the_queue(tmp_path, spool, receiver):
+def test_webhook_metrics_count_deliveries_and_the_queue(
+    tmp_path, spool, receiver, clock
+):
     hook = receiver(answers=[500])
-    app = webhook_app(tmp_path, spool, hook.url, retry_schedule="1s")
+    app = webhook_app(tmp_path, spool, hook.url, clock, retry_schedule="1s")
     try:
         message_id = sent_id(app)
         ticks(app)
         smsd_sends(spool, message_id, 1)
         ticks(app)
+        attempts(hook, 1)
+        clock.advance(1.2)
         hook.wait_for(1)
-        time.sleep(1.1)  # /health's cache
         text = call(app, "GET", "/metrics").body.decode()
         assert (
             'smsapi_webhook_deliveries_total{webhook="hook",outcome="delivered"} 1'
