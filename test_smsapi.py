@@ -585,6 +585,35 @@ def test_options_readme_table_is_the_options_table():
     assert options_table() in readme, "README's table should read:\n" + options_table()
 
 
+def readme_outside_code():
+    """README.md's lines, without those in fenced code blocks."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        lines, fenced = [], False
+        for line in file.read().splitlines():
+            fenced ^= line.startswith("```")
+            if not fenced and not line.startswith("```"):
+                lines.append(line)
+    return lines
+
+
+def anchor(heading):
+    """The anchor GitHub gives a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.lower().strip()).replace(" ", "-")
+
+
+def test_readme_contents_list_every_section_and_every_link_lands():
+    lines = readme_outside_code()
+    sections = [line[3:] for line in lines if line.startswith("## ")]
+    contents = [
+        m.groups() for m in map(re.compile(r"- \[(.+)\]\(#(.+)\)").fullmatch, lines) if m
+    ]
+    assert [title for title, _ in contents] == sections
+    assert all(link == anchor(title) for title, link in contents)
+    headings = {anchor(line.lstrip("#")) for line in lines if line.startswith("#")}
+    links = set(re.findall(r"\]\(#([^)]+)\)", "\n".join(lines)))
+    assert links <= headings, sorted(links - headings)
+
+
 def config_problems(path, appended=""):
     """What load_config says is wrong with the INI at path, once appended is added."""
     with open(path, "a") as file:
