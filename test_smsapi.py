@@ -4955,6 +4955,18 @@ def test_schedule_expired_message_is_filed_as_failed_with_why(app, spool):
     assert os.listdir(spool["outgoing"]) == []  # never sent after all
 
 
+def test_schedule_a_message_still_held_when_valid_until_comes_expires(
+    tmp_path, spool, clock
+):
+    app = scheduled_app(tmp_path, spool, clock=clock)
+    data = send(app, ["79680000000"], send_at="+1hour", valid_until="+2hour").json()
+    message_id = data["message_id"]["79680000000"]
+    valid_until = math.ceil(clock.now + 7200)
+    app.parts.schedule.run(valid_until)  # the first look since send_at: smsapi was down
+    assert os.listdir(spool["outgoing"]) == []
+    assert status_of(app, message_id)["status"] == "failed"
+
+
 def test_schedule_listing_reading_and_cancelling(app, spool):
     mine = send(app, ["79680000000"], send_at="+1hour").json()["message_id"][
         "79680000000"
@@ -5078,6 +5090,12 @@ def test_quiet_end_windows_days_and_dst(berlin):
     assert quiet_end(night, weekend, friday_late) == local_time(2026, 11, 30, 7, 0, 0)
     assert quiet_end(None, weekend, friday_late) is None
     assert quiet_end(night, (), local_time(2026, 11, 27, 21, 59, 59)) is None
+    assert quiet_end(night, (), local_time(2026, 11, 27, 22, 0, 0)) == local_time(
+        2026, 11, 28, 7, 0, 0
+    )  # from its first minute
+    assert quiet_end(day, (), local_time(2026, 11, 27, 9, 0, 0)) == local_time(
+        2026, 11, 27, 17, 30, 0
+    )
     assert quiet_end(night, (), local_time(2026, 11, 27, 7, 0, 0)) is None
     assert quiet_end(night, (), local_time(2026, 11, 27, 6, 59, 0)) == local_time(
         2026, 11, 27, 7, 0, 0
