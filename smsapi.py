@@ -135,6 +135,8 @@ MAX_OFFSET = 10**9
 JSON_TYPES = ("application/json",)
 YES, NO = ("yes", "true", "on", "1"), ("no", "false", "off", "0")  # as_bool reads
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")  # escaped in log lines
+ALERT_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # made spaces in alert texts
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone one, from a JSON escape
 SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 # -- the spool, and smsd's files ---------------------------------------------
@@ -2118,6 +2120,21 @@ def gsm_septets(text):
     return None if straddles and septets > GSM_SINGLE else septets
 
 
+def fitted(text, max_parts):
+    """text, or as much of it as fits in max_parts, cut at a character and
+    ending with "..": more characters never take fewer parts."""
+    if encode_text(text).parts <= max_parts:
+        return text
+    fits, past = 0, len(text)
+    while past - fits > 1:
+        middle = (fits + past) // 2
+        if encode_text(text[:middle] + "..").parts <= max_parts:
+            fits = middle
+        else:
+            past = middle
+    return text[:fits] + ".."
+
+
 def non_gsm_chars(text):
     """The distinct characters that keep a text out of the GSM alphabet."""
     return sorted({c for c in text if c not in GSM_BASIC and c not in GSM_EXTENSION})
@@ -3781,8 +3798,9 @@ class Idempotency:
                 if not entry[1]:
                     del self.locks[path]
 
-    def load(self, path, fingerprint, numbers):
-        """The live record at path, None, or 422 if it was for another body."""
+    def load(self, path, fingerprint, numbers, replace=False):
+        """The live record at path, or None; one for another body is 422 (or, if
+        it is to be replaced, None)."""
         record = read_json(path)
         if record is not None and not is_record(record, numbers):
             log.warning("idempotency record %s is damaged: ignored", path)
@@ -3790,6 +3808,8 @@ class Idempotency:
         if record is None or record["created"] < self.clock.time() - self.ttl:
             return None
         if record.get("fingerprint") != fingerprint:
+            if replace:
+                return None
             raise ApiError(
                 HTTPStatus.UNPROCESSABLE_ENTITY,
                 "Idempotency-Key was used before with a different request",
@@ -3874,15 +3894,17 @@ class Sender:
             self.wait_slots.release()
 
     def send_once(self, request, plan, path, wait, fingerprint=None, since=0.0):
-        """Send once per record at path (an Idempotency-Key's, or a notification's):
-        the first request does the work, repeats get its answer. A record made
-        before since is no more; fingerprint is what the record is bound to."""
+        """Send once per record at path (an Idempotency-Key's, or an alert group's):
+        the first request does the work, repeats get its answer. fingerprint is
+        what the record is bound to: a key's request (another is 422), or the
+        group's last notification (another replaces it); a record made before
+        since is no more."""
         store = self.idempotency
         fingerprint = fingerprint or plan.fingerprint
         # Blocked behind another request with this key, a request waits like ?wait does.
         blocked = contextlib.nullcontext if wait else self.wait_slot
         with store.held(path, blocked):
-            record = store.load(path, fingerprint, plan.numbers)
+            record = store.load(path, fingerprint, plan.numbers, replace=since > 0)
             if record and record["created"] < since:
                 record = None
             if record and "response" in record:
@@ -4576,14 +4598,19 @@ class Webhooks:
 
 
 def post_alertmanager(request, *, sender, heartbeats):
-    """An Alertmanager (or Grafana) notification: one SMS to each of ?to=,
-    sent once however often it is posted within dedupe_window; or, with
-    ?heartbeat=NAME and a firing Watchdog among its alerts, a beat."""
-    payload = json_fields(request.body())
+    """An Alertmanager (or Grafana) notification: one SMS to each of ?to=, sent
+    once however often the same notification is posted (an HA pair, a retry)
+    within dedupe_window; with ?heartbeat=NAME, a firing Watchdog among its
+    alerts is a beat, and the other alerts are sent."""
+    payload = alert_payload(request.body())
     status, alerts = read_alerts(payload)
     beat = request.param("heartbeat")
     if beat is not None and any(is_watchdog(a) for a in alerts):
-        return beat_answer(request, heartbeats, beat)
+        answer = beat_answer(request, heartbeats, beat)
+        alerts = [a for a in alerts if not is_watchdog(a)]
+        if not alerts:
+            return answer
+        status = notification_status({}, alerts)
     to = request.param("to")
     if not to:
         raise ApiError(HTTPStatus.BAD_REQUEST, "to= must name the numbers or @groups")
@@ -4593,16 +4620,44 @@ def post_alertmanager(request, *, sender, heartbeats):
     plan = plan_fields(
         request, {"mobiles": mobiles, "text": text, "priority": priority}
     )
-    digest = notification_digest(payload, status, alerts, plan.numbers)
-    path = sender.idempotency.path(ALERTS_OWNER, digest)
+    # The group's record, per user: only a repeat of its last notification is one.
+    group = [request.user.name, str(payload.get("groupKey")), sorted(plan.numbers)]
+    path = sender.idempotency.path(ALERTS_OWNER, json.dumps(group))
     since = request.now - request.config.alerts["dedupe_window"]
     try:
-        answer = sender.send_once(request, plan, path, None, digest, since)
+        answer = sender.send_once(
+            request, plan, path, None, notification_digest(status, alerts), since
+        )
     except ApiError as exc:
         if exc.status == HTTPStatus.TOO_MANY_REQUESTS:
-            log.error("alert %s not sent: %s", escape(text[:80]), exc.message)
+            group_key = escape(str(payload.get("groupKey"))[:80])
+            said = f' text="{escape(text)}"' if request.config.log_text else ""
+            log.error("alert of group %s not sent: %s%s", group_key, exc.message, said)
         raise
     return answer._replace(status=HTTPStatus.OK) if request.replayed else answer
+
+
+def alert_payload(body):
+    """A notification's JSON object, with each lone surrogate (an escape no
+    Alertmanager sends, but no page may be lost for one) made U+FFFD."""
+    try:
+        data = scrubbed(json.loads(body.decode("utf-8")))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "Body must be a JSON object")
+    return data
+
+
+def scrubbed(value):
+    """A JSON value with the lone surrogates of its strings replaced."""
+    if isinstance(value, str):
+        return SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [scrubbed(item) for item in value]
+    if isinstance(value, dict):
+        return {scrubbed(key): scrubbed(item) for key, item in value.items()}
+    return value
 
 
 def read_alerts(payload):
@@ -4622,11 +4677,16 @@ def read_alerts(payload):
                     HTTPStatus.BAD_REQUEST,
                     f"each alert's {key} must be an object of strings",
                 )
+    return notification_status(payload, alerts), alerts
+
+
+def notification_status(payload, alerts):
+    """firing or resolved: the payload's, else firing if any alert fires."""
     status = payload.get("status")
     if status not in ("firing", "resolved"):
-        firing = any(a.get("status") == "firing" for a in alerts)
+        firing = any(a.get("status", "firing") == "firing" for a in alerts)
         status = "firing" if firing else "resolved"
-    return status, alerts
+    return status
 
 
 def is_watchdog(alert):
@@ -4640,21 +4700,29 @@ def is_watchdog(alert):
 
 def alert_text(payload, status, alerts, options):
     """The SMS of a notification, in at most max_parts parts: the template
-    ($head $alerts) with as many whole alerts as fit, the rest as +N more."""
+    ($head $alerts) with as many whole alerts as fit, the rest as +N more; a
+    template too long even with none is cut to fit."""
     shown = [a for a in alerts if a.get("status", status) == status] or alerts
     lines = [alert_line(a) for a in shown]
     head = f"FIRING:{len(shown)}" if status == "firing" else "RESOLVED"
     values = template_values(payload, status.upper(), len(shown), head)
     template = string_template(options["template"] or "$head $alerts")
-    text = None
-    for count in range(len(lines) + 1):
+
+    def text(count):
         rest = len(lines) - count
         listed = "; ".join(lines[:count]) + (f" +{rest} more" if rest else "")
-        candidate = template.safe_substitute(values, alerts=listed.strip())
-        if text is not None and encode_text(candidate).parts > options["max_parts"]:
-            break
-        text = candidate
-    return text
+        return template.safe_substitute(values, alerts=listed.strip())
+
+    if encode_text(text(len(lines))).parts <= options["max_parts"]:
+        return text(len(lines))  # all of them (with no " +N more" after them)
+    fits, past = 0, len(lines)  # text(fits) fits, or is cut to; text(past) does not
+    while past - fits > 1:  # one more alert never takes fewer parts: halve the range
+        middle = (fits + past) // 2
+        if encode_text(text(middle)).parts <= options["max_parts"]:
+            fits = middle
+        else:
+            past = middle
+    return fitted(text(fits), options["max_parts"])
 
 
 def alert_line(alert):
@@ -4662,8 +4730,15 @@ def alert_line(alert):
     labels, annotations = alert.get("labels", {}), alert.get("annotations", {})
     words = [labels.get("alertname", "alert"), labels.get("instance", "")]
     summary = annotations.get("summary") or annotations.get("description") or ""
-    line = " ".join(w for w in words if w)
-    return line + (": " + " ".join(summary.split()) if summary.strip() else "")
+    line = " ".join(printable(w) for w in words if w)
+    summary = " ".join(printable(summary).split())
+    return line + (": " + summary if summary else "")
+
+
+def printable(text):
+    """Text from an alert with its control characters made spaces: a NUL or an
+    escape in a label must neither reach a phone nor refuse the page."""
+    return ALERT_CONTROLS.sub(" ", text)
 
 
 def template_values(payload, status, count, head):
@@ -4671,27 +4746,27 @@ def template_values(payload, status, count, head):
     values = {"status": status, "count": count, "head": head}
     for key in ("receiver", "externalURL", "groupKey"):
         if isinstance(payload.get(key), str):
-            values[key] = payload[key]
+            values[key] = printable(payload[key])
     for group in ("groupLabels", "commonLabels", "commonAnnotations"):
         for name, value in dict_of(payload.get(group)).items():
             if isinstance(value, str) and name.isidentifier():
-                values[f"{group}_{name}"] = value
+                values[f"{group}_{name}"] = printable(value)
     return values
 
 
-def notification_digest(payload, status, alerts, numbers):
-    """What makes two notifications the same: group, status, alerts, recipients."""
+def notification_digest(status, alerts):
+    """What makes a notification the same as the last of its group: its status,
+    and each alert with its start and status."""
     same = [
-        str(payload.get("groupKey")),
         status,
         sorted(
             [
                 str(a.get("fingerprint") or sorted(a.get("labels", {}).items())),
                 str(a.get("startsAt")),
+                str(a.get("status", status)),
             ]
             for a in alerts
         ),
-        sorted(numbers),
     ]
     return sha256(json.dumps(same).encode()).hexdigest()
 

@@ -4601,14 +4601,13 @@ def test_alert_template_and_max_parts(tmp_path, spool):
 def test_alert_duplicates_within_the_window_send_once(alert_app, spool, caplog):
     payload = notification([alert("HighCPU", "db1", "CPU at 95%", n=1)])
     first = post_alert(alert_app, payload)
-    again = post_alert(
-        alert_app, dict(payload, externalURL="http://alertmanager-2:9093"), user="ann"
+    twin = post_alert(  # the other Alertmanager of an HA pair
+        alert_app, dict(payload, externalURL="http://alertmanager-2:9093")
     )
-    assert (first.status, again.status) == (201, 200)
-    assert again.json()["message_id"] == first.json()["message_id"]
+    assert (first.status, twin.status) == (201, 200)
+    assert twin.json()["message_id"] == first.json()["message_id"]
     assert len(os.listdir(spool["outgoing"])) == 2
     elsewhere = post_alert(alert_app, payload, "to=79680000009")  # other recipients
-    resolved = post_alert(alert_app, dict(payload, status="resolved"))  # other status
     later = post_alert(
         alert_app,
         notification(
@@ -4618,10 +4617,81 @@ def test_alert_duplicates_within_the_window_send_once(alert_app, spool, caplog):
             ]
         ),
     )
-    assert elsewhere.status == resolved.status == later.status == 201
-    assert post_alert(alert_app, payload).status == 200  # still a duplicate
+    assert elsewhere.status == later.status == 201
+    assert post_alert(alert_app, payload).status == 201  # not the last one: sent
+    assert post_alert(alert_app, payload).status == 200  # the last one again
     assert len(os.listdir(spool["outgoing"])) == 7
     assert "damaged" not in caplog.text
+
+
+def test_alert_another_users_copy_never_suppresses_a_page(alert_app, spool):
+    real = notification([alert("DatabaseDown", "db1", "db1 is down", n=7)])
+    harmless = notification([alert("DatabaseDown", "db1", "all is fine", n=7)])
+    assert post_alert(alert_app, harmless, user="ann").status == 201
+    page = post_alert(alert_app, real, user="lvv")
+    assert page.status == 201
+    texts = [smsapi.parse_message(read_spool_file(spool, "outgoing", i))[1]
+             for i in page.json()["message_id"].values()]  # fmt: skip
+    assert texts == ["FIRING:1 DatabaseDown db1: db1 is down"] * 2
+
+
+def test_alert_a_refire_is_sent_however_soon_it_comes(alert_app, spool):
+    a, b = alert("HighCPU", "db1", n=1), alert("DiskFull", "db2", n=2)
+    resolved_a = alert("HighCPU", "db1", status="resolved", n=1)
+    rounds = [
+        notification([a, b]),
+        notification([resolved_a, b]),  # A resolved, B still firing: news
+        notification([a, b]),  # A fires again after a resend gap: news
+        notification([resolved_a], status="resolved"),
+        notification([a]),
+    ]
+    assert [post_alert(alert_app, p).status for p in rounds] == [201] * 5
+    assert post_alert(alert_app, rounds[-1]).status == 200  # a repeat of the last
+    assert len(os.listdir(spool["outgoing"])) == 10
+
+
+def test_alert_real_alerts_grouped_with_the_watchdog_are_sent(alert_app, spool):
+    grouped = notification(
+        [alert("Watchdog", n=9), alert("DatabaseDown", "db1", "db1 is down", n=7)],
+        group="{}:{}",
+    )
+    answer = post_alert(alert_app, grouped, "to=@oncall&heartbeat=monitoring")
+    assert answer.status == 201
+    assert set(texts_in(spool).values()) == {"FIRING:1 DatabaseDown db1: db1 is down"}
+    assert alert_app.parts.heartbeats.states()[0][1] is not None  # and a beat
+    refused = post_alert(alert_app, grouped, "heartbeat=monitoring")  # nowhere to send
+    assert refused.status == 400 and "to=" in refused.json()["error"]
+
+
+def test_alert_control_characters_are_cleaned_never_refused(alert_app, spool):
+    body = json.dumps(
+        notification([alert("Disk\u0000Full", "db\x071", "full\x1b[31m now", n=3)])
+    ).replace("db\\u00071", "db\\ud8001")  # a lone surrogate too
+    answer = post_alert(alert_app, body.encode(), query="to=79680000000")
+    assert answer.status == 201, answer.body
+    (text,) = texts_in(spool).values()
+    assert text == "FIRING:1 Disk Full db\ufffd1: full [31m now"
+
+
+def test_alert_text_past_max_parts_whatever_the_template_is_cut(tmp_path, spool):
+    extra = ALERTING + "\n[alerts]\ntemplate = $head $commonLabels_severity " + "x" * 300
+    app = smsapi.Application(smsapi.load_config(write_ini(tmp_path, spool, extra=extra)))
+    assert post_alert(app, notification([alert("HighCPU", n=1)])).status == 201
+    (text,) = set(texts_in(spool).values())
+    assert text.startswith("FIRING:1 critical xxx") and text.endswith("..")
+    assert smsapi.encode_text(text).parts == 1
+
+
+def test_alert_text_costs_a_few_fittings_however_many_alerts(alert_app, monkeypatch):
+    fittings = []
+    counted = smsapi.encode_text
+    monkeypatch.setattr(smsapi, "encode_text", lambda t: fittings.append(1) or counted(t))
+    for template in ("$head $alerts", "$head"):  # with no $alerts, every count is one text
+        options = {"max_parts": 1, "template": template}
+        alerts = [alert("A", n=n) for n in range(20000)]
+        fittings.clear()
+        smsapi.alert_text(notification(alerts), "firing", alerts, options)
+        assert len(fittings) <= 40
 
 
 def test_alert_duplicate_after_the_window_is_sent_again(tmp_path, spool, clock):
@@ -4681,10 +4751,9 @@ def test_alert_budget_and_a_broken_spool_are_errors_alertmanager_retries(
         app, payload, "to=79680000000,79680000001,79680000002", "night"
     )
     assert refused.status == 429 and refused.headers["Retry-After"]
-    assert (
-        "ERROR" in caplog.text
-        and "alert FIRING:1 HighCPU not sent: Budget used up" in caplog.text
-    )
+    assert "ERROR" in caplog.text and "not sent: Budget used up" in caplog.text
+    assert 'alert of group {}:{alertname="HighCPU"} not sent' in caplog.text
+    assert "FIRING" not in caplog.text  # log_text = no: the text stays out
     app.parts.sender.outgoing.directory = str(tmp_path / "gone")
     assert post_alert(app, payload, "to=79680000000", "night").status == 503
     app.parts.sender.outgoing.directory = spool["outgoing"]
@@ -7843,7 +7912,7 @@ def test_smsd_alertmanager_alerts_heartbeat_dedupe_and_budget(tmp_path):
         stack.wait_for(
             lambda: " 429 user=night" in stack.api.output(), 20, "the budget's 429"
         )
-        assert "alert FIRING:2 Flood" in stack.api.output()
+        assert re.search(r"alert of group \S*Flood\S* not sent: Budget", stack.api.output())
         time.sleep(2)
         assert len(stack.modem.parts_to(oncall[0])) == 6
     finally:
