@@ -210,11 +210,13 @@ EVENTS_JOURNAL = (
 EVENT_FILE = re.compile(r"([0-9]{20})-(msg_[a-z2-7]{32})", re.ASCII)  # a stored event
 MAX_EVENT_FILE = 1 << 20  # a received SMS's text, JSON-escaped, is well under this
 EMITTED_KEPT = 600.0  # seconds an emitted event's id is remembered (past any rescan)
-WEBHOOK_TIMEOUT = 10.0  # seconds a receiver has to answer
 WEBHOOK_STALE = 600.0  # /health warns when an event waited this long
 MAX_RETRY_AFTER = 86400.0  # a receiver's Retry-After is honoured up to a day
 SCHEDULE_RETRY = 10.0  # seconds before a move that failed is tried again
-WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped", "gone")  # of an attempt
+#: What became of an event: taken (2xx); refused (tried again later); dropped
+#: (the retry schedule's time spent); gone (a 410, or emitted while stopped by
+#: one); overflowed (past max_events, the oldest).
+WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped", "gone", "overflowed")
 
 # -- passwords and guessing ---------------------------------------------------
 
@@ -857,7 +859,11 @@ OPTIONS = [
     option("webhook", "users", "", as_user_names,
            "only events of messages these API users sent (not `sms.received`); empty: all"),
     option("webhook", "retry_schedule", "5s 5min 30min 2hour 5hour 10hour 14hour 20hour 24hour", as_durations,
-           "delays after each failed attempt, each lengthened by up to 10%; after the last, the event is dropped"),
+           "delays after each failed attempt, each lengthened by up to 10%; once their sum has passed since the event, it is dropped"),
+    option("webhook", "timeout", "10", as_count_of_seconds,
+           "seconds a receiver has for its whole answer, however slowly it sends it"),
+    option("webhook", "max_events", "10000", as_count,
+           "events kept waiting at most; past it the oldest are dropped (counted, and `/health` warns)"),
 ]  # fmt: skip
 
 
@@ -2569,8 +2575,8 @@ class ReportIndex:
     def catch_up(self, now):
         """Plan to read the sent files that may have come while nobody looked."""
         since = now - self.settings().report_window
-        if self.seen is not None:
-            since = max(since, self.seen - CLOCK_MARGIN)
+        if self.seen is not None:  # a clock stepped back since: from now
+            since = max(since, min(self.seen, now) - CLOCK_MARGIN)
         else:
             log.info(
                 "delivery report index %s missing: building it from the spool",
@@ -2662,8 +2668,8 @@ class ReportIndex:
 
     def save(self, now):
         """Append this tick's lines and the clock (the journal rewrites itself when mostly stale)."""
-        if not self.unsaved and self.seen is not None and now - self.seen < 60:
-            return
+        if not self.unsaved and self.seen is not None and 0 <= now - self.seen < 60:
+            return  # (a clock stepped back writes its time at once)
         lines, self.unsaved = self.unsaved + [["clock", now]], []
         live = len(self.awaiting) + len(self.outcomes)
         try:
@@ -4142,9 +4148,9 @@ def sign(key, webhook_id, timestamp, body):
     return "v1," + base64.b64encode(signed.digest()).decode()
 
 
-def post_event(webhook, webhook_id, body, now):
-    """POST one signed event at now: (HTTP status or None, Retry-After in seconds
-    or None, what happened)."""
+def post_event(webhook, webhook_id, body, now, attempt):
+    """POST one signed event at now, within webhook.timeout in all (attempt cuts
+    it off): (HTTP status or None, Retry-After in seconds or None, what happened)."""
     import http.client  # only a process with webhooks loads it
 
     url = urllib.parse.urlsplit(webhook.url)
@@ -4158,20 +4164,27 @@ def post_event(webhook, webhook_id, body, now):
             webhook_key(webhook.secret), webhook_id, timestamp, body
         ),
     }
+    if url.username is not None:  # user:password@ in the URL: Basic auth
+        credentials = ":".join(
+            urllib.parse.unquote(part or "") for part in (url.username, url.password)
+        )
+        token = base64.b64encode(credentials.encode()).decode()
+        headers["Authorization"] = "Basic " + token
     if url.scheme == "https":
         import ssl
 
         connection = http.client.HTTPSConnection(
             url.hostname,
             url.port,
-            timeout=WEBHOOK_TIMEOUT,
+            timeout=webhook.timeout,
             context=ssl.create_default_context(),
         )
     else:
         connection = http.client.HTTPConnection(
-            url.hostname, url.port, timeout=WEBHOOK_TIMEOUT
+            url.hostname, url.port, timeout=webhook.timeout
         )
     target = (url.path or "/") + ("?" + url.query if url.query else "")
+    attempt.begin(connection, webhook.timeout)
     try:
         connection.request("POST", target, body, headers)
         response = connection.getresponse()
@@ -4179,9 +4192,53 @@ def post_event(webhook, webhook_id, body, now):
         delay = retry_after(response.getheader("Retry-After"), now)
         return response.status, delay, f"HTTP {response.status} {response.reason}"
     except (OSError, http.client.HTTPException) as exc:
+        if attempt.cut_off:
+            return None, None, f"no whole answer within {webhook.timeout:.0f} s"
         return None, None, one_line(exc) or type(exc).__name__
     finally:
+        attempt.end()
         connection.close()
+
+
+class Attempt:
+    """The POST in flight of one webhook: cut off at its deadline however slowly
+    the receiver answers (a socket's timeout counts a read, not the answer),
+    or at once when the webhook stops."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.connection = self.timer = None
+        self.cut_off = False
+
+    def begin(self, connection, seconds):
+        with self.lock:
+            self.connection, self.cut_off = connection, False
+            self.timer = threading.Timer(seconds, self.cut)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def end(self):
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.connection = self.timer = None
+
+    def cut(self):
+        """Shut the connection down: a read waiting on it returns at once."""
+        with self.lock:
+            sock = getattr(self.connection, "sock", None)
+            if sock is not None:
+                self.cut_off = True
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def shown_url(url):
+    """A webhook's URL for a log line: scheme, host and port; what may hold a
+    credential or a token (user, password, path, query) stays out."""
+    parts = urllib.parse.urlsplit(url)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 def retry_after(value, now):
@@ -4220,8 +4277,11 @@ class EventQueue:
 
     Of each message's events only the oldest is due; the others wait behind
     it, so they arrive in order. Another message's event does not wait: one
-    event that a receiver keeps refusing holds up nothing else. A 410 Gone
-    stops the sending until a reload or restart; events are still stored.
+    event that a receiver keeps refusing holds up nothing else. An event is
+    dropped once the retry schedule's time since it was emitted is spent,
+    however long its attempts took; past max_events the oldest are dropped. A
+    410 Gone stops the sending until a reload or restart, and what is emitted
+    meanwhile is not stored.
     """
 
     def __init__(self, webhook, directory, fsync, clock):
@@ -4231,9 +4291,14 @@ class EventQueue:
         self.clock = clock
         self.lock = threading.Condition()
         self.messages = {}  # message -> deque of its StoredEvents, oldest first
-        self.ids = set()  # the webhook-ids of the events stored
+        self.stored = (
+            collections.OrderedDict()
+        )  # webhook-id -> StoredEvent, oldest first
         self.heads = []  # heap of (due, seq, message): each message's oldest event
-        self.outcomes = collections.Counter()  # delivered, failed, dropped, gone
+        self.outcomes = collections.Counter()  # of WEBHOOK_OUTCOMES
+        self.in_flight = None  # the event being tried now
+        self.attempt = Attempt()
+        self.overflowed = -math.inf  # when max_events last dropped an event
         self.disabled = self.stopping = False
         self.thread = None
         os.makedirs(directory, 0o750, exist_ok=True)
@@ -4251,17 +4316,20 @@ class EventQueue:
         self.thread.start()
 
     def stop(self):
-        """Stop after the delivery in flight, if any (its event stays stored)."""
+        """Stop now: the delivery in flight is cut off (its event stays stored)."""
         with self.lock:
             self.stopping = True
             self.lock.notify()
+        self.attempt.cut()
 
     def state(self):
-        """(events stored, when the oldest was emitted or None, outcomes so far, disabled)."""
+        """(events stored, when the oldest was emitted or None, outcomes so far,
+        disabled, when max_events last dropped one)."""
         with self.lock:
-            oldest = min((q[0].seq for q in self.messages.values()), default=None)
-            queued = sum(len(q) for q in self.messages.values())
-            return queued, oldest and oldest / 1e9, dict(self.outcomes), self.disabled
+            oldest = next(iter(self.stored.values()), None)
+            emitted = oldest.seq / 1e9 if oldest else None
+            outcomes = dict(self.outcomes)
+            return len(self.stored), emitted, outcomes, self.disabled, self.overflowed
 
     # -- storing ----------------------------------------------------------------
 
@@ -4301,14 +4369,29 @@ class EventQueue:
         return StoredEvent(int(match.group(1)), match.group(2), message, attempts, due)
 
     def store(self, events):
-        """Write [(StoredEvent, body)] durably, then queue them (not those queued already)."""
+        """Write [(StoredEvent, body)] durably, then queue them (not those queued
+        already); the oldest past max_events are dropped. While a 410 stops the
+        webhook, nothing is stored."""
         with self.lock:
-            events = [(e, b) for e, b in events if e.id not in self.ids]
+            if self.disabled:
+                self.outcomes["gone"] += len(events)
+                return
+            events = [(e, b) for e, b in events if e.id not in self.stored]
         self.write(events)
         with self.lock:
             for event, _ in events:
                 self.enqueue(event)
+            dropped = self.trim()
             self.lock.notify()
+        for event in dropped:
+            remove_quietly(os.path.join(self.directory, event.file_name))
+        if dropped:
+            log.warning(
+                "webhook %s: %d events dropped, the oldest, past max_events = %d",
+                self.webhook.name,
+                len(dropped),
+                self.webhook.max_events,
+            )
 
     def write(self, events):
         """Write [(StoredEvent, body)]'s files anew: each a meta line, then the body as sent."""
@@ -4326,9 +4409,35 @@ class EventQueue:
         """Put an event behind its message's others (under the lock)."""
         queue = self.messages.setdefault(event.message, collections.deque())
         queue.append(event)
-        self.ids.add(event.id)
+        self.stored[event.id] = event
         if len(queue) == 1:
             heapq.heappush(self.heads, (event.due, event.seq, event.message))
+
+    def trim(self):
+        """Drop the oldest events past max_events, never the one in flight (under
+        the lock); the events dropped."""
+        dropped = []
+        excess = len(self.stored) - self.webhook.max_events
+        if excess <= 0:
+            return dropped
+        for event in list(self.stored.values())[: excess + 1]:
+            if len(dropped) < excess and event is not self.in_flight:
+                self.forget(event)
+                dropped.append(event)
+        if dropped:
+            self.outcomes["overflowed"] += len(dropped)
+            self.overflowed = self.clock.time()
+        return dropped
+
+    def forget(self, event):
+        """Take the oldest event of its message out of the queue (under the lock)."""
+        queue = self.messages[event.message]
+        del self.stored[queue.popleft().id]
+        if queue:
+            head = queue[0]
+            heapq.heappush(self.heads, (head.due, head.seq, head.message))
+        else:
+            del self.messages[event.message]
 
     # -- sending ----------------------------------------------------------------
 
@@ -4338,27 +4447,36 @@ class EventQueue:
             if event is None:
                 return
             try:
-                self.attempt(event)
+                self.deliver(event)
             except Exception:  # a bug must not stop the deliveries
                 log.exception("webhook %s: event %s", self.webhook.name, event.id)
                 self.settle(event, "dropped")
 
     def next_due(self):
-        """Wait for the next event that is due; None when stopping."""
+        """Wait for the next event that is due, and hold it in flight; None when stopping."""
         with self.lock:
+            self.in_flight = None
             while not self.stopping:
                 wait = None
                 if self.heads and not self.disabled:
-                    wait = self.heads[0][0] - self.clock.time()
+                    due, seq, message = self.heads[0]
+                    wait = due - self.clock.time()
                     if wait <= 0:
-                        message = heapq.heappop(self.heads)[2]
-                        return self.messages[message][0]
+                        heapq.heappop(self.heads)
+                        queue = self.messages.get(message)
+                        if queue and queue[0].seq == seq:  # else gone meanwhile
+                            self.in_flight = queue[0]
+                            return queue[0]
+                        continue
                 self.clock.wait(self.lock, wait)
         return None
 
-    def attempt(self, event):
+    def deliver(self, event):
         """Send one event and act on the answer."""
-        webhook = self.webhook
+        webhook, now = self.webhook, self.clock.time()
+        if now - event.seq / 1e9 > sum(webhook.retry_schedule) + webhook.timeout:
+            self.drop(event, now, "its schedule's time spent before it could be tried")
+            return
         found = read_spool_file(
             os.path.join(self.directory, event.file_name), MAX_EVENT_FILE
         )
@@ -4369,14 +4487,14 @@ class EventQueue:
             self.settle(event, "dropped")
             return
         body = found[0].partition(b"\n")[2]
-        status, delay, what = post_event(webhook, event.id, body, self.clock.time())
+        status, delay, what = post_event(webhook, event.id, body, now, self.attempt)
         if status is not None and 200 <= status < 300:
             self.settle(event, "delivered")
         elif status == HTTPStatus.GONE:
             log.warning(
                 "webhook %s: %s answered 410 Gone: no more events until a reload or restart",
                 webhook.name,
-                escape(webhook.url),
+                shown_url(webhook.url),
             )
             with self.lock:
                 self.disabled = True
@@ -4386,29 +4504,24 @@ class EventQueue:
             self.retry(event, delay, what)
 
     def retry(self, event, delay, what):
-        """After a failed attempt: try again after the next delay, or drop the event."""
-        webhook = self.webhook
-        schedule = webhook.retry_schedule
-        if event.attempts >= len(schedule):
-            log.error(
-                "webhook %s: event %s dropped after %d attempts, the last: %s",
-                webhook.name,
-                event.id,
-                event.attempts + 1,
-                escape(what),
-            )
-            self.settle(event, "dropped")
+        """After a failed attempt: try again after the next delay (the last try at
+        the end of the schedule's time), or drop the event once that is spent."""
+        webhook, now = self.webhook, self.clock.time()
+        schedule, emitted = webhook.retry_schedule, event.seq / 1e9
+        if now - emitted >= sum(schedule):
+            self.drop(event, now, f"the last: {escape(what)}", 1)
             return
-        wait = max(jittered(schedule[event.attempts]), min(delay or 0, MAX_RETRY_AFTER))
+        delay = min(delay or 0, MAX_RETRY_AFTER)
+        wait = max(jittered(schedule[min(event.attempts, len(schedule) - 1)]), delay)
+        due = min(now + wait, emitted + sum(schedule))
         log.warning(
             "webhook %s: event %s attempt %d failed (%s); next in %.0fs",
             webhook.name,
             event.id,
             event.attempts + 1,
             escape(what),
-            wait,
+            due - now,
         )
-        due = self.clock.time() + wait
         event = event._replace(attempts=event.attempts + 1, due=due)
         try:
             self.write([(event, self.read_body(event))])
@@ -4420,9 +4533,20 @@ class EventQueue:
                 one_line(exc),
             )
         with self.lock:
-            self.messages[event.message][0] = event
+            self.messages[event.message][0] = self.stored[event.id] = event
             heapq.heappush(self.heads, (event.due, event.seq, event.message))
             self.outcomes["failed"] += 1
+
+    def drop(self, event, now, why, tried=0):
+        log.error(
+            "webhook %s: event %s dropped after %d attempts in %.0f s, %s",
+            self.webhook.name,
+            event.id,
+            event.attempts + tried,
+            now - event.seq / 1e9,
+            why,
+        )
+        self.settle(event, "dropped")
 
     def read_body(self, event):
         found = read_spool_file(
@@ -4437,13 +4561,8 @@ class EventQueue:
         remove_quietly(os.path.join(self.directory, event.file_name))
         with self.lock:
             self.outcomes[outcome] += 1
-            queue = self.messages[event.message]
-            self.ids.discard(queue.popleft().id)
-            if queue:
-                head = queue[0]
-                heapq.heappush(self.heads, (head.due, head.seq, head.message))
-            else:
-                del self.messages[event.message]
+            if event.id in self.stored:
+                self.forget(event)
 
 
 class Webhooks:
@@ -4476,7 +4595,9 @@ class Webhooks:
         if config.webhooks:
             self.journal.replay(self.replayed)
         #: Files that came after this are new to a RESCAN; with no journal, none is.
-        self.horizon = self.seen - CLOCK_MARGIN if self.seen else clock.time()
+        #: (A clock stepped back since the journal's last clock starts from now.)
+        now = clock.time()
+        self.horizon = min(self.seen, now) - CLOCK_MARGIN if self.seen else now
         self.reconfigure(config)
 
     def reconfigure(self, config):
@@ -4564,7 +4685,7 @@ class Webhooks:
             log.error("cannot store webhook events: %s", one_line(exc))
             return
         if not self.queues or (
-            not self.unsaved and self.seen is not None and now - self.seen < 60
+            not self.unsaved and self.seen is not None and 0 <= now - self.seen < 60
         ):
             return
         self.write_journal(now)
@@ -4986,12 +5107,16 @@ def budget_checks(config, budgets, now):
 
 
 def webhook_checks(states, now):
-    """One check per webhook: warn when it is disabled (410) or an event waited too long."""
+    """One check per webhook: warn when it is disabled (410), an event waited too
+    long, or max_events dropped one within the hour."""
     checks = {}
-    for name, (queued, oldest, outcomes, disabled) in states.items():
+    for name, (queued, oldest, outcomes, disabled, overflowed) in states.items():
         age = max(0.0, now - oldest) if oldest else 0.0
-        status = "warn" if disabled or age >= WEBHOOK_STALE else "pass"
+        full = now - overflowed < 3600
+        status = "warn" if disabled or full or age >= WEBHOOK_STALE else "pass"
         output = f"{queued} events waiting, the oldest for {age:.0f}s"
+        if full:
+            output = "max_events dropped the oldest events within the hour; " + output
         if disabled:
             output = "disabled by a 410 Gone until a reload or restart; " + output
         checks["webhook:" + name] = {

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import http.client
 import io
+import itertools
 import json
 import math
 import os
@@ -1743,6 +1744,25 @@ def test_delivery_index_survives_restart_and_is_rebuilt_when_lost(config, spool)
     lost.parts.watcher.tick()
     assert status_of(lost, rebuilt)["status"] == "delivered"
     assert status_of(lost, kept)["status"] == "delivered"
+
+
+def test_delivery_index_a_clock_stepped_back_reads_what_came_meanwhile(config, spool):
+    app = smsapi.Application(config)
+    message_id = sent_id(app, report=True)
+    app.parts.watcher.tick()
+    app.close()
+    journal = os.path.join(config.state_dir, smsapi.JOURNAL)
+    with open(journal, "a") as file:  # its last clock an hour ahead of the box's now
+        file.write(json.dumps(["clock", time.time() + 3600]) + "\n")
+    smsd_sends(spool, message_id, 9)  # while smsapi is down
+    again = smsapi.Application(config)
+    try:
+        again.parts.watcher.tick()
+        smsd_reports(spool, "79680000000", 9)
+        again.parts.watcher.tick()
+        assert status_of(again, message_id)["status"] == "delivered"
+    finally:
+        again.close()
 
 
 def test_delivery_index_rebuild_reads_sent_a_chunk_a_tick(config, spool):
@@ -5859,7 +5879,7 @@ def test_webhook_retries_on_the_schedule_then_drops(
         queue = app.parts.webhooks.queues["hook"]
         wait_until(lambda: queue.state()[2].get("dropped") == 1, 5, "the drop")
         assert os.listdir(tmp_path / "state" / "webhooks" / "hook") == []
-        assert "dropped after 3 attempts, the last: HTTP 500" in caplog.text
+        assert re.search(r"dropped after 3 attempts in 2 s, the last: HTTP 500", caplog.text)
         clock.advance(60)
         attempts(hook, 3)
     finally:
@@ -5902,14 +5922,14 @@ def test_webhook_one_refused_event_holds_up_only_its_own_message(
 
 def test_webhook_retry_after_is_honoured_when_longer(tmp_path, spool, receiver, clock):
     hook = receiver(answers=[503])  # with Retry-After: 2
-    app = webhook_app(tmp_path, spool, hook.url, clock, retry_schedule="0s")
+    app = webhook_app(tmp_path, spool, hook.url, clock, retry_schedule="1s 10s")
     try:
         message_id = sent_id(app)
         ticks(app)
         smsd_sends(spool, message_id, 1)
         ticks(app)
         attempts(hook, 1)
-        clock.advance(1.9)  # the schedule says at once; the receiver, in 2 s
+        clock.advance(1.9)  # the schedule says in a second; the receiver, in 2 s
         attempts(hook, 1)
         clock.advance(0.1)
         hook.wait_for(1, 10)
@@ -5935,16 +5955,14 @@ def test_webhook_410_disables_until_a_reload(tmp_path, spool, receiver, caplog, 
         check = call(app, "GET", "/api/v1.0/health").json()["checks"]["webhook:hook"]
         assert (
             check["status"] == "warn"
-            and check["queued"] == 2
+            and check["queued"] == 1  # the first: what came after is not stored
             and "410" in check["output"]
         )
         assert "answered 410 Gone" in caplog.text
-        assert len(os.listdir(tmp_path / "state" / "webhooks" / "hook")) == 2
+        assert len(os.listdir(tmp_path / "state" / "webhooks" / "hook")) == 1
         assert app.reload(app.config.path)
-        events = hook.wait_for(2, 10)
-        assert sorted(p["data"]["message_id"] for _, p in events) == sorted(
-            [first, second]
-        )
+        events = hook.wait_for(1, 10)
+        assert [p["data"]["message_id"] for _, p in events] == [first]
     finally:
         app.close()
 
@@ -6084,11 +6102,197 @@ def test_webhook_metrics_count_deliveries_and_the_queue(
 
 def test_webhook_health_warns_when_an_event_waited_ten_minutes():
     now = time.time()
-    fresh = smsapi.webhook_checks({"a": (1, now - 599, {}, False)}, now)
-    stale = smsapi.webhook_checks({"a": (1, now - 600, {}, False)}, now)
+    fresh = smsapi.webhook_checks({"a": (1, now - 599, {}, False, -math.inf)}, now)
+    stale = smsapi.webhook_checks({"a": (1, now - 600, {}, False, -math.inf)}, now)
     assert fresh["webhook:a"]["status"] == "pass"
     assert stale["webhook:a"]["status"] == "warn"
     assert stale["webhook:a"]["oldest_seconds"] == 600
+
+
+class Dribbler:
+    """A receiver on loopback that reads a request and then answers one byte at a
+    time, a byte every 0.2 s, for as long as the connection stays open."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        self.connections, self.closed = [], threading.Event()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self.dribble, args=(conn,), daemon=True).start()
+
+    def dribble(self, conn):
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            for byte in itertools.cycle(b"HTTP/1.1 200 OK\r\nX-Slow: "):
+                if self.closed.wait(0.2):
+                    return
+                conn.sendall(bytes([byte]))
+
+    def close(self):
+        self.closed.set()
+        self.server.close()
+
+
+def test_webhook_an_attempt_ends_at_its_deadline_however_the_receiver_dribbles(
+    tmp_path, spool, caplog
+):
+    dribbler = Dribbler()
+    app = webhook_app(tmp_path, spool, dribbler.url, timeout="1", retry_schedule="1hour")
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        started = time.monotonic()
+        ticks(app)
+        queue = app.parts.webhooks.queues["hook"]
+        wait_until(lambda: queue.state()[2].get("failed"), 10, "the attempt to end")
+        assert time.monotonic() - started < 3  # a second, not a byte's wait each time
+        assert "no whole answer within 1 s" in caplog.text
+    finally:
+        app.close()
+        dribbler.close()
+
+
+def test_webhook_events_are_dropped_by_age_not_by_attempts(
+    tmp_path, spool, receiver, caplog, clock
+):
+    hook = receiver(answers=[500] * 5)
+    app = webhook_app(tmp_path, spool, hook.url, clock, retry_schedule="1s 1s")
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        attempts(hook, 1)
+        clock.advance(100)  # the receiver took long: the schedule's time is spent
+        queue = app.parts.webhooks.queues["hook"]
+        wait_until(lambda: queue.state()[2].get("dropped") == 1, 5, "the drop")
+        attempts(hook, 1)  # dropped without another try
+        assert "dropped after 1 attempts in 100 s" in caplog.text
+    finally:
+        app.close()
+
+
+def test_webhook_queue_is_bounded_oldest_first(tmp_path, spool, receiver, caplog):
+    hook = receiver(answers=[503] * 10)  # with Retry-After: 2
+    app = webhook_app(tmp_path, spool, hook.url, max_events=3, retry_schedule="1hour")
+    try:
+        ids = [sent_id(app, f"7968000000{n}") for n in range(5)]
+        ticks(app)
+        for n, message_id in enumerate(ids):
+            smsd_sends(spool, message_id, n)
+        ticks(app)
+        queue = app.parts.webhooks.queues["hook"]
+        wait_until(lambda: queue.state()[2].get("overflowed") == 2, 5, "the overflow")
+        stored = sorted(os.listdir(tmp_path / "state" / "webhooks" / "hook"))
+        assert len(stored) == 3
+        check = call(app, "GET", "/api/v1.0/health").json()["checks"]["webhook:hook"]
+        assert check["status"] == "warn" and "max_events" in check["output"]
+        text = call(app, "GET", "/metrics").body.decode()
+        assert 'smsapi_webhook_deliveries_total{webhook="hook",outcome="overflowed"} 2' in text
+        assert "webhook hook: 2 events dropped, the oldest" in caplog.text
+    finally:
+        app.close()
+
+
+def test_webhook_disabled_by_a_410_stores_nothing_new(tmp_path, spool, receiver):
+    hook = receiver(answers=[410])
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        first, second = sent_id(app), sent_id(app, "79680000001")
+        ticks(app)
+        smsd_sends(spool, first, 1)
+        ticks(app)
+        attempts(hook, 1)
+        queue = app.parts.webhooks.queues["hook"]
+        wait_until(lambda: queue.state()[3], 5, "the 410")
+        smsd_sends(spool, second, 2)
+        ticks(app)
+        assert len(os.listdir(tmp_path / "state" / "webhooks" / "hook")) == 1
+        assert queue.state()[2]["gone"] == 2  # the 410, and the event not stored
+    finally:
+        app.close()
+
+
+def test_webhook_removed_by_a_reload_stops_its_thread(tmp_path, spool, receiver):
+    hook = receiver(answers=["hang"])
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        wait_until(lambda: hook.answers == [], 5, "the attempt that hangs")
+        thread = app.parts.webhooks.queues["hook"].thread
+        path = app.config.path
+        with open(path) as file:
+            text = file.read()
+        with open(path, "w") as file:
+            file.write(text.replace(webhook_ini(hook.url), ""))
+        assert app.reload(path)
+        thread.join(2)
+        assert not thread.is_alive() and "hook" not in app.parts.webhooks.queues
+    finally:
+        app.close()
+
+
+def test_webhook_credentials_in_the_url_are_basic_auth_and_never_logged(
+    tmp_path, spool, receiver, caplog
+):
+    hook = receiver(answers=[410])
+    url = hook.url.replace("http://", "http://hook%20user:s3cr%40t@") + "?token=t0k3n"
+    app = webhook_app(tmp_path, spool, url)
+    try:
+        message_id = sent_id(app)
+        ticks(app)
+        smsd_sends(spool, message_id, 1)
+        ticks(app)
+        (headers, _, _), = attempts(hook, 1)
+        expected = base64.b64encode(b"hook user:s3cr@t").decode()
+        assert headers["authorization"] == "Basic " + expected
+        wait_until(lambda: "410 Gone" in caplog.text, 5, "the log line")
+        assert "s3cr" not in caplog.text and "t0k3n" not in caplog.text
+        assert f"http://127.0.0.1:{hook.server.server_port}" in caplog.text
+    finally:
+        app.close()
+
+
+def test_webhook_a_clock_stepped_back_loses_no_event(tmp_path, spool, receiver):
+    hook = receiver()
+    webhook_app(tmp_path, spool, hook.url).close()
+    journal = tmp_path / "state" / "events.journal"  # its last clock an hour ahead:
+    journal.write_text(json.dumps(["clock", time.time() + 3600]) + "\n")  # stepped back
+    put_file(spool, "incoming", "GSM1.AfTeR", {"From": "358401234567"}, "new")
+    again = webhook_app(tmp_path, spool, hook.url)  # the file came while it was down
+    try:
+        ticks(again)
+        assert [p["data"]["message_id"] for _, p in hook.wait_for(1)] == ["GSM1.AfTeR"]
+        with open(journal) as file:  # the clock as it is now, at once
+            assert json.loads(file.read().splitlines()[-1])[1] < time.time() + 60
+    finally:
+        again.close()
+
+
+def test_webhook_journal_takes_a_clock_stepped_back_at_once(tmp_path, spool, receiver):
+    hook = receiver()
+    webhook_app(tmp_path, spool, hook.url).close()
+    journal = tmp_path / "state" / "events.journal"
+    journal.write_text(json.dumps(["clock", time.time() + 3600]) + "\n")
+    app = webhook_app(tmp_path, spool, hook.url)
+    try:
+        ticks(app, 1)  # nothing happened, but the journal's clock is ahead: written
+        with open(journal) as file:
+            assert json.loads(file.read().splitlines()[-1])[1] < time.time() + 60
+    finally:
+        app.close()
 
 
 def test_webhook_a_dead_receiver_slows_neither_the_api_nor_other_webhooks(
