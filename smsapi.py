@@ -3116,9 +3116,18 @@ class Schedule:
         self.wake.set()
 
     def forget(self, message_id):
-        """A held message was cancelled."""
+        """A held message was cancelled (its moments stay in the heap until they come,
+        or until the heap is mostly such: then it is made anew)."""
         with self.lock:
             self.times.pop(message_id, None)
+            if len(self.heap) > 2 * len(self.times) + 64:
+                self.heap = [
+                    (moment, held)
+                    for held, moments in self.times.items()
+                    for moment in moments
+                    if moment is not None
+                ]
+                heapq.heapify(self.heap)
 
     def count(self):
         with self.lock:
@@ -3291,6 +3300,33 @@ class Budgets:
             except OSError as exc:
                 log.error("cannot save %s: %s", self.journal.path, one_line(exc))
 
+    def refund(self, name, when, units):
+        """A message that took units at when is cancelled before it went: they
+        are name's again (and the journal says so)."""
+        with self.lock:
+            windows = self.spent.get(name, {})
+            if self.give(windows, when, units):
+                with contextlib.suppress(OSError):
+                    live = sum(len(w[86400].entries) for w in self.spent.values())
+                    line = ["refund", name, when, units]
+                    self.journal.append([line], live, self.live_lines)
+
+    @staticmethod
+    def give(windows, when, units):
+        """Take units off the entry made at when, in each window it is in; False if none is."""
+        day = windows.get(86400)
+        entry = day and next((e for e in day.entries if abs(e[0] - when) < 1e-3), None)
+        if entry is None:
+            return False
+        units = min(units, entry[1])
+        for window in windows.values():
+            if any(e is entry for e in window.entries):
+                window.total -= units
+                if entry[1] == units:
+                    window.entries.remove(entry)
+        entry[1] -= units
+        return True
+
     def live_lines(self):
         return [[n, *e] for n, w in self.spent.items() for e in w[86400].entries]
 
@@ -3315,13 +3351,16 @@ class Budgets:
 
     def load(self, now):
         """Read the journal: what each user took in the day before now."""
-        cutoff, found = now - 86400, {}
+        cutoff, found, refunds = now - 86400, {}, []
 
         def replayed(line):
-            name, when, units = line
+            refund = line[0] == "refund"  # a cancel: ["refund", name, when, units]
+            name, when, units = line[1:] if refund else line
             if not (isinstance(name, str) and is_time(when) and is_count(units)):
                 raise ValueError("not a line of the budgets journal")
-            if when > cutoff:
+            if when > cutoff and refund:
+                refunds.append((name, when, units))
+            elif when > cutoff:
                 found.setdefault(name, []).append([when, units])
 
         self.journal.replay(replayed)
@@ -3330,6 +3369,8 @@ class Budgets:
             for entry in sorted(entries):
                 for window in windows.values():
                     window.add(entry)
+        for name, when, units in refunds:
+            self.give(self.spent.get(name, {}), when, units)
 
 
 class Window:
@@ -3650,6 +3691,14 @@ def read_timing(request, fields, urgent):
         read_moment(request, name, value, now)
         for name, value in zip(("send_at", "valid_until"), given)
     )
+    if valid_until is not None and send_at is None:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            "valid_until needs send_at: it ends how long smsapi may hold a message"
+            " back (validity is how long the network keeps trying)",
+        )
+    if valid_until is not None and valid_until <= send_at:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "valid_until must come after send_at")
     held = None
     if send_at is None and not urgent:
         user = request.user
@@ -3681,13 +3730,23 @@ def read_moment(request, name, value, now):
             f"{name} must be an ISO 8601 time with its offset"
             " (2026-12-01T06:00:00+02:00, ...Z) or a delay like +90s or +2hour",
         )
-    if not now < moment <= now + request.config.max_schedule:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            f"{name} must be ahead, and at most max_schedule"
-            f" ({request.config.max_schedule} s) ahead",
-        )
-    return float(math.ceil(moment))
+    limit = request.config.max_schedule
+    if moment <= now:
+        broken = "is before the server's time"
+    elif moment > now + limit:
+        broken = f"is more than max_schedule ({spoken_duration(limit)}) after the server's time"
+    else:
+        return float(math.ceil(moment))
+    raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} {broken}, {iso_time(now)}")
+
+
+def spoken_duration(seconds):
+    """A duration as a person says it: 35 days, 2 hours, 90 seconds."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} seconds"
 
 
 def quiet_end(hours, days, now):
@@ -3708,7 +3767,23 @@ def quiet_end(hours, days, now):
             moment = end if end > moment else end + datetime.timedelta(days=1)
         else:
             break
-    return None if moment == start else moment.timestamp()
+    return None if moment == start else first_moment_at(moment)
+
+
+def first_moment_at(wall):
+    """The first moment at which the local clock reads wall or later. A time the
+    clock skips (02:30 as it springs from 02:00 to 03:00) is the moment it skips
+    to, not an hour after; of a time it shows twice, the first."""
+    early, late = wall.replace(fold=1).timestamp(), wall.replace(fold=0).timestamp()
+    if early >= late:  # there, or shown twice (fall back: fold=0 is the first)
+        return late
+    while late - early > 1:  # skipped: the jump lies between, find it
+        middle = (early + late) // 2
+        if datetime.datetime.fromtimestamp(middle) >= wall:
+            late = middle
+        else:
+            early = middle
+    return late
 
 
 def within(hours, minute):
@@ -4077,9 +4152,10 @@ def get_groups(request):
     return Answer(HTTPStatus.OK, {"groups": groups})
 
 
-def cancel_message(request, *, schedule):
-    """Delete a message: a user's own while held or queued; an admin's anything
-    smsd is not sending. DELETE .../outgoing/<id> of a held message cancels it too."""
+def cancel_message(request, *, schedule, budgets):
+    """Delete a message: a user's own while held or queued (what it took of a
+    budget is given back); an admin's anything smsd is not sending. DELETE
+    .../outgoing/<id> of a held message cancels it too."""
     config, kind = request.config, request.args["kind"]
     message_id = request.args["message_id"]
     message = read_message(config, kind, message_id)
@@ -4100,6 +4176,10 @@ def cancel_message(request, *, schedule):
         take_from_smsd(config, message_id)
     else:
         remove_quietly(message_path(config, kind, message_id))
+        return Answer(HTTPStatus.OK, {"message_id": message_id, "deleted": True})
+    if OUR_ID.fullmatch(message_id) and message.text is not None:
+        when = int(message_id[ID_TIME], 36) / 1e6  # the send's time, as its id says
+        budgets.refund(message.owner, when, encode_text(message.text).parts)
     return Answer(HTTPStatus.OK, {"message_id": message_id, "deleted": True})
 
 

@@ -4978,16 +4978,32 @@ def test_schedule_iso_times_need_an_offset_and_the_limits(app):
             continue
         response = dry(bad)
         assert response.status == 400, bad
-        assert "send_at must" in response.json()["error"]
-    assert (
-        dry(iso_in(-60), "valid_until")
-        .json()["error"]
-        .startswith("valid_until must be ahead")
-    )
+        assert response.json()["error"].startswith("send_at "), response.json()
+    past = dry(iso_in(-60)).json()["error"]
+    assert "send_at is before the server's time, 20" in past
+    far = dry(iso_in(36 * 86400)).json()["error"]
+    assert "more than max_schedule (35 days) after the server's time, 20" in far
     exact = dry(iso_in(3600.0 - time.time() % 1 + 0.25)).json()["send_at"]  # rounded up
     import datetime
 
     assert datetime.datetime.fromisoformat(exact).timestamp() % 1 == 0
+
+
+def test_schedule_valid_until_needs_send_at_and_comes_after_it(app, spool):
+    def dry(**fields):
+        return post_send(
+            app, {"mobiles": ["79680000000"], "text": "x", **fields}, "lvv",
+            query="dry_run=1",
+        )  # fmt: skip
+
+    alone = dry(valid_until="+1hour")
+    assert alone.status == 400 and "valid_until needs send_at" in alone.json()["error"]
+    before = dry(send_at="+2hour", valid_until="+1hour")
+    assert before.status == 400
+    assert "valid_until must come after send_at" in before.json()["error"]
+    assert dry(send_at="+1hour", valid_until="+1hour").status == 400
+    assert dry(send_at="+1hour", valid_until="+2hour").status == 200
+    assert spool_snapshot(spool) == {}
 
 
 def test_schedule_in_a_form_or_query_reads_plus_as_plus(app, spool):
@@ -5031,9 +5047,9 @@ def test_schedule_holds_the_file_until_its_time(app, spool):
 
 
 def test_schedule_expired_message_is_filed_as_failed_with_why(app, spool):
-    data = send(app, ["79680000000"], send_at="+1hour", valid_until="+30min").json()
+    data = send(app, ["79680000000"], send_at="+1hour", valid_until="+2hour").json()
     message_id = data["message_id"]["79680000000"]
-    app.parts.schedule.run(time.time() + 1801)
+    app.parts.schedule.run(time.time() + 7201)  # smsapi was down from send_at on
     assert os.listdir(spool["outgoing"]) == [] and os.listdir(held_dir(app)) == []
     status = status_of(app, message_id)
     valid_until = read_spool_file(spool, "failed", message_id).decode()
@@ -5054,6 +5070,31 @@ def test_schedule_a_message_still_held_when_valid_until_comes_expires(
     app.parts.schedule.run(valid_until)  # the first look since send_at: smsapi was down
     assert os.listdir(spool["outgoing"]) == []
     assert status_of(app, message_id)["status"] == "failed"
+
+
+def test_schedule_cancelled_messages_leave_nothing_behind(app, spool):
+    schedule = app.parts.schedule
+    for _ in range(300):  # each held a month ahead, and cancelled
+        message_id = sent_id(app, send_at="+30day")
+        path = f"/api/v1.0/sms/scheduled/{message_id}"
+        assert call(app, "DELETE", path, user="lvv").status == 200
+    assert schedule.count() == 0 and len(schedule.heap) <= 64
+
+
+def test_schedule_cancel_gives_the_budget_back(tmp_path, spool):
+    app = budget_app(tmp_path, spool, hour=5, day=8)
+    text = "t" * 200  # two parts
+    held = send(app, ["79680000000", "79680000001"], text, user="night", send_at="+1hour")
+    assert held.status == 201
+    for message_id in held.json()["message_id"].values():
+        path = f"/api/v1.0/sms/scheduled/{message_id}"
+        assert call(app, "DELETE", path, user="night").status == 200
+    user = app.config.users["night"]
+    assert app.parts.budgets.used(user, time.time())["max_per_hour"] == (0, 5)
+    queued = sent_id(app, text=text, user="night")  # from outgoing too
+    assert call(app, "DELETE", f"/api/v1.0/sms/outgoing/{queued}", user="night").status == 200
+    again = budget_app(tmp_path, spool, hour=5, day=8)  # and it is so after a restart
+    assert again.parts.budgets.used(user, time.time())["max_per_hour"] == (0, 5)
 
 
 def test_schedule_listing_reading_and_cancelling(app, spool):
@@ -5205,6 +5246,11 @@ def test_quiet_end_windows_days_and_dst(berlin):
     autumn = quiet_end(night, (), local_time(2026, 10, 24, 23, 0, 0))
     assert autumn - local_time(2026, 10, 24, 23, 0, 0) == 9 * 3600
     assert time.localtime(autumn)[3:5] == (7, 0)
+    # A window ending at 02:30 on the night the clock skips from 02:00 to 03:00
+    # ends at 03:00, the first moment after it, not an hour later.
+    gap = quiet_end(smsapi.as_quiet_hours("22:00-02:30"), (), local_time(2026, 3, 28, 23, 0, 0))
+    assert time.localtime(gap)[3:5] == (3, 0)
+    assert gap - local_time(2026, 3, 28, 23, 0, 0) == 3 * 3600
 
 
 @pytest.mark.parametrize(
