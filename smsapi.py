@@ -188,6 +188,9 @@ CREATED, WRITTEN, MOVED_IN, GONE, RESCAN = (
 ALERTS_OWNER = (
     "\0alerts"  # whose records a notification's are: no user's (no name has NUL)
 )
+#: The From: of what smsapi sends by itself: no user can have such a name (a
+#: colon), so none can list or cancel these messages as its own.
+HEARTBEAT_SENDER = "smsapi:heartbeat"
 HEARTBEATS = (
     "heartbeats.json"  # in state_dir: each heartbeat's last beat, and if missed
 )
@@ -846,6 +849,8 @@ OPTIONS = [
            "a beat is expected at least this often (`5min`); required"),
     option("heartbeat", "to", None, as_recipients,
            "numbers and `@group`s told when beats stop, and when they are back; required"),
+    option("heartbeat", "max_per_day", "10", as_count,
+           "notices (missed or back) sent in any 24 hours at most; past it a flapping heartbeat is logged, counted and not sent"),
     option("heartbeat", "text", None, as_template,
            "the missed text, with `$name` and `$last_beat`; unset: `heartbeat $name missed, last beat at $last_beat`"),
     option("group", "mobiles", None, as_numbers,
@@ -4976,9 +4981,11 @@ class Heartbeats:
     """Dead man's switches: each [heartbeat:NAME] expects a beat every `every`.
 
     When none came for that long, one SMS says so; when beats come back, one
-    more. The last beat and whether it is missed are kept in state_dir; after
-    a start each heartbeat gets one full period before it can fire. The
-    watcher checks them every tick; a beat comes from a request.
+    more; at most max_per_day of them in any 24 hours, so a flapping heartbeat
+    cannot flood the on-call phones (the rest are logged and counted). The
+    last beat, whether it is missed and when notices went are kept in
+    state_dir; after a start each heartbeat gets one full period before it can
+    fire. The watcher checks them every tick; a beat comes from a request.
     """
 
     def __init__(self, settings, outgoing, clock):
@@ -4989,19 +4996,25 @@ class Heartbeats:
         self.fsync = config.fsync
         self.started = clock.time()
         self.lock = threading.Lock()
+        self.counts = collections.Counter()  # (name, "sent" or "suppressed") -> notices
         saved = read_json(self.path) or {}
-        self.state = {}  # name -> {"last": time or None, "missed": bool, "retry": time}
+        self.state = {}  # name -> {"last", "missed", "notices": [times], "retry"}
         for name, state in saved.items():
             state = dict_of(state)
             last = state.get("last") if is_time(state.get("last")) else None
-            self.state[name] = {"last": last, "missed": state.get("missed") is True}
+            notices = state.get("notices") if isinstance(state.get("notices"), list) else []
+            self.state[name] = {
+                "last": last,
+                "missed": state.get("missed") is True,
+                "notices": [t for t in notices if is_time(t)],
+            }
 
     def beat(self, name, now):
         """A beat of heartbeat name; the "back" SMS if it was missed."""
         with self.lock:
-            state = self.state.setdefault(name, {"last": None, "missed": False})
+            state = self.of(name)
             state["last"] = now
-            if state["missed"] and self.tell(name, f"heartbeat {name} back", now):
+            if state["missed"] and self.notify(name, f"heartbeat {name} back", now):
                 state["missed"] = False
                 log.warning("heartbeat %s is back", name)
             self.save(sync=False)
@@ -5010,7 +5023,7 @@ class Heartbeats:
         """Tell the heartbeats' recipients of those whose beats stopped."""
         with self.lock:
             for name, heartbeat in self.settings().heartbeats.items():
-                state = self.state.setdefault(name, {"last": None, "missed": False})
+                state = self.of(name)
                 due = max(state["last"] or 0, self.started) + heartbeat.every
                 if state["missed"] or now < max(due, state.get("retry", 0)):
                     continue
@@ -5018,12 +5031,37 @@ class Heartbeats:
                 text = string_template(
                     heartbeat.text or "heartbeat $name missed, last beat at $last_beat"
                 ).safe_substitute(name=name, last_beat=last)
-                if self.tell(name, text, now):
+                if self.notify(name, text, now):
                     state["missed"] = True
                     log.error("heartbeat %s missed: no beat since %s", name, last)
                     self.save(sync=self.fsync)
                 else:
                     state["retry"] = now + 60
+
+    def of(self, name):
+        return self.state.setdefault(
+            name, {"last": None, "missed": False, "notices": []}
+        )
+
+    def notify(self, name, text, now):
+        """Send a notice, unless max_per_day were sent within the day (then log and
+        count it); False only if it cannot be written, to be tried again."""
+        state, limit = self.state[name], self.settings().heartbeats[name].max_per_day
+        state["notices"] = [t for t in state["notices"] if now - 86400 < t <= now]
+        if len(state["notices"]) >= limit:
+            self.counts[name, "suppressed"] += 1
+            log.warning(
+                "heartbeat %s: %r not sent: max_per_day (%d) notices within the day",
+                name,
+                text,
+                limit,
+            )
+            return True
+        if not self.tell(name, text, now):
+            return False
+        state["notices"].append(now)
+        self.counts[name, "sent"] += 1
+        return True
 
     def tell(self, name, text, now):
         """Queue text to the heartbeat's recipients at once; False if it cannot be written."""
@@ -5031,10 +5069,9 @@ class Heartbeats:
         entries = expand_groups(config.groups, config.heartbeats[name].to)
         numbers = dict.fromkeys(n.removeprefix("+") for n in entries)
         encoding = encode_text(text)
-        sender = "heartbeat"
         files = {
-            new_message_id(sender, now): render_message(
-                sender, number, encoding, [("Priority", "High")]
+            new_message_id(HEARTBEAT_SENDER, now): render_message(
+                HEARTBEAT_SENDER, number, encoding, [("Priority", "High")]
             )
             for number in numbers
         }
@@ -5047,18 +5084,39 @@ class Heartbeats:
     def save(self, sync):
         try:
             saved = {
-                n: {"last": s["last"], "missed": s["missed"]}
+                n: {"last": s["last"], "missed": s["missed"], "notices": s["notices"]}
                 for n, s in self.state.items()
             }
             write_json(self.path, saved, sync)
         except OSError as exc:
             log.error("cannot save %s: %s", self.path, one_line(exc))
 
-    def states(self):
-        """[(name, last beat or None, missed)] of each configured heartbeat."""
+    def states(self, now):
+        """[HeartbeatState] of each configured heartbeat, as of now."""
         with self.lock:
-            found = [(n, self.state.get(n, {})) for n in self.settings().heartbeats]
-            return [(n, s.get("last"), bool(s.get("missed"))) for n, s in found]
+            return [
+                HeartbeatState(
+                    name,
+                    state.get("last"),
+                    bool(state.get("missed")),
+                    self.counts[name, "sent"],
+                    self.counts[name, "suppressed"],
+                    sum(now - 86400 < t <= now for t in state.get("notices", ()))
+                    >= heartbeat.max_per_day,
+                )
+                for name, heartbeat in self.settings().heartbeats.items()
+                for state in [self.state.get(name, {})]
+            ]
+
+
+class HeartbeatState(
+    collections.namedtuple("HeartbeatState", "name last missed sent suppressed capped")
+):
+    """A heartbeat as /health shows it: its last beat (or None), whether it is
+    missed, the notices sent and kept back since the start, and whether
+    max_per_day holds notices back now."""
+
+    __slots__ = ()
 
 
 def beat_answer(request, heartbeats, name):
@@ -5079,17 +5137,23 @@ def post_heartbeat(request, *, heartbeats):
 
 
 def get_heartbeats(request, *, heartbeats):
-    """Each heartbeat with its last beat and state."""
-    config = request.config
+    """Each heartbeat whose recipients the caller may all send to (admins: every
+    one), with its last beat and state."""
+    config, user = request.config, request.user
     listed = [
         {
-            "name": name,
-            "every": config.heartbeats[name].every,
-            "to": list(config.heartbeats[name].to),
-            "last_beat": iso_time(last) if last else None,
-            "state": "missed" if missed else "ok",
+            "name": state.name,
+            "every": config.heartbeats[state.name].every,
+            "to": list(config.heartbeats[state.name].to),
+            "last_beat": iso_time(state.last) if state.last else None,
+            "state": "missed" if state.missed else "ok",
         }
-        for name, last, missed in heartbeats.states()
+        for state in heartbeats.states(request.now)
+        if user.admin
+        or all(
+            user.may_send_to(n.removeprefix("+"))
+            for n in expand_groups(config.groups, config.heartbeats[state.name].to)
+        )
     ]
     return Answer(HTTPStatus.OK, {"heartbeats": listed})
 
@@ -5130,7 +5194,7 @@ class Health:
         checks["queue"]["scheduled"] = self.schedule.count()
         checks.update(webhook_checks(self.webhooks.states(), now))
         checks.update(budget_checks(config, self.budgets, now))
-        checks.update(heartbeat_checks(self.heartbeats.states()))
+        checks.update(heartbeat_checks(self.heartbeats.states(now)))
         return checks
 
 
@@ -5147,43 +5211,42 @@ def health_checks(config, failed_last_hour, now):
 
 
 def heartbeat_checks(states):
-    """One check per heartbeat: warn while its beats are missed."""
-    return {
-        "heartbeat:" + name: {
-            "status": "warn" if missed else "pass",
-            "output": (
-                f"missed: no beat since {iso_time(last) if last else 'smsapi started'}"
-                if missed
-                else f"last beat at {iso_time(last) if last else 'none yet'}"
-            ),
-            "heartbeat": name,
-            "last_beat_seconds": last or 0,
+    """One check per heartbeat: warn while its beats are missed, or while it flaps
+    past max_per_day."""
+    checks = {}
+    for state in states:
+        last = iso_time(state.last) if state.last else None
+        output = (
+            f"missed: no beat since {last or 'smsapi started'}"
+            if state.missed
+            else f"last beat at {last or 'none yet'}"
+        )
+        if state.capped:
+            output += "; flapping: max_per_day notices sent within the day, no more"
+        checks["heartbeat:" + state.name] = {
+            "status": "warn" if state.missed or state.capped else "pass",
+            "output": output,
+            "heartbeat": state.name,
+            "last_beat_seconds": state.last or 0,
+            "notices": {"sent": state.sent, "suppressed": state.suppressed},
         }
-        for name, last, missed in states
-    }
+    return checks
 
 
 def budget_checks(config, budgets, now):
-    """One check per user with a budget: warn while it is used up."""
-    checks = {}
-    for user in config.users.values():
-        used = budgets.used(user, now)
-        if used:
-            full = any(spent >= limit for spent, limit in used.values())
-            words = {
-                "max_per_hour": "in the last hour",
-                "max_per_day": "in the last day",
-            }
-            output = ", ".join(
-                f"{spent} of {limit} SMS {words[key]}"
-                for key, (spent, limit) in used.items()
-            )
-            checks["budget:" + user.name] = {
-                "status": "warn" if full else "pass",
-                "output": ("used up: " if full else "") + output,
-                "user": user.name,
-            }
-    return checks
+    """One check of the users' budgets: warn while one is used up. It names no
+    user: /health needs no login."""
+    used = [budgets.used(user, now) for user in config.users.values()]
+    used = [u for u in used if u]
+    if not used:
+        return {}
+    full = sum(any(spent >= limit for spent, limit in u.values()) for u in used)
+    check = {
+        "status": "warn" if full else "pass",
+        "output": f"{full} of {len(used)} budgets used up",
+        "used_up": full,
+    }
+    return {"budgets": check}
 
 
 def webhook_checks(states, now):
@@ -5510,6 +5573,15 @@ def spool_gauges(out, checks):
             out.sample(
                 "", {"heartbeat": check["heartbeat"]}, check["last_beat_seconds"]
             )
+        out.family(
+            "smsapi_heartbeat_notices_total",
+            "counter",
+            "Missed and back notices: sent, or kept back by max_per_day.",
+        )
+        for check in beats:
+            for outcome, count in check["notices"].items():
+                labels = {"heartbeat": check["heartbeat"], "outcome": outcome}
+                out.sample("", labels, count)
 
 
 def webhook_samples(out, checks):

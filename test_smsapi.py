@@ -4345,12 +4345,12 @@ def test_budget_counts_parts_times_recipients_and_refuses_with_429(tmp_path, spo
     assert (
         send(app, ["79680000003"], "one", user="night", send_at="+1hour").status == 429
     )
-    checks = call(app, "GET", "/api/v1.0/health").json()["checks"]
-    assert checks["budget:night"]["status"] == "warn"
-    assert checks["budget:night"]["output"].startswith(
-        "used up: 5 of 5 SMS in the last hour"
-    )
-    assert "budget:lvv" not in checks
+    answer = call(app, "GET", "/api/v1.0/health")
+    assert answer.json()["checks"]["budgets"]["status"] == "warn"
+    assert answer.json()["checks"]["budgets"]["output"] == "1 of 1 budgets used up"
+    monitoring = call(app, "GET", "/api/v1.0/monitoring")
+    for open_answer in (answer, monitoring):  # no user's name without a login
+        assert b"night" not in open_answer.body and b"lvv" not in open_answer.body
     again = budget_app(tmp_path, spool)  # a restart: the budget is still used up
     assert send(again, ["79680000003"], "one", user="night").status == 429
 
@@ -4678,7 +4678,7 @@ def test_alert_real_alerts_grouped_with_the_watchdog_are_sent(alert_app, spool):
     answer = post_alert(alert_app, grouped, "to=@oncall&heartbeat=monitoring")
     assert answer.status == 201
     assert set(texts_in(spool).values()) == {"FIRING:1 DatabaseDown db1: db1 is down"}
-    assert alert_app.parts.heartbeats.states()[0][1] is not None  # and a beat
+    assert alert_app.parts.heartbeats.states(time.time())[0].last is not None  # and a beat
     refused = post_alert(alert_app, grouped, "heartbeat=monitoring")  # nowhere to send
     assert refused.status == 400 and "to=" in refused.json()["error"]
 
@@ -4820,10 +4820,51 @@ def test_heartbeat_beats_listing_and_permissions(alert_app, spool):
     listed = call(alert_app, "GET", "/api/v1.0/heartbeats", user="lvv").json()[
         "heartbeats"
     ]
-    assert [h["name"] for h in listed] == ["monitoring", "abroad"]
+    assert [h["name"] for h in listed] == ["monitoring"]  # not abroad: lvv may not
     assert listed[0]["every"] == 300 and listed[0]["to"] == ["@oncall"]
     assert listed[0]["state"] == "ok" and datetime_with_offset(listed[0]["last_beat"])
+    everything = call(alert_app, "GET", "/api/v1.0/heartbeats", user="root").json()
+    assert [h["name"] for h in everything["heartbeats"]] == ["monitoring", "abroad"]
     assert spool_snapshot(spool) == {}
+
+
+def test_heartbeat_messages_belong_to_no_user_whatever_its_name(tmp_path, spool):
+    extra = ALERTING + f"\n[user:heartbeat]\npassword = {HASHES['lvv']}\nadmin = no"
+    app = smsapi.Application(smsapi.load_config(write_ini(tmp_path, spool, extra=extra)))
+    app.parts.heartbeats.check(time.time() + 3600)
+    ids = os.listdir(spool["outgoing"])
+    assert ids and all(
+        smsapi.parse_message(read_spool_file(spool, "outgoing", i))[0]["From"]
+        == "smsapi:heartbeat"
+        for i in ids
+    )
+    headers = basic("heartbeat", PASSWORDS["lvv"])
+    listing = call(app, "GET", "/api/v1.0/sms/outgoing/", headers=headers).json()
+    assert listing["message_id"] == []
+    for message_id in ids:
+        path = f"/api/v1.0/sms/outgoing/{message_id}"
+        assert call(app, "GET", path, headers=headers).status == 404
+        assert call(app, "DELETE", path, headers=headers).status == 404
+
+
+def test_heartbeat_flapping_is_capped_and_counted(tmp_path, spool, caplog, clock):
+    extra = GROUPS + "\n[heartbeat:flaky]\nevery = 1min\nto = @oncall\nmax_per_day = 4"
+    app = smsapi.Application(
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra)), clock=clock
+    )
+    beats = app.parts.heartbeats
+    for _ in range(5):  # missed, back: ten changes
+        clock.advance(61)
+        beats.check(clock.now)
+        clock.advance(1)
+        assert call(app, "POST", "/api/v1.0/heartbeats/flaky", user="lvv").status == 200
+    assert len(os.listdir(spool["outgoing"])) == 4 * 2  # four notices, to two numbers
+    assert caplog.text.count("not sent: max_per_day") == 6
+    text = call(app, "GET", "/metrics").body.decode()
+    assert 'smsapi_heartbeat_notices_total{heartbeat="flaky",outcome="sent"} 4' in text
+    assert 'smsapi_heartbeat_notices_total{heartbeat="flaky",outcome="suppressed"} 6' in text
+    check = call(app, "GET", "/api/v1.0/health").json()["checks"]["heartbeat:flaky"]
+    assert check["status"] == "warn" and "flapping" in check["output"]
 
 
 def test_heartbeat_missed_then_back_once_each_across_a_restart(
@@ -4872,7 +4913,7 @@ def test_heartbeat_missed_then_back_once_each_across_a_restart(
     assert last == clock.now
     for name in os.listdir(spool["outgoing"]):
         os.remove(os.path.join(spool["outgoing"], name))
-    last_beat = again.parts.heartbeats.states()[0][1]
+    last_beat = again.parts.heartbeats.states(time.time())[0].last
     again.parts.heartbeats.check(last_beat + 61)
     assert texts_in(spool)["79160000000"].startswith(
         "heartbeat monitoring missed, last beat at 20"
@@ -4888,7 +4929,7 @@ def test_heartbeat_from_alertmanagers_watchdog_sends_nothing(alert_app, spool):
         response = post_alert(alert_app, watchdog, "heartbeat=monitoring")
         assert response.status == 200 and response.json()["heartbeat"] == "monitoring"
     assert spool_snapshot(spool) == {}
-    first = alert_app.parts.heartbeats.states()[0][1]
+    first = alert_app.parts.heartbeats.states(time.time())[0].last
     assert first and time.time() - first < 5
     resolved = notification([alert("Watchdog", status="resolved", n=9)], "resolved")
     assert (
