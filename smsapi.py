@@ -89,6 +89,9 @@ if not os.path.exists(README):
     README = "/usr/local/share/doc/smsapi/README.md"
 SMSD_PIDFILE = "/var/run/smsd.pid"  # smsd's default when smsd.conf names none
 EX_CONFIG = 78  # sysexits.h: configuration error
+SECTION_HEADER = re.compile(
+    r"\s*\[([^\]]*)\]\s*(?:[;#].*)?"
+)  # an INI section, a comment after
 
 # -- names and numbers a request or a file may hold ---------------------------
 
@@ -107,7 +110,7 @@ MOBILE = re.compile(r"[1-9][0-9]{2,14}", re.ASCII)
 RECIPIENT = re.compile(rf"\+?(?:{MOBILE.pattern})|@{USER_NAME.pattern}", re.ASCII)
 MOBILE_SEPARATORS = re.compile(r"[\s().-]")
 LEADING_SPACE = re.compile(r"^ (?=[0-9])")
-MOBILE_PATTERN = re.compile(r"[0-9]{1,15}\*?", re.ASCII)
+MOBILE_PATTERN = re.compile(r"[0-9]{0,15}\*|[0-9]{1,15}", re.ASCII)  # * alone: any
 DURATION = re.compile(r"([0-9]{1,9})\s*(s|min|hour|day)?", re.ASCII)
 DURATION_UNITS = {"s": 1, "min": 60, "hour": 3600, "day": 86400}
 #: send_at and valid_until: a delay from now, +N and a unit; else an ISO 8601 time.
@@ -171,6 +174,9 @@ JOURNAL = "reports.journal"  # the delivery report index, in state_dir
 REBUILD_CHUNK = 2000  # sent files read per tick when catching up
 CLOCK_MARGIN = 5.0  # seconds before the journal's last clock that a restart reads again
 SETTLE = 1.0  # seconds a polled file must stand unchanged before it is read
+#: Seconds a changed config that drops sections or widens rights must stand
+#: unchanged before it is taken (SIGHUP takes it at once).
+CONFIG_CAREFUL = 10
 RETENTION_EVERY = 300  # seconds between passes that remove old files
 RETENTION_CHUNK = 5000  # files removed in one pass at most
 #: What the change stream says of a name: it appeared, was written and closed,
@@ -538,8 +544,11 @@ def as_queues(value):
 
 
 def as_mobile_patterns(value):
-    """Space- or comma-separated numbers, each may end in * (a prefix)."""
+    """Space- or comma-separated numbers, each may end in * (a prefix); * alone is
+    any number. Nothing at all is an error: a line cut short must not mean any."""
     patterns = tuple(p.lstrip("+") for p in value.replace(",", " ").split())
+    if not patterns:
+        raise ValueError("empty: write `mobiles = *` for any number")
     for pattern in patterns:
         if not MOBILE_PATTERN.fullmatch(pattern):
             raise ValueError(
@@ -819,8 +828,8 @@ OPTIONS = [
            "how long `Idempotency-Key` records live"),
     option("user", "password", None, as_password_hash,
            "hash from `smsapi.py hash-password`; required unless `unix_users`"),
-    option("user", "mobiles", "", as_mobile_patterns,
-           "allow-list: numbers, or prefixes ending in `*` (`79680000000 7916*`); empty: any"),
+    option("user", "mobiles", None, as_mobile_patterns,
+           "allow-list: numbers, or prefixes ending in `*` (`79680000000 7916*`); `*`: any; unset: any; empty: an error"),
     option("user", "admin", "no", as_bool,
            "may read, list and delete every message, and read the inbox"),
     option("user", "inbox", "no", as_bool,
@@ -911,7 +920,7 @@ class User(types.SimpleNamespace):
         super().__init__(name=name, **{**defaults("user"), **options})
 
     def may_send_to(self, mobile):
-        """True when the normalised number is on this user's allow-list."""
+        """True when the normalised number is on this user's allow-list (none: any)."""
         if not self.mobiles:
             return True
         return any(
@@ -1129,6 +1138,44 @@ def unix_user_map(path, users, problems):
                 )
             mapping.setdefault(name, user)
     return mapping
+
+
+def loosened(old, new):
+    """What a new config gives up of the one in use, each as a phrase for the log:
+    the sections it no longer has, and what it lets a user do that the old one
+    did not. A file caught half-written does one or the other."""
+    found = [
+        f"drops [{kind[:-1]}:{name}]"
+        for kind in ("users", "webhooks", "groups", "heartbeats")
+        for name in getattr(old, kind)
+        if name not in getattr(new, kind)
+    ]
+    for name, user in new.users.items():
+        before = old.users.get(name)
+        if before is None:
+            continue  # a new user widens nobody's rights
+        if any(not covered(p, before.mobiles) for p in user.mobiles or ["*"]):
+            found.append(f"lets [user:{name}] send to numbers it could not")
+        for key in ("admin", "inbox", "metrics"):
+            if getattr(user, key) and not getattr(before, key):
+                found.append(f"makes [user:{name}] {key}")
+        for key in ("max_per_hour", "max_per_day"):
+            limit, was = getattr(user, key), getattr(before, key)
+            if was is not None and (limit is None or limit > was):
+                found.append(f"raises [user:{name}] {key}")
+        if set(user.unix_users) - set(before.unix_users):
+            found.append(f"maps more local accounts to [user:{name}]")
+    return found
+
+
+def covered(pattern, patterns):
+    """True when every number pattern matches is matched by one of patterns (none: any)."""
+    if not patterns:
+        return True
+    digits = pattern.rstrip("*")
+    return any(
+        digits.startswith(p[:-1]) if p.endswith("*") else p == pattern for p in patterns
+    )
 
 
 def spool_settings(path, spool, problems):
@@ -5002,7 +5049,9 @@ class Heartbeats:
         for name, state in saved.items():
             state = dict_of(state)
             last = state.get("last") if is_time(state.get("last")) else None
-            notices = state.get("notices") if isinstance(state.get("notices"), list) else []
+            notices = (
+                state.get("notices") if isinstance(state.get("notices"), list) else []
+            )
             self.state[name] = {
                 "last": last,
                 "missed": state.get("missed") is True,
@@ -6592,6 +6641,7 @@ class Application:
     ):
         self.parts = Parts(config, clock, inotify, interval, health_every)
         self.clock = self.parts.clock
+        self.waiting = None  # what a changed config gives up, while it is not taken
         self.handlers = {r.handler: self.bind(r.handler) for r in ROUTES}
 
     @property
@@ -6620,11 +6670,15 @@ class Application:
         """Stop the watcher: requests still waiting for smsd are answered now."""
         self.parts.watcher.stop()
 
-    def reload(self, path):
-        """Take users, permissions and limits from the config file anew (SIGHUP).
+    def reload(self, path, stood=None):
+        """Take users, permissions and limits from the config file anew: True when
+        taken, False when refused (its problems are logged; the one in use stays).
 
-        A config with problems is refused, and the one in use stays. What only
-        a restart can change (addresses, threads, spool, state) is kept.
+        On SIGHUP (stood None) the file is taken as it is. When the file watcher
+        saw it change, it has stood unchanged for `stood` seconds: a config that
+        drops sections or widens a user's rights, which is what a file caught
+        half-written looks like, waits until it has stood for CONFIG_CAREFUL
+        (None: not yet). What only a restart can change is kept.
         """
         try:
             new = load_config(path)
@@ -6632,6 +6686,18 @@ class Application:
             for problem in exc.problems:
                 log.error("reload refused: %s", problem)
             return False
+        given_up = loosened(self.config, new)
+        if stood is not None and stood < CONFIG_CAREFUL and given_up:
+            if self.waiting != given_up:
+                self.waiting = given_up
+                log.warning(
+                    "%s changed: it %s; taken if it stands %d s unchanged",
+                    path,
+                    ", ".join(given_up),
+                    CONFIG_CAREFUL,
+                )
+            return None
+        self.waiting = None
         kept = {key: getattr(self.config, key) for key in RESTART_ONLY}
         for key, value in kept.items():
             if getattr(new, key) != value:
@@ -6726,6 +6792,7 @@ def serve(config):
     path = os.path.abspath(config.path)
     log.info("smsapi %s: config %s, %d users", __version__, path, len(config.users))
     clean_temp_files(config)
+    warn_if_readable(config)
     if not config.users:
         log.warning("no [user:NAME] sections: every message request will be refused")
     try:
@@ -6755,6 +6822,20 @@ def serve(config):
                 remove_quietly(path)
 
 
+def warn_if_readable(config):
+    """Log a warning when every local user may read a config that holds password
+    hashes or webhook secrets."""
+    with contextlib.suppress(OSError):
+        secrets = any(u.password for u in config.users.values()) or config.webhooks
+        if secrets and os.stat(config.path).st_mode & stat.S_IROTH:
+            log.warning(
+                "%s is readable by every local user and holds password hashes or"
+                " webhook secrets: chmod o-rwx %s",
+                config.path,
+                config.path,
+            )
+
+
 class Signals:
     """What signals ask of the main loop: plain flags, as a handler can interrupt any code."""
 
@@ -6772,17 +6853,17 @@ class Signals:
 def run_until_stopped(step, app, signals):
     """Call step() (one turn of a server loop) until a stop signal; reload on SIGHUP
     and when the config file changes (add-user, an editor)."""
-    config_file = ConfigFile(app.config.path, app.clock)
+    config_file, changed = ConfigFile(app.config.path, app.clock), False
     while not signals.stopping:
         step()
         if config_file.changed():
             log.info("%s changed: reloading it", app.config.path)
-            signals.reloading = True
-        if signals.reloading:
-            signals.reloading = False
+            changed = True
+        if signals.reloading or changed:
+            stood = None if signals.reloading else config_file.stood()
             sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-            app.reload(app.config.path)
-            config_file.stamp = config_stamp(app.config.path)
+            changed = app.reload(app.config.path, stood) is None
+            signals.reloading = False
             sd_notify("READY=1")
     sd_notify("STOPPING=1")
     log.info("stopping: finishing the requests in progress")
@@ -6805,7 +6886,7 @@ class ConfigFile:
             self.pending = None
             return False
         if self.stamp is None or now[2] != self.stamp[2]:  # replaced whole
-            self.stamp, self.pending = now, None
+            self.stamp, self.pending, self.since = now, None, -math.inf
             return True
         if now != self.pending:
             self.pending, self.since = now, self.clock.monotonic()
@@ -6814,6 +6895,11 @@ class ConfigFile:
             return False
         self.stamp, self.pending = now, None
         return True
+
+    def stood(self):
+        """Seconds the file has stood unchanged, as far as this watch has seen
+        (infinity: it was replaced whole, so it is whole)."""
+        return self.clock.monotonic() - self.since
 
 
 def config_stamp(path):
@@ -7385,7 +7471,10 @@ def read_password(confirm):
 def add_user_command(name, admin, path):
     """Add [user:NAME] to the config at path, or give it a new password; comments stay.
 
-    The running server reads the changed file within two seconds.
+    Through a symlink it writes the file the link points to; add-users run at
+    once take turns; a config every local user could read is made 0640 (it
+    holds a password hash now). The running server reads the changed file
+    within two seconds.
     """
     if not USER_NAME.fullmatch(name):
         print(
@@ -7397,37 +7486,51 @@ def add_user_command(name, admin, path):
     if not password:
         print("add-user: no password given", file=sys.stderr)
         return 1
+    path = os.path.realpath(path)
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except OSError as exc:
-        print(f"add-user: cannot read {path}: {one_line(exc)}", file=sys.stderr)
-        return EX_CONFIG
-    changed = with_user(text, name, hash_password(password), admin)
-    try:
-        replace_keeping_mode(path, changed.encode())
+        with locked_directory(path):
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+            changed, existed = with_user(text, name, hash_password(password), admin)
+            replace_keeping_mode(path, changed.encode(), private=True)
     except OSError as exc:
         print(
-            f"add-user: cannot write {path}: {one_line(exc)} (sudo?)", file=sys.stderr
+            f"add-user: cannot change {path}: {one_line(exc)} (sudo?)", file=sys.stderr
         )
-        return 1
-    print(f"{path}: user {name} {'updated' if f'[user:{name}]' in text else 'added'}")
+        return EX_CONFIG if exc.errno in (errno.ENOENT, errno.EISDIR) else 1
+    print(f"{path}: user {name} {'updated' if existed else 'added'}")
     return 0
 
 
+@contextlib.contextmanager
+def locked_directory(path):
+    """Hold the lock of the directory of path: one add-user at a time in it."""
+    import fcntl
+
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def with_user(text, name, password_hash, admin):
-    """The config text with [user:NAME]'s password (and admin) set, all else as it was."""
-    lines, header = text.splitlines(), f"[user:{name}]"
-    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+    """(the config text with [user:NAME]'s password, and admin, set, all else as it
+    was; whether the section was there). A header may carry a comment; a
+    commented-out section is not one."""
+    lines, header = text.splitlines(), f"user:{name}"
+    headers = [i for i, line in enumerate(lines) if SECTION_HEADER.fullmatch(line)]
+    start = next(
+        (i for i in headers if SECTION_HEADER.fullmatch(lines[i]).group(1) == header),
+        None,
+    )
     if start is None:
-        settings = [header, "password = " + password_hash] + (
+        settings = [f"[{header}]", "password = " + password_hash] + (
             ["admin = yes"] if admin else []
         )
-        return text.rstrip("\n") + "\n\n" + "\n".join(settings) + "\n"
-    end = next(
-        (i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
-        len(lines),
-    )
+        return text.rstrip("\n") + "\n\n" + "\n".join(settings) + "\n", False
+    end = next((i for i in headers if i > start), len(lines))
     section = [
         line for line in lines[start + 1 : end] if not setting_of(line, "password")
     ]
@@ -7436,7 +7539,7 @@ def with_user(text, name, password_hash, admin):
             "admin = yes"
         ]
     lines[start + 1 : end] = ["password = " + password_hash, *section]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", True
 
 
 def setting_of(line, key):
@@ -7445,15 +7548,14 @@ def setting_of(line, key):
     return bool(separator) and name.strip().lower() == key
 
 
-def replace_keeping_mode(path, data):
+def replace_keeping_mode(path, data, private=False):
     """Write data over path durably (write_files), with the file's owner, group
-    and mode kept."""
+    and mode kept; private: without what the mode gave every other user."""
     status = os.stat(path)
+    mode = stat.S_IMODE(status.st_mode) & (~0o007 if private else 0o7777)
     directory, name = os.path.split(path)
     owner = (status.st_uid, status.st_gid)
-    write_files(
-        directory or ".", {name: data}, True, stat.S_IMODE(status.st_mode), owner=owner
-    )
+    write_files(directory or ".", {name: data}, True, mode, owner=owner)
 
 
 if __name__ == "__main__":

@@ -461,24 +461,133 @@ def test_live_a_user_added_while_the_server_runs_can_send_at_once(
     assert len(os.listdir(spool["outgoing"])) == 1
 
 
-def test_config_file_change_is_told_once_whole(tmp_path):
+def test_config_file_change_is_told_once_whole(tmp_path, clock):
     path = tmp_path / "smsapi.ini"
     path.write_text("[server]\n[user:lvv]\n")
-    watch = smsapi.ConfigFile(str(path), smsapi.Clock(), settle=0.3)
+    watch = smsapi.ConfigFile(str(path), clock, settle=0.3)
     assert not watch.changed()
     with open(path, "w") as file:  # written in place: caught truncated, say
         assert not watch.changed()
+        clock.advance(0.2)
         assert not watch.changed()  # still the same, but not for long enough
-        time.sleep(0.1)
         file.write("[server]\n[user:lvv]\n[user:ann]\n")
     assert not watch.changed()  # it moved: its time starts again
-    time.sleep(0.35)
+    clock.advance(0.2)
+    assert not watch.changed()
+    clock.advance(0.2)
     assert watch.changed()  # stood still long enough: whole now
+    assert watch.stood() >= 0.3
     assert not watch.changed()
     replacement = tmp_path / "new.ini"
     replacement.write_text("[server]\n[user:ann]\n")
     os.replace(replacement, path)  # replaced whole (add-user): told at once
     assert watch.changed() and not watch.changed()
+
+
+def reload_after(app, path, text, stood):
+    """Write text over the config in place, and reload it as the file watcher
+    would once it stood that long: True, False (refused), or None (not yet)."""
+    with open(path, "w") as file:
+        file.write(text)
+    return app.reload(path, stood=stood)
+
+
+def test_config_reload_that_drops_or_widens_waits_for_a_file_that_stood(
+    tmp_path, spool, caplog
+):
+    path = write_ini(tmp_path, spool)
+    app = smsapi.Application(smsapi.load_config(path))
+    whole = pathlib.Path(path).read_text()
+    half = whole[: whole.index("mobiles = 7968*")]  # a writer paused before the line
+    assert reload_after(app, path, half, stood=2) is None
+    assert app.config.users["lvv"].mobiles == ("7968*", "79160000000")
+    assert "drops [user:ann]" in caplog.text and "lets [user:lvv] send to" in caplog.text
+    assert send(app, ["79001234567"]).status == 403  # lvv's rights have not widened
+    assert reload_after(app, path, whole.replace("7968* ", ""), stood=2)  # narrows
+    assert app.config.users["lvv"].mobiles == ("79160000000",)
+    assert reload_after(app, path, half, stood=10) is True  # it stood: meant so
+    assert "ann" not in app.config.users
+    assert app.reload(path) is True  # SIGHUP: the operator says it is whole
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_config_an_empty_allow_list_is_an_error_and_star_means_any(
+    tmp_path, spool, value
+):
+    extra = f"\n[user:wide]\npassword = {HASHES['lvv']}\nmobiles ="
+    problems = config_problems(write_ini(tmp_path, spool), extra + value)
+    assert any("[user:wide] mobiles: empty: write `mobiles = *`" in p for p in problems)
+    path = write_ini(tmp_path, spool, extra=extra + " *")
+    app = smsapi.Application(smsapi.load_config(path))
+    body = {"mobiles": ["79001234567"], "text": "any number"}
+    assert post_send(app, body, headers=basic("wide", PASSWORDS["lvv"])).status == 201
+
+
+def test_add_user_finds_a_section_whose_header_has_a_comment(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    with open(path, "a") as file:
+        file.write("[user:ops]   ; the on-call scripts\npassword = " + HASHES["ann"] + "\n")
+    result = add_user(path, "ops", "new-pass")
+    assert result.returncode == 0 and "user ops updated" in result.stdout
+    assert pathlib.Path(path).read_text().count("[user:ops]") == 1
+    config = smsapi.load_config(path)
+    assert smsapi.Authenticator().check(config.users, "ops", "new-pass")
+
+
+def test_add_user_says_added_and_leaves_a_commented_example_alone(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    with open(path, "a") as file:
+        file.write(";[user:newbie]\n;password = $scrypt$...\n")
+    result = add_user(path, "newbie", "pass")
+    assert result.returncode == 0 and "user newbie added" in result.stdout
+    text = pathlib.Path(path).read_text()
+    assert ";[user:newbie]\n;password = $scrypt$...\n" in text
+    assert "newbie" in smsapi.load_config(path).users
+
+
+def test_add_user_through_a_symlink_writes_the_file_it_points_to(tmp_path, spool):
+    real = write_ini(tmp_path, spool)
+    link = tmp_path / "link.ini"
+    link.symlink_to(real)
+    assert add_user(str(link), "newbie", "pass").returncode == 0
+    assert link.is_symlink() and "[user:newbie]" in pathlib.Path(real).read_text()
+
+
+def test_add_user_eight_at_once_keep_all_eight(tmp_path, spool):
+    path = write_ini(tmp_path, spool)
+    command = [sys.executable, os.path.join(HERE, "smsapi.py"), "add-user"]
+    runs = [
+        subprocess.Popen(
+            [*command, f"user{n}", "--config", path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(8)
+    ]
+    for run in runs:  # all of them read, hash and write at once
+        run.stdin.write("pass\n")
+        run.stdin.close()
+    for run in runs:
+        assert run.wait(60) == 0
+        run.stdout.close()
+    users = smsapi.load_config(path).users
+    assert {f"user{n}" for n in range(8)} <= set(users)
+
+
+def test_config_readable_by_everyone_is_warned_of_and_add_user_closes_it(
+    tmp_path, spool
+):
+    path = write_ini(tmp_path, spool)
+    os.chmod(path, 0o644)
+    server = Server(path, tmp_path)
+    try:
+        wait_until(lambda: "listening on" in server.output(), what="the start")
+        assert f"{path} is readable by every local user" in server.output()
+    finally:
+        server.stop()
+    assert add_user(path, "newbie", "pass").returncode == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
 
 
 def test_install_script_places_files_and_keeps_the_config(tmp_path):
