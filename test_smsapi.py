@@ -370,10 +370,11 @@ smsd_conf =
 
 
 def test_config_with_user_keeps_comments_and_other_settings():
-    added = smsapi.with_user(SHIPPED_LIKE, "cron", "new-hash", admin=False)
-    assert added.startswith(SHIPPED_LIKE.rstrip("\n"))
+    added, existed = smsapi.with_user(SHIPPED_LIKE, "cron", "new-hash", admin=False)
+    assert added.startswith(SHIPPED_LIKE.rstrip("\n")) and not existed
     assert added.endswith("\n[user:cron]\npassword = new-hash\n")
-    changed = smsapi.with_user(SHIPPED_LIKE, "lvv", "new-hash", admin=True)
+    changed, existed = smsapi.with_user(SHIPPED_LIKE, "lvv", "new-hash", admin=True)
+    assert existed
     assert "; the on-call phone" in changed and "mobiles = 7968*" in changed
     assert "old-hash" not in changed and changed.count("password = new-hash") == 1
     section = changed.split("[user:lvv]")[1].split("[spool]")[0]
