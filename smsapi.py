@@ -246,6 +246,7 @@ STATUS_LINES = {status: f"{status.value} {status.phrase}" for status in HTTPStat
 # -- serving -----------------------------------------------------------------
 
 PEER_UID = "smsapi.peer_uid"  # WSGI environ key: the uid of a unix-socket caller
+TURN = "smsapi.turn"  # WSGI environ key: the server gave it its user's slow-lane turn
 BACKLOG = 1024  # connections the kernel holds for us before accept()
 SD_LISTEN_FDS_START = 3  # the first socket systemd hands over (sd_listen_fds(3))
 STOP_GRACE = 10.0  # seconds requests in progress get to finish after SIGTERM
@@ -1938,14 +1939,17 @@ class Failures:
 class Throttle:
     """Slows password guessing down, per client address and per user name.
 
-    Ten failures within a minute from one address block that address. Ten
-    for one user block that user from the addresses that failed for it, so
-    the real user elsewhere keeps working. Thirty for one user from all
-    addresses together (many addresses guessing one password) block that user
-    everywhere but from the addresses it logged in from before. Every attempt
-    while blocked counts too and doubles the delay, up to 15 minutes; it
-    costs no scrypt. Memory is bounded: names are kept as short digests, and
-    past MAX_ENTRIES the least recently failing keys are forgotten.
+    Ten failures within a minute from one address block that address: every
+    attempt while blocked counts too and doubles the delay, up to 15 minutes;
+    it costs no scrypt. Thirty for one user from all addresses together (many
+    addresses guessing one password) put that user in the slow lane: from
+    every address but those it logged in from before, one password check a
+    second goes through (the waitress server holds the others, without a
+    thread, until their turn; else they get 429 and Retry-After: 1). A guesser
+    gets one guess a second; the real user gets in late, never not at all,
+    and from its own addresses at once. Memory is bounded: names are kept as
+    short digests, and past MAX_ENTRIES the least recently failing keys are
+    forgotten.
     """
 
     MAX_ENTRIES = 10_000
@@ -1957,28 +1961,51 @@ class Throttle:
         self.lock = threading.Lock()
         self.counters = collections.OrderedDict()  # key -> Failures, oldest first
         self.trusted = {}  # user digest -> [addresses it logged in from]
+        self.turns = {}  # user digest -> when its next check in the slow lane may go
         self.quiet = True  # no failure yet: nothing to look up
 
-    def retry_after(self, address, user):
-        """Whole seconds the caller must wait before trying again, or 0."""
+    def retry_after(self, address, user, turn=False):
+        """Whole seconds the caller must wait before trying again, or 0 to go on.
+        turn: the server already gave this request its user's check of the second."""
         if self.quiet:
             return 0
         now, user = self.clock.monotonic(), name_digest(user)
         with self.lock:
-            keys = [("address", address)]
-            if self.live(("pair", user, address), now) or self.over_budget(
-                user, address, now
-            ):
-                keys.append(("user", user))
-            blocked = [
-                k for k in keys if k in self.counters and self.counters[k].until > now
-            ]
-            if not blocked:
+            blocked = self.blocked(address, now)
+            if blocked:
+                for key in blocked:  # hammering while blocked makes it longer
+                    self.count(key, now)
+                wait = max(self.counters[k].until - now for k in blocked)
+                return max(1, math.ceil(round(wait, 3)))  # now + 900 - now: 900.0001
+            if turn or not self.over_budget(user, address, now):
                 return 0
-            for key in blocked:  # hammering while blocked makes it longer
-                self.count(key, now)
-            wait = max(self.counters[k].until - now for k in blocked)
-            return max(1, math.ceil(round(wait, 3)))  # now + 900 - now may be 900.0001
+            return 0 if self.take_turn(user, now) else 1
+
+    def blocked(self, address, now):
+        """The keys that block address now: its own (under the lock)."""
+        key = ("address", address)
+        return [key] if key in self.counters and self.counters[key].until > now else []
+
+    def slow(self, address, name):
+        """True when a request by address for the user name must wait its turn."""
+        if self.quiet:
+            return False
+        now, user = self.clock.monotonic(), name_digest(name)
+        with self.lock:
+            return self.over_budget(user, address, now) and not self.blocked(
+                address, now
+            )
+
+    def turn(self, name):
+        """Take the slow lane's check of this second for the user name: True if free."""
+        with self.lock:
+            return self.take_turn(name_digest(name), self.clock.monotonic())
+
+    def take_turn(self, user, now):
+        if now < self.turns.get(user, 0.0):
+            return False
+        self.turns[user] = now + 1.0
+        return True
 
     def over_budget(self, user, address, now):
         """True when user failed too often from everywhere, and address is not its own."""
@@ -1995,7 +2022,7 @@ class Throttle:
         now, user = self.clock.monotonic(), name_digest(user)
         with self.lock:
             self.quiet = False
-            for key in (("address", address), ("user", user), ("pair", user, address)):
+            for key in (("address", address), ("user", user)):
                 self.count(key, now)
             if len(self.counters) > self.MAX_ENTRIES:
                 self.prune(now)
@@ -2029,6 +2056,7 @@ class Throttle:
         """Forget what expired; if that is not enough, the least recently failing."""
         for key in [k for k in self.counters if not self.live(k, now)]:
             del self.counters[key]
+        self.turns = {u: t for u, t in self.turns.items() if t > now}
         while len(self.counters) > self.MAX_ENTRIES * 3 // 4:
             self.counters.popitem(last=False)
 
@@ -2050,11 +2078,19 @@ def client_address(request):
     the address the proxy appended to X-Forwarded-For (if it is one)."""
     if PEER_UID in request.environ:
         return f"uid:{request.environ[PEER_UID]}"
-    address = request.environ.get("REMOTE_ADDR", "")
-    if address in request.config.trusted_proxies:
-        forwarded = request.header("X-Forwarded-For").split(",")[-1].strip()
+    return forwarded_for(
+        request.environ.get("REMOTE_ADDR", ""),
+        request.header("X-Forwarded-For"),
+        request.config.trusted_proxies,
+    )
+
+
+def forwarded_for(address, forwarded, trusted_proxies):
+    """address, or behind a trusted proxy the valid address it appended last."""
+    if address in trusted_proxies:
         with contextlib.suppress(ValueError):
-            address = str(ipaddress.ip_address(forwarded[:64]))
+            last = forwarded.split(",")[-1].strip()[:64]
+            return str(ipaddress.ip_address(last))
     return address
 
 
@@ -2068,26 +2104,34 @@ def is_local(request):
         return False
 
 
+def basic_credentials(header):
+    """(user name, password) of an Authorization header; (None, None) if it is not
+    Basic, and a name that says so without a password if it is malformed."""
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        decoded = ""
+    name, colon, password = decoded.partition(":")
+    if not colon:  # no "name:password": never log what might be a password
+        return "(malformed credentials)", None
+    return name, password
+
+
 def authenticate(request, authenticator, throttle):
     """Set request.user from the Authorization header, or raise 401 (429 when throttled)."""
-    scheme, _, credentials = request.header("Authorization").strip().partition(" ")
-    name, password = "", None
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(credentials.strip(), validate=True).decode(
-                "utf-8"
-            )
-        except (binascii.Error, ValueError):
-            decoded = ""
-        name, colon, password = decoded.partition(":")
-        if not colon:  # no "name:password": never log what might be a password
-            name, password = "(malformed credentials)", None
+    header = request.header("Authorization")
+    scheme = header.strip().partition(" ")[0]
+    name, password = basic_credentials(header)
+    name = name or ""
     if not scheme:  # a local account the kernel vouches for: no password to guess
         request.user = unix_peer_user(request)
         if request.user is not None:
             return
     address = client_address(request)
-    wait = throttle.retry_after(address, name)
+    wait = throttle.retry_after(address, name, bool(request.environ.get(TURN)))
     if wait:
         log.warning("throttled: %s for user %s", escape(address), logged_name(name))
         raise ApiError(
@@ -7039,7 +7083,7 @@ class WaitressServer:
                 channel_timeout=config.channel_timeout,
                 cleanup_interval=1,  # how often maintain() looks at the connections
                 asyncore_use_poll=True,  # select() stops at 1024 descriptors
-                _dispatcher=self.dispatcher(),
+                _dispatcher=self.dispatcher(app),
             )
             for group in (tcp, unix)
             if group
@@ -7064,6 +7108,7 @@ class WaitressServer:
         for listener in listeners:  # accept no more, without closing waitress's trigger
             wasyncore.dispatcher.close(listener)
             listener.task_dispatcher.release_held(everything=True)
+            listener.task_dispatcher.release_waiting(everything=True)
         app.close()  # requests that wait for smsd answer now
         deadline = time.monotonic() + STOP_GRACE
         while time.monotonic() < deadline and any(map(self.is_busy, channels.values())):
@@ -7074,22 +7119,26 @@ class WaitressServer:
         return 0
 
     def channel_class(self, unix):
-        """waitress's connection class, knowing when its request began (and, on the
-        unix socket, the caller's uid)."""
+        """waitress's connection class, knowing when its request began, on the unix
+        socket the caller's uid, and which request has its user's slow-lane turn."""
         import waitress.channel
         import waitress.task
 
-        class UnixTask(waitress.task.WSGITask):
+        class Task(waitress.task.WSGITask):
             def get_environment(self):
                 environ = super().get_environment()
-                environ[PEER_UID] = self.channel.peer_uid
+                if self.channel.peer_uid is not None:
+                    environ[PEER_UID] = self.channel.peer_uid
+                if self.channel.turn is self.request:
+                    environ[TURN] = True
                 return environ
 
         class Channel(waitress.channel.HTTPChannel):
-            task_class = UnixTask if unix else waitress.task.WSGITask
+            task_class = Task
 
             def __init__(self, server, sock, addr, adj, map=None):
                 self.peer_uid = peer_uid(sock) if unix else None
+                self.turn = None  # the request the dispatcher let go in its user's turn
                 # when the request now arriving began: at accept, or at the first byte
                 # after an idle spell; None between requests (kept alive, idle)
                 self.began = time.monotonic()
@@ -7106,29 +7155,47 @@ class WaitressServer:
 
         return Channel
 
-    def dispatcher(self):
+    def dispatcher(self, app):
         """waitress's worker threads, taking requests for the routes that need no login
-        after all others, and at most OPEN_ROUTE_RATE of them a second.
+        after all others, and at most OPEN_ROUTE_RATE of them a second; and a
+        request for a user in the throttle's slow lane when it is its turn.
 
         A flood of /health can then neither keep a send waiting nor busy the
         server: a request past the rate is held, with no thread, until maintain()
         lets it go (waitress reads nothing more from its connection meanwhile).
+        So is a request for a guessed user from an address it never logged in
+        from: one a second goes on, each address in turn, one held per address
+        (another from it goes on at once, to its 429).
         """
         import waitress.task
 
         open_paths = {route.path for route in ROUTES if route.login is not True}
+        throttle = app.parts.throttle
 
         def urgent(channel):
             return bool(channel.requests) and channel.requests[0].path not in open_paths
+
+        def caller(channel):
+            """(address, user name) of the request in hand, as the throttle keys them."""
+            request = channel.requests[0]
+            name = basic_credentials(request.headers.get("AUTHORIZATION", ""))[0]
+            if channel.peer_uid is not None:
+                return f"uid:{channel.peer_uid}", name
+            forwarded = request.headers.get("X_FORWARDED_FOR", "")
+            trusted = app.config.trusted_proxies
+            return forwarded_for(channel.addr[0], forwarded, trusted), name
 
         class Dispatcher(waitress.task.ThreadedTaskDispatcher):
             def __init__(self):
                 super().__init__()
                 self.held = collections.deque()  # open-route requests past the rate
                 self.tokens, self.filled = float(OPEN_ROUTE_RATE), time.monotonic()
+                self.waiting = {}  # user name -> {address: channel}, in their turn
 
             def add_task(self, task):  # a channel with a request in hand
                 with self.lock:
+                    if urgent(task) and self.wait_turn(task):
+                        return
                     if urgent(task):  # behind the other urgent ones, ahead of the rest
                         ahead = 0
                         while ahead < len(self.queue) and urgent(self.queue[ahead]):
@@ -7159,6 +7226,33 @@ class WaitressServer:
                         self.queue.append(self.held.popleft())
                         self.queue_cv.notify()
 
+            def wait_turn(self, channel):
+                """Hold a request for a user in the slow lane (under the lock): True if held."""
+                address, name = caller(channel)
+                if name is None or not throttle.slow(address, name):
+                    return False
+                lane = self.waiting.setdefault(name, {})
+                if address in lane:
+                    return False
+                lane[address] = channel
+                return True
+
+            def release_waiting(self, everything=False):
+                """Queue the next request of each user whose turn it is (all on the way out)."""
+                with self.lock:
+                    for name, lane in list(self.waiting.items()):
+                        while lane and (everything or throttle.turn(name)):
+                            channel = lane.pop(next(iter(lane)))  # the longest waiting
+                            channel.turn = (
+                                channel.requests[0] if channel.requests else None
+                            )
+                            self.queue.append(channel)
+                            self.queue_cv.notify()
+                            if not everything:
+                                break
+                        if not lane:
+                            del self.waiting[name]
+
         dispatcher = Dispatcher()
         dispatcher.set_thread_count(self.config.threads)
         return dispatcher
@@ -7174,6 +7268,7 @@ class WaitressServer:
         """
         waitress_maintenance(now)
         listener.task_dispatcher.release_held()
+        listener.task_dispatcher.release_waiting()
         late = time.monotonic() - request_timeout
         channels = list(listener.active_channels.values())
         for channel in channels:

@@ -2936,12 +2936,10 @@ def test_throttle_blocks_a_guessing_address_but_not_the_real_user_elsewhere(app)
     assert login(app, "192.0.2.7", "ann").status == 429
 
 
-def test_throttle_per_user_across_addresses(app):
+def test_throttle_failures_for_a_user_spread_over_addresses_block_nobody(app):
     for i in range(10):
         login(app, f"192.0.2.{i}", "lvv", "guess")
-    # Each guessing address is blocked for lvv; ann there, and lvv elsewhere, are not.
-    assert login(app, "192.0.2.3", "lvv").status == 429
-    assert login(app, "192.0.2.3", "ann").status == 200
+    assert login(app, "192.0.2.3", "lvv").status == 200  # one mistake there is no block
     assert login(app, "203.0.113.9", "lvv").status == 200
 
 
@@ -4136,34 +4134,32 @@ def test_throttle_keys_unix_callers_by_uid_and_spares_mapped_accounts(tmp_path, 
     )
 
 
-def test_throttle_guessing_one_user_from_many_addresses(app):
+def test_throttle_guessing_one_user_from_many_addresses(config, clock):
+    app = smsapi.Application(config, clock=clock)
     own = "10.9.9.9"  # the real user's own address
-    assert (
-        call(app, "GET", "/api/v1.0/sms/sent/", user="lvv", remote_addr=own).status
-        == 200
-    )
-    statuses = [
-        call(
-            app,
-            "GET",
-            "/api/v1.0/sms/sent/",
-            headers=basic("lvv", f"guess{n}"),
-            remote_addr=f"127.1.0.{n + 1}",
-        ).status
-        for n in range(40)
-    ]
+
+    def attempt(address, user="lvv", password=None):
+        password = password or PASSWORDS[user]
+        return call(app, "GET", "/api/v1.0/sms/sent/", headers=basic(user, password),
+                    remote_addr=address)  # fmt: skip
+
+    assert attempt(own).status == 200
+    statuses = [attempt(f"127.1.0.{n + 1}", password=f"guess{n}").status for n in range(40)]
     budget = smsapi.Throttle.USER_BUDGET
-    assert statuses[:budget] == [401] * budget and set(statuses[budget:]) == {429}
-    assert (
-        call(app, "GET", "/api/v1.0/sms/sent/", user="lvv", remote_addr=own).status
-        == 200
-    )
-    assert (
-        call(
-            app, "GET", "/api/v1.0/sms/sent/", user="ann", remote_addr="127.1.0.99"
-        ).status
-        == 200
-    )
+    assert statuses[:budget] == [401] * budget  # then the slow lane:
+    assert statuses[budget:] == [401] + [429] * (40 - budget - 1)  # a check a second
+    assert attempt(own).status == 200  # its own address: no lane at all
+    assert attempt("127.1.0.99", user="ann").status == 200  # another user: none either
+    assert attempt("127.2.0.1").status == 429  # the real user, new address: its turn...
+    clock.advance(1)
+    assert attempt("127.2.0.1").status == 200  # ...comes, a second later
+    checked = app.parts.authenticator.hashes_checked
+    clock.advance(1)
+    for second in range(5):  # a guesser keeps at one guess a second
+        for n in range(20):
+            attempt(f"127.3.{second}.{n}", password="again")
+        clock.advance(1)
+    assert app.parts.authenticator.hashes_checked - checked == 5
 
 
 def test_throttle_a_long_attack_costs_at_most_the_longest_lockout(app, caplog):
@@ -4171,12 +4167,12 @@ def test_throttle_a_long_attack_costs_at_most_the_longest_lockout(app, caplog):
     assert login(app, trusted, "lvv").status == 200
     for n in range(2100):  # blocked after ten: each further attempt counts too
         assert login(app, guesser, "lvv", f"guess{n}").status in (401, 429)
-    entry = app.parts.throttle.counters[("user", smsapi.name_digest("lvv"))]
-    assert entry.count > 2000
-    assert login(app, trusted, "lvv").status == 200
-    refused = login(app, stranger, "lvv", "wrong")
+    assert app.parts.throttle.counters[("address", guesser)].count > 2000
+    refused = login(app, guesser, "lvv")
     assert refused.status == 429
     assert 1 <= int(refused.headers["Retry-After"]) <= smsapi.MAX_LOCKOUT
+    assert login(app, trusted, "lvv").status == 200
+    assert login(app, stranger, "lvv", "wrong").status == 401  # checked, not blocked
     assert "Traceback" not in caplog.text and "internal error" not in caplog.text
 
 
@@ -7142,6 +7138,50 @@ print(" ".join(codes))
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as nobody")
 @pytest.mark.parametrize("waitress", [True, False])
+def login_from(server, source, user, password, timeout=30):
+    """The status of a listing asked for as user, from a loopback source address."""
+    host, port = urllib.parse.urlsplit(server.url).netloc.rsplit(":", 1)
+    connection = http.client.HTTPConnection(
+        host, int(port), timeout=timeout, source_address=(source, 0)
+    )
+    try:
+        connection.request("GET", "/api/v1.0/sms/sent/", headers=basic(user, password))
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_live_a_guessed_user_gets_in_late_never_refused(live):
+    server = live()
+    for n in range(smsapi.Throttle.USER_BUDGET):  # many addresses guessed lvv
+        assert login_from(server, f"127.1.0.{n + 1}", "lvv", "guess") == 401
+    stop, tried = threading.Event(), collections.Counter()
+
+    def guesser(source):
+        while not stop.is_set():
+            tried[login_from(server, source, "lvv", "guess-again")] += 1
+
+    threads = [
+        threading.Thread(target=guesser, args=(f"127.3.0.{n}",), daemon=True)
+        for n in range(1, 5)
+    ]
+    flooding = time.monotonic()
+    for thread in threads:
+        thread.start()
+    time.sleep(1)  # the guessers hold the lane
+    started = time.monotonic()
+    status = login_from(server, "127.2.0.1", "lvv", PASSWORDS["lvv"])
+    waited = time.monotonic() - started
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert status == 200 and waited < 15, (status, waited)  # in turn, never refused
+    checks = server.output().count("authentication failed for user lvv from 127.3.")
+    assert 0 < checks <= time.monotonic() - flooding + 2, checks  # one a second
+    assert tried[401] == checks and set(tried) <= {401, 429}  # the rest waited
+
+
 def test_live_another_account_cannot_lock_out_the_mapped_one(tmp_path, spool, waitress):
     server, path = unix_server(tmp_path, spool, waitress)
     os.chmod(os.path.dirname(path), 0o755)  # nobody reaches the socket
