@@ -5655,7 +5655,11 @@ def spool_gauges(out, checks):
         for modem, dbm in signals:
             out.sample("", {"modem": modem}, dbm)
     webhook_samples(out, [c for c in checks.values() if "webhook" in c])
-    beats = [c for c in checks.values() if "heartbeat" in c]
+    heartbeat_samples(out, [c for c in checks.values() if "heartbeat" in c])
+
+
+def heartbeat_samples(out, beats):
+    """Each heartbeat's last beat, and its notices sent and kept back."""
     if beats:
         out.family(
             "smsapi_heartbeat_last_seconds",
@@ -6215,6 +6219,7 @@ ROUTES = [
 
 
 KNOWN_METHODS = frozenset(m for route in ROUTES for m in route.methods)
+OPEN_PATHS = frozenset(route.path for route in ROUTES if route.login is not True)
 
 
 PLACEHOLDERS = {"kind": "|".join(KINDS), "message_id": "[^/]+", "name": "[^/]+"}
@@ -7105,7 +7110,17 @@ class WaitressServer:
             wasyncore.loop(timeout=timeout, use_poll=True, map=channels, count=1)
 
         run_until_stopped(turn, app, signals)
-        for listener in listeners:  # accept no more, without closing waitress's trigger
+        self.finish(app, listeners, channels, turn)
+        for server in servers:
+            server.task_dispatcher.shutdown()
+        wasyncore.close_all(channels)
+        return 0
+
+    def finish(self, app, listeners, channels, turn):
+        """Accept no more, and answer what is in hand (within STOP_GRACE)."""
+        from waitress import wasyncore
+
+        for listener in listeners:  # without closing waitress's trigger
             wasyncore.dispatcher.close(listener)
             listener.task_dispatcher.release_held(everything=True)
             listener.task_dispatcher.release_waiting(everything=True)
@@ -7113,10 +7128,6 @@ class WaitressServer:
         deadline = time.monotonic() + STOP_GRACE
         while time.monotonic() < deadline and any(map(self.is_busy, channels.values())):
             turn(0.05)
-        for server in servers:
-            server.task_dispatcher.shutdown()
-        wasyncore.close_all(channels)
-        return 0
 
     def channel_class(self, unix):
         """waitress's connection class, knowing when its request began, on the unix
@@ -7164,98 +7175,72 @@ class WaitressServer:
         server: a request past the rate is held, with no thread, until maintain()
         lets it go (waitress reads nothing more from its connection meanwhile).
         So is a request for a guessed user from an address it never logged in
-        from: one a second goes on, each address in turn, one held per address
-        (another from it goes on at once, to its 429).
+        from, until its turn (TurnLanes).
         """
         import waitress.task
 
-        open_paths = {route.path for route in ROUTES if route.login is not True}
-        throttle = app.parts.throttle
-
-        def urgent(channel):
-            return bool(channel.requests) and channel.requests[0].path not in open_paths
+        urgent = self.urgent
 
         def caller(channel):
-            """(address, user name) of the request in hand, as the throttle keys them."""
-            request = channel.requests[0]
-            name = basic_credentials(request.headers.get("AUTHORIZATION", ""))[0]
-            if channel.peer_uid is not None:
-                return f"uid:{channel.peer_uid}", name
-            forwarded = request.headers.get("X_FORWARDED_FOR", "")
-            trusted = app.config.trusted_proxies
-            return forwarded_for(channel.addr[0], forwarded, trusted), name
+            return self.caller(channel, app.config.trusted_proxies)
 
         class Dispatcher(waitress.task.ThreadedTaskDispatcher):
             def __init__(self):
                 super().__init__()
                 self.held = collections.deque()  # open-route requests past the rate
-                self.tokens, self.filled = float(OPEN_ROUTE_RATE), time.monotonic()
-                self.waiting = {}  # user name -> {address: channel}, in their turn
+                self.rate = TokenBucket(OPEN_ROUTE_RATE)
+                self.lanes = TurnLanes(app.parts.throttle, caller)
 
             def add_task(self, task):  # a channel with a request in hand
                 with self.lock:
-                    if urgent(task) and self.wait_turn(task):
+                    if urgent(task) and self.lanes.hold(task):
                         return
                     if urgent(task):  # behind the other urgent ones, ahead of the rest
                         ahead = 0
                         while ahead < len(self.queue) and urgent(self.queue[ahead]):
                             ahead += 1
                         self.queue.insert(ahead, task)
-                    elif self.take_token():
+                    elif self.rate.take():
                         self.queue.append(task)
                     else:
                         self.held.append(task)
                         return
                     self.queue_cv.notify()
 
-            def take_token(self):
-                now = time.monotonic()
-                self.tokens = min(
-                    OPEN_ROUTE_RATE, self.tokens + (now - self.filled) * OPEN_ROUTE_RATE
-                )
-                self.filled = now
-                if self.tokens < 1:
-                    return False
-                self.tokens -= 1
-                return True
-
             def release_held(self, everything=False):
                 """Queue the held requests the rate allows now (all of them on the way out)."""
                 with self.lock:
-                    while self.held and (everything or self.take_token()):
+                    while self.held and (everything or self.rate.take()):
                         self.queue.append(self.held.popleft())
                         self.queue_cv.notify()
 
-            def wait_turn(self, channel):
-                """Hold a request for a user in the slow lane (under the lock): True if held."""
-                address, name = caller(channel)
-                if name is None or not throttle.slow(address, name):
-                    return False
-                lane = self.waiting.setdefault(name, {})
-                if address in lane:
-                    return False
-                lane[address] = channel
-                return True
-
             def release_waiting(self, everything=False):
-                """Queue the next request of each user whose turn it is (all on the way out)."""
+                """Queue each request whose turn came (all of them on the way out)."""
                 with self.lock:
-                    for name, lane in list(self.waiting.items()):
-                        while lane and (everything or throttle.turn(name)):
-                            channel = lane.pop(next(iter(lane)))  # the longest waiting
-                            channel.turn = (
-                                channel.requests[0] if channel.requests else None
-                            )
-                            self.queue.append(channel)
-                            self.queue_cv.notify()
-                            if not everything:
-                                break
-                        if not lane:
-                            del self.waiting[name]
+                    for channel in self.lanes.due(everything):
+                        channel.turn = channel.requests[0] if channel.requests else None
+                        self.queue.append(channel)
+                        self.queue_cv.notify()
 
         dispatcher = Dispatcher()
         dispatcher.set_thread_count(self.config.threads)
         return dispatcher
+
+    @staticmethod
+    def urgent(channel):
+        """True for a request on a route that needs a login."""
+        return bool(channel.requests) and channel.requests[0].path not in OPEN_PATHS
+
+    @staticmethod
+    def caller(channel, trusted_proxies):
+        """(address, user name) of the request a channel has in hand, as the
+        throttle keys them."""
+        request = channel.requests[0]
+        name = basic_credentials(request.headers.get("AUTHORIZATION", ""))[0]
+        if channel.peer_uid is not None:
+            return f"uid:{channel.peer_uid}", name
+        forwarded = request.headers.get("X_FORWARDED_FOR", "")
+        return forwarded_for(channel.addr[0], forwarded, trusted_proxies), name
 
     @staticmethod
     def maintain(listener, waitress_maintenance, request_timeout, now):
@@ -7297,6 +7282,56 @@ class WaitressServer:
         return bool(getattr(channel, "requests", None)) or bool(
             getattr(channel, "total_outbufs_len", 0)
         )
+
+
+class TokenBucket:
+    """At most rate takes a second, on average; as many at once after a quiet spell."""
+
+    def __init__(self, rate):
+        self.rate, self.tokens, self.filled = rate, float(rate), time.monotonic()
+
+    def take(self):
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.filled) * self.rate)
+        self.filled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class TurnLanes:
+    """Requests for users in the throttle's slow lane, held until their turn: one
+    held per address (another from it goes on at once, to its 429), addresses in
+    the order they came, one a second for each user. caller(request) says who
+    asks for whom: (address, user name)."""
+
+    def __init__(self, throttle, caller):
+        self.throttle, self.caller = throttle, caller
+        self.waiting = {}  # user name -> {address: request}, oldest first
+
+    def hold(self, request):
+        """True if request waits its turn (and is kept here until due() gives it)."""
+        address, name = self.caller(request)
+        if name is None or not self.throttle.slow(address, name):
+            return False
+        lane = self.waiting.setdefault(name, {})
+        if address in lane:
+            return False
+        lane[address] = request
+        return True
+
+    def due(self, everything=False):
+        """The requests whose turn it is now: the next of each user (all of them)."""
+        found = []
+        for name, lane in list(self.waiting.items()):
+            while lane and (everything or self.throttle.turn(name)):
+                found.append(lane.pop(next(iter(lane))))
+                if not everything:
+                    break
+            if not lane:
+                del self.waiting[name]
+        return found
 
 
 class WsgirefServer:

@@ -7136,8 +7136,6 @@ print(" ".join(codes))
 """
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as nobody")
-@pytest.mark.parametrize("waitress", [True, False])
 def login_from(server, source, user, password, timeout=30):
     """The status of a listing asked for as user, from a loopback source address."""
     host, port = urllib.parse.urlsplit(server.url).netloc.rsplit(":", 1)
@@ -7182,6 +7180,8 @@ def test_live_a_guessed_user_gets_in_late_never_refused(live):
     assert tried[401] == checks and set(tried) <= {401, 429}  # the rest waited
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as nobody")
+@pytest.mark.parametrize("waitress", [True, False])
 def test_live_another_account_cannot_lock_out_the_mapped_one(tmp_path, spool, waitress):
     server, path = unix_server(tmp_path, spool, waitress)
     os.chmod(os.path.dirname(path), 0o755)  # nobody reaches the socket
