@@ -24,7 +24,10 @@ if [ -z "$root" ]; then
             --shell /usr/sbin/nologin smsapi
         echo "made the system user smsapi"
     fi
-    usermod -a -G smsd smsapi  # smsd's spool is group smsd
+    # smsd's spool is group smsd; smsd itself runs as the group GROUP= in
+    # /etc/default/smstools (Debian: dialout), which our files must get.
+    smsd_group=$(sed -n 's/^GROUP="\{0,1\}\([A-Za-z0-9_.-]*\)"\{0,1\}$/\1/p' /etc/default/smstools 2>/dev/null | tail -n 1)
+    usermod -a -G "smsd,${smsd_group:-dialout}" smsapi
     group=smsapi
     if [ -d /var/lib/smsapi ]; then  # a quick start run as root made it root's
         chown -R smsapi:smsapi /var/lib/smsapi

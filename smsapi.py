@@ -36,6 +36,7 @@ import encodings.iso8859_15  # the codecs too: loaded at start, not on a first r
 import encodings.utf_16_be  # noqa: F401
 import errno
 import functools
+import grp
 import heapq
 import io
 import ipaddress
@@ -88,6 +89,17 @@ README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 if not os.path.exists(README):
     README = "/usr/local/share/doc/smsapi/README.md"
 SMSD_PIDFILE = "/var/run/smsd.pid"  # smsd's default when smsd.conf names none
+#: Debian's settings of its smsd service: GROUP= is the group smsd runs as
+#: (dialout, without smsd's own group), which must be able to read our files.
+SMSTOOLS_DEFAULTS = "/etc/default/smstools"
+#: The settings of smsd.conf without which smsapi does less (check-smsd).
+SMSD_ADVICE = {
+    "report": "not set: status reports are told from SMS by smsd's 'UDH: no' line;"
+    " report = DIR (a directory smsd writes) lets no SMS pass for one",
+    "stats": "not set: /health cannot tell the modems' state and signal",
+    "incoming_utf8": "not yes: received texts are stored as ISO-8859-15,"
+    " and GSM letters outside it (Δ, Ω, ...) are lost",
+}
 EX_CONFIG = 78  # sysexits.h: configuration error
 SECTION_HEADER = re.compile(
     r"\s*\[([^\]]*)\]\s*(?:[;#].*)?"
@@ -572,6 +584,15 @@ def as_path(value):
     return value.strip()
 
 
+def as_group_name(value):
+    """The name of a local group."""
+    try:
+        grp.getgrnam(value.strip())
+    except KeyError:
+        raise ValueError(f"no local group {value.strip()!r}") from None
+    return value.strip()
+
+
 def as_optional_path(value):
     """A filesystem path, or empty for none."""
     return value.strip()
@@ -807,6 +828,8 @@ OPTIONS = [
                  "smsd's `report =` directory (smsd.conf's; unset: reports land in `incoming`)"),
     restart_only("spool", "scheduled", None, as_path,
                  "where smsapi holds messages until their time (unset: `state_dir/scheduled`); best on `outgoing`'s filesystem"),
+    restart_only("spool", "smsd_group", None, as_group_name,
+                 "the group smsd runs as, given to each message file so smsd can read it (unset: `GROUP=` of /etc/default/smstools, else `outgoing`'s group)"),
     option("health", "queue_warn", "50", as_count,
            "warn at this many messages waiting in `outgoing` and `checked`"),
     option("health", "queue_fail", "500", as_count,
@@ -1186,6 +1209,7 @@ def spool_settings(path, spool, problems):
     """
     default_conf = defaults("spool")["smsd_conf"]
     conf = spool.pop("smsd_conf", default_conf)
+    group = spool.pop("smsd_group", None) or smstools_group()
     try:
         settings = read_smsd_conf(conf) if conf else None
     except OSError as exc:
@@ -1193,28 +1217,93 @@ def spool_settings(path, spool, problems):
             problems.append(f"{path}: [spool] smsd_conf: {one_line(exc)}")
         settings = None
     if settings is None:
-        return {**default_spool(), **spool}, {}
+        spool = {**default_spool(), **spool}
+        return spool, {"gid": smsd_gid(group, spool["outgoing"])}
     from_smsd = {k: v for k, v in settings.items() if k in KINDS or k == "report"}
+    spool = {**default_spool(), **from_smsd, **spool}
     smsd = {
         "conf": conf,
         "pidfile": settings.get("pidfile", SMSD_PIDFILE),
         "stats": settings.get("stats", ""),
+        "gid": smsd_gid(group, spool["outgoing"]),
     }
-    return {**default_spool(), **from_smsd, **spool}, smsd
+    return spool, smsd
+
+
+def smstools_group(path=SMSTOOLS_DEFAULTS):
+    """The group Debian runs smsd as (GROUP= in /etc/default/smstools), or None."""
+    with (
+        contextlib.suppress(OSError),
+        open(path, encoding="utf-8") as file,
+    ):
+        for line in file:
+            key, equals, value = line.strip().partition("=")
+            if equals and key.strip() == "GROUP" and value.strip("\"' "):
+                return value.strip().strip("\"'")
+    return None
+
+
+def smsd_gid(group, outgoing):
+    """The gid of the group smsd runs as (a name, or None: outgoing's group)."""
+    with contextlib.suppress(KeyError, OSError):
+        return grp.getgrnam(group).gr_gid if group else os.stat(outgoing).st_gid
+    return None
 
 
 def read_smsd_conf(path):
     """The global settings of smsd's config file (before its first [section])."""
-    settings = {}
+    return read_smsd_sections(path)[""]
+
+
+def read_smsd_sections(path):
+    """{section: {key: value}} of smsd's config file; "" holds the global settings.
+    A key set twice keeps its last value, as smsd does."""
+    sections, current = {"": {}}, ""
     with open(path, encoding="utf-8", errors="replace") as file:
         for line in file:
             line = line.strip()
-            if line.startswith("["):
-                break
+            if line.startswith("[") and line.endswith("]"):
+                current = line[1:-1].strip()
+                sections.setdefault(current, {})
+                continue
             key, equals, value = line.partition("=")
             if equals and not key.startswith("#") and value.strip():
-                settings[key.strip().lower()] = value.strip()
-    return settings
+                sections[current][key.strip().lower()] = value.strip()
+    return sections
+
+
+def smsd_advice(config):
+    """[(grade, setting, what is wrong)] of the smsd.conf smsapi reads: a
+    "problem" keeps messages from going as they should; "advice" costs a feature."""
+    sections = read_smsd_sections(config.smsd["conf"])
+    given, found = sections[""], []
+
+    def add(grade, setting, what):
+        found.append((grade, setting, what))
+
+    for kind in ("outgoing", "checked", "sent", "failed", "incoming"):
+        theirs = given.get(kind)
+        if theirs and os.path.realpath(theirs) != os.path.realpath(config.spool[kind]):
+            add("problem", kind, f"{theirs}, but smsapi's is {config.spool[kind]}")
+    if given.get("autosplit", "3") != "3":
+        add(
+            "problem",
+            "autosplit",
+            "not 3: long texts go otherwise than parts_count says",
+        )
+    devices = [d.strip() for d in given.get("devices", "").split(",") if d.strip()]
+    if not devices:
+        add("problem", "devices", "not set: smsd has no modem")
+    for name in devices:
+        modem = sections.get(name, {})
+        if "device" not in modem:
+            add("problem", f"[{name}] device", "not set: the modem cannot be reached")
+        if modem.get("incoming", "no").lower() not in ("yes", "high", "1", "true"):
+            add("advice", f"[{name}] incoming", "not yes: no SMS is received")
+    for setting, what in SMSD_ADVICE.items():
+        if setting not in given or given[setting].lower() in NO:
+            add("advice", setting, what)
+    return found
 
 
 def check_spool(config):
@@ -1223,6 +1312,7 @@ def check_spool(config):
     Each names section and key; load_config puts the file's path before it.
     """
     problems = check_own_dir("[server] state_dir", config.state_dir)
+    problems += check_smsd_group(config.smsd.get("gid"), os.geteuid(), os.getgroups())
     for kind, directory in config.spool.items():
         where = f"[spool] {kind}: {directory}"
         if kind == "scheduled":
@@ -1234,6 +1324,19 @@ def check_spool(config):
         elif not os.access(directory, os.R_OK | os.X_OK):
             problems.append(where + " is not readable by this process")
     return problems
+
+
+def check_smsd_group(gid, euid, groups):
+    """A problem when this process (euid, in groups) cannot give its files the
+    group smsd runs as: smsd could not read them, and no message would go."""
+    if gid is None or euid == 0 or gid in groups or gid == os.getegid():
+        return []
+    name = grp.getgrgid(gid).gr_name
+    problem = (
+        f"[spool] smsd_group: this process is not in {name}, the group smsd runs as:"
+        f" it could not read the messages (usermod -a -G {name} smsapi)"
+    )
+    return [problem]
 
 
 def check_own_dir(option, directory):
@@ -1535,7 +1638,8 @@ class SpoolWriter:
     def __init__(self, directory, fsync=True, group=None):
         self.directory = directory
         self.fsync = fsync
-        #: smsd's group, for files written elsewhere that later move into outgoing
+        #: the group smsd runs as (Debian: dialout, not the spool's smsd): the
+        #: files get it, unless the setgid directory gives it already
         if group is not None and group == os.stat(directory).st_gid:
             group = None
         self.group = group
@@ -3156,7 +3260,7 @@ class Schedule:
         self.times = {}  # message id -> (send_at, valid_until or None)
         self.heap = []  # (moment, message id): each send_at and valid_until
         os.makedirs(self.directory, 0o750, exist_ok=True)
-        self.group = os.stat(config.spool["outgoing"]).st_gid  # smsd rewrites the file
+        self.group = config.smsd.get("gid")  # smsd's: it reads and rewrites the file
         self.copy = False
         if not can_rename(self.directory, config.spool["outgoing"]):
             self.copy_from_now()
@@ -5396,7 +5500,7 @@ def smsd_check(config):
 
 def smsd_pid(config):
     """smsd's pid if it runs, 0 if it does not, None without smsd.conf."""
-    if not config.smsd:
+    if "pidfile" not in config.smsd:
         return None
     try:
         with open(config.smsd["pidfile"], "rb") as file:
@@ -5477,6 +5581,11 @@ def failed_check(config, failed):
 
 def modem_checks(config):
     """One check per modem in smsd's status file (in its stats directory), if any."""
+    if "conf" in config.smsd and not config.smsd.get("stats"):
+        output = (
+            "smsd.conf sets no stats = DIR: the modems' state and signal are unknown"
+        )
+        return {"modems": {"status": "warn", "output": output}}
     if not config.smsd.get("stats"):
         return {}
     path = os.path.join(config.smsd["stats"], "status")
@@ -6001,7 +6110,10 @@ class Parts:
         self.clock = clock = clock or Clock()
         self.counts = collections.Counter()  # sent, failed, delivered, ..., removed
         self.metrics = Metrics(clock.time())
-        self.outgoing = SpoolWriter(config.spool["outgoing"], config.fsync)
+        writer = SpoolWriter(
+            config.spool["outgoing"], config.fsync, config.smsd.get("gid")
+        )
+        self.outgoing = writer
         self.idempotency = Idempotency(settings, clock)
         self.reports = ReportIndex(settings, self.counts, clock)
         self.inbox = InboxIndex()
@@ -7508,6 +7620,8 @@ def main(argv=None):
         return add_user_command(
             args.name, args.admin, find_config(args.user_config or args.config)
         )
+    if args.command == "check-smsd":
+        return check_smsd_command(find_config(args.smsd_config or args.config))
     if args.command == "check-config":
         path = find_config(args.check_config or args.config)
         config = config_or_problems(path)
@@ -7553,6 +7667,11 @@ def parse_arguments(argv):
         "check-config", help="validate the config and spool, exit 0 or 78"
     )
     check.add_argument("--config", dest="check_config", help="INI file to check")
+    smsd = commands.add_parser(
+        "check-smsd",
+        help="read the smsd.conf smsapi uses, name what is missing or disagrees; exit 0 or 1",
+    )
+    smsd.add_argument("--config", dest="smsd_config", help="smsapi's INI file")
     return parser.parse_args(argv)
 
 
@@ -7564,6 +7683,29 @@ def config_or_problems(path):
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return None
+
+
+def check_smsd_command(path):
+    """Print each setting of smsd.conf that smsapi misses; 1 if one is a problem."""
+    config = config_or_problems(path)
+    if config is None:
+        return EX_CONFIG
+    if "conf" not in config.smsd:
+        print(
+            f"{path}: [spool] smsd_conf names no smsd.conf that could be read",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        advice = smsd_advice(config)
+    except OSError as exc:
+        print(f"{config.smsd['conf']}: cannot read: {one_line(exc)}", file=sys.stderr)
+        return 1
+    for grade, setting, what in advice:
+        print(f"{config.smsd['conf']}: {grade}: {setting}: {what}")
+    if not advice:
+        print(f"{config.smsd['conf']}: ok")
+    return 1 if any(grade == "problem" for grade, _, _ in advice) else 0
 
 
 def run_server(path):

@@ -11,6 +11,7 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
+import grp
 import http.client
 import io
 import itertools
@@ -42,7 +43,9 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 
+import fakemodem
 import smsapi
+from fakemodem import ModemEmulator, deliver_parts, deliver_pdu, on_air_text
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -805,7 +808,12 @@ def test_config_spool_defaults_come_from_smsd_conf(tmp_path, spool):
         "conf": str(conf),
         "pidfile": "/run/smstools/smsd.pid",
         "stats": "/var/log/smstools/smsd_stats",
+        "gid": config.smsd["gid"],  # Debian's GROUP=, else outgoing's group
     }
+    assert config.smsd["gid"] in (
+        grp.getgrnam(smsapi.smstools_group() or "root").gr_gid,
+        os.stat(spool["outgoing"]).st_gid,
+    )
 
 
 def test_config_named_smsd_conf_must_be_readable(tmp_path, spool):
@@ -921,8 +929,38 @@ def test_cli_hash_password_output_verifies(tmp_path):
     assert run_cli("hash-password", stdin="\n").returncode == 1
 
 
+def test_cli_check_smsd_names_each_missing_or_disagreeing_setting(tmp_path, spool):
+    conf = tmp_path / "smsd.conf"
+    conf.write_text(
+        f"devices = GSM1, GSM2\noutgoing = {tmp_path}/elsewhere\nautosplit = 0\n"
+        "incoming_utf8 = no\n[GSM1]\ndevice = /dev/ttyUSB0\nincoming = yes\n[GSM2]\n"
+    )
+    path = write_ini(tmp_path, spool, smsd_conf=str(conf))
+    result = run_cli("check-smsd", "--config", path)
+    assert result.returncode == 1
+    said = [line.split(": ", 3)[1:3] for line in result.stdout.splitlines()]
+    assert said == [
+        ["problem", "outgoing"], ["problem", "autosplit"], ["problem", "[GSM2] device"],
+        ["advice", "[GSM2] incoming"], ["advice", "report"], ["advice", "stats"],
+        ["advice", "incoming_utf8"],
+    ]  # fmt: skip
+    good = tmp_path / "good.conf"  # fakemodem's, with a report directory
+    text = fakemodem.SMSD_CONF.format(port=5055).replace("/var/spool/sms", str(tmp_path / "spool"))
+    good.write_text(text.replace("[GSM1]", f"report = {spool['incoming']}\n[GSM1]"))
+    result = run_cli("check-smsd", "--config", write_ini(tmp_path, spool, smsd_conf=str(good)))
+    assert result.returncode == 0 and result.stdout.strip() == f"{good}: ok"
+
+
+def test_health_says_when_smsd_conf_sets_no_stats(tmp_path, spool):
+    conf = tmp_path / "smsd.conf"
+    conf.write_text("devices = GSM1\n[GSM1]\ndevice = /dev/ttyUSB0\n")
+    app = smsapi.Application(smsapi.load_config(write_ini(tmp_path, spool, smsd_conf=str(conf))))
+    check = call(app, "GET", "/api/v1.0/health").json()["checks"]["modems"]
+    assert check["status"] == "warn" and "sets no stats" in check["output"]
+
+
 def test_cli_help_on_each_command():
-    for args in ([], ["check-config"], ["hash-password"]):
+    for args in ([], ["check-config"], ["check-smsd"], ["hash-password"]):
         result = run_cli(*args, "--help")
         assert result.returncode == 0 and "usage:" in result.stdout
 
@@ -1024,6 +1062,29 @@ def test_write_messages_are_0660_whatever_the_umask(spool, umask):
         smsapi.process_umask.cache_clear()
     mode = os.stat(os.path.join(spool["outgoing"], "smsapi.a")).st_mode
     assert stat.S_IMODE(mode) == 0o660
+
+
+def test_spool_files_get_the_group_smsd_runs_as(tmp_path, spool):
+    dialout = grp.getgrnam("dialout").gr_gid  # what Debian runs smsd as
+    path = write_ini(tmp_path, spool)
+    text = pathlib.Path(path).read_text()
+    pathlib.Path(path).write_text(text.replace("[spool]\n", "[spool]\nsmsd_group = dialout\n"))
+    app = smsapi.Application(smsapi.load_config(path))
+    queued, held = sent_id(app), sent_id(app, send_at="+1hour")
+    assert os.stat(os.path.join(spool["outgoing"], queued)).st_gid == dialout
+    scheduled = app.config.spool["scheduled"]
+    assert os.stat(os.path.join(scheduled, held)).st_gid == dialout  # moved as it is
+
+
+def test_spool_smsd_group_comes_from_debians_smstools_defaults(tmp_path):
+    defaults = tmp_path / "smstools"
+    defaults.write_text('# /etc/default/smstools\nUSER="smsd"\nGROUP="dialout"\n')
+    assert smsapi.smstools_group(str(defaults)) == "dialout"
+    assert smsapi.smstools_group(str(tmp_path / "none")) is None
+    problems = smsapi.check_smsd_group(grp.getgrnam("dialout").gr_gid, 1000, [1000])
+    said = "[spool] smsd_group: this process is not in dialout, the group smsd runs as:"
+    assert problems == [said + " it could not read the messages (usermod -a -G dialout smsapi)"]
+    assert smsapi.check_smsd_group(20, 1000, [20, 1000]) == []
 
 
 def test_clean_temp_files_removes_only_temporaries(config, spool):
@@ -7216,288 +7277,26 @@ needs_smsd = pytest.mark.skipif(
     SMSD is None, reason="smsd (Debian package smstools) is not installed"
 )
 
-#: The GSM 03.38 default alphabet, 0x00-0x7F, and its extension table; the
-#: test's own copy, so that a mistake in smsapi's tables cannot hide here.
-GSM_TABLE = (
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-GSM_EXT_TABLE = {
-    0x0A: "\f",
-    0x14: "^",
-    0x28: "{",
-    0x29: "}",
-    0x2F: "\\",
-    0x3C: "[",
-    0x3D: "~",
-    0x3E: "]",
-    0x40: "|",
-    0x65: "€",
-}
-
-
-def unpack_septets(data, count, skip_bits=0):
-    bits = int.from_bytes(data, "little")
-    return [(bits >> (skip_bits + 7 * i)) & 0x7F for i in range(count)]
-
-
-def pack_septets(septets):
-    bits = sum(s << (7 * i) for i, s in enumerate(septets))
-    return bits.to_bytes((7 * len(septets) + 7) // 8, "little")
-
-
-def gsm_decode(septets):
-    """Decode one part as a phone would: a lone escape at the end is garbage."""
-    out, escaped = [], False
-    for septet in septets:
-        if escaped:
-            out.append(GSM_EXT_TABLE.get(septet, "\ufffd"))
-            escaped = False
-        elif septet == 0x1B:
-            escaped = True
-        else:
-            out.append(GSM_TABLE[septet])
-    return "".join(out) + ("\ufffd" if escaped else "")
-
-
-def gsm_encode(text):
-    ext = {char: code for code, char in GSM_EXT_TABLE.items()}
-    septets = []
-    for char in text:
-        septets += [0x1B, ext[char]] if char in ext else [GSM_TABLE.index(char)]
-    return septets
-
-
-def semi_octets(digits):
-    digits += "F" * (len(digits) % 2)
-    return bytes(int(digits[i + 1] + digits[i], 16) for i in range(0, len(digits), 2))
-
-
-def decode_submit(pdu_hex):
-    """An SMS-SUBMIT PDU as smsd sends it: {to, srr, dcs, udh, payload}."""
-    data = bytes.fromhex(pdu_hex)
-    pos = data[0] + 1  # skip the SMSC address
-    first, mr, da_digits = data[pos], data[pos + 1], data[pos + 2]
-    da = data[pos + 4 : pos + 4 + (da_digits + 1) // 2]
-    to = "".join(f"{b & 0xF:X}{b >> 4:X}" for b in da)[:da_digits]
-    pos += 4 + len(da)
-    dcs = data[pos + 1]
-    pos += 2 + {0: 0, 2: 1, 1: 7, 3: 7}[(first >> 3) & 3]
-    udl, ud = data[pos], data[pos + 1 :]
-    udh = ud[: ud[0] + 1] if first & 0x40 else b""
-    ucs2 = dcs & 0x0C == 0x08
-    if ucs2:
-        payload = ud[len(udh) : udl]
-    else:
-        header_septets = (len(udh) * 8 + 6) // 7
-        payload = gsm_decode(
-            unpack_septets(ud, udl - header_septets, header_septets * 7)
-        )
-    return {
-        "to": to,
-        "mr": mr,
-        "srr": bool(first & 0x20),
-        "dcs": dcs,
-        "udh": udh,
-        "ucs2": ucs2,
-        "payload": payload,
-    }
-
-
-def on_air_text(parts):
-    """Join the parts of one message in UDH order; 7-bit parts decoded one by one."""
-    parts = sorted(parts, key=lambda p: p["udh"][-1:] or b"\0")
-    if all(p["ucs2"] for p in parts):
-        return b"".join(p["payload"] for p in parts).decode("utf-16-be", "replace")
-    if any(p["ucs2"] for p in parts):
-        return "<mixed alphabets>"
-    return "".join(p["payload"] for p in parts)
-
-
-def timestamp_octets(when):
-    fields = time.strftime("%y%m%d%H%M%S", time.localtime(when)) + "00"
-    return semi_octets(fields)
-
-
-def deliver_pdu(sender, text, when):
-    """An SMS-DELIVER PDU as a modem stores a received message (GSM or UCS2)."""
+def test_fakemodem_runs_on_its_own_and_takes_an_sms_from_the_command_line(tmp_path):
+    program = [sys.executable, os.path.join(HERE, "fakemodem.py")]
+    modem = subprocess.Popen([*program, "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
-        septets = gsm_encode(text)
-        dcs, udl, ud = 0x00, len(septets), pack_septets(septets)
-    except (KeyError, ValueError):
-        ud = text.encode("utf-16-be")
-        dcs, udl = 0x08, len(ud)
-    address = bytes([len(sender), 0x91]) + semi_octets(sender)
-    tpdu = (
-        bytes([0x04])
-        + address
-        + bytes([0x00, dcs])
-        + timestamp_octets(when)
-        + bytes([udl])
-        + ud
-    )
-    return "00" + tpdu.hex().upper()
-
-
-def deliver_parts(sender, text, when, reference=0x42):
-    """The SMS-DELIVER PDUs of a long GSM text: 153 septets a part after a concatenation UDH."""
-    septets = gsm_encode(text)
-    chunks = [septets[i : i + 153] for i in range(0, len(septets), 153)]
-    address = bytes([len(sender), 0x91]) + semi_octets(sender)
-    pdus = []
-    for number, chunk in enumerate(chunks, 1):
-        udh = bytes([5, 0, 3, reference, len(chunks), number])  # 48 bits, 1 fill bit
-        bits = int.from_bytes(udh, "little")
-        bits |= sum(septet << (49 + 7 * i) for i, septet in enumerate(chunk))
-        udl = 7 + len(chunk)  # in septets, the header's included
-        tpdu = bytes([0x44]) + address + bytes([0x00, 0x00]) + timestamp_octets(when)
-        tpdu += bytes([udl]) + bits.to_bytes((7 * udl + 7) // 8, "little")
-        pdus.append("00" + tpdu.hex().upper())
-    return pdus
-
-
-def status_report_pdu(mr, recipient, delivered, when):
-    """An SMS-STATUS-REPORT PDU for message reference mr."""
-    address = bytes([len(recipient), 0x91]) + semi_octets(recipient)
-    status = 0x00 if delivered else 0x46  # 70: validity period expired
-    tpdu = (
-        bytes([0x06, mr])
-        + address
-        + timestamp_octets(when)
-        + timestamp_octets(when + 5)
-        + bytes([status])
-    )
-    return "00" + tpdu.hex().upper()
-
-
-class ModemEmulator:
-    """A GSM modem on a loopback TCP port that speaks enough AT for smsd.
-
-    It records every SMS-SUBMIT, fails sends to numbers in `fail`, stores
-    SMS-DELIVER PDUs for smsd to read, and files a status report for each
-    submit that asked for one (delivered unless the number is in `undelivered`).
-    """
-
-    SLOTS = 60  # SIM storage: room for the parts of a long SMS
-
-    def __init__(self):
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.lock = threading.Lock()
-        self.submits = []  # decoded SMS-SUBMITs, in order
-        self.fail, self.undelivered = set(), set()
-        self.storage = {}  # SIM index -> PDU hex
-        self.hold_reports, self.held = False, []  # status reports kept back
-        self.mr = 0
-        self.closed = False
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def close(self):
-        self.closed = True
-        self.server.close()
-
-    def store(self, pdu):
-        with self.lock:
-            index = next(i for i in range(1, self.SLOTS + 1) if i not in self.storage)
-            self.storage[index] = pdu
-
-    def release_reports(self, reverse=False):
-        """Put the held status reports into storage, newest first if reverse."""
-        self.hold_reports = False
-        for pdu in reversed(self.held) if reverse else self.held:
-            self.store(pdu)
-        self.held = []
-
-    def parts_to(self, number):
-        with self.lock:
-            return [s for s in self.submits if s["to"] == number]
-
-    def accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
-
-    def serve(self, conn):
-        buffer = b""
-        with conn:
-            while not self.closed:
-                try:
-                    chunk = conn.recv(4096)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                buffer += chunk
-                while b"\r" in buffer:
-                    line, buffer = buffer.split(b"\r", 1)
-                    command = line.strip().decode("latin-1").upper()
-                    if not command:
-                        continue
-                    if command.startswith("AT+CMGS="):
-                        conn.sendall(b"\r\n> ")
-                        while b"\x1a" not in buffer:
-                            more = conn.recv(4096)
-                            if not more:
-                                return
-                            buffer += more
-                        pdu, buffer = buffer.split(b"\x1a", 1)
-                        conn.sendall(self.submit(pdu.strip().decode()).encode())
-                    else:
-                        conn.sendall(self.answer(command).encode())
-
-    def submit(self, pdu):
-        info = decode_submit(pdu)
-        with self.lock:
-            self.submits.append(info)
-            if info["to"] in self.fail:
-                return "\r\n+CMS ERROR: 500\r\n"
-            self.mr = (self.mr + 1) % 256
-            mr = self.mr
-        if info["srr"] and self.hold_reports:
-            self.held.append(
-                status_report_pdu(
-                    mr, info["to"], info["to"] not in self.undelivered, time.time()
-                )
-            )
-        elif info["srr"]:
-            self.store(
-                status_report_pdu(
-                    mr, info["to"], info["to"] not in self.undelivered, time.time()
-                )
-            )
-        return f"\r\n+CMGS: {mr}\r\n\r\nOK\r\n"
-
-    def answer(self, command):
-        ok = "\r\nOK\r\n"
-        if command.startswith("AT+CSQ"):
-            return "\r\n+CSQ: 20,99\r\n" + ok
-        if command.startswith("AT+CREG?"):
-            return '\r\n+CREG: 2,1,"00C3","1234"\r\n' + ok
-        if command.startswith("AT+CPMS?"):
-            with self.lock:
-                used = len(self.storage)
-            slots = self.SLOTS
-            return (
-                f'\r\n+CPMS: "SM",{used},{slots},"SM",{used},{slots},"SM",{used},{slots}\r\n'
-                + ok
-            )
-        if command.startswith("AT+CGSN"):
-            return "\r\n356938035643809\r\n" + ok
-        if command.startswith("AT+CIMI"):
-            return "\r\n244070123456789\r\n" + ok
-        if command.startswith("AT+CMGR="):
-            with self.lock:
-                pdu = self.storage.get(int(command[8:]))
-            if pdu is None:
-                return ok
-            return f"\r\n+CMGR: 0,,{len(pdu) // 2 - 1}\r\n{pdu}\r\n" + ok
-        if command.startswith("AT+CMGD="):
-            with self.lock:
-                self.storage.pop(int(command[8:].split(",")[0]), None)
-        return ok
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", modem.stdout.readline()).group(1))
+        given = subprocess.run(
+            [*program, "--port", str(port), "sms", "+79681234567", "Hi there €"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert given.returncode == 0, given.stderr
+        assert modem.stdout.readline() == "received from 79681234567: Hi there €\n"
+    finally:
+        modem.terminate()
+        modem.wait(10)
+        modem.stdout.close()
+    conf = tmp_path / "smsd.conf"
+    conf.write_text(subprocess.run([*program, "smsd-conf"], capture_output=True,
+                                   text=True, check=True).stdout)  # fmt: skip
+    modem_section = smsapi.read_smsd_sections(str(conf))["GSM1"]
+    assert modem_section["device"] == f"@127.0.0.1:{fakemodem.DEFAULT_PORT}"
 
 
 class SmsdStack:
@@ -7505,11 +7304,21 @@ class SmsdStack:
 
     def __init__(self, root, extra=""):
         self.root = str(root)
-        self.spool = make_spool(root)
+        # smsd runs as Debian runs it, as smsd:dialout (without its smsd group),
+        # over a spool like Debian's, in a directory it can reach.
+        self.smsd_root = tempfile.mkdtemp(prefix="smsapi-smsd-", dir="/var/tmp")
+        os.chmod(self.smsd_root, 0o755)
+        self.spool = make_spool(self.smsd_root)
         self.modem = ModemEmulator()
-        self.smsd_log = os.path.join(self.root, "smsd.log")
-        conf = os.path.join(self.root, "smsd.conf")
-        os.mkdir(os.path.join(self.root, "stats"))
+        self.smsd_log = os.path.join(self.smsd_root, "smsd.log")
+        conf = os.path.join(self.smsd_root, "smsd.conf")
+        os.mkdir(os.path.join(self.smsd_root, "stats"))
+        smsd = pwd.getpwnam("smsd")
+        for path in [*self.spool.values(), os.path.join(self.smsd_root, "stats")]:
+            os.chown(path, smsd.pw_uid, smsd.pw_gid)
+            os.chmod(path, 0o3775)  # drwxrwsr-t, as Debian makes them
+        os.chown(os.path.join(self.smsd_root, "spool"), smsd.pw_uid, smsd.pw_gid)
+        os.chown(self.smsd_root, smsd.pw_uid, smsd.pw_gid)
         with open(conf, "w") as file:
             file.write(
                 "\n".join(
@@ -7517,9 +7326,9 @@ class SmsdStack:
                     + ["{} = {}".format(*item) for item in self.spool.items()]
                     + [
                         "logfile = " + self.smsd_log,
-                        f"infofile = {self.root}/smsd.working",
-                        f"pidfile = {self.root}/smsd.pid",
-                        f"stats = {self.root}/stats",
+                        f"infofile = {self.smsd_root}/smsd.working",
+                        f"pidfile = {self.smsd_root}/smsd.pid",
+                        f"stats = {self.smsd_root}/stats",
                         "loglevel = 7",
                         "delaytime = 1",
                         "delaytime_mainprocess = 1",
@@ -7537,14 +7346,15 @@ class SmsdStack:
                 )
             )
         self.smsd = subprocess.Popen(
-            [SMSD, "-t", "-c" + conf],
+            [SMSD, "-t", "-c" + conf, "-usmsd", "-gdialout"],
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.api = Server(
-            write_ini(root, self.spool, extra=extra, smsd_conf=conf), root
-        )
+        path = write_ini(root, self.spool, extra=extra, smsd_conf=conf)
+        text = pathlib.Path(path).read_text()  # the group smsd runs as: dialout
+        pathlib.Path(path).write_text(text.replace("[spool]\n", "[spool]\nsmsd_group = dialout\n"))
+        self.api = Server(path, root)
 
     def restart_api(self, kill=False):
         """Stop smsapi (or kill -9 it) and start it again on the same state."""
@@ -7569,6 +7379,7 @@ class SmsdStack:
             os.killpg(self.smsd.pid, signal.SIGKILL)
             self.smsd.wait()
         self.modem.close()
+        shutil.rmtree(self.smsd_root, ignore_errors=True)
 
     def smsd_output(self):
         with open(self.smsd_log, errors="replace") as file:
@@ -7716,7 +7527,7 @@ def test_smsd_lifecycle_queued_then_sent(stack):
 
 @needs_smsd
 def test_smsd_health_and_metrics_see_the_real_smsd(stack):
-    with open(os.path.join(stack.root, "smsd.pid")) as file:
+    with open(os.path.join(stack.smsd_root, "smsd.pid")) as file:
         pid = int(file.read())
 
     def modem_seen():
@@ -8120,14 +7931,17 @@ def test_smsd_message_due_while_smsapi_was_stopped_goes_at_start(stack):
 
 
 @needs_smsd
-def test_smsd_valid_until_passed_before_send_at_lands_in_failed(stack):
+def test_smsd_valid_until_passed_while_smsapi_was_down_lands_in_failed(stack):
     number = "79680000805"
-    message_id = post(stack, [number], "too late", send_at="+6s", valid_until="+2s")[1][
+    message_id = post(stack, [number], "too late", send_at="+3s", valid_until="+4s")[1][
         "message_id"
     ][number]
+    stack.api.stop()  # down at send_at, and still at valid_until
+    time.sleep(5)
+    stack.restart_api()
     status = wait_status(stack, message_id, ("failed",), timeout=10)
     assert status["reason"].startswith("expired before it was sent (valid_until ")
-    time.sleep(5)  # past send_at too
+    time.sleep(2)
     assert stack.modem.parts_to(number) == []
     assert stack.status(message_id)["status"] == "failed"
 
