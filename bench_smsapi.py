@@ -41,6 +41,7 @@ TARGETS = {  # figure -> (comparison, limit)
     "idle_cpu_20k_awaiting_s": ("<", 0.05),
     "report_send_20k_vs_empty": ("<", 1.5),
     "health_100k_failed_vs_empty": ("<=", 2.0),
+    "rss_ten_users_growth_mb": ("<=", 6),
 }
 
 
@@ -384,6 +385,7 @@ def bench(seconds, workdir):
     results.update(bench_scrape(smsapi, lib, workdir, user_hash))
     results.update(bench_awaiting(smsapi, lib, workdir, user_hash, token))
     results.update(bench_health(smsapi, lib, workdir, user_hash, token))
+    results.update(bench_users(smsapi, lib, workdir))
     return results
 
 
@@ -497,6 +499,30 @@ def bench_awaiting(smsapi, lib, workdir, user_hash, token, count=20_000):
     return results
 
 
+def bench_users(smsapi, lib, workdir, users=10, failures=20):
+    """Memory kept after ten more users log in once, and twenty failed logins,
+    against after the first login (scrypt takes 16 MiB for each)."""
+    root = os.path.join(workdir, "users")
+    ini, _ = make_spool(smsapi, root, smsapi.hash_password(PASSWORD))
+    with open(ini, "a") as file:
+        for n in range(users):
+            file.write(f"[user:u{n}]\npassword = {smsapi.hash_password(PASSWORD)}\n")
+    api = start_smsapi(lib, ini, log_in(workdir))
+    token = "Basic " + base64.b64encode(f"bench:{PASSWORD}".encode()).decode()
+    median_ms(api.url, "/api/v1.0/sms/status/x", token, 1, expect=404)
+    first = api.rss_mb()
+    for n in range(users):
+        user = base64.b64encode(f"u{n}:{PASSWORD}".encode()).decode()
+        median_ms(api.url, "/api/v1.0/sms/status/x", "Basic " + user, 1, expect=404)
+    for n in range(failures):
+        wrong = base64.b64encode(f"u{n % users}:wrong".encode()).decode()
+        median_ms(api.url, "/api/v1.0/sms/status/x", "Basic " + wrong, 1, expect=(401, 429))
+    results = {"rss_one_login_mb": first, "rss_ten_users_mb": api.rss_mb()}
+    results["rss_ten_users_growth_mb"] = results["rss_ten_users_mb"] - first
+    api.stop()
+    return results
+
+
 def bench_only(part, workdir):
     sys.path.insert(0, HERE)
     import smsapi
@@ -509,6 +535,8 @@ def bench_only(part, workdir):
         return bench_startup(lib, ini, workdir)
     if part == "scrape":
         return bench_scrape(smsapi, lib, workdir, user_hash)
+    if part == "users":
+        return bench_users(smsapi, lib, workdir)
     measure = {"awaiting": bench_awaiting, "health": bench_health}[part]
     return measure(smsapi, lib, workdir, user_hash, token)
 
@@ -541,9 +569,10 @@ def main():
     )
     parser.add_argument(
         "--only",
-        choices=["startup", "scrape", "awaiting", "health"],
+        choices=["startup", "scrape", "awaiting", "health", "users"],
         help="measure only the start-up, a scrape with 100,000 queued, the watcher"
-        " with 20,000 messages awaiting reports, or /health with 100,000 failed",
+        " with 20,000 messages awaiting reports, /health with 100,000 failed, or"
+        " memory after ten users log in",
     )
     args = parser.parse_args()
     if not shutil.which("wrk"):
