@@ -723,6 +723,16 @@ def anchor(heading):
     return re.sub(r"[^\w\- ]", "", heading.lower().strip()).replace(" ", "-")
 
 
+def test_readme_size_figures_for_operators_are_smsapis_own_limits():
+    """Every size the README gives those who run smsapi is one of its limits,
+    checked here; measurements belong to For contributors."""
+    lines = readme_outside_code()
+    operators = "\n".join(lines[: lines.index("## For contributors")])
+    figures = set(re.findall(r"\b(\d[\d,.]*) ?(KB|KiB|MB|MiB|kB|GB)\b", operators))
+    limits = {(str(smsapi.MAX_SPOOL_FILE >> 10), "KiB"), (str(smsapi.MAX_PAGE_READ >> 20), "MiB")}
+    assert figures <= limits, sorted(figures - limits)
+
+
 def test_readme_contents_list_every_section_and_every_link_lands():
     lines = readme_outside_code()
     sections = [line[3:] for line in lines if line.startswith("## ")]
@@ -8210,6 +8220,63 @@ def test_smsd_alertmanager_alerts_heartbeat_dedupe_and_budget(tmp_path):
         for manager in pair:
             manager.stop()
         stack.stop()
+
+
+def test_live_readme_send_later_examples_are_never_stale(live):
+    """The README's two "Send later" commands, run as written, at any date."""
+    server = live()
+    block = re.search(r"```sh\n(.*?)```", readme_section("The API").split("### Send later")[1], re.S)
+    script = block.group(1).replace("http://127.0.0.1:5000", server.url)
+    answers = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()
+    assert len(answers) == 2
+    for answer in map(json.loads, answers):
+        assert answer["status"] == "scheduled", answer
+
+
+def readme_alertmanager_yml(smsapi_url):
+    """The README's alertmanager.yml as written, but for the address smsapi has."""
+    yml = re.search(r"```yaml\n(# alertmanager\.yml\n.*?)```", readme_section("Alerts"), re.S)
+    return yml.group(1).replace("http://127.0.0.1:5000", smsapi_url)
+
+
+@pytest.mark.skipif(ALERTMANAGER is None, reason="needs Alertmanager (prometheus-alertmanager)")
+def test_live_readme_alertmanager_yml_beats_well_inside_every(tmp_path, spool):
+    """The README's routes, Alertmanager's defaults for the rest: the Watchdog's
+    beats must come well inside the heartbeat's every, or all is well and yet
+    "missed" and "back" SMS go out."""
+    extra = (
+        f"\n[user:alertmanager]\npassword = {smsapi.hash_password('the-password', ln=10)}"
+        "\n[group:oncall]\nmobiles = 79680000000"
+        "\n[heartbeat:monitoring]\nevery = 5min\nto = @oncall"
+    )
+    server = Server(write_ini(tmp_path, spool, extra=extra), tmp_path)
+    manager = None
+    try:
+        manager = Alertmanager(tmp_path, readme_alertmanager_yml(server.url))
+        manager.push([{"labels": {"alertname": "Watchdog"}, "startsAt": rfc3339(time.time())}])
+        beats = re.compile(r"POST /api/v1.0/alerts/alertmanager 200 user=alertmanager")
+        wait_until(lambda: len(beats.findall(server.output())) >= 2, 80, "two beats")
+        times = [
+            datetime_seconds(line[:24])
+            for line in server.output().splitlines()
+            if beats.search(line)
+        ]
+        every = smsapi.load_config(str(tmp_path / "smsapi.ini")).heartbeats["monitoring"].every
+        assert times[1] - times[0] <= every / 4, times  # four beats at least in every
+        assert spool_snapshot(spool) == {}  # a beat sends nothing
+    finally:
+        if manager:
+            manager.stop()
+        server.stop()
+
+
+def datetime_seconds(text):
+    """Seconds since the epoch of a log line's ISO 8601 time (2026-12-06T09:35:57+0000)."""
+    import datetime
+
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp()
 
 
 @pytest.mark.skipif(ZABBIX_JS is None, reason="needs zabbix_js (zabbix-server-pgsql)")
