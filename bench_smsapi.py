@@ -505,8 +505,7 @@ def bench_users(smsapi, lib, workdir, users=10, failures=20):
     root = os.path.join(workdir, "users")
     ini, _ = make_spool(smsapi, root, smsapi.hash_password(PASSWORD))
     with open(ini, "a") as file:
-        for n in range(users):
-            file.write(f"[user:u{n}]\npassword = {smsapi.hash_password(PASSWORD)}\n")
+        file.writelines(f"[user:u{n}]\npassword = {smsapi.hash_password(PASSWORD)}\n" for n in range(users))
     api = start_smsapi(lib, ini, log_in(workdir))
     token = "Basic " + base64.b64encode(f"bench:{PASSWORD}".encode()).decode()
     median_ms(api.url, "/api/v1.0/sms/status/x", token, 1, expect=404)

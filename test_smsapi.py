@@ -8225,7 +8225,7 @@ def test_smsd_alertmanager_alerts_heartbeat_dedupe_and_budget(tmp_path):
 def test_live_readme_send_later_examples_are_never_stale(live):
     """The README's two "Send later" commands, run as written, at any date."""
     server = live()
-    block = re.search(r"```sh\n(.*?)```", readme_section("The API").split("### Send later")[1], re.S)
+    block = re.search(r"```sh\n(.*?)```", readme_section("The API").split("### Send later")[1], re.DOTALL)
     script = block.group(1).replace("http://127.0.0.1:5000", server.url)
     answers = subprocess.run(
         ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=True
@@ -8237,7 +8237,7 @@ def test_live_readme_send_later_examples_are_never_stale(live):
 
 def readme_alertmanager_yml(smsapi_url):
     """The README's alertmanager.yml as written, but for the address smsapi has."""
-    yml = re.search(r"```yaml\n(# alertmanager\.yml\n.*?)```", readme_section("Alerts"), re.S)
+    yml = re.search(r"```yaml\n(# alertmanager\.yml\n.*?)```", readme_section("Alerts"), re.DOTALL)
     return yml.group(1).replace("http://127.0.0.1:5000", smsapi_url)
 
 
