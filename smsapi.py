@@ -4769,6 +4769,8 @@ class EventQueue:
             return
         body = found[0].partition(b"\n")[2]
         status, delay, what = post_event(webhook, event.id, body, now, self.attempt)
+        if self.stopping and status is None:
+            return  # cut off by the stop: the event stays stored as it was
         if status is not None and 200 <= status < 300:
             self.settle(event, "delivered")
         elif status == HTTPStatus.GONE:
@@ -4906,8 +4908,12 @@ class Webhooks:
             queue.start()
 
     def stop(self):
+        """Stop every webhook's thread (an attempt in flight is cut off)."""
         for queue in self.queues.values():
             queue.stop()
+        for queue in self.queues.values():
+            if queue.thread is not None:
+                queue.thread.join(STOP_GRACE)
 
     def states(self):
         """{webhook name: (events stored, oldest emitted at, outcomes, disabled)}."""

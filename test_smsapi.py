@@ -6464,8 +6464,8 @@ def test_webhook_queue_is_bounded_oldest_first(tmp_path, spool, receiver, caplog
         ticks(app)
         queue = app.parts.webhooks.queues["hook"]
         wait_until(lambda: queue.state()[2].get("overflowed") == 2, 5, "the overflow")
-        stored = sorted(os.listdir(tmp_path / "state" / "webhooks" / "hook"))
-        assert len(stored) == 3
+        stored = os.listdir(tmp_path / "state" / "webhooks" / "hook")
+        assert len([n for n in stored if not n.startswith(".")]) == 3  # (a retry writes)
         check = call(app, "GET", "/api/v1.0/health").json()["checks"]["webhook:hook"]
         assert check["status"] == "warn" and "max_events" in check["output"]
         text = call(app, "GET", "/metrics").body.decode()
