@@ -30,6 +30,7 @@ import bisect
 import collections
 import configparser
 import contextlib
+import copy
 import ctypes
 import datetime
 import encodings.iso8859_15  # the codecs too: loaded at start, not on a first request
@@ -123,11 +124,13 @@ RECIPIENT = re.compile(rf"\+?(?:{MOBILE.pattern})|@{USER_NAME.pattern}", re.ASCI
 MOBILE_SEPARATORS = re.compile(r"[\s().-]")
 LEADING_SPACE = re.compile(r"^ (?=[0-9])")
 MOBILE_PATTERN = re.compile(r"[0-9]{0,15}\*|[0-9]{1,15}", re.ASCII)  # * alone: any
-DURATION = re.compile(r"([0-9]{1,9})\s*(s|min|hour|day)?", re.ASCII)
-DURATION_UNITS = {"s": 1, "min": 60, "hour": 3600, "day": 86400}
+#: A duration in the config: seconds, or a number and a unit (Prometheus's
+#: short ones too: 5m, 1h, 7d).
+DURATION = re.compile(r"([0-9]{1,9})\s*(s|m|min|h|hour|d|day|w|week)?", re.ASCII)
+DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600}
+DURATION_UNITS.update(d=86400, day=86400, w=7 * 86400, week=7 * 86400)
 #: send_at and valid_until: a delay from now, +N and a unit; else an ISO 8601 time.
 DELAY = re.compile(r"\+([0-9]{1,9})\s*(s|min|hour|day|week)", re.ASCII)
-DELAY_UNITS = {**DURATION_UNITS, "week": 7 * 86400}
 FORM_OFFSET = re.compile(r" (?=[0-9]{2}:?[0-9]{2}$)")  # a form's + before an offset
 QUIET_HOURS = re.compile(
     r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])"
@@ -221,7 +224,35 @@ EVENT_TYPES = (
     "sms.failed",
     "sms.delivered",
     "sms.undelivered",
+    "alert.acknowledged",
 )
+
+# -- pages and replies -----------------------------------------------------------
+
+PAGER_SENDER = "smsapi:pager"  # the From: of the pager's own SMS, as HEARTBEAT_SENDER
+PAGES_JOURNAL = "pages.journal"  # in state_dir: pages, replies heard, SMS to write
+OPEN_STATES = ("firing", "acknowledged")  # a page's status while it is open
+#: A page's silence: none to make; wanted (to make); made; expire (its group
+#: resolved: to end now); ended.
+SILENCE_STATES = ("none", "wanted", "made", "expire", "ended")
+PAGE_KEPT = 86400.0  # seconds a closed page is listed, and its late replies answered
+PAGE_TITLE = 60  # characters of a page's title at most
+MAX_REPLY = 40  # a longer SMS is no reply code (and is not read further)
+#: A reply, once made lower case with its spaces single: 3a, 3 a, 3ack, ack 3,
+#: a 3, a, ack (acknowledge); 3e, esc 3 (escalate). A code is 1-999.
+REPLY = re.compile(
+    r"(?P<code>[1-9][0-9]{0,2}) ?(?P<verb>ack|a|esc|e)"
+    r"|(?P<word>ack|a|esc|e)(?: ?(?P<after>[1-9][0-9]{0,2}))?",
+    re.ASCII,
+)
+REPLY_QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb\u201e"
+HELP_EVERY, HELP_MAX = 300.0, 5  # what to send: once in 5 min, not past 5 an hour
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*", re.ASCII)  # Prometheus's
+ALERTMANAGER_TIMEOUT = 10.0  # seconds an Alertmanager has for its whole answer
+ALERTMANAGER_RETRY = (10, 30, 60, 120, 300)  # seconds between tries while none answers
+MAX_ALERTMANAGER_ANSWER = 8 << 20  # bytes of an answer read at most
+FIRING_CHECK = 300.0  # seconds between looks at whether a page's group still fires
+
 WEBHOOK_SECRET = re.compile(r"whsec_([A-Za-z0-9+/]+={0,2})", re.ASCII)
 WEBHOOK_SECRET_BYTES = (24, 64)  # Standard Webhooks: 24 to 64 random bytes
 WEBHOOKS = "webhooks"  # in state_dir: a directory of stored events per webhook
@@ -493,7 +524,7 @@ def as_duration(value):
     match = DURATION.fullmatch(value.strip())
     if not match:
         raise ValueError(
-            f"expected a duration like 30, 30min, 2hour or 7day, got {value!r}"
+            f"expected a duration like 30, 30min, 2hour, 1h or 7day, got {value!r}"
         )
     return int(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
 
@@ -630,6 +661,19 @@ def as_webhook_url(value):
     if url.scheme not in ("http", "https") or not url.hostname or url.port == 0:
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
     return value.strip()
+
+
+def as_urls(value):
+    """Space-separated http:// or https:// URLs (none: an empty tuple)."""
+    return tuple(as_webhook_url(word) for word in value.split())
+
+
+def as_token(value):
+    """A bearer token: printable ASCII without spaces; the error never repeats it."""
+    token = value.strip()
+    if not token or not all("!" <= char <= "~" for char in token):
+        raise ValueError("expected a token of printable ASCII without spaces")
+    return token
 
 
 def as_webhook_secret(value):
@@ -879,6 +923,14 @@ OPTIONS = [
            "a notification identical to one sent within this is not sent again"),
     option("alerts", "template", None, as_template,
            "the alert text as a `string.Template` (see Alerts); unset: `$head $alerts`"),
+    option("alerts", "ack", "no", as_bool,
+           "pages take reply codes: each firing SMS ends `Reply Na to ack`, and that reply silences the group (see Acknowledging by reply)"),
+    option("alerts", "alertmanager_url", "", as_urls,
+           "the Alertmanager(s) where an acknowledgement becomes a silence; for an HA pair both, the first that accepts wins; a path prefix is kept"),
+    option("alerts", "alertmanager_token", None, as_token,
+           "sent to them as `Authorization: Bearer`"),
+    option("alerts", "ack_for", "1h", as_count_of_seconds,
+           "how long one acknowledgement silences the group; extended while the group still fires"),
     option("heartbeat", "every", None, as_count_of_seconds,
            "a beat is expected at least this often (`5min`); required"),
     option("heartbeat", "to", None, as_recipients,
@@ -1493,7 +1545,7 @@ def find_message(config, message_id):
     return None
 
 
-class Page(collections.namedtuple("Page", "limit offset")):
+class Paging(collections.namedtuple("Paging", "limit offset")):
     """Which part of a listing to show: limit names from offset on."""
 
     __slots__ = ()
@@ -1964,8 +2016,8 @@ class Raw(collections.namedtuple("Raw", "body content_type")):
 
 
 def read_page(request):
-    """The Page the query asks for (?limit=, ?offset=), bounded."""
-    return Page(
+    """The Paging the query asks for (?limit=, ?offset=), bounded."""
+    return Paging(
         limit=query_int(request, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE),
         offset=query_int(request, "offset", 0, 0, MAX_OFFSET),
     )
@@ -2327,15 +2379,15 @@ def gsm_septets(text):
     return None if straddles and septets > GSM_SINGLE else septets
 
 
-def fitted(text, max_parts):
-    """text, or as much of it as fits in max_parts, cut at a character and
-    ending with "..": more characters never take fewer parts."""
-    if encode_text(text).parts <= max_parts:
+def fitted(text, max_parts, after=""):
+    """text, or as much of it as fits in max_parts with after behind it, cut at
+    a character and ending with "..": more characters never take fewer parts."""
+    if encode_text(text + after).parts <= max_parts:
         return text
     fits, past = 0, len(text)
     while past - fits > 1:
         middle = (fits + past) // 2
-        if encode_text(text[:middle] + "..").parts <= max_parts:
+        if encode_text(text[:middle] + ".." + after).parts <= max_parts:
             fits = middle
         else:
             past = middle
@@ -3666,14 +3718,17 @@ def visible_name(request, kind, name):
 
 class SendPlan(
     collections.namedtuple(
-        "SendPlan", "recipients numbers text encoding options report timing"
+        "SendPlan",
+        "recipients numbers text encoding options report timing suffixes",
+        defaults=(None,),
     )
 ):
     """A validated send request: everything needed to write its files.
 
     recipients maps each mobile as given to its normalised number; numbers
     are those, each once; options are the smsd headers [(header, value)];
-    report is whether it asks for one; timing, when it may go.
+    report is whether it asks for one; timing, when it may go; suffixes, if
+    any, {number: what ends its text} (a page's reply code).
     """
 
     __slots__ = ()
@@ -3686,6 +3741,12 @@ class SendPlan(
         if any(self.timing.given):
             canonical.append(self.timing.given)
         return sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+    def encoding_for(self, number):
+        """How the text to number goes on the air."""
+        if not self.suffixes:
+            return self.encoding
+        return encode_text(self.text + self.suffixes[number])
 
 
 class Timing(collections.namedtuple("Timing", "send_at valid_until held given")):
@@ -3918,7 +3979,7 @@ def read_moment(request, name, value, now):
     delay = DELAY.fullmatch(text)
     try:
         if delay:
-            moment = now + int(delay.group(1)) * DELAY_UNITS[delay.group(2)]
+            moment = now + int(delay.group(1)) * DURATION_UNITS[delay.group(2)]
         else:
             text = FORM_OFFSET.sub("+", re.sub("[Zz]$", "+00:00", text))
             moment = datetime.datetime.fromisoformat(text)
@@ -4231,14 +4292,15 @@ class Sender:
         options = plan.options
         if timing.send_at is not None:
             options = options + held_headers(*timing[:3])
-        files = {
-            ids[number]: render_message(
-                request.user.name, number, plan.encoding, options
+        files, units = {}, 0
+        for number in plan.numbers:
+            if retry and find_message(config, ids[number]) is not None:
+                continue  # written before a crash
+            encoding = plan.encoding_for(number)
+            files[ids[number]] = render_message(
+                request.user.name, number, encoding, options
             )
-            for number in plan.numbers
-            if not retry or find_message(config, ids[number]) is None
-        }
-        units = plan.encoding.parts * len(files)
+            units += encoding.parts
         token = self.budgets.take(request.user, units, request.now) if files else None
         try:
             if timing.send_at is None:
@@ -4257,7 +4319,7 @@ class Sender:
             request.log_detail += f' text="{escape(plan.text)}"'
         return {
             "message_id": {g: ids[number] for g, number in plan.recipients.items()},
-            "parts_count": plan.encoding.parts,
+            "parts_count": max(plan.encoding_for(n).parts for n in plan.numbers),
             "sent_text": plan.text,
             "encoding": plan.encoding.alphabet,
             **timing.answer(),
@@ -4432,50 +4494,80 @@ def sign(key, webhook_id, timestamp, body):
 def post_event(webhook, webhook_id, body, now, attempt):
     """POST one signed event at now, within webhook.timeout in all (attempt cuts
     it off): (HTTP status or None, Retry-After in seconds or None, what happened)."""
-    import http.client  # only a process with webhooks loads it
-
-    url = urllib.parse.urlsplit(webhook.url)
     timestamp = str(int(now))
     headers = {
         "Content-Type": "application/json",
-        "User-Agent": "smsapi/" + __version__,
         "webhook-id": webhook_id,
         "webhook-timestamp": timestamp,
         "webhook-signature": sign(
             webhook_key(webhook.secret), webhook_id, timestamp, body
         ),
     }
-    if url.username is not None:  # user:password@ in the URL: Basic auth
+    try:
+        answer = http_exchange(
+            "POST", webhook.url, body, headers, webhook.timeout, attempt, 65536
+        )
+    except HttpFailure as exc:
+        return None, None, str(exc)
+    delay = retry_after(answer.retry_after, now)
+    return answer.status, delay, f"HTTP {answer.status} {answer.reason}"
+
+
+class HttpAnswer(
+    collections.namedtuple("HttpAnswer", "status reason retry_after body")
+):
+    """What a server answered: status, reason, its Retry-After header (or None),
+    and the first bytes of the body (as many as the caller would read)."""
+
+    __slots__ = ()
+
+
+class HttpFailure(Exception):
+    """No whole answer: the connection failed, or the time was up."""
+
+
+def http_exchange(method, url, body, headers, timeout, attempt, limit):
+    """One HTTP request to url, answered within timeout seconds in all (attempt
+    cuts a slow answer off): an HttpAnswer with up to limit bytes of the body,
+    or HttpFailure. user:password@ in the URL is sent as Basic auth (unless
+    headers have an Authorization of their own)."""
+    import http.client  # only a process that calls out loads it
+
+    parts = urllib.parse.urlsplit(url)
+    headers = {"User-Agent": "smsapi/" + __version__, **headers}
+    if parts.username is not None and "Authorization" not in headers:
         credentials = ":".join(
-            urllib.parse.unquote(part or "") for part in (url.username, url.password)
+            urllib.parse.unquote(part or "")
+            for part in (parts.username, parts.password)
         )
         token = base64.b64encode(credentials.encode()).decode()
         headers["Authorization"] = "Basic " + token
-    if url.scheme == "https":
+    if parts.scheme == "https":
         import ssl
 
         connection = http.client.HTTPSConnection(
-            url.hostname,
-            url.port,
-            timeout=webhook.timeout,
+            parts.hostname,
+            parts.port,
+            timeout=timeout,
             context=ssl.create_default_context(),
         )
     else:
         connection = http.client.HTTPConnection(
-            url.hostname, url.port, timeout=webhook.timeout
+            parts.hostname, parts.port, timeout=timeout
         )
-    target = (url.path or "/") + ("?" + url.query if url.query else "")
-    attempt.begin(connection, webhook.timeout)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    attempt.begin(connection, timeout)
     try:
-        connection.request("POST", target, body, headers)
+        connection.request(method, target, body, headers)
         response = connection.getresponse()
-        response.read(65536)  # what the receiver says is not ours to keep
-        delay = retry_after(response.getheader("Retry-After"), now)
-        return response.status, delay, f"HTTP {response.status} {response.reason}"
+        data = response.read(limit)
+        return HttpAnswer(
+            response.status, response.reason, response.getheader("Retry-After"), data
+        )
     except (OSError, http.client.HTTPException) as exc:
         if attempt.cut_off:
-            return None, None, f"no whole answer within {webhook.timeout:.0f} s"
-        return None, None, one_line(exc) or type(exc).__name__
+            raise HttpFailure(f"no whole answer within {timeout:.0f} s") from None
+        raise HttpFailure(one_line(exc) or type(exc).__name__) from None
     finally:
         attempt.end()
         connection.close()
@@ -5001,15 +5093,854 @@ class Webhooks:
 
 
 ###############################################################################
+# Pages and replies ###########################################################
+###############################################################################
+
+# A firing notification, with [alerts] ack = yes, is a page: each number paged
+# gets a reply code, and a reply with it acknowledges the page. The pager
+# keeps the pages, reads the replies the watcher hands it, and has a thread of
+# its own for what takes the network: the Alertmanager silence that an
+# acknowledgement makes, its extension while the group fires, its end.
+
+
+class Command(collections.namedtuple("Command", "action code")):
+    """What a reply asks: action "ack" (or "escalate") of the page with this
+    code, or of the newest page sent to the number when code is None."""
+
+    __slots__ = ()
+
+
+def read_reply(text):
+    """The Command of a reply SMS (3a, 3 a, ack 3, a 3, a, ack, 3e, esc 3), any
+    case, surrounding spaces, quotes and one final dot ignored; None for any
+    other text. Only MAX_REPLY characters are looked at, with one pattern
+    that cannot backtrack far."""
+    if not isinstance(text, str) or len(text) > MAX_REPLY:
+        return None
+    words = " ".join(text.split()).strip(REPLY_QUOTES).strip()
+    words = words.removesuffix(".").strip().strip(REPLY_QUOTES).strip()
+    match = REPLY.fullmatch(words.lower())
+    if match is None:
+        return None
+    verb = match.group("verb") or match.group("word")
+    code = match.group("code") or match.group("after")
+    action = "ack" if verb in ("a", "ack") else "escalate"
+    if action == "escalate" and code is None:
+        return None  # which page to escalate is never guessed
+    return Command(action, int(code) if code else None)
+
+
+def page_suffix(code):
+    """What ends a page's SMS to the number whose code it is."""
+    return f" Reply {code}a to ack"
+
+
+def silence_matchers(group):
+    """Alertmanager matchers of exactly these labels."""
+    return [
+        {"name": name, "value": value, "isRegex": False, "isEqual": True}
+        for name, value in sorted(group.items())
+    ]
+
+
+def matcher_filter(group):
+    """The ?filter= values that ask Alertmanager for what these labels match
+    (names it could not parse are left to the check of the answer)."""
+    return [
+        ("filter", f'{name}="{escaped}"')
+        for name, value in sorted(group.items())
+        if LABEL_NAME.fullmatch(name)
+        for escaped in [
+            value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        ]
+    ]
+
+
+def clock_time(seconds):
+    """HH:MM local time, as a phone shows it."""
+    return time.strftime("%H:%M", time.localtime(clamp_time(seconds)))
+
+
+class AlertmanagerError(Exception):
+    """No Alertmanager of alertmanager_url gave an answer we could use."""
+
+
+class Alertmanagers:
+    """The Alertmanagers of [alerts] alertmanager_url, asked in order: the first
+    that answers wins (an HA pair shares its silences among themselves). Each
+    has ALERTMANAGER_TIMEOUT for its whole answer, however slowly it sends it.
+    """
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.attempt = Attempt()
+
+    def call(self, method, path, body=None, query=()):
+        """The JSON of the first 2xx answer to method path?query, or
+        AlertmanagerError saying what each Alertmanager did; a 404 from all of
+        them is LookupError."""
+        alerts = self.settings().alerts
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if alerts["alertmanager_token"]:
+            headers["Authorization"] = "Bearer " + alerts["alertmanager_token"]
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        failures, missing = [], 0
+        for url in alerts["alertmanager_url"]:
+            try:
+                answer = http_exchange(
+                    method,
+                    url.rstrip("/") + target,
+                    data,
+                    headers,
+                    ALERTMANAGER_TIMEOUT,
+                    self.attempt,
+                    MAX_ALERTMANAGER_ANSWER,
+                )
+            except HttpFailure as exc:
+                failures.append(f"{shown_url(url)}: {exc}")
+                continue
+            if 200 <= answer.status < 300:
+                try:
+                    return json.loads(answer.body) if answer.body.strip() else None
+                except (ValueError, RecursionError):
+                    failures.append(f"{shown_url(url)}: an answer that is not JSON")
+                    continue
+            missing += answer.status == HTTPStatus.NOT_FOUND
+            said = escape(answer.body[:200].decode("utf-8", "replace").strip())
+            failures.append(f"{shown_url(url)}: HTTP {answer.status} {said}")
+        if failures and missing == len(failures):
+            raise LookupError("; ".join(failures))
+        raise AlertmanagerError("; ".join(failures) or "no alertmanager_url")
+
+    def find_silence(self, page):
+        """The id of a live silence this page made before (a kill -9 may have
+        come between asking and noting the answer), or None."""
+        found = self.call(
+            "GET", "/api/v2/silences", query=matcher_filter(page["group"])
+        )
+        wanted = silence_matchers(page["group"])
+        for silence in found if isinstance(found, list) else []:
+            silence = dict_of(silence)
+            if (
+                page["id"] in str(silence.get("comment"))
+                and str(silence.get("createdBy")).startswith("smsapi")
+                and dict_of(silence.get("status")).get("state") in ("active", "pending")
+                and isinstance(silence.get("id"), str)
+                and sorted_matchers(silence.get("matchers")) == wanted
+            ):
+                return silence["id"]
+        return None
+
+    def set_silence(self, page, starts, ends, silence_id=None):
+        """Make (or, given its id, change) the page's silence, from starts to ends
+        (RFC 3339 times): its id now."""
+        number = page["acknowledged_by"]
+        body = {
+            "matchers": silence_matchers(page["group"]),
+            "startsAt": starts,
+            "endsAt": ends,
+            "createdBy": f"smsapi (SMS from +{number})",
+            "comment": f"page {page['id']} #{page['codes'][number]} acknowledged by"
+            f" the reply {page['reply']!r} from +{number}: {page['title']}",
+        }
+        if silence_id:
+            body["id"] = silence_id
+        answer = self.call("POST", "/api/v2/silences", body)
+        silence_id = dict_of(answer).get("silenceID")
+        if not isinstance(silence_id, str) or not silence_id:
+            raise AlertmanagerError("the answer names no silenceID")
+        return silence_id
+
+    def extend(self, page, now, ends):
+        """Move the end of the page's silence to ends: its id now (the same when
+        Alertmanager can change it in place; a new one when it ended before it
+        could be extended, or Alertmanager lost it), or None when someone
+        ended it early, by hand."""
+        silence = page["silence"]
+        path = "/api/v2/silence/" + urllib.parse.quote(silence["id"])
+        try:
+            found = dict_of(self.call("GET", path))
+        except LookupError:
+            found = {}
+        state = dict_of(found.get("status")).get("state")
+        if state in ("active", "pending"):
+            starts = str(found.get("startsAt"))
+            return self.set_silence(page, starts, iso_time(ends), silence["id"])
+        if state == "expired" and now < silence["ends"] - 1:
+            return None
+        return self.set_silence(page, iso_time(now), iso_time(ends))
+
+    def firing(self, group):
+        """True while an alert of these labels is active or suppressed."""
+        query = [*matcher_filter(group)]
+        query += [(flag, "true") for flag in ("active", "silenced", "inhibited")]
+        found = self.call("GET", "/api/v2/alerts", query=query)
+        return any(
+            all(dict_of(alert.get("labels")).get(n) == v for n, v in group.items())
+            for alert in map(dict_of, found if isinstance(found, list) else [])
+        )
+
+    def expire(self, silence_id):
+        """End a silence now; one that is gone or has ended already is done."""
+        path = "/api/v2/silence/" + urllib.parse.quote(silence_id)
+        try:
+            found = self.call("GET", path)
+            if dict_of(dict_of(found).get("status")).get("state") != "expired":
+                self.call("DELETE", path)
+        except LookupError:
+            return
+
+
+def sorted_matchers(matchers):
+    """An Alertmanager silence's matchers as silence_matchers() writes them."""
+    if not isinstance(matchers, list):
+        return None
+    return sorted(
+        (
+            {
+                "name": m.get("name"),
+                "value": m.get("value"),
+                "isRegex": m.get("isRegex"),
+                "isEqual": m.get("isEqual", True),
+            }
+            for m in map(dict_of, matchers)
+        ),
+        key=lambda m: str(m["name"]),
+    )
+
+
+class Pager:
+    """The pages: one per user and notification group while it is open, with a
+    reply code for each number paged, the smallest that none of that number's
+    open pages has; closed pages are kept a day (a late reply is told so).
+
+    The watcher hands every received SMS to heard(): a reply from a paged
+    number acknowledges (or is answered with what to send). The pager's
+    thread then makes the Alertmanager silence, tells the replier and the
+    others, extends the silence while the group still fires, and ends it
+    once the group resolves. Everything is in a journal in state_dir, written
+    before it is acted on, so a kill -9 neither loses nor repeats anything:
+    what the pager sends is noted with its message id first, and written at
+    a start unless the spool has it.
+    """
+
+    def __init__(self, settings, outgoing, clock):
+        config = settings()
+        self.settings, self.outgoing, self.clock = settings, outgoing, clock
+        self.alertmanagers = Alertmanagers(settings)
+        path = os.path.join(config.state_dir, PAGES_JOURNAL)
+        self.journal = Journal(path, config.fsync)
+        self.lock = threading.Lock()
+        self.pages = {}  # page id -> page (a dict, as the journal has it)
+        self.open_pages = {}  # (owner, group key) -> page id, while it is open
+        self.paged = {}  # number -> ids of its pages, oldest first
+        self.heard_names = {}  # incoming file name -> when it was received
+        self.nonsense = {}  # number -> [[when, answered]] of replies that were no code
+        self.outbox = {}  # message id -> [number, text], noted, not yet written
+        self.events = collections.deque()  # webhook events, for the watcher to offer
+        self.acknowledgements = 0  # since the start
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.thread = None
+        self.journal.replay(self.replayed)
+        for page in self.pages.values():
+            self.index(page)
+
+    # -- pages, from the notifications ---------------------------------------------
+
+    def open(self, owner, key, group, title, alerts, numbers, now):
+        """The open page of owner's group key (a new one if there is none), with a
+        code for each of numbers: (a copy of it, undo). The journal has it before
+        any SMS goes; undo() takes back what this call added, should none go
+        (None: it added nothing).
+        OSError if the journal cannot be written."""
+        with self.lock:
+            before = self.pages.get(self.open_pages.get((owner, key)))
+            page = copy.deepcopy(before)
+            if page is None:
+                page = new_page(owner, key, group, now)
+                if self.settings().alerts["alertmanager_url"]:
+                    page["due"] = now + FIRING_CHECK
+            page.update(title=title, alerts=alerts)
+            for number in numbers:
+                if number not in page["codes"]:
+                    page["codes"][number] = self.free_code(number)
+            if page == before:
+                return copy.deepcopy(page), None
+            self.store(page)
+            return copy.deepcopy(page), functools.partial(self.undo, page["id"], before)
+
+    def undo(self, page_id, before):
+        """Put a page back as it was before open(), or drop a new one (unless a
+        reply changed it meanwhile)."""
+        with self.lock:
+            page = self.pages.get(page_id)
+            expected = before["status"] if before else "firing"
+            if page is None or page["status"] != expected:
+                return
+            try:
+                if before is None:
+                    self.journal_append([["drop", page_id]])
+                    self.unindex(self.pages.pop(page_id))
+                else:
+                    self.store(before)
+            except OSError as exc:
+                log.error("cannot save %s: %s", self.journal.path, one_line(exc))
+
+    def resolve(self, owner, key, now):
+        """The group resolved: close its open page; a silence made for it is
+        ended. OSError if the journal cannot be written."""
+        with self.lock:
+            page = copy.deepcopy(self.pages.get(self.open_pages.get((owner, key))))
+            if page is None:
+                return
+            page.update(status="resolved", closed_at=now, tell=False, due=None)
+            if page["silence"]["state"] in ("wanted", "made"):  # wanted: made, perhaps
+                page["silence"]["state"] = "expire"
+                page.update(due=now, tries=0)
+            self.store(page)
+        self.wake.set()
+        log.info("page %s (%s) closed: resolved", page["id"], escape(page["title"]))
+
+    def acknowledged(self, owner, key):
+        """The acknowledgement of owner's open page of group key, or None: while
+        its silence holds (or is yet to be made), nobody is paged for it again."""
+        with self.lock:
+            page = self.pages.get(self.open_pages.get((owner, key)))
+            if page and page["status"] == "acknowledged":
+                return page["acknowledged_by"], page["acknowledged_at"]
+            return None
+
+    # -- replies, from the watcher -------------------------------------------------
+
+    def heard(self, name, sender, text, received):
+        """A received SMS: a reply, when it comes from a paged number."""
+        number = normalise_mobile(sender or "")
+        if number not in self.paged or not self.settings().alerts["ack"]:
+            return
+        now = self.clock.time()
+        with self.lock:
+            pages = [
+                self.pages[i]
+                for i in self.paged.get(number, ())
+                if self.pages[i]["paged_at"] <= received + 1
+            ]
+            if name in self.heard_names or not pages:
+                return  # found again by a rescan, or older than every page
+            self.heard_names[name] = received
+            lines = [["heard", name, received]]
+            command = read_reply(text)
+            page = copy.deepcopy(command and chosen_page(command, number, pages))
+            said = escape(str(text)[:MAX_REPLY])
+            if page is None and not any(p["status"] in OPEN_STATES for p in pages):
+                log.info("SMS from +%s, who has no open page: %s", number, said)
+                self.save(lines)
+            elif page is None:
+                self.help(number, pages, lines, now)
+            elif page["status"] == "firing":
+                self.acknowledge(page, number, str(text), received, lines, now)
+            else:
+                log.info("reply %s from +%s to page %s, %s already", said, number,
+                         page["id"], page["status"])  # fmt: skip
+                self.send(lines, [(number, late_news(page, number))], now)
+
+    def acknowledge(self, page, number, reply, received, lines, now):
+        """number acknowledged page: note it, then let the thread make the silence
+        and tell everyone (at once, when there is no Alertmanager to ask)."""
+        alerts = self.settings().alerts
+        page.update(
+            status="acknowledged",
+            acknowledged_by=number,
+            acknowledged_at=min(max(received, page["paged_at"]), now),
+            reply=" ".join(reply.split())[:MAX_REPLY],
+            tell=True,
+            due=None,
+            tries=0,
+            quiet=0,
+        )
+        if alerts["alertmanager_url"] and page["group"]:
+            page["silence"] = {
+                "state": "wanted",
+                "id": None,
+                "ends": now + alerts["ack_for"],
+            }
+            page["due"] = now
+        self.acknowledgements += 1
+        self.events.append(
+            ("alert.acknowledged", page["id"], page["owner"], page_view(page), now)
+        )
+        log.warning(
+            "page %s (%s) acknowledged by +%s: %s",
+            page["id"],
+            escape(page["title"]),
+            number,
+            escape(page["reply"]),
+        )
+        if page["due"] is None:
+            self.tell(page, lines, now)
+        else:
+            self.keep(page, lines)
+            self.wake.set()
+
+    def help(self, number, pages, lines, now):
+        """A paged number sent what is no reply code (or none of its codes): say
+        what to send (for its pages not yet acknowledged, if any), at most once
+        in HELP_EVERY, and not past HELP_MAX such replies within the hour."""
+        recent = [e for e in self.nonsense.get(number, []) if e[0] > now - 3600]
+        answered = any(e[1] and e[0] > now - HELP_EVERY for e in recent)
+        answer = len(recent) < HELP_MAX and not answered
+        self.nonsense[number] = recent + [[now, answer]]
+        lines.append(["nonsense", number, now, answer])
+        if not answer:
+            log.info(
+                "SMS from +%s is no reply code; answered lately, not again", number
+            )
+            self.save(lines)
+            return
+        firing = [p for p in pages if p["status"] == "firing"]
+        live = firing or [p for p in pages if p["status"] in OPEN_STATES]
+        live.sort(key=lambda p: p["paged_at"], reverse=True)
+        choices = ", ".join(
+            f"{p['codes'][number]}a to ack #{p['codes'][number]} {p['title']}"
+            for p in live
+        )
+        log.info("SMS from +%s is no reply code; told what to send", number)
+        self.send(lines, [(number, "Reply " + choices)], now)
+
+    # -- telling people ------------------------------------------------------------
+
+    def tell(self, page, lines, now):
+        """Send an acknowledgement's news: to the replier, that it is taken and
+        what became of the silence; to each other number paged, by whom."""
+        by, silence = page["acknowledged_by"], page["silence"]
+        if silence["state"] == "made":
+            said = f" Silenced until {clock_time(silence['ends'])}."
+        elif silence["state"] == "wanted":
+            said = " Silence pending: no Alertmanager answers yet; smsapi keeps trying."
+        else:
+            said = ""
+        at = clock_time(page["acknowledged_at"])
+        texts = [(by, f"#{page['codes'][by]} {page['title']}: acknowledged.{said}")]
+        texts += [
+            (number, f"#{code} {page['title']}: acknowledged by +{by} at {at}.")
+            for number, code in page["codes"].items()
+            if number != by
+        ]
+        page["tell"] = False
+        self.adopt(page)
+        self.send(lines + [["page", page]], texts, now)  # one write: told, and what
+
+    def send(self, lines, texts, now):
+        """Note lines and the SMS [(number, text)] in the journal, then write the
+        SMS (each cut to one part); what cannot be written now, the thread
+        writes later."""
+        for number, text in texts:
+            message_id = new_message_id(PAGER_SENDER, now)
+            self.outbox[message_id] = [number, fitted(text, 1)]
+            lines.append(["send", message_id, number, self.outbox[message_id][1]])
+        if self.save(lines):
+            self.flush()
+
+    def flush(self):
+        """Write what the outbox holds, except what the spool has already."""
+        config = self.settings()
+        files = {
+            message_id: render_message(
+                PAGER_SENDER, number, encode_text(text), [("Priority", "High")]
+            )
+            for message_id, (number, text) in self.outbox.items()
+            if find_message(config, message_id) is None
+        }
+        try:
+            self.outgoing.write(files)
+        except ApiError:  # logged by the writer; the thread tries again
+            return
+        written, self.outbox = list(self.outbox), {}
+        self.save([["sent", message_id] for message_id in written])
+
+    # -- the thread: Alertmanager --------------------------------------------------
+
+    def start(self):
+        self.thread = threading.Thread(
+            target=self.run, name="smsapi-pager", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self):
+        """Stop the thread; a call to Alertmanager in flight is cut off."""
+        self.stopping.set()
+        self.wake.set()
+        self.alertmanagers.attempt.cut()
+        if self.thread is not None:
+            self.thread.join(STOP_GRACE)
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                due = self.step(self.clock.time())
+            except Exception:  # a bug must not stop the pages
+                log.exception("pager step failed")
+                due = self.clock.time() + 60
+            self.clock.wait(self.wake, min(60.0, max(0.0, due - self.clock.time())))
+            self.wake.clear()
+
+    def step(self, now):
+        """Do what is due (the outbox; the silences to make, extend or end; the
+        pages to look at): when the next thing is due."""
+        with self.lock:
+            if self.outbox:
+                self.flush()
+            self.forget_old(now)
+            due = [
+                copy.deepcopy(p)
+                for p in self.pages.values()
+                if p["due"] is not None and p["due"] <= now
+            ]
+        for page in due:
+            if self.stopping.is_set():
+                break
+            outcome = self.ask(page, now)
+            with self.lock:
+                self.noted(page, outcome, now)
+        with self.lock:
+            times = [p["due"] for p in self.pages.values() if p["due"] is not None]
+            return min(times, default=now + 60)
+
+    def ask(self, page, now):
+        """What Alertmanager says to one due page (asked without the lock):
+        {"id": the silence's, "ends": ...}, {"quiet": True} when nothing of its
+        group fires, {"gone": True} when its silence was ended by someone else,
+        {} when all is as it was, or {"failed": why}."""
+        silence, managers = page["silence"], self.alertmanagers
+        ack_for = self.settings().alerts["ack_for"]
+        ends = now + ack_for
+        try:
+            if page["status"] == "resolved":  # its silence is to end
+                silence_id = silence["id"] or managers.find_silence(page)
+                if silence_id:
+                    managers.expire(silence_id)
+                return {"id": silence_id}
+            if silence["state"] == "wanted":
+                silence_id = managers.find_silence(page) or managers.set_silence(
+                    page, iso_time(now), iso_time(ends)
+                )
+                return {"id": silence_id, "ends": ends}
+            if not managers.firing(page["group"]):
+                return {"quiet": True}
+            ending = silence.get("ends", math.inf) - now <= 2 * check_every(ack_for)
+            if silence["state"] != "made" or not ending:
+                return {}
+            silence_id = managers.extend(page, now, ends)
+            return {"id": silence_id, "ends": ends} if silence_id else {"gone": True}
+        except (AlertmanagerError, LookupError) as exc:
+            return {"failed": str(exc)}
+
+    def noted(self, asked, outcome, now):
+        """Take what Alertmanager said into the page (under the lock), unless the
+        page has changed meanwhile: a silence made for a page resolved since
+        is to end."""
+        page = copy.deepcopy(self.pages.get(asked["id"]))
+        state = asked["status"], asked["silence"]["state"]
+        if page is None or (page["status"], page["silence"]["state"]) != state:
+            if page and page["status"] == "resolved" and outcome.get("id"):
+                page["silence"]["id"] = outcome["id"]
+                page["due"] = now
+                self.keep(page, [])
+            return
+        silence, ack_for = page["silence"], self.settings().alerts["ack_for"]
+        if "failed" in outcome:
+            tries = page["tries"] + 1
+            delay = ALERTMANAGER_RETRY[min(tries, len(ALERTMANAGER_RETRY)) - 1]
+            log.error("page %s: no Alertmanager took it (%s); again in %d s",
+                      page["id"], outcome["failed"], delay)  # fmt: skip
+            page.update(tries=tries, due=now + delay)
+            if silence["state"] == "expire" and silence["ends"] <= now:
+                silence["state"], page["due"] = "ended", None  # it ended by itself
+        elif silence["state"] == "expire":
+            silence["state"], page["due"] = "ended", None
+            log.info("page %s: silence %s ended", page["id"], outcome["id"])
+        elif outcome.get("quiet") and page["quiet"] >= 1:  # twice in a row
+            page.update(status="resolved", closed_at=now, due=None)
+            if silence["state"] == "made":
+                silence["state"] = "ended"  # it ends by itself
+            log.info("page %s (%s) closed: nothing of its group fires any more",
+                     page["id"], escape(page["title"]))  # fmt: skip
+        elif outcome.get("gone"):
+            page.update(status="firing", acknowledged_by=None, acknowledged_at=None)
+            page.update(silence={"state": "none", "id": None}, due=now + FIRING_CHECK)
+            log.warning("page %s: its silence was ended by hand; it may be"
+                        " acknowledged again", page["id"])  # fmt: skip
+        else:
+            page["quiet"] = page["quiet"] + 1 if outcome.get("quiet") else 0
+            if "id" in outcome:
+                if silence["state"] == "wanted":
+                    log.info("page %s: silence %s until %s", page["id"],
+                             outcome["id"], iso_time(outcome["ends"]))  # fmt: skip
+                silence.update(state="made", id=outcome["id"], ends=outcome["ends"])
+            every = FIRING_CHECK if page["status"] == "firing" else check_every(ack_for)
+            page.update(tries=0, due=now + every)
+        if page["tell"] and (silence["state"] != "wanted" or page["tries"] >= 1):
+            self.tell(page, [], now)  # made, or the first try failed: pending
+        else:
+            self.keep(page, [])
+
+    # -- what is kept --------------------------------------------------------------
+
+    def keep(self, page, lines):
+        """Note a page's new state, with lines, in the journal (logged if the
+        disk refuses: the page changes all the same, a restart may redo it)."""
+        self.save(lines + [["page", page]])
+        self.adopt(page)
+
+    def store(self, page):
+        """Note a page's new state; OSError if the disk refuses (nothing changes)."""
+        self.journal_append([["page", page]])
+        self.adopt(page)
+
+    def adopt(self, page):
+        """Make page the one of its id (under the lock)."""
+        self.pages[page["id"]] = page
+        self.index(page)
+
+    def save(self, lines):
+        """Append to the journal; False (logged) if the disk refuses."""
+        try:
+            self.journal_append(lines)
+        except OSError as exc:
+            log.error("cannot save %s: %s", self.journal.path, one_line(exc))
+            return False
+        return True
+
+    def journal_append(self, lines):
+        if lines:
+            live = len(self.pages) + len(self.heard_names) + len(self.outbox)
+            self.journal.append(lines, live, self.live_lines)
+
+    def live_lines(self):
+        return [
+            *(["page", page] for page in self.pages.values()),
+            *(["heard", name, when] for name, when in self.heard_names.items()),
+            *(["send", i, n, t] for i, (n, t) in self.outbox.items()),
+            *(
+                ["nonsense", number, *entry]
+                for number, entries in self.nonsense.items()
+                for entry in entries
+            ),
+        ]
+
+    def replayed(self, line):
+        """Take one line of the journal in, at start."""
+        verb, value, *rest = line
+        if verb == "page":
+            page = valid_page(value)
+            self.pages[page["id"]] = page
+        elif verb == "drop":
+            self.pages.pop(value)
+        elif verb == "heard" and isinstance(value, str) and is_time(rest[0]):
+            self.heard_names[value] = rest[0]
+        elif verb == "send" and OUR_ID.fullmatch(value) and MOBILE.fullmatch(rest[0]):
+            self.outbox[value] = [rest[0], str(rest[1])]
+        elif verb == "sent" and isinstance(value, str):
+            self.outbox.pop(value, None)
+        elif verb == "nonsense" and MOBILE.fullmatch(value) and is_time(rest[0]):
+            self.nonsense.setdefault(value, []).append([rest[0], rest[1] is True])
+        else:
+            raise ValueError("not a line of the pages journal")
+
+    def index(self, page):
+        """Keep the page's place in open_pages and paged (under the lock)."""
+        key = page["owner"], page["key"]
+        if page["status"] in OPEN_STATES:
+            self.open_pages[key] = page["id"]
+        elif self.open_pages.get(key) == page["id"]:
+            del self.open_pages[key]
+        for number in page["codes"]:
+            ids = self.paged.setdefault(number, [])
+            if page["id"] not in ids:
+                ids.append(page["id"])
+
+    def unindex(self, page):
+        """Take a page that is no more out of open_pages and paged."""
+        key = page["owner"], page["key"]
+        if self.open_pages.get(key) == page["id"]:
+            del self.open_pages[key]
+        for number in page["codes"]:
+            self.paged[number].remove(page["id"])
+            if not self.paged[number]:
+                del self.paged[number]
+
+    def free_code(self, number):
+        """The smallest code none of number's open pages has."""
+        taken = {
+            self.pages[i]["codes"][number]
+            for i in self.paged.get(number, ())
+            if self.pages[i]["status"] in OPEN_STATES
+        }
+        return next(code for code in itertools.count(1) if code not in taken)
+
+    def forget_old(self, now):
+        """Drop the pages closed PAGE_KEPT ago, and what only they needed."""
+        cutoff = now - PAGE_KEPT
+        for page in list(self.pages.values()):
+            if page["status"] not in OPEN_STATES and page["closed_at"] < cutoff:
+                self.unindex(self.pages.pop(page["id"]))
+        oldest = min((p["paged_at"] for p in self.pages.values()), default=now)
+        kept = min(cutoff, oldest) - 60
+        self.heard_names = {n: t for n, t in self.heard_names.items() if t >= kept}
+        recent = {
+            n: [e for e in es if e[0] > now - 3600] for n, es in self.nonsense.items()
+        }
+        self.nonsense = {n: es for n, es in recent.items() if es}
+
+    # -- what the API shows --------------------------------------------------------
+
+    def view(self, user, now):
+        """The pages open, or closed within PAGE_KEPT, that user may see, newest first."""
+        with self.lock:
+            pages = sorted(
+                self.pages.values(), key=lambda p: p["paged_at"], reverse=True
+            )
+            return [
+                page_view(p)
+                for p in pages
+                if (user.admin or p["owner"] == user.name)
+                and (p["status"] in OPEN_STATES or p["closed_at"] >= now - PAGE_KEPT)
+            ]
+
+    def state(self):
+        """PagerState: the pages open and acknowledged, the silences pending,
+        the acknowledgements since the start."""
+        with self.lock:
+            live = [p for p in self.pages.values() if p["status"] in OPEN_STATES]
+            return PagerState(
+                len(live),
+                sum(p["status"] == "acknowledged" for p in live),
+                sum(p["silence"]["state"] == "wanted" and p["tries"] > 0 for p in live),
+                self.acknowledgements,
+            )
+
+
+class PagerState(
+    collections.namedtuple("PagerState", "open acknowledged pending acknowledgements")
+):
+    """The pages as /health and /metrics show them."""
+
+    __slots__ = ()
+
+
+def new_page(owner, key, group, now):
+    """A page as the journal keeps it: due is when the thread looks at it next."""
+    return {
+        "id": base36(int(now * 1e6)) + os.urandom(3).hex(),
+        "owner": owner,
+        "key": key,
+        "group": group,
+        "title": "",
+        "alerts": 0,
+        "codes": {},
+        "status": "firing",
+        "paged_at": now,
+        "acknowledged_by": None,
+        "acknowledged_at": None,
+        "reply": None,
+        "closed_at": None,
+        "tell": False,
+        "silence": {"state": "none", "id": None},
+        "due": None,
+        "tries": 0,
+        "quiet": 0,
+    }
+
+
+def valid_page(page):
+    """A page read from the journal, or ValueError if it is not one."""
+    fields = dict_of(page)
+    silence = dict_of(fields.get("silence"))
+    if not (
+        set(new_page("", "", {}, 0)) <= set(fields)
+        and all(isinstance(fields[k], str) for k in ("id", "owner", "key", "title"))
+        and fields["status"] in (*OPEN_STATES, "resolved")
+        and is_time(fields["paged_at"])
+        and all(
+            MOBILE.fullmatch(n) and is_count(c)
+            for n, c in dict_of(fields["codes"]).items()
+        )
+        and silence.get("state") in SILENCE_STATES
+        and (fields["due"] is None or is_time(fields["due"]))
+    ):
+        raise ValueError("not a page")
+    return fields
+
+
+def chosen_page(command, number, pages):
+    """The page a reply from number means: the open one with its code (else the
+    newest closed one); with no code, the newest not yet acknowledged, else
+    the newest open one, else the newest."""
+    if command.code is not None:
+        pages = [p for p in pages if p["codes"][number] == command.code]
+    for states in (("firing",), OPEN_STATES, ("resolved",)):
+        candidates = [p for p in pages if p["status"] in states]
+        if candidates:
+            return max(candidates, key=lambda p: p["paged_at"])
+    return None
+
+
+def late_news(page, number):
+    """The answer to a reply to a page answered before: by whom and when."""
+    code, title = page["codes"][number], page["title"]
+    if page["status"] == "resolved":
+        at = clock_time(page["closed_at"])
+        return f"#{code} {title}: resolved at {at}; nothing to acknowledge."
+    by = page["acknowledged_by"]
+    who = "you" if by == number else "+" + by
+    return f"#{code} {title}: acknowledged by {who} at {clock_time(page['acknowledged_at'])} already."
+
+
+def check_every(ack_for):
+    """Seconds between looks at whether an acknowledged group still fires."""
+    return min(60.0, ack_for / 3)
+
+
+def page_view(page):
+    """A page as GET /alerts and the webhooks show it."""
+    return {
+        "id": page["id"],
+        "code": dict(page["codes"]),
+        "to": list(page["codes"]),
+        "status": page["status"],
+        "group": dict(page["group"]),
+        "title": page["title"],
+        "alerts": page["alerts"],
+        "paged_at": iso_time(page["paged_at"]),
+        "acknowledged_by": page["acknowledged_by"],
+        "acknowledged_at": page["acknowledged_at"]
+        and iso_time(page["acknowledged_at"]),
+        "closed_at": page["closed_at"] and iso_time(page["closed_at"]),
+        "silence_id": page["silence"]["id"],
+    }
+
+
+def get_pages(request, *, pager):
+    """The pages of the last day: all for an admin, a user's own for others."""
+    return Answer(HTTPStatus.OK, {"pages": pager.view(request.user, request.now)})
+
+
+###############################################################################
 # Alerts and heartbeats #######################################################
 ###############################################################################
 
 
-def post_alertmanager(request, *, sender, heartbeats):
+def post_alertmanager(request, *, sender, heartbeats, pager):
     """An Alertmanager (or Grafana) notification: one SMS to each of ?to=, sent
     once however often the same notification is posted (an HA pair, a retry)
     within dedupe_window; with ?heartbeat=NAME, a firing Watchdog among its
-    alerts is a beat, and the other alerts are sent."""
+    alerts is a beat, and the other alerts are sent. With [alerts] ack = yes a
+    firing notification is a page: each SMS ends with its number's reply
+    code, and once the page is acknowledged nothing more is sent for it."""
     payload = alert_payload(request.body())
     status, alerts = read_alerts(payload)
     beat = request.param("heartbeat")
@@ -5023,26 +5954,66 @@ def post_alertmanager(request, *, sender, heartbeats):
     if not to:
         raise ApiError(HTTPStatus.BAD_REQUEST, "to= must name the numbers or @groups")
     mobiles = [LEADING_SPACE.sub("+", m) for m in to.split(",")]
-    text = alert_text(payload, status, alerts, request.config.alerts)
+    key, options = str(payload.get("groupKey")), request.config.alerts
+    suffixes, undo = {}, None
+    if status == "firing" and options["ack"]:
+        acknowledged = pager.acknowledged(request.user.name, key)
+        if acknowledged:
+            return acknowledged_answer(request, *acknowledged)
+        numbers = list(read_recipients(request, mobiles).values())
+        page, undo = open_page(request, pager, payload, alerts, numbers)
+        suffixes = {n: page_suffix(page["codes"][n]) for n in numbers}
+    elif status == "resolved":
+        try:
+            pager.resolve(request.user.name, key, request.now)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+    after = max(suffixes.values(), key=len, default="")
+    text = alert_text(payload, status, alerts, options, after)
     priority = request.param("priority", "high")
     plan = plan_fields(
         request, {"mobiles": mobiles, "text": text, "priority": priority}
-    )
+    )._replace(suffixes=suffixes or None)
     # The group's record, per user: only a repeat of its last notification is one.
-    group = [request.user.name, str(payload.get("groupKey")), sorted(plan.numbers)]
+    group = [request.user.name, key, sorted(plan.numbers)]
     path = sender.idempotency.path(ALERTS_OWNER, json.dumps(group))
-    since = request.now - request.config.alerts["dedupe_window"]
+    since = request.now - options["dedupe_window"]
     try:
         answer = sender.send_once(
             request, plan, path, None, notification_digest(status, alerts), since
         )
     except ApiError as exc:
+        if undo:
+            undo()
         if exc.status == HTTPStatus.TOO_MANY_REQUESTS:
-            group_key = escape(str(payload.get("groupKey"))[:80])
+            group_key = escape(key[:80])
             said = f' text="{escape(text)}"' if request.config.log_text else ""
             log.error("alert of group %s not sent: %s%s", group_key, exc.message, said)
         raise
+    if request.replayed and undo:
+        undo()  # the codes this call gave went to nobody
     return answer._replace(status=HTTPStatus.OK) if request.replayed else answer
+
+
+def open_page(request, pager, payload, alerts, numbers):
+    """The page of a firing notification, with a code for each number: (the
+    page, undo or None when nothing changed); 507 or 503 if it cannot be kept."""
+    group = group_labels(payload)
+    title = page_title(group, alerts)
+    key = str(payload.get("groupKey"))
+    try:
+        return pager.open(
+            request.user.name, key, group, title, len(alerts), numbers, request.now
+        )
+    except OSError as exc:
+        raise storage_error(exc) from exc
+
+
+def acknowledged_answer(request, by, at):
+    """The answer to a notification of a page acknowledged already: nothing sent."""
+    request.log_detail = f" acknowledged by +{by}: not sent"
+    data = {"acknowledged_by": by, "acknowledged_at": iso_time(at)}
+    return Answer(HTTPStatus.OK, data, f"acknowledged by +{by}\n")
 
 
 def alert_payload(body):
@@ -5106,10 +6077,10 @@ def is_watchdog(alert):
     )
 
 
-def alert_text(payload, status, alerts, options):
-    """The SMS of a notification, in at most max_parts parts: the template
-    ($head $alerts) with as many whole alerts as fit, the rest as +N more; a
-    template too long even with none is cut to fit."""
+def alert_text(payload, status, alerts, options, after=""):
+    """The SMS of a notification, in at most max_parts parts with after (a reply
+    code) behind it: the template ($head $alerts) with as many whole alerts as
+    fit, the rest as +N more; a template too long even with none is cut to fit."""
     shown = [a for a in alerts if a.get("status", status) == status] or alerts
     lines = [alert_line(a) for a in shown]
     head = f"FIRING:{len(shown)}" if status == "firing" else "RESOLVED"
@@ -5121,16 +6092,19 @@ def alert_text(payload, status, alerts, options):
         listed = "; ".join(lines[:count]) + (f" +{rest} more" if rest else "")
         return template.safe_substitute(values, alerts=listed.strip())
 
-    if encode_text(text(len(lines))).parts <= options["max_parts"]:
+    def fits(count):
+        return encode_text(text(count) + after).parts <= options["max_parts"]
+
+    if fits(len(lines)):
         return text(len(lines))  # all of them (with no " +N more" after them)
-    fits, past = 0, len(lines)  # text(fits) fits, or is cut to; text(past) does not
-    while past - fits > 1:  # one more alert never takes fewer parts: halve the range
-        middle = (fits + past) // 2
-        if encode_text(text(middle)).parts <= options["max_parts"]:
-            fits = middle
+    whole, past = 0, len(lines)  # text(whole) fits, or is cut to; text(past) does not
+    while past - whole > 1:  # one more alert never takes fewer parts: halve the range
+        middle = (whole + past) // 2
+        if fits(middle):
+            whole = middle
         else:
             past = middle
-    return fitted(text(fits), options["max_parts"])
+    return fitted(text(whole), options["max_parts"], after)
 
 
 def alert_line(alert):
@@ -5147,6 +6121,28 @@ def printable(text):
     """Text from an alert with its control characters made spaces: a NUL or an
     escape in a label must neither reach a phone nor refuse the page."""
     return ALERT_CONTROLS.sub(" ", text)
+
+
+def group_labels(payload):
+    """The labels that name a notification's group (its groupLabels, else its
+    commonLabels): what an acknowledgement's silence matches. Strings only,
+    and none empty (a silence matcher must not match the empty string)."""
+    for key in ("groupLabels", "commonLabels"):
+        labels = {
+            name: value
+            for name, value in dict_of(payload.get(key)).items()
+            if isinstance(value, str) and value
+        }
+        if labels:
+            return labels
+    return {}
+
+
+def page_title(group, alerts):
+    """A page's few words for the SMS about it: its group's label values, else
+    its first alert's name."""
+    words = group.values() or [alerts[0].get("labels", {}).get("alertname", "alert")]
+    return " ".join(printable(" ".join(words)).split())[:PAGE_TITLE]
 
 
 def template_values(payload, status, count, head):
@@ -5379,7 +6375,7 @@ class Health:
         self.settings, self.clock = parts.settings, parts.clock
         self.failures, self.schedule = parts.failures, parts.schedule
         self.webhooks, self.heartbeats = parts.webhooks, parts.heartbeats
-        self.budgets = parts.budgets
+        self.budgets, self.pager = parts.budgets, parts.pager
         self.every = every
         self.lock = threading.Lock()
         self.made, self.checks = -math.inf, None
@@ -5399,6 +6395,8 @@ class Health:
         checks.update(webhook_checks(self.webhooks.states(), now))
         checks.update(budget_checks(config, self.budgets, now))
         checks.update(heartbeat_checks(self.heartbeats.states(now)))
+        if config.alerts["ack"]:
+            checks["pages"] = pages_check(self.pager.state())
         return checks
 
 
@@ -5435,6 +6433,22 @@ def heartbeat_checks(states):
             "notices": {"sent": state.sent, "suppressed": state.suppressed},
         }
     return checks
+
+
+def pages_check(state):
+    """The pages: warn while an acknowledgement's silence is pending (no
+    Alertmanager answers)."""
+    output = f"{state.open} pages open, {state.acknowledged} of them acknowledged"
+    if state.pending:
+        output += f"; {state.pending} silences pending: no Alertmanager answers"
+    return {
+        "status": "warn" if state.pending else "pass",
+        "output": output,
+        "open": state.open,
+        "acknowledged": state.acknowledged,
+        "silences_pending": state.pending,
+        "acknowledgements": state.acknowledgements,
+    }
 
 
 def budget_checks(config, budgets, now):
@@ -5772,6 +6786,8 @@ def spool_gauges(out, checks):
             out.sample("", {"modem": modem}, dbm)
     webhook_samples(out, [c for c in checks.values() if "webhook" in c])
     heartbeat_samples(out, [c for c in checks.values() if "heartbeat" in c])
+    if "pages" in checks:
+        page_samples(out, checks["pages"])
 
 
 def heartbeat_samples(out, beats):
@@ -5795,6 +6811,18 @@ def heartbeat_samples(out, beats):
             for outcome, count in check["notices"].items():
                 labels = {"heartbeat": check["heartbeat"], "outcome": outcome}
                 out.sample("", labels, count)
+
+
+def page_samples(out, check):
+    """The pages open, and the acknowledgements."""
+    out.one("smsapi_pages_open", "gauge", "Pages open (firing or acknowledged).",
+            check["open"])  # fmt: skip
+    out.one(
+        "smsapi_acknowledgements_total",
+        "counter",
+        "Pages acknowledged by a reply since the start.",
+        check["acknowledgements"],
+    )
 
 
 def webhook_samples(out, checks):
@@ -5901,7 +6929,8 @@ class Watcher:
     Each tick first moves the held messages that came due and checks the
     heartbeats; then it reads the spool's changes and hands them on: the
     report index learns what smsd filed in sent/ and attaches the reports that
-    arrive, the inbox index keeps the received files, the webhooks are told,
+    arrive, the inbox index keeps the received files, the pager hears the
+    replies to its pages, the webhooks are told,
     the waiting requests are woken, the sent and failed messages are counted;
     then retention and the expiry of idempotency records get their turn. Every
     file is read once, when it arrives, and a file that cannot be read or
@@ -5918,6 +6947,7 @@ class Watcher:
         self.waiters, self.webhooks = parts.waiters, parts.webhooks
         self.idempotency = parts.idempotency
         self.schedule, self.heartbeats = parts.schedule, parts.heartbeats
+        self.pager = parts.pager
         self.wake = parts.wake  # a stop, or a message held for sooner
         self.stopping = threading.Event()
         self.thread = None
@@ -5928,6 +6958,7 @@ class Watcher:
         )
         self.thread.start()
         self.webhooks.start()
+        self.pager.start()
 
     def stop(self):
         """Stop watching; waiting requests are answered with what is known now."""
@@ -5935,6 +6966,7 @@ class Watcher:
         self.wake.set()
         self.waiters.stop()
         self.webhooks.stop()
+        self.pager.stop()
         if self.thread:
             self.thread.join(10)
         if self.changes.inotify:
@@ -5973,6 +7005,8 @@ class Watcher:
         for line in self.reports.unsaved:
             if line[0] == "outcome":
                 self.isolated(self.reported, line[1], Outcome(*line[2:]))
+        while self.pager.events:  # what the pager did, for the webhooks
+            self.webhooks.offer(*self.pager.events.popleft())
         self.isolated(self.webhooks.save, now)  # before the report index moves on
         self.reports.save(now)
         rescan = any(c.event == RESCAN for c in changes)
@@ -6086,6 +7120,8 @@ class Watcher:
             sender = headers.get("From", "")[:64]
             entry = InboxEntry(received, name, sender, "report" if report else "sms")
             self.inbox.add(entry)
+            if report is None:
+                self.pager.heard(name, sender, text, received)
             if fresh and report is None:
                 data = inbox_entry(entry, text)
                 self.webhooks.offer("sms.received", name, None, data, received)
@@ -6133,6 +7169,7 @@ class Parts:
         self.schedule = Schedule(settings, self.wake, clock)
         self.budgets = Budgets(config.state_dir, config.fsync, clock)
         self.heartbeats = Heartbeats(settings, self.outgoing, clock)
+        self.pager = Pager(settings, self.outgoing, clock)
         self.webhooks = Webhooks(settings, clock)
         followed = {k: v for k, v in config.spool.items() if k != "scheduled"}
         self.changes = SpoolChanges(followed, clock, inotify)
@@ -6292,10 +7329,15 @@ ROUTES = [
         "An Alertmanager or Grafana notification: one SMS to each of to=",
         ("to", "heartbeat", "priority"), {"application/json": "AlertNotification"},
         {
-            200: Reply("Sent before (the earlier ids), or a beat", "AlertAnswer", True),
+            200: Reply("Sent before (the earlier ids), a beat, or acknowledged", "AlertAnswer", True),
             201: Reply("Queued: one file per number", "Sent", True),
             **error_replies(400, 403, 404, 413, 415, 429, 503, 507),
         },
+    ),
+    Route(
+        SAFE, API + "/alerts", get_pages, True,
+        "The pages open, or closed within a day: an admin's all, others' their own",
+        replies={200: Reply("The pages, newest first", "Pages")},
     ),
     Route(
         SAFE, API + "/heartbeats", get_heartbeats, True,
@@ -6584,6 +7626,33 @@ INBOX_ENTRY = {
 }
 
 
+PAGE = {
+    "type": "object",
+    "required": [
+        "id", "code", "to", "status", "group", "alerts", "paged_at",
+        "acknowledged_by", "acknowledged_at", "silence_id",
+    ],
+    "properties": {
+        "id": STRING,
+        "code": {
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 1},
+            "description": "each number paged -> its reply code for this page",
+        },
+        "to": {"type": "array", "items": STRING},
+        "status": {"type": "string", "enum": ["firing", "acknowledged", "resolved"]},
+        "group": {"type": "object", "additionalProperties": STRING},
+        "title": STRING,
+        "alerts": {"type": "integer", "minimum": 0},
+        "paged_at": {"type": "string", "format": "date-time"},
+        "acknowledged_by": NULLABLE_STRING,
+        "acknowledged_at": {**NULLABLE_STRING, "format": "date-time"},
+        "closed_at": {**NULLABLE_STRING, "format": "date-time"},
+        "silence_id": NULLABLE_STRING,
+    },
+}  # fmt: skip
+
+
 WEBHOOK_EVENT = {
     "type": "object",
     "description": "The body of each webhook POST, signed as Standard Webhooks says"
@@ -6594,9 +7663,11 @@ WEBHOOK_EVENT = {
         "timestamp": {"type": "string", "format": "date-time"},
         "data": {
             "description": "sms.received: the message as the inbox lists it;"
-            " the others: the status answer then, plus the API user who sent it",
+            " alert.acknowledged: the page; the others: the status answer then,"
+            " plus the API user who sent it",
             "anyOf": [
                 INBOX_ENTRY,
+                PAGE,
                 {
                     **MESSAGE_STATUS,
                     "properties": {**MESSAGE_STATUS["properties"], "from": STRING},
@@ -6733,7 +7804,23 @@ SCHEMAS = {
             }
         },
     },
-    "AlertAnswer": {"anyOf": [schema_ref("Sent"), schema_ref("Beat")]},
+    "AlertAnswer": {
+        "anyOf": [schema_ref("Sent"), schema_ref("Beat"), schema_ref("Acknowledged")]
+    },
+    "Acknowledged": {
+        "type": "object",
+        "description": "the page of this group is acknowledged: nothing was sent",
+        "required": ["acknowledged_by", "acknowledged_at"],
+        "properties": {
+            "acknowledged_by": STRING,
+            "acknowledged_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "Pages": {
+        "type": "object",
+        "required": ["pages"],
+        "properties": {"pages": {"type": "array", "items": PAGE}},
+    },
     "Beat": {
         "type": "object",
         "required": ["heartbeat", "beat"],

@@ -291,7 +291,8 @@ def test_module_sections_use_only_what_stands_above_them():
         "Options", "Loading the config", "Spool files", "Durable writes and journals", "HTTP helpers",
         "Authentication", "GSM and UCS2 encoding", "Spool changes", "Delivery reports",
         "The inbox", "Retention", "Recent failures", "Waiters", "Scheduled messages",
-        "Budgets", "Reading messages", "Sending", "Webhooks", "Alerts and heartbeats",
+        "Budgets", "Reading messages", "Sending", "Webhooks", "Pages and replies",
+            "Alerts and heartbeats",
         "Health and metrics", "The watcher", "The composition root", "Routes",
         "OpenAPI document", "Application", "Server adapters", "Command line",
     ]  # fmt: skip
@@ -5125,6 +5126,330 @@ def test_heartbeat_from_alertmanagers_watchdog_sends_nothing(alert_app, spool):
 
 
 ###############################################################################
+# Pages and replies ############################################################
+###############################################################################
+
+PAGING = GROUPS + "\n[alerts]\nack = yes\n"
+
+
+@pytest.fixture
+def paging(tmp_path, spool, clock):
+    """Makes apps whose firing notifications are pages, over one state and
+    spool, on the test's clock (a second one is the first restarted)."""
+    made = []
+
+    def make(extra=""):
+        path = write_ini(tmp_path, spool, extra=PAGING + extra)
+        made.append(smsapi.Application(smsapi.load_config(path), clock=clock))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.close()
+
+
+def smsd_stamp(seconds):
+    """A time as smsd writes it in a Received: header."""
+    return time.strftime("%y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def reply(app, spool, number, text, when=None):
+    """smsd files an SMS from number in incoming; the watcher reads it."""
+    name = "GSM1." + base64.b32encode(os.urandom(5)).decode()
+    when = app.clock.time() if when is None else when
+    put_file(spool, "incoming", name, {"From": number, "Received": smsd_stamp(when)}, text)
+    app.parts.watcher.tick()
+    return name
+
+
+def sms_to(spool, number, sender=None):
+    """The texts of the files in outgoing for number, oldest first (of sender's, if given)."""
+    found = []
+    for name in os.listdir(spool["outgoing"]):
+        headers, text = smsapi.parse_message(read_spool_file(spool, "outgoing", name))
+        if headers["To"] == number and sender in (None, headers["From"]):
+            found.append((name[smsapi.ID_TIME], text))
+    return [text for _, text in sorted(found)]
+
+
+def pages_of(app, user="lvv"):
+    response = call(app, "GET", "/api/v1.0/alerts", user=user)
+    assert response.status == 200, response.body
+    return response.json()["pages"]
+
+
+def fire(app, name="HighCPU", to="@oncall", n=1, user="lvv", **extra):
+    """A firing notification of group alertname=name, as Alertmanager posts it."""
+    payload = notification(
+        [alert(name, f"db{n}:9100", "CPU at 95%", n=n)],
+        group=f'{{}}:{{alertname="{name}"}}',
+        **extra,
+    )
+    return post_alert(app, payload, "to=" + to, user)
+
+
+def resolve(app, name="HighCPU", to="@oncall", user="lvv"):
+    payload = notification(
+        [alert(name, "db1:9100", "CPU at 20%", "resolved", n=1)],
+        "resolved",
+        group=f'{{}}:{{alertname="{name}"}}',
+    )
+    return post_alert(app, payload, "to=" + to, user)
+
+
+ONCALL = ["79680000000", "79680000001"]
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [
+        ("3a", ("ack", 3)), ("3A", ("ack", 3)), ("  3a \n", ("ack", 3)), ('"3a"', ("ack", 3)),
+        ("3a.", ("ack", 3)), ("\u201c3a.\u201d", ("ack", 3)), ("3 a", ("ack", 3)),
+        ("ack 3", ("ack", 3)), ("ACK  12", ("ack", 12)), ("a 3", ("ack", 3)), ("3ack", ("ack", 3)),
+        ("a", ("ack", None)), ("Ack.", ("ack", None)), ("'ack'", ("ack", None)),
+        ("999a", ("ack", 999)), ("3e", ("escalate", 3)), ("esc 3", ("escalate", 3)),
+    ],
+)  # fmt: skip
+def test_reply_parser_reads_each_form_of_a_code(text, command):
+    assert smsapi.read_reply(text) == command
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", "3", "0a", "03a", "1000a", "-3a", "3a!", "3aa", "a3b", "3 a a", "yes", "ok thanks",
+        "e", "esc", "\u0663a", "\uff13a", "3\u0430", "3a" + " " * 40, "3a..", "3a" + "\0",
+        "ack 3 now", "\u00b3a",
+    ],
+)  # fmt: skip
+def test_reply_parser_takes_nothing_else_for_a_code(text):
+    assert smsapi.read_reply(text) is None
+
+
+@hypothesis.settings(max_examples=2000, deadline=None)
+@hypothesis.given(st.text(max_size=60))
+def test_reply_parser_never_raises_nor_reads_a_code_from_other_text(text):
+    command = smsapi.read_reply(text)
+    if command is not None:  # then the text is made only of a reply's characters
+        assert set(text.lower()) <= set("0123456789 acekqs.\"'`\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\u201c\u201d\u2018\u2019\u00ab\u00bb\u201e")
+        assert command.code is None or 1 <= command.code <= 999
+        assert len(text) <= smsapi.MAX_REPLY
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    st.lists(st.text(min_size=1, max_size=200), min_size=1, max_size=30),
+    st.integers(1, 3),
+    st.integers(1, 999),
+)
+def test_page_text_and_its_reply_code_fit_max_parts(summaries, max_parts, code):
+    alerts = [alert("Alert", f"host{n}", s, n=n) for n, s in enumerate(summaries)]
+    options = {"max_parts": max_parts, "template": None}
+    after = smsapi.page_suffix(code)
+    text = smsapi.alert_text(notification(alerts), "firing", alerts, options, after)
+    assert smsapi.encode_text(text + after).parts <= max_parts
+    assert (text + after).endswith(f"Reply {code}a to ack")
+
+
+def test_page_each_sms_ends_with_its_numbers_code(paging, spool, clock):
+    app = paging()
+    response = fire(app, summary="x")
+    assert response.status == 201, response.body
+    for number in ONCALL:
+        assert sms_to(spool, number) == ["FIRING:1 HighCPU db1:9100: CPU at 95% Reply 1a to ack"]
+    long = fire(app, "Storm", n=2, commonAnnotations={})  # another group: code 2
+    assert long.status == 201
+    payload = notification(
+        [alert("Flood", f"node{n}", "disk " * 30, n=n) for n in range(20)],
+        group='{}:{alertname="Flood"}',
+    )
+    assert post_alert(app, payload).status == 201
+    texts = sms_to(spool, ONCALL[0])
+    assert texts[1].endswith(" Reply 2a to ack")
+    assert texts[2].endswith(" more Reply 3a to ack")
+    assert smsapi.encode_text(texts[2]).parts == 1  # max_parts counts the code too
+    [flood] = [p for p in pages_of(app) if p["group"] == {"alertname": "Flood"}]
+    assert flood["code"] == dict.fromkeys(ONCALL, 3) and flood["alerts"] == 20
+
+
+def test_page_codes_are_the_smallest_free_per_number_and_kept_while_open(paging, spool, clock):
+    app = paging()
+    assert fire(app, "HighCPU").status == 201  # to 79680000000 and 79680000001
+    assert fire(app, "DiskFull", "@ops").status == 201  # 79680000001 and 79160000000
+    codes = {p["group"]["alertname"]: p["code"] for p in pages_of(app)}
+    assert codes == {
+        "HighCPU": {"79680000000": 1, "79680000001": 1},
+        "DiskFull": {"79680000001": 2, "79160000000": 1},
+    }
+    clock.advance(600)  # past dedupe_window: HighCPU again, a new alert in it
+    assert fire(app, "HighCPU", n=2).status == 201
+    assert sms_to(spool, "79680000000")[-1].endswith("Reply 1a to ack")  # the same page
+    assert resolve(app, "HighCPU").status == 201
+    assert fire(app, "Other").status == 201
+    codes = {p["group"]["alertname"]: p["code"] for p in pages_of(app) if p["status"] == "firing"}
+    assert codes["Other"] == {"79680000000": 1, "79680000001": 1}  # 1 is free again
+    clock.advance(1)
+    assert fire(app, "HighCPU", n=3).status == 201  # a new incident of the group
+    assert next(p["code"] for p in pages_of(app)) == {"79680000000": 2, "79680000001": 3}
+    assert sorted(p["status"] for p in pages_of(app)) == ["firing"] * 3 + ["resolved"]
+    assert pages_of(app, "ann") == []  # others' pages are not ann's
+    assert len(pages_of(app, "root")) == 4  # an admin sees all
+
+
+@pytest.mark.parametrize("answer", ["1a", "ack 1", "A 1.", "a", " ACK "])
+def test_page_acknowledged_by_reply_tells_everyone_and_stops_paging(
+    paging, spool, clock, answer
+):
+    app = paging()
+    assert fire(app).status == 201
+    clock.advance(60)
+    reply(app, spool, "+79680000001", answer)
+    [page] = pages_of(app)
+    assert page["status"] == "acknowledged"
+    assert page["acknowledged_by"] == "79680000001" and page["silence_id"] is None
+    assert page["acknowledged_at"] == smsapi.iso_time(int(clock.now))
+    replier = sms_to(spool, "79680000001", "smsapi:pager")
+    other = sms_to(spool, "79680000000", "smsapi:pager")
+    assert replier == ["#1 HighCPU: acknowledged."]
+    at = time.strftime("%H:%M", time.localtime(int(clock.now)))
+    assert other == [f"#1 HighCPU: acknowledged by +79680000001 at {at}."]
+    files = set(os.listdir(spool["outgoing"]))
+    clock.advance(3600)  # Alertmanager's repeat_interval: the group again
+    again = fire(app, n=2)
+    assert again.status == 200 and again.json()["acknowledged_by"] == "79680000001"
+    assert set(os.listdir(spool["outgoing"])) == files  # nothing more sent
+    assert call(app, "GET", "/api/v1.0/sms/incoming/", user="inbox").json()[
+        "total_count"
+    ] == 1  # the reply stays in the inbox
+
+
+def test_page_twice_late_unknown_and_nonsense_replies(paging, spool, clock):
+    app = paging()
+    assert fire(app).status == 201
+    reply(app, spool, "79680000000", "1a")
+    at = time.strftime("%H:%M", time.localtime(int(clock.now)))
+    clock.advance(60)
+    reply(app, spool, "79680000001", "1a")  # the other, too late
+    reply(app, spool, "79680000000", "a")  # the same again
+    assert sms_to(spool, "79680000001", "smsapi:pager")[-1] == (
+        f"#1 HighCPU: acknowledged by +79680000000 at {at} already."
+    )
+    assert sms_to(spool, "79680000000", "smsapi:pager")[-1] == (
+        f"#1 HighCPU: acknowledged by you at {at} already."
+    )
+    assert resolve(app).status == 201
+    closed = time.strftime("%H:%M", time.localtime(clock.now))
+    clock.advance(60)
+    reply(app, spool, "79680000001", "1a")  # after the group resolved
+    assert sms_to(spool, "79680000001", "smsapi:pager")[-1] == (
+        f"#1 HighCPU: resolved at {closed}; nothing to acknowledge."
+    )
+    files = set(os.listdir(spool["outgoing"]))
+    reply(app, spool, "79160000000", "1a")  # never paged
+    reply(app, spool, "79680000000", "thanks")  # no open page
+    assert set(os.listdir(spool["outgoing"])) == files
+    assert [p["status"] for p in pages_of(app)] == ["resolved"]
+
+
+def test_page_nonsense_reply_says_what_to_send_once_in_5min_and_not_past_5_an_hour(paging, spool, clock):
+    app = paging()
+    assert fire(app).status == 201
+    clock.advance(1)
+    assert fire(app, "DiskFull").status == 201
+    for text in ["what?", "7a", "ok"]:  # 7: no page of this number has it
+        reply(app, spool, "79680000000", text)
+    assert sms_to(spool, "79680000000", "smsapi:pager") == [
+        "Reply 2a to ack #2 DiskFull, 1a to ack #1 HighCPU"
+    ]
+    clock.advance(301)
+    reply(app, spool, "79680000000", "hm")  # the 4th: 5 minutes on, answered
+    clock.advance(301)
+    reply(app, spool, "79680000000", "hm")  # the 5th
+    clock.advance(301)
+    reply(app, spool, "79680000000", "hm")  # the 6th within the hour: not
+    assert len(sms_to(spool, "79680000000", "smsapi:pager")) == 3
+    clock.advance(3600)
+    reply(app, spool, "79680000000", "hm")  # an hour on: answered again
+    assert len(sms_to(spool, "79680000000", "smsapi:pager")) == 4
+    assert [p["status"] for p in pages_of(app)] == ["firing", "firing"]
+
+
+def test_page_state_outlives_a_restart_and_each_reply_is_heard_once(paging, spool, clock):
+    app = paging()
+    assert fire(app).status == 201
+    reply(app, spool, "79680000000", "maybe")  # a help SMS
+    reply(app, spool, "79680000001", "1a")
+    sent = sorted(os.listdir(spool["outgoing"]))
+    again = paging()  # reads the same state, rescans incoming
+    again.parts.watcher.tick()
+    assert sorted(os.listdir(spool["outgoing"])) == sent  # no reply handled twice
+    [page] = pages_of(again)
+    assert page["status"] == "acknowledged" and page["code"] == dict.fromkeys(ONCALL, 1)
+    assert fire(again, n=3).status == 200  # still acknowledged
+    clock.advance(1)
+    assert fire(again, "DiskFull").json()["message_id"]
+    assert next(p["code"] for p in pages_of(again)) == dict.fromkeys(ONCALL, 2)
+
+
+def test_page_reply_while_smsapi_was_down_is_heard_at_start(paging, spool, clock):
+    app = paging()
+    assert fire(app).status == 201
+    app.close()
+    put_file(spool, "incoming", "GSM1.late", {"From": "79680000001",
+             "Received": smsd_stamp(clock.now + 5)}, "1a")  # fmt: skip
+    put_file(spool, "incoming", "GSM1.old", {"From": "79680000000",
+             "Received": smsd_stamp(clock.now - 3600)}, "1a")  # fmt: skip
+    again = paging()
+    again.parts.watcher.tick()
+    [page] = pages_of(again)
+    assert page["acknowledged_by"] == "79680000001"  # the reply from before the page is none
+
+
+def test_page_sms_the_pager_could_not_write_go_once_it_can(paging, spool, clock):
+    app = paging()
+    assert fire(app).status == 201
+    app.parts.outgoing.directory = spool["outgoing"] + "-gone"  # as if it vanished
+    reply(app, spool, "79680000001", "1a")
+    assert sms_to(spool, "79680000001", "smsapi:pager") == []
+    again = paging()  # the outbox is in the journal
+    again.parts.pager.step(clock.now)
+    assert sms_to(spool, "79680000001", "smsapi:pager") == ["#1 HighCPU: acknowledged."]
+    again.parts.pager.step(clock.now)
+    third = paging()
+    third.parts.pager.step(clock.now)
+    assert len(sms_to(spool, "79680000001", "smsapi:pager")) == 1  # once
+
+
+def test_page_refused_by_the_budget_leaves_no_page(paging, spool):
+    app = paging("[user:night]\npassword = "
+                   + HASHES["night"] + "\nmax_per_hour = 1\n")  # fmt: skip
+    assert fire(app, user="night").status == 429  # two SMS, one allowed
+    assert pages_of(app, "night") == []
+    reply(app, spool, "79680000000", "1a")
+    assert os.listdir(spool["outgoing"]) == []
+
+
+def test_page_acknowledgement_counted_in_metrics_health_and_a_webhook(
+    paging, spool, receiver
+):
+    hook = receiver()
+    app = paging(f"[webhook:ops]\nurl = {hook.url}\nsecret = {SECRET}\n"
+                 "events = alert.acknowledged\n")  # fmt: skip
+    app.parts.webhooks.start()
+    assert fire(app).status == 201
+    reply(app, spool, "79680000001", "1a")
+    metrics = call(app, "GET", "/metrics").body.decode()
+    assert "smsapi_acknowledgements_total 1" in metrics
+    assert "smsapi_pages_open 1" in metrics
+    check = call(app, "GET", "/api/v1.0/health").json()["checks"]["pages"]
+    assert check["status"] == "pass" and check["acknowledged"] == 1
+    [(_, event)] = hook.wait_for(1)
+    assert event["type"] == "alert.acknowledged"
+    assert event["data"]["acknowledged_by"] == "79680000001"
+    assert event["data"]["code"] == dict.fromkeys(ONCALL, 1)
+
+
+###############################################################################
 # Scheduled sends, quiet hours, expiry #########################################
 ###############################################################################
 
@@ -8031,14 +8356,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
+NO_ROUTES = "route: {receiver: none}\nreceivers: [{name: none}]\n"
+
+
 class Alertmanager:
     """The real Alertmanager on loopback, alone (no cluster), with this config."""
 
-    def __init__(self, root, config):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, root, config=NO_ROUTES, port=None, prefix=""):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}{prefix}"
         root = pathlib.Path(root) / f"alertmanager-{self.port}"
-        (root / "data").mkdir(parents=True)
+        (root / "data").mkdir(parents=True, exist_ok=True)
         (root / "alertmanager.yml").write_text(config)
         self.log = open(root / "log", "w+")  # noqa: SIM115 (as long as the process)
         self.process = subprocess.Popen(
@@ -8048,6 +8376,7 @@ class Alertmanager:
                 f"--storage.path={root / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 f"--web.external-url={self.url}/",
+                f"--web.route-prefix={prefix or '/'}",
                 "--cluster.listen-address=",
             ],
             stdout=self.log,
@@ -8071,6 +8400,19 @@ class Alertmanager:
         )
         with urllib.request.urlopen(request, timeout=10) as answer:
             assert answer.status == 200
+
+    def api(self, path, body=None, method=None):
+        """The JSON answer of its API at path."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data, method=method,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read() or b"null")
+
+    def silences(self, state=None):
+        """Its silences (in this state only, if given)."""
+        found = self.api("/api/v2/silences")
+        return [s for s in found if state in (None, s["status"]["state"])]
 
     def stop(self):
         self.process.terminate()
@@ -8321,3 +8663,229 @@ def test_live_zabbix_media_type_from_the_readme_sends_through_smsapi(tmp_path, s
         assert len(os.listdir(spool["outgoing"])) == 3
     finally:
         server.stop()
+
+
+needs_alertmanager_alone = pytest.mark.skipif(
+    ALERTMANAGER is None, reason="needs Alertmanager (prometheus-alertmanager)"
+)
+
+
+def high_cpu(ends=None):
+    """The alert HighCPU as Prometheus pushes it to Alertmanager."""
+    alert = {"labels": {"alertname": "HighCPU", "instance": "db1:9100"},
+             "startsAt": rfc3339(time.time() - 60)}  # fmt: skip
+    return dict(alert, endsAt=rfc3339(ends)) if ends else alert
+
+
+def the_page(app):
+    [page] = [p for p in pages_of(app, "root") if p["status"] != "resolved"] or [None]
+    return page
+
+
+@needs_alertmanager_alone
+def test_pager_silence_made_extended_left_to_end_and_expired_in_alertmanager(
+    tmp_path, spool
+):
+    manager = Alertmanager(tmp_path)
+    config = write_ini(tmp_path, spool, extra=PAGING + f"alertmanager_url = {manager.url}/\nack_for = 6\n")
+    app = smsapi.Application(smsapi.load_config(config))
+    app.start()
+    try:
+        manager.push([high_cpu()])
+        assert fire(app).status == 201
+        page_id = the_page(app)["id"]
+        put_file(spool, "incoming", "GSM1.ack", {"From": "79680000001"}, "1a")
+        page = wait_until(lambda: (the_page(app) or {}).get("silence_id") and the_page(app))
+        [silence] = manager.silences("active")
+        assert silence["id"] == page["silence_id"]
+        assert silence["matchers"] == [
+            {"name": "alertname", "value": "HighCPU", "isRegex": False, "isEqual": True}
+        ]
+        assert "smsapi" in silence["createdBy"] and "79680000001" in silence["createdBy"]
+        assert page_id in silence["comment"] and "1a" in silence["comment"]
+        confirmation = wait_until(lambda: sms_to(spool, "79680000001", "smsapi:pager"))
+        assert re.fullmatch(r"#1 HighCPU: acknowledged\. Silenced until \d\d:\d\d\.", confirmation[0])
+        put_file(spool, "incoming", "GSM1.twice", {"From": "79680000000"}, "ack 1")
+        wait_until(lambda: len(sms_to(spool, "79680000000", "smsapi:pager")) == 2)
+        first_end = silence["endsAt"]
+        extended = wait_until(  # still firing: extended before its end, in place
+            lambda: [s for s in manager.silences("active") if s["endsAt"] > first_end],
+            15, "the silence to be extended",
+        )  # fmt: skip
+        assert [s["id"] for s in extended] == [silence["id"]]
+        assert len(manager.silences()) == 1  # one silence all along, however often acked
+
+        manager.api("/api/v2/silence/" + silence["id"], method="DELETE")  # by hand
+        wait_until(lambda: the_page(app)["status"] == "firing", 10, "the page to fire again")
+        time.sleep(2.5)
+        assert manager.silences("active") == []  # not made again behind the person's back
+        put_file(spool, "incoming", "GSM1.reack", {"From": "79680000000"}, "1a")
+        wait_until(lambda: manager.silences("active"), 10, "a new silence")
+
+        manager.push([high_cpu(ends=time.time() - 1)])  # it stops firing
+        wait_until(lambda: the_page(app) is None, 15, "the page to close")
+        assert pages_of(app)[0]["status"] == "resolved"
+        wait_until(lambda: manager.silences("expired"), 15, "the silence to end by itself")
+
+        manager.push([high_cpu()])  # the next incident: paged, acknowledged, resolved
+        time.sleep(1)
+        assert fire(app, n=2).status == 201
+        put_file(spool, "incoming", "GSM1.again", {"From": "79680000000"}, "a")
+        page = wait_until(lambda: (the_page(app) or {}).get("silence_id") and the_page(app))
+        assert resolve(app).status == 201
+        ended = wait_until(
+            lambda: [s for s in manager.silences("expired") if s["id"] == page["silence_id"]],
+            10, "the silence expired at once",
+        )  # fmt: skip
+        assert ended[0]["endsAt"] < rfc3339(time.time() + 5)
+        assert len(manager.silences("active")) == 0
+    finally:
+        app.close()
+        manager.stop()
+
+
+@needs_alertmanager_alone
+def test_pager_silence_pending_while_no_alertmanager_answers_then_made_once(
+    tmp_path, spool, monkeypatch
+):
+    monkeypatch.setattr(smsapi, "ALERTMANAGER_RETRY", (1,))
+    port = free_port()
+    extra = PAGING + f"alertmanager_url = http://127.0.0.1:{port}/prefix\nack_for = 1h\n"
+    config = smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    app = smsapi.Application(config)
+    app.start()
+    manager = None
+    try:
+        assert fire(app).status == 201
+        put_file(spool, "incoming", "GSM1.ack", {"From": "79680000000"}, "1a")
+        told = wait_until(lambda: sms_to(spool, "79680000000", "smsapi:pager"))
+        assert told == [("#1 HighCPU: acknowledged. Silence pending: no Alertmanager"
+                        " answers yet; smsapi keeps trying.")]  # fmt: skip
+        assert sms_to(spool, "79680000001", "smsapi:pager")[0].startswith(
+            "#1 HighCPU: acknowledged by +79680000000 at "
+        )
+        check = wait_until(lambda: call(app, "GET", "/api/v1.0/health").json()["checks"]["pages"]["silences_pending"] and call(app, "GET", "/api/v1.0/health").json()["checks"]["pages"])
+        assert check["status"] == "warn" and check["silences_pending"] == 1
+        app.close()  # down, as after a kill -9 in the middle of asking
+
+        manager = Alertmanager(tmp_path, port=port, prefix="/prefix")
+        page = smsapi.Application(config).parts.pager.pages[the_page(app)["id"]]
+        made = smsapi.Alertmanagers(lambda: smsapi.load_config(write_ini(
+            tmp_path, spool, extra=PAGING + f"alertmanager_url = {manager.url}\n"
+        ))).set_silence(page, rfc3339(time.time()), rfc3339(time.time() + 3600))  # fmt: skip
+        app = smsapi.Application(config)  # the restart: it finds that silence
+        assert the_page(app)["silence_id"] is None
+        app.start()
+        page = wait_until(lambda: the_page(app)["silence_id"], 15, "the silence found")
+        assert page == made and [s["id"] for s in manager.silences()] == [made]
+        time.sleep(1.5)
+        assert len(manager.silences()) == 1
+        assert sms_to(spool, "79680000000", "smsapi:pager") == told  # told once
+    finally:
+        app.close()
+        if manager:
+            manager.stop()
+
+
+def paging_config(api, repeat="5s"):
+    """Alertmanager routing every alert to smsapi's pages for @oncall."""
+    return f"""
+route:
+  receiver: sms
+  group_by: [alertname]
+  group_wait: 0s
+  group_interval: 1s
+  repeat_interval: {repeat}
+receivers:
+  - name: sms
+    webhook_configs:
+      - url: '{api}/api/v1.0/alerts/alertmanager?to=@oncall'
+        send_resolved: true
+        http_config:
+          basic_auth: {{username: lvv, password: {PASSWORDS["lvv"]}}}
+"""
+
+
+@needs_alertmanager
+def test_smsd_page_acknowledged_by_reply_silences_the_group_in_alertmanager(tmp_path):
+    oncall = ["79681000001", "79681000002"]
+    port = free_port(), free_port()
+    extra = (
+        f"\n[group:oncall]\nmobiles = {' '.join(oncall)}\n[alerts]\nack = yes"
+        f"\nalertmanager_url = http://127.0.0.1:{port[0]} http://127.0.0.1:{port[1]}\n"
+    )
+    stack = SmsdStack(tmp_path, extra=extra)
+    pair = []
+
+    def on_air(number, count=1):
+        texts = [on_air_text([p]) for p in stack.modem.parts_to(number)]
+        return texts if len(texts) >= count else None
+
+    def wait_on_air(number, count, what):
+        return stack.wait_for(lambda: on_air(number, count), 40, what)
+
+    try:
+        pair = [Alertmanager(tmp_path, paging_config(stack.api.url), p) for p in port]
+        for manager in pair:  # an HA pair without gossip: both notify
+            manager.push([high_cpu()])
+        for number in oncall:
+            page = wait_on_air(number, 1, "the page")
+            assert page == ["FIRING:1 HighCPU db1:9100 Reply 1a to ack"]
+
+        stack.modem.receive(oncall[1], "1a")
+        assert wait_on_air(oncall[1], 2, "the confirmation")[1].startswith(
+            "#1 HighCPU: acknowledged. Silenced until "
+        )
+        assert re.fullmatch(r"#1 HighCPU: acknowledged by \+79681000002 at \d\d:\d\d\.",
+                            wait_on_air(oncall[0], 2, "the notice")[1])  # fmt: skip
+        [silence] = pair[0].silences("active")  # the first Alertmanager took it
+        queried = subprocess.run(
+            [AMTOOL, f"--alertmanager.url={pair[0].url}", "silence", "query", "-o", "json",
+             "alertname=HighCPU"], capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert [s["id"] for s in json.loads(queried)] == [silence["id"]]
+        assert "79681000002" in silence["createdBy"]
+
+        stack.modem.receive(oncall[0], "ack 1")  # the other, later: told who
+        assert wait_on_air(oncall[0], 3, "who acknowledged")[2].startswith(
+            "#1 HighCPU: acknowledged by +79681000002 at "
+        )
+        stack.modem.receive(oncall[0], "what is this")  # no code: what to send
+        assert wait_on_air(oncall[0], 4, "the help")[3] == "Reply 1a to ack #1 HighCPU"
+        for _ in range(5):
+            stack.modem.receive(oncall[0], "??")  # more: not answered again so soon
+        stack.modem.receive("79689999999", "1a")  # never paged: nothing
+        time.sleep(12)  # two repeat_intervals: the twin notifies again, sending nothing
+        assert [len(on_air(n)) for n in oncall] == [4, 2]
+        assert stack.modem.parts_to("79689999999") == []
+        assert re.search(r"POST /api/v1.0/alerts/alertmanager 200 user=lvv ids=- acknowledged"
+                         r" by \+79681000002: not sent", stack.api.output())  # fmt: skip
+        assert sum(len(m.silences()) for m in pair) == 1
+
+        for manager in pair:  # resolved: the twin without the silence tells smsapi
+            manager.push([high_cpu(ends=time.time() - 1)])
+        assert wait_on_air(oncall[0], 5, "the resolved SMS")[4] == "RESOLVED HighCPU db1:9100"
+        stack.wait_for(lambda: pair[0].silences("expired"), 20, "the silence expired")
+        stack.modem.receive(oncall[1], "1a")  # too late
+        assert re.fullmatch(r"#1 HighCPU: resolved at \d\d:\d\d; nothing to acknowledge\.",
+                            wait_on_air(oncall[1], 4, "resolved already")[3])  # fmt: skip
+
+        # smsapi is killed; the next page's reply comes while it is down
+        disk_full = {"labels": {"alertname": "DiskFull"}, "startsAt": rfc3339(time.time())}
+        pair[0].push([disk_full])
+        assert wait_on_air(oncall[0], 6, "the next page")[5] == "FIRING:1 DiskFull Reply 1a to ack"
+        received = len(os.listdir(stack.spool["incoming"]))
+        stack.api.process.kill()
+        stack.modem.receive(oncall[0], "a")
+        stack.wait_for(lambda: len(os.listdir(stack.spool["incoming"])) > received,
+                       30, "smsd to file the reply")  # fmt: skip
+        stack.restart_api()
+        assert wait_on_air(oncall[0], 7, "the confirmation after the restart")[6].startswith(
+            "#1 DiskFull: acknowledged. Silenced until "
+        )
+        time.sleep(2)
+        assert [s["matchers"][0]["value"] for s in pair[0].silences("active")] == ["DiskFull"]
+    finally:
+        for manager in pair:
+            manager.stop()
+        stack.stop()
