@@ -5420,9 +5420,14 @@ class Pager:
     def heard(self, name, sender, text, received):
         """A received SMS: a reply, when it comes from a paged number."""
         number = normalise_mobile(sender or "")
-        if number not in self.paged or not self.settings().alerts["ack"]:
+        if number is None or not self.settings().alerts["ack"]:
             return
         now = self.clock.time()
+        if number not in self.paged:  # one log line for a code from it
+            if received > now - 600 and read_reply(text):
+                log.info("reply %s from +%s, who was not paged: ignored",
+                         escape(text), number)  # fmt: skip
+            return
         with self.lock:
             pages = [
                 self.pages[i]

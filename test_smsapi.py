@@ -5323,7 +5323,7 @@ def test_page_acknowledged_by_reply_tells_everyone_and_stops_paging(
     ] == 1  # the reply stays in the inbox
 
 
-def test_page_twice_late_unknown_and_nonsense_replies(paging, spool, clock):
+def test_page_twice_late_unknown_and_nonsense_replies(paging, spool, clock, caplog):
     app = paging()
     assert fire(app).status == 201
     reply(app, spool, "79680000000", "1a")
@@ -5345,9 +5345,15 @@ def test_page_twice_late_unknown_and_nonsense_replies(paging, spool, clock):
         f"#1 HighCPU: resolved at {closed}; nothing to acknowledge."
     )
     files = set(os.listdir(spool["outgoing"]))
+    caplog.set_level("INFO", logger="smsapi")
+    caplog.clear()
     reply(app, spool, "79160000000", "1a")  # never paged
     reply(app, spool, "79680000000", "thanks")  # no open page
     assert set(os.listdir(spool["outgoing"])) == files
+    assert [r.getMessage() for r in caplog.records] == [
+        "reply 1a from +79160000000, who was not paged: ignored",
+        "SMS from +79680000000, who has no open page: thanks",
+    ]
     assert [p["status"] for p in pages_of(app)] == ["resolved"]
 
 
