@@ -5624,7 +5624,7 @@ class Pager:
         ack_for = self.settings().alerts["ack_for"]
         ends = now + ack_for
         try:
-            if page["status"] == "resolved":  # its silence is to end
+            if silence["state"] == "expire":  # its group resolved
                 silence_id = silence["id"] or managers.find_silence(page)
                 if silence_id:
                     managers.expire(silence_id)
