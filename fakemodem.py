@@ -213,8 +213,10 @@ class ModemEmulator:
     It records every SMS-SUBMIT (and logs each whole message through say),
     fails sends to numbers in `fail`, stores SMS-DELIVER PDUs for smsd to
     read, and files a status report for each submit that asked for one
-    (delivered unless the number is in `undelivered`). A line starting
-    FAKEMODEM on its port is a command of this file's own (an SMS arriving).
+    (delivered unless the number is in `undelivered`). It records the numbers
+    smsd dials (a voice call: ATD), answering each call, and rings smsd with
+    RING and +CLIP for a call coming in. A line starting FAKEMODEM on its port
+    is a command of this file's own (an SMS arriving, a call coming in).
     """
 
     SLOTS = 60  # SIM storage: room for the parts of a long SMS
@@ -230,6 +232,9 @@ class ModemEmulator:
         self.hold_reports, self.held = False, []  # status reports kept back
         self.pending = {}  # (number, reference) -> parts of a message not yet whole
         self.mr = 0
+        self.dialled = []  # the numbers smsd called, in order
+        self.connections = set()  # smsd's, to ring
+        self.sending = threading.Lock()  # one writer at a time on a connection
         self.closed = False
         threading.Thread(target=self.accept, daemon=True).start()
 
@@ -247,6 +252,19 @@ class ModemEmulator:
         for pdu in received_pdus(sender, text, time.time()):
             self.store(pdu)
         self.say(f"received from {sender}: {text}")
+
+    def ring(self, caller):
+        """A call from caller comes in: RING and +CLIP, as a modem told AT+CLIP=1
+        says them; smsd (phonecalls = clip) hangs up and files a missed call."""
+        with self.lock:
+            connections = list(self.connections)
+        for conn in connections:
+            self.send(conn, f'\r\nRING\r\n\r\n+CLIP: "{caller}",145,,,,0\r\n')
+        self.say(f"call from {caller}: ringing")
+
+    def send(self, conn, text):
+        with self.sending:
+            conn.sendall(text.encode("latin-1"))
 
     def release_reports(self, reverse=False):
         """Put the held status reports into storage, newest first if reverse."""
@@ -268,6 +286,15 @@ class ModemEmulator:
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn):
+        with self.lock:
+            self.connections.add(conn)
+        try:
+            self.converse(conn)
+        finally:
+            with self.lock:
+                self.connections.discard(conn)
+
+    def converse(self, conn):
         buffer = b""
         with conn:
             while not self.closed:
@@ -284,27 +311,32 @@ class ModemEmulator:
                     if not command:
                         continue
                     if command.upper().startswith("AT+CMGS="):
-                        conn.sendall(b"\r\n> ")
+                        self.send(conn, "\r\n> ")
                         while b"\x1a" not in buffer:
                             more = conn.recv(4096)
                             if not more:
                                 return
                             buffer += more
                         pdu, buffer = buffer.split(b"\x1a", 1)
-                        conn.sendall(self.submit(pdu.strip().decode()).encode())
+                        self.send(conn, self.submit(pdu.strip().decode()))
                     elif command.startswith("FAKEMODEM "):
-                        conn.sendall(self.control(command.split()[1:]).encode())
+                        self.send(conn, self.control(command.split()[1:]))
                     else:
-                        conn.sendall(self.answer(command.upper()).encode())
+                        self.send(conn, self.answer(command.upper()))
 
     def control(self, words):
-        """A command of this file's own: SMS NUMBER HEX-OF-UTF-8-TEXT."""
-        try:
-            verb, number, text = words
-            text = bytes.fromhex(text).decode("utf-8")
-        except ValueError:
+        """A command of this file's own: SMS NUMBER HEX-OF-UTF-8-TEXT, or CALL NUMBER."""
+        if len(words) < 2 or not words[1].isdigit() or not 3 <= len(words[1]) <= 15:
             return "ERROR\r\n"
-        if verb != "SMS" or not number.isdigit() or not 3 <= len(number) <= 15:
+        verb, number, rest = words[0], words[1], words[2:]
+        if verb == "CALL" and not rest:
+            self.ring(number)
+            return "OK\r\n"
+        if verb != "SMS" or len(rest) != 1:
+            return "ERROR\r\n"
+        try:
+            text = bytes.fromhex(rest[0]).decode("utf-8")
+        except ValueError:
             return "ERROR\r\n"
         self.receive(number, text)
         return "OK\r\n"
@@ -376,6 +408,11 @@ class ModemEmulator:
         if command.startswith("AT+CMGD="):
             with self.lock:
                 self.storage.pop(number_after(command, "AT+CMGD="), None)
+        if command.startswith("ATD"):  # a voice call: it is answered at once
+            number = command[3:].rstrip(";").strip().lstrip("+")
+            with self.lock:
+                self.dialled.append(number)
+            self.say(f"dialled {number}")
         return ok
 
 
@@ -430,6 +467,8 @@ def main(argv=None):
     sms = commands.add_parser("sms", help="an SMS arrives in the modem")
     sms.add_argument("number", help="the sender, international format")
     sms.add_argument("text")
+    call = commands.add_parser("call", help="a call comes in (smsd: phonecalls = clip)")
+    call.add_argument("number", help="the caller, international format")
     args = parser.parse_args(argv)
     if args.command == "smsd-conf":
         print(SMSD_CONF.format(port=args.port), end="")
@@ -438,6 +477,11 @@ def main(argv=None):
         number = args.number.lstrip("+")
         answer = send_command(args.port, ["SMS", number, args.text.encode().hex()])
         print(f"from {number}: {'in the modem' if answer == 'OK' else answer}")
+        return 0 if answer == "OK" else 1
+    if args.command == "call":
+        number = args.number.lstrip("+")
+        answer = send_command(args.port, ["CALL", number])
+        print(f"call from {number}: {'ringing' if answer == 'OK' else answer}")
         return 0 if answer == "OK" else 1
     modem = ModemEmulator(args.port, lambda line: print(line, flush=True))
     print(

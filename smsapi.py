@@ -101,6 +101,7 @@ SMSD_ADVICE = {
     "incoming_utf8": "not yes: received texts are stored as ISO-8859-15,"
     " and GSM letters outside it (Δ, Ω, ...) are lost",
 }
+CALLS_ON = ("clip", "2", "yes", "1")  # a modem's phonecalls: missed calls reported
 EX_CONFIG = 78  # sysexits.h: configuration error
 SECTION_HEADER = re.compile(
     r"\s*\[([^\]]*)\]\s*(?:[;#].*)?"
@@ -129,6 +130,8 @@ MOBILE_PATTERN = re.compile(r"[0-9]{0,15}\*|[0-9]{1,15}", re.ASCII)  # * alone: 
 DURATION = re.compile(r"([0-9]{1,9})\s*(s|m|min|h|hour|d|day|w|week)?", re.ASCII)
 DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600}
 DURATION_UNITS.update(d=86400, day=86400, w=7 * 86400, week=7 * 86400)
+#: A step's delay: a number with its unit, or 0 (a number alone is a phone number).
+STEP_DELAY = re.compile(r"0|[0-9]{1,9}\s*(?:s|m|min|h|hour|d|day|w|week)", re.ASCII)
 #: send_at and valid_until: a delay from now, +N and a unit; else an ISO 8601 time.
 DELAY = re.compile(r"\+([0-9]{1,9})\s*(s|min|hour|day|week)", re.ASCII)
 FORM_OFFSET = re.compile(r" (?=[0-9]{2}:?[0-9]{2}$)")  # a form's + before an offset
@@ -225,6 +228,7 @@ EVENT_TYPES = (
     "sms.delivered",
     "sms.undelivered",
     "alert.acknowledged",
+    "alert.escalated",
 )
 
 # -- pages and replies -----------------------------------------------------------
@@ -252,6 +256,17 @@ ALERTMANAGER_TIMEOUT = 10.0  # seconds an Alertmanager has for its whole answer
 ALERTMANAGER_RETRY = (10, 30, 60, 120, 300)  # seconds between tries while none answers
 MAX_ALERTMANAGER_ANSWER = 8 << 20  # bytes of an answer read at most
 FIRING_CHECK = 300.0  # seconds between looks at whether a page's group still fires
+#: The text of a voice call smsd makes (Voicecall: yes): ring up to 40 s, and
+#: when answered play # three times, three times over.
+VOICE_CALL = "TONE: TIME: 40 3 #,#,#"
+MIN_ROUND_GAP = 60  # seconds at least between a chain's last step and its next round
+#: The smsd headers of what the pager writes: its notices (confirmations, and
+#: what to send), a page's SMS (reported: undelivered moves the chain on), a call.
+OUTBOX_HEADERS = {
+    "notice": [("Priority", "High")],
+    "page": [("Priority", "High"), ("Report", "yes")],
+    "call": [("Priority", "High"), ("Voicecall", "yes")],
+}
 
 WEBHOOK_SECRET = re.compile(r"whsec_([A-Za-z0-9+/]+={0,2})", re.ASCII)
 WEBHOOK_SECRET_BYTES = (24, 64)  # Standard Webhooks: 24 to 64 random bytes
@@ -708,6 +723,13 @@ def as_event_types(value):
     return types_given
 
 
+def as_section_name(value):
+    """The NAME of a [kind:NAME] section."""
+    if not USER_NAME.fullmatch(value.strip()):
+        raise ValueError(f"bad name {value!r}")
+    return value.strip()
+
+
 def as_user_names(value):
     """Space-separated API user names."""
     names = tuple(value.split())
@@ -751,6 +773,37 @@ def as_recipients(value):
     if not entries:
         raise ValueError("expected at least one number or @group")
     return entries
+
+
+class Step(collections.namedtuple("Step", "delay call recipients")):
+    """One step of an escalation chain: when it is paged (seconds from the start
+    of the round), whether its numbers are rung, and its numbers and @groups."""
+
+    __slots__ = ()
+
+
+def as_steps(value):
+    """Comma-separated steps: [DELAY] [call] RECIPIENT...; the first step's delay
+    0, none before the one above it, a delay not given being the one above."""
+    steps = []
+    for text in value.split(","):
+        words = text.split()
+        delay = steps[-1].delay if steps else 0
+        if words and STEP_DELAY.fullmatch(words[0]):
+            delay = as_duration(words.pop(0))
+        call = bool(words) and words[0].lower() == "call"
+        recipients = tuple(words[1:] if call else words)
+        if not recipients or not all(RECIPIENT.fullmatch(r) for r in recipients):
+            raise ValueError(
+                f"expected [delay] [call] numbers or @groups in step {text.strip()!r}"
+            )
+        if delay < (steps[-1].delay if steps else 0) or not steps and delay:
+            raise ValueError(
+                f"step {text.strip()!r}: the first step's delay is 0, and no"
+                " step's is before the one above it"
+            )
+        steps.append(Step(delay, call, recipients))
+    return tuple(steps)
 
 
 def string_template(text):
@@ -931,14 +984,22 @@ OPTIONS = [
            "sent to them as `Authorization: Bearer`"),
     option("alerts", "ack_for", "1h", as_count_of_seconds,
            "how long one acknowledgement silences the group; extended while the group still fires"),
+    option("alerts", "ack_by_call", "no", as_bool,
+           "a missed call from a number with an open page acknowledges its newest one, as `a` would (smsd: `phonecalls = clip`)"),
     option("heartbeat", "every", None, as_count_of_seconds,
            "a beat is expected at least this often (`5min`); required"),
     option("heartbeat", "to", None, as_recipients,
-           "numbers and `@group`s told when beats stop, and when they are back; required"),
+           "numbers and `@group`s told when beats stop, and when they are back; required unless `escalation`"),
     option("heartbeat", "max_per_day", "10", as_count,
            "notices (missed or back) sent in any 24 hours at most; past it a flapping heartbeat is logged, counted and not sent"),
     option("heartbeat", "text", None, as_template,
            "the missed text, with `$name` and `$last_beat`; unset: `heartbeat $name missed, last beat at $last_beat`"),
+    option("heartbeat", "escalation", None, as_section_name,
+           "a missed heartbeat is paged through this `[escalation:NAME]`, with reply codes; unset: `to` is told"),
+    option("escalation", "steps", None, as_steps,
+           "`@primary, 5min @backup, 10min call @primary, 15min @manager 79681112233`: each step's delay from the first page, `call` to ring, and its numbers and `@group`s; required"),
+    option("escalation", "repeat", "0", as_whole,
+           "rounds of the steps again while nobody acknowledges"),
     option("group", "mobiles", None, as_numbers,
            "the group's numbers; `@NAME` in any `mobiles` (or `to`) stands for them; required"),
     option("webhook", "url", None, as_webhook_url,
@@ -969,6 +1030,7 @@ NAMED_SECTIONS = (
     "webhook",
     "group",
     "heartbeat",
+    "escalation",
 )  # [kind:NAME], any number of each
 
 
@@ -1043,6 +1105,7 @@ class Config(types.SimpleNamespace):
             "webhooks": {},
             "groups": {},
             "heartbeats": {},
+            "escalations": {},
         }
         values.update(given)
         values["spool"] = {
@@ -1114,7 +1177,13 @@ def read_sections(parser, path, problems):
     """({section: options} of the single sections, {"users": {name: User}, ...}
     of the [kind:NAME] ones), collecting problems."""
     read = {name: {} for name in SECTIONS if name not in NAMED_SECTIONS}
-    named = {"users": {}, "webhooks": {}, "groups": {}, "heartbeats": {}}
+    named = {
+        "users": {},
+        "webhooks": {},
+        "groups": {},
+        "heartbeats": {},
+        "escalations": {},
+    }
     for section in parser.sections():
         kind, _, name = section.partition(":")
         if section in read:
@@ -1128,8 +1197,15 @@ def read_sections(parser, path, problems):
         elif kind == "group":
             group = read_named(parser, path, section, ("mobiles",), problems)
             named["groups"][name] = group.get("mobiles", ())
+        elif kind == "escalation":
+            values = read_named(parser, path, section, ("steps",), problems)
+            named["escalations"][name] = types.SimpleNamespace(
+                name=name, **{**defaults("escalation"), **values}
+            )
         else:
-            values = read_named(parser, path, section, ("every", "to"), problems)
+            values = read_named(parser, path, section, ("every",), problems)
+            if "to" not in values and "escalation" not in values:
+                problems.append(f"{path}: [{section}] to: required (or escalation)")
             named["heartbeats"][name] = types.SimpleNamespace(
                 name=name, **{**defaults("heartbeat"), **values}
             )
@@ -1143,6 +1219,18 @@ def cross_problems(config):
         for heartbeat in config.heartbeats.values()
         for entry in heartbeat.to or ()
         if entry.startswith("@") and entry[1:] not in config.groups
+    ]
+    problems += [
+        f"[escalation:{chain.name}] steps: no [group:{entry[1:]}]"
+        for chain in config.escalations.values()
+        for step in chain.steps or ()
+        for entry in step.recipients
+        if entry.startswith("@") and entry[1:] not in config.groups
+    ]
+    problems += [
+        f"[heartbeat:{heartbeat.name}] escalation: no [escalation:{heartbeat.escalation}]"
+        for heartbeat in config.heartbeats.values()
+        if heartbeat.escalation and heartbeat.escalation not in config.escalations
     ]
     return problems + [
         f"[webhook:{webhook.name}] users: no [user:{name}]"
@@ -1336,7 +1424,7 @@ def smsd_advice(config):
 
     for kind in ("outgoing", "checked", "sent", "failed", "incoming"):
         theirs = given.get(kind)
-        if theirs and os.path.realpath(theirs) != os.path.realpath(config.spool[kind]):
+        if theirs and not same_directory(theirs, config.spool[kind]):
             add("problem", kind, f"{theirs}, but smsapi's is {config.spool[kind]}")
     if given.get("autosplit", "3") != "3":
         add(
@@ -1353,10 +1441,27 @@ def smsd_advice(config):
             add("problem", f"[{name}] device", "not set: the modem cannot be reached")
         if modem.get("incoming", "no").lower() not in ("yes", "high", "1", "true"):
             add("advice", f"[{name}] incoming", "not yes: no SMS is received")
+        calls = modem.get("phonecalls", sections.get("default", {}).get("phonecalls"))
+        if config.alerts["ack_by_call"] and (calls or "no").lower() not in CALLS_ON:
+            add(
+                "problem", f"[{name}] phonecalls", "not clip: ack_by_call hears no call"
+            )
+    calls_dir = given.get("phonecalls")  # the global one: where call records go
+    if (
+        config.alerts["ack_by_call"]
+        and calls_dir
+        and not same_directory(calls_dir, config.spool["incoming"])
+    ):
+        add("problem", "phonecalls", f"{calls_dir}: smsapi reads calls in incoming")
     for setting, what in SMSD_ADVICE.items():
         if setting not in given or given[setting].lower() in NO:
             add("advice", setting, what)
     return found
+
+
+def same_directory(one, other):
+    """True when two paths name one directory (through symlinks, too)."""
+    return os.path.realpath(one) == os.path.realpath(other)
 
 
 def check_spool(config):
@@ -5328,9 +5433,10 @@ class Pager:
     a start unless the spool has it.
     """
 
-    def __init__(self, settings, outgoing, clock):
+    def __init__(self, settings, outgoing, budgets, clock):
         config = settings()
         self.settings, self.outgoing, self.clock = settings, outgoing, clock
+        self.budgets = budgets  # a page's user pays for the SMS of its later steps
         self.alertmanagers = Alertmanagers(settings)
         path = os.path.join(config.state_dir, PAGES_JOURNAL)
         self.journal = Journal(path, config.fsync)
@@ -5338,11 +5444,13 @@ class Pager:
         self.pages = {}  # page id -> page (a dict, as the journal has it)
         self.open_pages = {}  # (owner, group key) -> page id, while it is open
         self.paged = {}  # number -> ids of its pages, oldest first
+        self.step_of = {}  # message id of a step -> page id
         self.heard_names = {}  # incoming file name -> when it was received
         self.nonsense = {}  # number -> [[when, answered]] of replies that were no code
         self.outbox = {}  # message id -> [number, text], noted, not yet written
         self.events = collections.deque()  # webhook events, for the watcher to offer
         self.acknowledgements = 0  # since the start
+        self.escalations = collections.Counter()  # chain -> later steps paged
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = None
@@ -5352,12 +5460,13 @@ class Pager:
 
     # -- pages, from the notifications ---------------------------------------------
 
-    def open(self, owner, key, group, title, alerts, numbers, now):
+    def open(self, owner, key, group, title, alerts, numbers, now, chain=None):
         """The open page of owner's group key (a new one if there is none), with a
         code for each of numbers: (a copy of it, undo). The journal has it before
         any SMS goes; undo() takes back what this call added, should none go
-        (None: it added nothing).
-        OSError if the journal cannot be written."""
+        (None: it added nothing). A new page with a chain is at its first step
+        (its SMS are the caller's to send). OSError if the journal cannot be
+        written."""
         with self.lock:
             before = self.pages.get(self.open_pages.get((owner, key)))
             page = copy.deepcopy(before)
@@ -5365,6 +5474,9 @@ class Pager:
                 page = new_page(owner, key, group, now)
                 if self.settings().alerts["alertmanager_url"]:
                     page["due"] = now + FIRING_CHECK
+                if chain:
+                    page.update(chain=chain, step=0, round_at=now)
+                    page["next_at"] = self.step_time(page, 1)
             page.update(title=title, alerts=alerts)
             for number in numbers:
                 if number not in page["codes"]:
@@ -5392,19 +5504,29 @@ class Pager:
                 log.error("cannot save %s: %s", self.journal.path, one_line(exc))
 
     def resolve(self, owner, key, now):
-        """The group resolved: close its open page; a silence made for it is
-        ended. OSError if the journal cannot be written."""
+        """The group resolved: close its open page (its chain stops; a silence
+        made for it is ended): the numbers it paged, those of the page of the
+        group closed last when none is open, or None. OSError if the journal
+        cannot be written."""
         with self.lock:
             page = copy.deepcopy(self.pages.get(self.open_pages.get((owner, key))))
             if page is None:
-                return
+                closed = [
+                    p
+                    for p in self.pages.values()
+                    if (p["owner"], p["key"]) == (owner, key)
+                ]
+                last = max(closed, key=lambda p: p["closed_at"], default=None)
+                return list(last["codes"]) if last else None
             page.update(status="resolved", closed_at=now, tell=False, due=None)
+            page["next_at"] = None
             if page["silence"]["state"] in ("wanted", "made"):  # wanted: made, perhaps
                 page["silence"]["state"] = "expire"
                 page.update(due=now, tries=0)
             self.store(page)
         self.wake.set()
         log.info("page %s (%s) closed: resolved", page["id"], escape(page["title"]))
+        return list(page["codes"])
 
     def acknowledged(self, owner, key):
         """The acknowledgement of owner's open page of group key, or None: while
@@ -5417,12 +5539,17 @@ class Pager:
 
     # -- replies, from the watcher -------------------------------------------------
 
-    def heard(self, name, sender, text, received):
-        """A received SMS: a reply, when it comes from a paged number."""
+    def heard(self, name, sender, text, received, call=False):
+        """A received SMS, or a missed call: a reply, when it comes from a paged
+        number (a missed call is the reply a, with ack_by_call = yes)."""
         number = normalise_mobile(sender or "")
-        if number is None or not self.settings().alerts["ack"]:
+        if number is None:
             return
         now = self.clock.time()
+        if call:
+            if not self.settings().alerts["ack_by_call"]:
+                return
+            text = "a"
         if number not in self.paged:  # one log line for a code from it
             if received > now - 600 and read_reply(text):
                 log.info("reply %s from +%s, who was not paged: ignored",
@@ -5446,12 +5573,33 @@ class Pager:
                 self.save(lines)
             elif page is None:
                 self.help(number, pages, lines, now)
+            elif page["status"] == "firing" and command.action == "escalate":
+                self.escalate(page, number, lines, now)
             elif page["status"] == "firing":
-                self.acknowledge(page, number, str(text), received, lines, now)
+                reply = "a missed call" if call else str(text)
+                self.acknowledge(page, number, reply, received, lines, now)
             else:
                 log.info("reply %s from +%s to page %s, %s already", said, number,
                          page["id"], page["status"])  # fmt: skip
-                self.send(lines, [(number, late_news(page, number))], now)
+                self.send(lines, self.notices([(number, late_news(page, number))], now))
+
+    def escalate(self, page, number, lines, now):
+        """number asked for the next step of page now: page it, and say who."""
+        code = page["codes"][number]
+        messages = (
+            self.advance(page, now, f"asked by +{number}") if page["chain"] else []
+        )
+        if messages:
+            paged = ", ".join("+" + m[1] for m in messages)
+            answer = f"#{code} {page['title']}: escalated; paged {paged}."
+        elif page["chain"]:
+            answer = f"#{code} {page['title']}: no step is left to escalate to."
+        else:
+            answer = f"#{code} {page['title']}: no escalation chain to escalate."
+        self.adopt(page)
+        self.send(
+            lines + [["page", page]], messages + self.notices([(number, answer)], now)
+        )
 
     def acknowledge(self, page, number, reply, received, lines, now):
         """number acknowledged page: note it, then let the thread make the silence
@@ -5466,6 +5614,7 @@ class Pager:
             due=None,
             tries=0,
             quiet=0,
+            next_at=None,
         )
         if alerts["alertmanager_url"] and page["group"]:
             page["silence"] = {
@@ -5514,7 +5663,7 @@ class Pager:
             for p in live
         )
         log.info("SMS from +%s is no reply code; told what to send", number)
-        self.send(lines, [(number, "Reply " + choices)], now)
+        self.send(lines, self.notices([(number, "Reply " + choices)], now))
 
     # -- telling people ------------------------------------------------------------
 
@@ -5537,27 +5686,42 @@ class Pager:
         ]
         page["tell"] = False
         self.adopt(page)
-        self.send(lines + [["page", page]], texts, now)  # one write: told, and what
+        self.send(lines + [["page", page]], self.notices(texts, now))  # told, and what
 
-    def send(self, lines, texts, now):
-        """Note lines and the SMS [(number, text)] in the journal, then write the
-        SMS (each cut to one part); what cannot be written now, the thread
-        writes later."""
-        for number, text in texts:
-            message_id = new_message_id(PAGER_SENDER, now)
-            self.outbox[message_id] = [number, fitted(text, 1)]
-            lines.append(["send", message_id, number, self.outbox[message_id][1]])
+    @staticmethod
+    def notices(texts, now):
+        """The pager's own SMS [(number, text)] as messages for send(), each cut
+        to one part."""
+        return [
+            [
+                new_message_id(PAGER_SENDER, now),
+                number,
+                fitted(text, 1),
+                PAGER_SENDER,
+                "notice",
+            ]
+            for number, text in texts
+        ]
+
+    def send(self, lines, messages):
+        """Note lines and the messages [[id, number, text, sender]] in the
+        journal, then write the messages; what cannot be written now, the
+        thread writes later."""
+        for message_id, *entry in messages:
+            self.outbox[message_id] = entry
+            lines.append(["send", message_id, *entry])
         if self.save(lines):
             self.flush()
 
     def flush(self):
-        """Write what the outbox holds, except what the spool has already."""
+        """Write what the outbox holds, except what the spool has already: each
+        a notice, a page's SMS (with a delivery report), or a voice call."""
         config = self.settings()
         files = {
             message_id: render_message(
-                PAGER_SENDER, number, encode_text(text), [("Priority", "High")]
+                sender, number, encode_text(text), OUTBOX_HEADERS[kind]
             )
-            for message_id, (number, text) in self.outbox.items()
+            for message_id, (number, text, sender, kind) in self.outbox.items()
             if find_message(config, message_id) is None
         }
         try:
@@ -5566,6 +5730,156 @@ class Pager:
             return
         written, self.outbox = list(self.outbox), {}
         self.save([["sent", message_id] for message_id in written])
+
+    # -- escalation ----------------------------------------------------------------
+
+    def notified(self, page_id, ids, text, max_parts, now):
+        """A notification of a page with a chain went out, its SMS with these
+        ids (by number): its text (in max_parts) is what later steps send; if it
+        is the first, its SMS are the first step's, to follow, and the numbers
+        the step calls are rung now."""
+        with self.lock:
+            page = copy.deepcopy(self.pages.get(page_id))
+            if page is None or page["chain"] is None:
+                return
+            page.update(text=text, max_parts=max_parts)
+            if page["step_ids"] or page["step"] or page["round"]:
+                self.keep(page, [])
+                return
+            page["step_ids"] = {i: n for n, i in ids.items()}
+            chain = self.settings().escalations.get(page["chain"])
+            messages = []
+            if chain and chain.steps[0].call:
+                messages = self.ring(page, chain.steps[0], now)
+            self.adopt(page)
+            self.send([["page", page]], messages)
+
+    def advance(self, page, now, why):
+        """Page the next step of page's chain (after the last, the next round),
+        or note that every step and round was paged: the messages to send, for
+        the caller to note with page (under the lock)."""
+        chain = self.settings().escalations.get(page["chain"])
+        if chain is None:  # gone with a reload
+            page["next_at"] = None
+            return []
+        index = page["step"] + 1
+        if index == len(chain.steps):
+            if page["round"] >= chain.repeat:
+                page.update(next_at=None, exhausted=True)
+                log.error("page %s (%s): every step of %s was paged, and nobody"
+                          " acknowledged", page["id"], escape(page["title"]), chain.name)  # fmt: skip
+                return []
+            page.update(round=page["round"] + 1, round_at=now)
+            index = 0
+        step = chain.steps[index]
+        messages = (
+            self.ring(page, step, now) if step.call else self.text(page, step, now)
+        )
+        page.update(step=index, failed_ids=[], next_at=self.step_time(page, index + 1))
+        page["step_ids"] = {m[0]: m[1] for m in messages}
+        if index or page["round"]:  # an escalation: not the first step
+            self.escalations[chain.name] += 1
+            data = {**page_view(page), "reason": why}
+            self.events.append(("alert.escalated", f"{page['id']}.{page['round']}.{index}",
+                                page["owner"], data, now))  # fmt: skip
+        log.warning("page %s (%s): %s step %d%s paged (%s): %s", page["id"],
+                    escape(page["title"]), chain.name, index + 1,
+                    f", round {page['round'] + 1}" if page["round"] else "", why,
+                    " ".join("+" + m[1] for m in messages) or "none")  # fmt: skip
+        return messages
+
+    def page_heartbeat(self, name, text, now):
+        """A missed heartbeat, paged through its chain: the first step now (once
+        while its page is open)."""
+        heartbeat = self.settings().heartbeats[name]
+        key = "heartbeat:" + name
+        with self.lock:
+            if (HEARTBEAT_SENDER, key) in self.open_pages:
+                return
+            page = new_page(HEARTBEAT_SENDER, key, {}, now)
+            page.update(title=f"heartbeat {name}", chain=heartbeat.escalation)
+            page.update(step=-1, round_at=now, text=text)
+            page["max_parts"] = self.settings().alerts["max_parts"]
+            messages = self.advance(page, now, "the heartbeat was missed")
+            self.adopt(page)
+            self.send([["page", page]], messages)
+
+    def step_numbers(self, page, step):
+        """The numbers of a step, each once, each with its code for the page."""
+        config = self.settings()
+        entries = expand_groups(config.groups, step.recipients)
+        numbers = list(dict.fromkeys(normalise_mobile(e) for e in entries))
+        for number in numbers:
+            if number not in page["codes"]:
+                page["codes"][number] = self.free_code(number)
+        return numbers
+
+    def ring(self, page, step, now):
+        """Voice calls to a step's numbers: they cost no SMS."""
+        sender = page["owner"]
+        return [
+            [new_message_id(sender, now), number, VOICE_CALL, sender, "call"]
+            for number in self.step_numbers(page, step)
+        ]
+
+    def text(self, page, step, now):
+        """The page's SMS to a step's numbers, each with its code; the budget of
+        the page's user counts them, and a step it refuses is logged and
+        skipped (the chain goes on)."""
+        config, sender = self.settings(), page["owner"]
+        texts = [
+            (number, fitted(page["text"], page["max_parts"], suffix) + suffix)
+            for number in self.step_numbers(page, step)
+            for suffix in [page_suffix(page["codes"][number])]
+        ]
+        user = config.users.get(sender)
+        units = sum(encode_text(text).parts for _, text in texts)
+        try:
+            token = self.budgets.take(user, units, now) if user else None
+        except ApiError as exc:
+            log.error("page %s (%s): step not sent: %s", page["id"],
+                      escape(page["title"]), exc.message)  # fmt: skip
+            return []
+        self.budgets.note(token)
+        return [
+            [new_message_id(sender, now), n, text, sender, "page"] for n, text in texts
+        ]
+
+    def step_time(self, page, index):
+        """When step index of page's current round is due; past the last step,
+        when the round ends (as long after its last step as that came after
+        the one before, MIN_ROUND_GAP at least); None without its chain."""
+        chain = self.settings().escalations.get(page["chain"])
+        if chain is None:
+            return None
+        steps = chain.steps
+        if index < len(steps):
+            return page["round_at"] + steps[index].delay
+        gap = steps[-1].delay - steps[-2].delay if len(steps) > 1 else 0
+        return page["round_at"] + steps[-1].delay + max(gap, MIN_ROUND_GAP)
+
+    def failed(self, message_id):
+        """A message ended failed or undelivered: when every message of its
+        page's current step did, the next step is due at once."""
+        page_id = self.step_of.get(message_id)
+        if page_id is None:
+            return
+        with self.lock:
+            page = copy.deepcopy(self.pages.get(page_id))
+            if (
+                page is None
+                or page["status"] != "firing"
+                or message_id not in page["step_ids"]
+                or message_id in page["failed_ids"]
+            ):
+                return
+            page["failed_ids"].append(message_id)
+            if set(page["failed_ids"]) >= set(page["step_ids"]) and page["next_at"]:
+                page["next_at"] = self.clock.time()
+                log.warning("page %s (%s): every message of step %d failed",
+                            page_id, escape(page["title"]), page["step"] + 1)  # fmt: skip
+                self.wake.set()
+            self.keep(page, [])
 
     # -- the thread: Alertmanager --------------------------------------------------
 
@@ -5600,6 +5914,20 @@ class Pager:
             if self.outbox:
                 self.flush()
             self.forget_old(now)
+            for page in list(self.pages.values()):
+                if page["status"] == "firing" and (page["next_at"] or math.inf) <= now:
+                    page = copy.deepcopy(page)
+                    failed = page["step_ids"] and set(page["failed_ids"]) >= set(
+                        page["step_ids"]
+                    )
+                    why = (
+                        "every message of the step before failed"
+                        if failed
+                        else "its time came"
+                    )
+                    messages = self.advance(page, now, why)
+                    self.adopt(page)
+                    self.send([["page", page]], messages)
             due = [
                 copy.deepcopy(p)
                 for p in self.pages.values()
@@ -5612,7 +5940,12 @@ class Pager:
             with self.lock:
                 self.noted(page, outcome, now)
         with self.lock:
-            times = [p["due"] for p in self.pages.values() if p["due"] is not None]
+            times = [
+                time
+                for page in self.pages.values()
+                for time in (page["due"], page["next_at"])
+                if time is not None
+            ]
             return min(times, default=now + 60)
 
     def ask(self, page, now):
@@ -5729,7 +6062,7 @@ class Pager:
         return [
             *(["page", page] for page in self.pages.values()),
             *(["heard", name, when] for name, when in self.heard_names.items()),
-            *(["send", i, n, t] for i, (n, t) in self.outbox.items()),
+            *(["send", i, *entry] for i, entry in self.outbox.items()),
             *(
                 ["nonsense", number, *entry]
                 for number, entries in self.nonsense.items()
@@ -5748,7 +6081,9 @@ class Pager:
         elif verb == "heard" and isinstance(value, str) and is_time(rest[0]):
             self.heard_names[value] = rest[0]
         elif verb == "send" and OUR_ID.fullmatch(value) and MOBILE.fullmatch(rest[0]):
-            self.outbox[value] = [rest[0], str(rest[1])]
+            if rest[3] not in OUTBOX_HEADERS:
+                raise ValueError("not a kind of message the pager sends")
+            self.outbox[value] = [rest[0], str(rest[1]), str(rest[2]), rest[3]]
         elif verb == "sent" and isinstance(value, str):
             self.outbox.pop(value, None)
         elif verb == "nonsense" and MOBILE.fullmatch(value) and is_time(rest[0]):
@@ -5767,6 +6102,8 @@ class Pager:
             ids = self.paged.setdefault(number, [])
             if page["id"] not in ids:
                 ids.append(page["id"])
+        for message_id in page["step_ids"]:
+            self.step_of[message_id] = page["id"]
 
     def unindex(self, page):
         """Take a page that is no more out of open_pages and paged."""
@@ -5777,6 +6114,7 @@ class Pager:
             self.paged[number].remove(page["id"])
             if not self.paged[number]:
                 del self.paged[number]
+        self.step_of = {m: p for m, p in self.step_of.items() if p != page["id"]}
 
     def free_code(self, number):
         """The smallest code none of number's open pages has."""
@@ -5817,20 +6155,26 @@ class Pager:
             ]
 
     def state(self):
-        """PagerState: the pages open and acknowledged, the silences pending,
-        the acknowledgements since the start."""
+        """PagerState: the pages open, acknowledged, and paged through every step
+        unanswered; the silences pending; the acknowledgements and the
+        escalations (by chain) since the start."""
         with self.lock:
             live = [p for p in self.pages.values() if p["status"] in OPEN_STATES]
             return PagerState(
                 len(live),
                 sum(p["status"] == "acknowledged" for p in live),
+                sum(p["exhausted"] and p["status"] == "firing" for p in live),
                 sum(p["silence"]["state"] == "wanted" and p["tries"] > 0 for p in live),
                 self.acknowledgements,
+                dict(self.escalations),
             )
 
 
 class PagerState(
-    collections.namedtuple("PagerState", "open acknowledged pending acknowledgements")
+    collections.namedtuple(
+        "PagerState",
+        "open acknowledged exhausted pending acknowledgements escalations",
+    )
 ):
     """The pages as /health and /metrics show them."""
 
@@ -5838,7 +6182,11 @@ class PagerState(
 
 
 def new_page(owner, key, group, now):
-    """A page as the journal keeps it: due is when the thread looks at it next."""
+    """A page as the journal keeps it: due is when the thread asks Alertmanager
+    about it next. A page paged through an escalation chain has its step
+    (0-based, of round), when its round began, when its next step is due, the
+    ids of the current step's messages and those of them that failed, and the
+    text its later steps send (in at most max_parts)."""
     return {
         "id": base36(int(now * 1e6)) + os.urandom(3).hex(),
         "owner": owner,
@@ -5858,6 +6206,16 @@ def new_page(owner, key, group, now):
         "due": None,
         "tries": 0,
         "quiet": 0,
+        "chain": None,
+        "step": None,
+        "round": 0,
+        "round_at": None,
+        "next_at": None,
+        "step_ids": {},
+        "failed_ids": [],
+        "exhausted": False,
+        "text": "",
+        "max_parts": 1,
     }
 
 
@@ -5875,7 +6233,8 @@ def valid_page(page):
             for n, c in dict_of(fields["codes"]).items()
         )
         and silence.get("state") in SILENCE_STATES
-        and (fields["due"] is None or is_time(fields["due"]))
+        and all(fields[k] is None or is_time(fields[k]) for k in ("due", "next_at"))
+        and isinstance(fields["step_ids"], dict)
     ):
         raise ValueError("not a page")
     return fields
@@ -5926,6 +6285,10 @@ def page_view(page):
         and iso_time(page["acknowledged_at"]),
         "closed_at": page["closed_at"] and iso_time(page["closed_at"]),
         "silence_id": page["silence"]["id"],
+        "escalation": page["chain"],
+        "step": None if page["step"] is None else page["step"] + 1,
+        "round": page["round"] + 1,
+        "next_step_at": page["next_at"] and iso_time(page["next_at"]),
     }
 
 
@@ -5943,11 +6306,14 @@ def post_alertmanager(request, *, sender, heartbeats, pager):
     """An Alertmanager (or Grafana) notification: one SMS to each of ?to=, sent
     once however often the same notification is posted (an HA pair, a retry)
     within dedupe_window; with ?heartbeat=NAME, a firing Watchdog among its
-    alerts is a beat, and the other alerts are sent. With [alerts] ack = yes a
-    firing notification is a page: each SMS ends with its number's reply
-    code, and once the page is acknowledged nothing more is sent for it."""
+    alerts is a beat, and the other alerts are sent. With [alerts] ack = yes,
+    or ?escalation=NAME, a firing notification is a page: each SMS ends with
+    its number's reply code, and once the page is acknowledged nothing more
+    is sent for it; a chain's first step is paged with to=, its later steps
+    by the pager, and its resolved SMS goes to every number paged."""
     payload = alert_payload(request.body())
     status, alerts = read_alerts(payload)
+    chain = read_chain(request)
     beat = request.param("heartbeat")
     if beat is not None and any(is_watchdog(a) for a in alerts):
         answer = beat_answer(request, heartbeats, beat)
@@ -5955,30 +6321,71 @@ def post_alertmanager(request, *, sender, heartbeats, pager):
         if not alerts:
             return answer
         status = notification_status({}, alerts)
-    to = request.param("to")
-    if not to:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "to= must name the numbers or @groups")
-    mobiles = [LEADING_SPACE.sub("+", m) for m in to.split(",")]
+    mobiles = alert_recipients(request, chain)
     key, options = str(payload.get("groupKey")), request.config.alerts
-    suffixes, undo = {}, None
-    if status == "firing" and options["ack"]:
+    page, undo, suffixes = None, None, {}
+    if status == "firing" and (options["ack"] or chain):
         acknowledged = pager.acknowledged(request.user.name, key)
         if acknowledged:
             return acknowledged_answer(request, *acknowledged)
-        numbers = list(read_recipients(request, mobiles).values())
-        page, undo = open_page(request, pager, payload, alerts, numbers)
+        numbers = list(read_recipients(request, mobiles).values()) if mobiles else []
+        page, undo = open_page(request, pager, payload, alerts, numbers, chain)
         suffixes = {n: page_suffix(page["codes"][n]) for n in numbers}
     elif status == "resolved":
         try:
-            pager.resolve(request.user.name, key, request.now)
+            paged = pager.resolve(request.user.name, key, request.now)
         except OSError as exc:
             raise storage_error(exc) from exc
+        if chain and paged:
+            mobiles = paged  # everyone the chain paged, and nobody it did not
     after = max(suffixes.values(), key=len, default="")
     text = alert_text(payload, status, alerts, options, after)
+    if not mobiles:  # a chain whose first step only rings
+        pager.notified(page["id"], {}, text, options["max_parts"], request.now)
+        data = {"page": page["id"], "escalation": chain.name}
+        return Answer(HTTPStatus.CREATED if undo else HTTPStatus.OK, data)
     priority = request.param("priority", "high")
-    plan = plan_fields(
-        request, {"mobiles": mobiles, "text": text, "priority": priority}
-    )._replace(suffixes=suffixes or None)
+    fields = {"mobiles": mobiles, "text": text, "priority": priority}
+    if chain:
+        fields["report"] = True  # an undelivered page moves the chain on
+    plan = plan_fields(request, fields)._replace(suffixes=suffixes or None)
+    answer = send_alert(request, sender, plan, key, status, alerts, undo)
+    if page and chain and not request.replayed:
+        ids = {plan.recipients[g]: i for g, i in answer.data["message_id"].items()}
+        pager.notified(page["id"], ids, text, options["max_parts"], request.now)
+    return answer._replace(status=HTTPStatus.OK) if request.replayed else answer
+
+
+def read_chain(request):
+    """The [escalation:NAME] of ?escalation=NAME, or None; 400 for a name there
+    is none of, 403 unless the caller may page every number of the chain."""
+    name = request.param("escalation")
+    if name is None:
+        return None
+    chain = request.config.escalations.get(name)
+    if chain is None:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"No [escalation:{escape(name)}]")
+    read_recipients(request, [r for step in chain.steps for r in step.recipients])
+    return chain
+
+
+def alert_recipients(request, chain):
+    """Who a notification's SMS go to: to=, and the chain's first step (unless
+    that step rings); 400 when there is neither."""
+    to = request.param("to")
+    if not to and not chain:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "to= must name the numbers or @groups")
+    mobiles = [LEADING_SPACE.sub("+", m) for m in to.split(",")] if to else []
+    if chain and not chain.steps[0].call:
+        mobiles += chain.steps[0].recipients
+    return mobiles
+
+
+def send_alert(request, sender, plan, key, status, alerts, undo):
+    """Send a notification's SMS, once per group record (a repeat of its last
+    notification within dedupe_window is answered as before); a refusal
+    undoes what the page took (codes) and is logged."""
+    options = request.config.alerts
     # The group's record, per user: only a repeat of its last notification is one.
     group = [request.user.name, key, sorted(plan.numbers)]
     path = sender.idempotency.path(ALERTS_OWNER, json.dumps(group))
@@ -5991,16 +6398,16 @@ def post_alertmanager(request, *, sender, heartbeats, pager):
         if undo:
             undo()
         if exc.status == HTTPStatus.TOO_MANY_REQUESTS:
-            group_key = escape(key[:80])
-            said = f' text="{escape(text)}"' if request.config.log_text else ""
-            log.error("alert of group %s not sent: %s%s", group_key, exc.message, said)
+            said = f' text="{escape(plan.text)}"' if request.config.log_text else ""
+            log.error("alert of group %s not sent: %s%s", escape(key[:80]),
+                      exc.message, said)  # fmt: skip
         raise
     if request.replayed and undo:
         undo()  # the codes this call gave went to nobody
-    return answer._replace(status=HTTPStatus.OK) if request.replayed else answer
+    return answer
 
 
-def open_page(request, pager, payload, alerts, numbers):
+def open_page(request, pager, payload, alerts, numbers, chain):
     """The page of a firing notification, with a code for each number: (the
     page, undo or None when nothing changed); 507 or 503 if it cannot be kept."""
     group = group_labels(payload)
@@ -6008,8 +6415,9 @@ def open_page(request, pager, payload, alerts, numbers):
     key = str(payload.get("groupKey"))
     try:
         return pager.open(
-            request.user.name, key, group, title, len(alerts), numbers, request.now
-        )
+            request.user.name, key, group, title, len(alerts), numbers, request.now,
+            chain and chain.name,
+        )  # fmt: skip
     except OSError as exc:
         raise storage_error(exc) from exc
 
@@ -6191,11 +6599,11 @@ class Heartbeats:
     fire. The watcher checks them every tick; a beat comes from a request.
     """
 
-    def __init__(self, settings, outgoing, clock):
+    def __init__(self, settings, outgoing, pager, clock):
         config = settings()
         self.settings = settings
         self.path = os.path.join(config.state_dir, HEARTBEATS)
-        self.outgoing = outgoing
+        self.outgoing, self.pager = outgoing, pager
         self.fsync = config.fsync
         self.started = clock.time()
         self.lock = threading.Lock()
@@ -6219,7 +6627,9 @@ class Heartbeats:
         with self.lock:
             state = self.of(name)
             state["last"] = now
-            if state["missed"] and self.notify(name, f"heartbeat {name} back", now):
+            if state["missed"] and self.notify(
+                name, f"heartbeat {name} back", now, True
+            ):
                 state["missed"] = False
                 log.warning("heartbeat %s is back", name)
             self.save(sync=False)
@@ -6248,7 +6658,7 @@ class Heartbeats:
             name, {"last": None, "missed": False, "notices": []}
         )
 
-    def notify(self, name, text, now):
+    def notify(self, name, text, now, back=False):
         """Send a notice, unless max_per_day were sent within the day (then log and
         count it); False only if it cannot be written, to be tried again."""
         state, limit = self.state[name], self.settings().heartbeats[name].max_per_day
@@ -6262,16 +6672,24 @@ class Heartbeats:
                 limit,
             )
             return True
-        if not self.tell(name, text, now):
+        if not self.tell(name, text, now, back):
             return False
         state["notices"].append(now)
         self.counts[name, "sent"] += 1
         return True
 
-    def tell(self, name, text, now):
-        """Queue text to the heartbeat's recipients at once; False if it cannot be written."""
+    def tell(self, name, text, now, back):
+        """Queue text to the heartbeat's recipients at once (with a chain: page
+        it; when it is back, tell everyone paged); False if it cannot be written."""
         config = self.settings()
-        entries = expand_groups(config.groups, config.heartbeats[name].to)
+        heartbeat = config.heartbeats[name]
+        if heartbeat.escalation and not back:
+            self.pager.page_heartbeat(name, text, now)
+            return True
+        entries = expand_groups(config.groups, heartbeat.to or ())
+        if heartbeat.escalation:
+            key = (HEARTBEAT_SENDER, "heartbeat:" + name)
+            entries += self.pager.resolve(*key, now) or []
         numbers = dict.fromkeys(n.removeprefix("+") for n in entries)
         encoding = encode_text(text)
         files = {
@@ -6329,11 +6747,18 @@ def beat_answer(request, heartbeats, name):
     heartbeat = request.config.heartbeats.get(name)
     if heartbeat is None:
         raise ApiError(HTTPStatus.NOT_FOUND, f"No [heartbeat:{escape(name)}]")
-    read_recipients(request, list(heartbeat.to))  # 403 unless all are allowed
+    read_recipients(request, heartbeat_recipients(request.config, heartbeat))
     heartbeats.beat(name, request.now)
     return Answer(
         HTTPStatus.OK, {"heartbeat": name, "beat": iso_time(request.now)}, "ok\n"
     )
+
+
+def heartbeat_recipients(config, heartbeat):
+    """Everyone a heartbeat may tell or page: its to, and its chain's steps."""
+    chain = config.escalations.get(heartbeat.escalation)
+    steps = chain.steps if chain else ()
+    return [*(heartbeat.to or ()), *(r for step in steps for r in step.recipients)]
 
 
 def post_heartbeat(request, *, heartbeats):
@@ -6349,7 +6774,7 @@ def get_heartbeats(request, *, heartbeats):
         {
             "name": state.name,
             "every": config.heartbeats[state.name].every,
-            "to": list(config.heartbeats[state.name].to),
+            "to": list(config.heartbeats[state.name].to or ()),
             "last_beat": iso_time(state.last) if state.last else None,
             "state": "missed" if state.missed else "ok",
         }
@@ -6357,7 +6782,10 @@ def get_heartbeats(request, *, heartbeats):
         if user.admin
         or all(
             user.may_send_to(n.removeprefix("+"))
-            for n in expand_groups(config.groups, config.heartbeats[state.name].to)
+            for n in expand_groups(
+                config.groups,
+                heartbeat_recipients(config, config.heartbeats[state.name]),
+            )
         )
     ]
     return Answer(HTTPStatus.OK, {"heartbeats": listed})
@@ -6400,8 +6828,8 @@ class Health:
         checks.update(webhook_checks(self.webhooks.states(), now))
         checks.update(budget_checks(config, self.budgets, now))
         checks.update(heartbeat_checks(self.heartbeats.states(now)))
-        if config.alerts["ack"]:
-            checks["pages"] = pages_check(self.pager.state())
+        if config.alerts["ack"] or config.escalations:
+            checks["pages"] = pages_check(self.pager.state(), config.escalations)
         return checks
 
 
@@ -6440,19 +6868,24 @@ def heartbeat_checks(states):
     return checks
 
 
-def pages_check(state):
+def pages_check(state, chains):
     """The pages: warn while an acknowledgement's silence is pending (no
-    Alertmanager answers)."""
+    Alertmanager answers), and while a page has gone through every step and
+    round of its chain and nobody acknowledged it."""
     output = f"{state.open} pages open, {state.acknowledged} of them acknowledged"
+    if state.exhausted:
+        output += f"; {state.exhausted} paged through every step, unacknowledged"
     if state.pending:
         output += f"; {state.pending} silences pending: no Alertmanager answers"
     return {
-        "status": "warn" if state.pending else "pass",
+        "status": "warn" if state.pending or state.exhausted else "pass",
         "output": output,
         "open": state.open,
         "acknowledged": state.acknowledged,
+        "unanswered": state.exhausted,
         "silences_pending": state.pending,
         "acknowledgements": state.acknowledgements,
+        "escalations": {name: state.escalations.get(name, 0) for name in chains},
     }
 
 
@@ -6828,6 +7261,14 @@ def page_samples(out, check):
         "Pages acknowledged by a reply since the start.",
         check["acknowledgements"],
     )
+    if check["escalations"]:
+        out.family(
+            "smsapi_escalations_total",
+            "counter",
+            "Later steps (and rounds) of escalation chains paged, by chain.",
+        )
+        for chain, count in check["escalations"].items():
+            out.sample("", {"escalation": chain}, count)
 
 
 def webhook_samples(out, checks):
@@ -7010,6 +7451,8 @@ class Watcher:
         for line in self.reports.unsaved:
             if line[0] == "outcome":
                 self.isolated(self.reported, line[1], Outcome(*line[2:]))
+                if line[2] == "undelivered":
+                    self.isolated(self.pager.failed, line[1])
         while self.pager.events:  # what the pager did, for the webhooks
             self.webhooks.offer(*self.pager.events.popleft())
         self.isolated(self.webhooks.save, now)  # before the report index moves on
@@ -7043,6 +7486,7 @@ class Watcher:
                 self.failures.rescan()
             elif change.complete:
                 self.failures.arrived(name)
+                self.pager.failed(name)
                 self.filed(kind, name)
             elif change.event == GONE:
                 self.failures.gone(name)
@@ -7126,7 +7570,8 @@ class Watcher:
             entry = InboxEntry(received, name, sender, "report" if report else "sms")
             self.inbox.add(entry)
             if report is None:
-                self.pager.heard(name, sender, text, received)
+                call = "Call_type" in headers  # smsd's record of a missed call
+                self.pager.heard(name, sender, text, received, call)
             if fresh and report is None:
                 data = inbox_entry(entry, text)
                 self.webhooks.offer("sms.received", name, None, data, received)
@@ -7173,8 +7618,8 @@ class Parts:
         )  # the watcher's: a stop, or a message held for sooner
         self.schedule = Schedule(settings, self.wake, clock)
         self.budgets = Budgets(config.state_dir, config.fsync, clock)
-        self.heartbeats = Heartbeats(settings, self.outgoing, clock)
-        self.pager = Pager(settings, self.outgoing, clock)
+        self.pager = Pager(settings, self.outgoing, self.budgets, clock)
+        self.heartbeats = Heartbeats(settings, self.outgoing, self.pager, clock)
         self.webhooks = Webhooks(settings, clock)
         followed = {k: v for k, v in config.spool.items() if k != "scheduled"}
         self.changes = SpoolChanges(followed, clock, inotify)
@@ -7332,7 +7777,8 @@ ROUTES = [
     Route(
         ("POST",), API + "/alerts/alertmanager", post_alertmanager, True,
         "An Alertmanager or Grafana notification: one SMS to each of to=",
-        ("to", "heartbeat", "priority"), {"application/json": "AlertNotification"},
+        ("to", "heartbeat", "escalation", "priority"),
+        {"application/json": "AlertNotification"},
         {
             200: Reply("Sent before (the earlier ids), a beat, or acknowledged", "AlertAnswer", True),
             201: Reply("Queued: one file per number", "Sent", True),
@@ -7539,6 +7985,12 @@ def openapi_parameters(config):
         "heartbeat": query_parameter(
             "heartbeat", STRING, "a firing Watchdog alert is a beat of this heartbeat"
         ),
+        "escalation": query_parameter(
+            "escalation",
+            one_of(config.escalations) if config.escalations else STRING,
+            "page through this [escalation:NAME]: its first step now, the next ones"
+            " until someone acknowledges",
+        ),
         "priority": query_parameter(
             "priority", one_of(PRIORITIES), "normal lets quiet hours hold it"
         ),
@@ -7654,6 +8106,11 @@ PAGE = {
         "acknowledged_at": {**NULLABLE_STRING, "format": "date-time"},
         "closed_at": {**NULLABLE_STRING, "format": "date-time"},
         "silence_id": NULLABLE_STRING,
+        "escalation": NULLABLE_STRING,
+        "step": {"type": "integer", "minimum": 1, "nullable": True},
+        "round": {"type": "integer", "minimum": 1},
+        "next_step_at": {**NULLABLE_STRING, "format": "date-time"},
+        "reason": {"type": "string", "description": "alert.escalated: why"},
     },
 }  # fmt: skip
 
@@ -7810,7 +8267,18 @@ SCHEMAS = {
         },
     },
     "AlertAnswer": {
-        "anyOf": [schema_ref("Sent"), schema_ref("Beat"), schema_ref("Acknowledged")]
+        "anyOf": [
+            schema_ref("Sent"),
+            schema_ref("Beat"),
+            schema_ref("Acknowledged"),
+            schema_ref("Paged"),
+        ]
+    },
+    "Paged": {
+        "type": "object",
+        "description": "a chain whose first step only rings: the page, no SMS",
+        "required": ["page", "escalation"],
+        "properties": {"page": STRING, "escalation": STRING},
     },
     "Acknowledged": {
         "type": "object",

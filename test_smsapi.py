@@ -962,6 +962,18 @@ def test_cli_check_smsd_names_each_missing_or_disagreeing_setting(tmp_path, spoo
     assert result.returncode == 0 and result.stdout.strip() == f"{good}: ok"
 
 
+def test_cli_check_smsd_wants_missed_calls_in_incoming_for_ack_by_call(tmp_path, spool):
+    conf = tmp_path / "smsd.conf"
+    base = fakemodem.SMSD_CONF.format(port=5055).replace("/var/spool/sms", str(tmp_path / "spool"))
+    base = base.replace("[GSM1]", f"report = {spool['incoming']}\n[GSM1]")
+    conf.write_text(base.replace("[GSM1]", f"phonecalls = {tmp_path}\n[GSM1]"))
+    path = write_ini(tmp_path, spool, extra="[alerts]\nack_by_call = yes", smsd_conf=str(conf))
+    said = [line.split(": ", 3)[1:3] for line in run_cli("check-smsd", "--config", path).stdout.splitlines()]
+    assert said == [["problem", "[GSM1] phonecalls"], ["problem", "phonecalls"]]
+    conf.write_text(base + "phonecalls = clip\n")
+    assert run_cli("check-smsd", "--config", path).returncode == 0
+
+
 def test_health_says_when_smsd_conf_sets_no_stats(tmp_path, spool):
     conf = tmp_path / "smsd.conf"
     conf.write_text("devices = GSM1\n[GSM1]\ndevice = /dev/ttyUSB0\n")
@@ -5493,6 +5505,260 @@ def test_page_acknowledgement_counted_in_metrics_health_and_a_webhook(
 
 
 ###############################################################################
+# Escalation ###################################################################
+###############################################################################
+
+CHAINS = """
+[group:primary]
+mobiles = 79680000000
+[group:backup]
+mobiles = 79680000001
+[escalation:night]
+steps = @primary, 5min @backup, 10min call @primary, 15min @manager 79160000000
+[escalation:twice]
+steps = @primary, 1min @backup
+repeat = 1
+"""
+
+
+def chain_app(paging, extra=""):
+    """An app with the escalation chains above (and [alerts] ack = yes)."""
+    return paging(extra + "\n" + CHAINS.replace("@manager ", "@backup "))
+
+
+def escalate(app, chain="night", name="HighCPU", status="firing", to=None, n=1, user="lvv"):
+    """A notification of group alertname=name posted with ?escalation=chain."""
+    payload = notification(
+        [alert(name, f"db{n}:9100", "CPU at 95%", status, n=n)], status,
+        group=f'{{}}:{{alertname="{name}"}}',
+    )  # fmt: skip
+    query = f"escalation={chain}" + (f"&to={to}" if to else "")
+    return call(app, "POST", "/api/v1.0/alerts/alertmanager", payload, user, query=query)
+
+
+def files_to(spool, number, kind="outgoing"):
+    """(headers, text) of each file for number in one spool directory, oldest first."""
+    found = []
+    for name in os.listdir(spool[kind]):
+        headers, text = smsapi.parse_message(read_spool_file(spool, kind, name))
+        if headers["To"] == number:
+            found.append((name[smsapi.ID_TIME], headers, text))
+    return [(headers, text) for _, headers, text in sorted(found, key=lambda f: f[0])]
+
+
+def test_config_escalation_steps_are_read_and_checked(tmp_path, spool):
+    steps = smsapi.as_steps("@primary, 5min @backup, 10min call @primary 79161234567, 1h @x")
+    assert steps == (
+        smsapi.Step(0, False, ("@primary",)),
+        smsapi.Step(300, False, ("@backup",)),
+        smsapi.Step(600, True, ("@primary", "79161234567")),
+        smsapi.Step(3600, False, ("@x",)),
+    )
+    assert smsapi.as_steps("0 @a, @b, 2m call +79161234567") == (
+        smsapi.Step(0, False, ("@a",)), smsapi.Step(0, False, ("@b",)),
+        smsapi.Step(120, True, ("+79161234567",)),
+    )  # fmt: skip
+    for bad in ["", "5min @a", "@a, 10min @b, 5min @c", "@a,", "call", "@a, 5min",
+                "@a, 5min call", "@a 12", "@a, soon @b"]:  # fmt: skip
+        with pytest.raises(ValueError):
+            smsapi.as_steps(bad)
+    path = write_ini(tmp_path, spool, extra=CHAINS + "[heartbeat:beat]\nevery = 1min\nescalation = nope\n")
+    with pytest.raises(smsapi.ConfigError) as raised:
+        smsapi.load_config(path)
+    assert [p.split(": ", 1)[1] for p in raised.value.problems] == [
+        "[escalation:night] steps: no [group:manager]",
+        "[heartbeat:beat] escalation: no [escalation:nope]",
+    ]
+
+
+def test_escalation_steps_page_on_time_with_codes_until_acknowledged(paging, spool, clock):
+    app = chain_app(paging)
+    response = escalate(app)
+    assert response.status == 201, response.body
+    assert [t for _, t in files_to(spool, "79680000000")] == [
+        "FIRING:1 HighCPU db1:9100: CPU at 95% Reply 1a to ack"
+    ]
+    assert files_to(spool, "79680000001") == []
+    [page] = pages_of(app)
+    assert (page["escalation"], page["step"]) == ("night", 1)
+    assert page["next_step_at"] == smsapi.iso_time(clock.now + 300)
+    clock.advance(299)
+    app.parts.pager.step(clock.now)
+    assert files_to(spool, "79680000001") == []  # not before its time
+    clock.advance(1)
+    app.parts.pager.step(clock.now)
+    [(headers, text)] = files_to(spool, "79680000001")
+    assert text == "FIRING:1 HighCPU db1:9100: CPU at 95% Reply 1a to ack"
+    assert headers["From"] == "lvv" and headers["Priority"] == "High"
+    clock.advance(300)
+    app.parts.pager.step(clock.now)  # step 3 rings the primary
+    headers, text = files_to(spool, "79680000000")[-1]
+    assert (headers["Voicecall"], text) == ("yes", smsapi.VOICE_CALL)
+    assert pages_of(app)[0]["step"] == 3
+    written = sorted(os.listdir(spool["outgoing"]))
+    reply(app, spool, "79680000001", "1a")  # the backup acknowledges
+    [page] = pages_of(app)
+    assert page["status"] == "acknowledged" and page["next_step_at"] is None
+    clock.advance(3600)
+    app.parts.pager.step(clock.now)
+    new = set(os.listdir(spool["outgoing"])) - set(written)
+    assert all(smsapi.parse_message(read_spool_file(spool, "outgoing", n))[0]["From"]
+               == "smsapi:pager" for n in new)  # fmt: skip
+    assert len(new) == 2  # the news of the acknowledgement, and nothing else
+    metrics = call(app, "GET", "/metrics").body.decode()
+    assert 'smsapi_escalations_total{escalation="night"} 2' in metrics
+
+
+def test_escalation_failed_or_undelivered_step_moves_on_at_once(paging, spool, clock):
+    app = chain_app(paging)
+    assert escalate(app).status == 201
+    [message_id] = os.listdir(spool["outgoing"])
+    smsd_fails(spool, message_id)
+    app.parts.watcher.tick()
+    app.parts.pager.step(clock.now)
+    assert [t for _, t in files_to(spool, "79680000001")] == [
+        "FIRING:1 HighCPU db1:9100: CPU at 95% Reply 1a to ack"
+    ]  # step 2 at once
+    [step_two] = [n for n in os.listdir(spool["outgoing"]) if n != message_id]
+    smsd_sends(spool, step_two, 42)
+    app.parts.watcher.tick()
+    smsd_reports(spool, "79680000001", 42, code=70)  # undelivered
+    app.parts.watcher.tick()
+    app.parts.pager.step(clock.now)
+    assert files_to(spool, "79680000000")[-1][0]["Voicecall"] == "yes"  # step 3 at once
+    assert pages_of(app)[0]["step"] == 3
+
+
+def test_escalation_on_request_pages_the_next_step_and_says_who(paging, spool, clock):
+    app = chain_app(paging)
+    assert escalate(app).status == 201
+    reply(app, spool, "79680000000", "1e")
+    assert len(files_to(spool, "79680000001")) == 1
+    assert sms_to(spool, "79680000000", "smsapi:pager") == [
+        "#1 HighCPU: escalated; paged +79680000001."
+    ]
+    assert pages_of(app)[0]["step"] == 2
+    plain = paging_without_chain = fire(app, "DiskFull")
+    assert plain.status == 201 and paging_without_chain
+    reply(app, spool, "79680000000", "esc 2")
+    assert sms_to(spool, "79680000000", "smsapi:pager")[-1] == (
+        "#2 DiskFull: no escalation chain to escalate."
+    )
+
+
+def test_escalation_repeats_rounds_then_health_warns(paging, spool, clock):
+    app = chain_app(paging)
+    assert escalate(app, "twice").status == 201
+    for seconds in (60, 60, 60):  # step 2; after a gap as long, round 2: step 1, 2
+        clock.advance(seconds)
+        app.parts.pager.step(clock.now)
+    assert len(files_to(spool, "79680000000")) == 2
+    assert len(files_to(spool, "79680000001")) == 2
+    assert pages_of(app)[0]["round"] == 2
+    check = call(app, "GET", "/api/v1.0/health").json()["checks"]["pages"]
+    assert check["status"] == "pass"
+    clock.advance(60)
+    app.parts.pager.step(clock.now)
+    check = call(app, "GET", "/api/v1.0/health").json()["checks"]["pages"]
+    assert check["status"] == "warn" and check["unanswered"] == 1
+    assert len(os.listdir(spool["outgoing"])) == 4  # every step of both rounds, once
+
+
+def test_escalation_resolved_reaches_exactly_the_numbers_paged(paging, spool, clock):
+    app = chain_app(paging)
+    assert escalate(app, to="79160000000").status == 201  # to= with the first step
+    clock.advance(300)
+    app.parts.pager.step(clock.now)  # step 2: the backup
+    clock.advance(1)
+    assert escalate(app, status="resolved").status == 201
+    for number in ("79680000000", "79680000001", "79160000000"):
+        assert files_to(spool, number)[-1][1] == "RESOLVED HighCPU db1:9100: CPU at 95%"
+    before = sorted(os.listdir(spool["outgoing"]))
+    again = escalate(app, status="resolved")  # a twin's: sent before
+    assert again.status == 200 and sorted(os.listdir(spool["outgoing"])) == before
+    clock.advance(3600)
+    app.parts.pager.step(clock.now)
+    assert sorted(os.listdir(spool["outgoing"])) == before  # the chain stopped
+
+
+def test_escalation_unknown_or_forbidden_chain_writes_nothing(paging, spool):
+    app = chain_app(paging, "[escalation:abroad]\nsteps = 4915112345678\n")
+    before = spool_snapshot(spool)
+    assert escalate(app, "nope").status == 400
+    assert escalate(app, "abroad").status == 403  # lvv may not text 49...
+    assert spool_snapshot(spool) == before and pages_of(app, "root") == []
+
+
+def test_escalation_step_the_budget_refuses_is_logged_and_skipped(paging, spool, clock, caplog):
+    app = chain_app(paging, f"[user:night]\npassword = {HASHES['night']}\nmax_per_hour = 1\n")
+    assert escalate(app, user="night").status == 201  # the one SMS of the hour
+    clock.advance(300)
+    app.parts.pager.step(clock.now)
+    assert files_to(spool, "79680000001") == []
+    assert "step not sent: Budget used up" in caplog.text
+    assert pages_of(app, "night")[0]["step"] == 2
+    clock.advance(300)
+    app.parts.pager.step(clock.now)  # the call costs no SMS: it goes
+    assert files_to(spool, "79680000000")[-1][0]["Voicecall"] == "yes"
+
+
+def test_escalation_step_due_while_stopped_is_paged_once_at_start(paging, spool, clock):
+    app = chain_app(paging)
+    assert escalate(app).status == 201
+    clock.advance(400)  # smsapi was down when step 2 was due
+    again = chain_app(paging)
+    again.parts.pager.step(clock.now)
+    again.parts.pager.step(clock.now)
+    third = chain_app(paging)  # and killed right after
+    third.parts.pager.step(clock.now)
+    assert len(files_to(spool, "79680000001")) == 1  # once
+    assert pages_of(third)[0]["next_step_at"] == smsapi.iso_time(clock.now - 400 + 600)
+
+
+def test_escalation_overlapping_steps_page_a_number_once_with_its_code(paging, spool, clock):
+    app = chain_app(paging, "[escalation:overlap]\nsteps = @oncall, 1min @ops 79680000000\n")
+    assert escalate(app, "overlap").status == 201
+    clock.advance(60)
+    app.parts.pager.step(clock.now)
+    assert len(files_to(spool, "79680000001")) == 2  # once in each step
+    assert files_to(spool, "79160000000")[0][1].endswith("Reply 1a to ack")
+    assert pages_of(app)[0]["code"] == {"79680000000": 1, "79680000001": 1, "79160000000": 1}
+
+
+@pytest.mark.parametrize("by_call", [True, False])
+def test_escalation_missed_call_acknowledges_only_when_asked(paging, spool, clock, by_call):
+    app = chain_app(paging, f"ack_by_call = {by_call}\n")
+    assert escalate(app).status == 201
+    put_file(spool, "incoming", "GSM1.call", {"From": "79680000000", "Call_type": "missed",
+             "Received": smsd_stamp(clock.now)}, "CALL MISSED")  # fmt: skip
+    app.parts.watcher.tick()
+    status = pages_of(app)[0]["status"]
+    assert status == ("acknowledged" if by_call else "firing")
+    told = sms_to(spool, "79680000000", "smsapi:pager")
+    assert told == (["#1 HighCPU: acknowledged."] if by_call else [])  # never a help SMS
+
+
+def test_escalation_missed_heartbeat_paged_through_a_chain(paging, spool, clock):
+    app = chain_app(paging, "[heartbeat:backup]\nevery = 1min\nescalation = night\n")
+    clock.advance(61)
+    app.parts.watcher.tick()  # missed: step 1
+    [(_, text)] = files_to(spool, "79680000000")
+    assert text == "heartbeat backup missed, last beat at never Reply 1a to ack"
+    clock.advance(300)
+    app.parts.watcher.tick()
+    app.parts.pager.step(clock.now)  # step 2
+    assert files_to(spool, "79680000001")[0][1].endswith(" Reply 1a to ack")
+    reply(app, spool, "79680000001", "1a")
+    page = pages_of(app, "root")[0]
+    assert page["status"] == "acknowledged" and page["title"] == "heartbeat backup"
+    clock.advance(1)
+    assert call(app, "POST", "/api/v1.0/heartbeats/backup", user="root").status == 200
+    assert pages_of(app, "root")[0]["status"] == "resolved"
+    for number in ("79680000000", "79680000001"):
+        assert files_to(spool, number)[-1][1] == "heartbeat backup back"
+
+
+###############################################################################
 # Scheduled sends, quiet hours, expiry #########################################
 ###############################################################################
 
@@ -7708,7 +7974,7 @@ def test_fakemodem_runs_on_its_own_and_takes_an_sms_from_the_command_line(tmp_pa
 class SmsdStack:
     """The modem emulator, the real smsd over a temporary spool, and smsapi over it."""
 
-    def __init__(self, root, extra=""):
+    def __init__(self, root, extra="", modem=""):
         self.root = str(root)
         # smsd runs as Debian runs it, as smsd:dialout (without its smsd group),
         # over a spool like Debian's, in a directory it can reach.
@@ -7747,6 +8013,7 @@ class SmsdStack:
                         f"device = @127.0.0.1:{self.modem.port}",
                         "incoming = yes",
                         "send_retries = 1",
+                        modem,
                         "",
                     ]
                 )
