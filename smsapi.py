@@ -1000,6 +1000,8 @@ OPTIONS = [
            "`@primary, 5min @backup, 10min call @primary, 15min @manager 79681112233`: each step's delay from the first page, `call` to ring, and its numbers and `@group`s; required"),
     option("escalation", "repeat", "0", as_whole,
            "rounds of the steps again while nobody acknowledges"),
+    option("escalation", "round", None, as_count_of_seconds,
+           "how long a round lasts, from its first step to the next round's; unset: its last step's delay, and as long again as the gap before that step (a minute at least)"),
     option("group", "mobiles", None, as_numbers,
            "the group's numbers; `@NAME` in any `mobiles` (or `to`) stands for them; required"),
     option("webhook", "url", None, as_webhook_url,
@@ -5847,16 +5849,14 @@ class Pager:
 
     def step_time(self, page, index):
         """When step index of page's current round is due; past the last step,
-        when the round ends (as long after its last step as that came after
-        the one before, MIN_ROUND_GAP at least); None without its chain."""
+        when the round ends; None without its chain."""
         chain = self.settings().escalations.get(page["chain"])
         if chain is None:
             return None
         steps = chain.steps
         if index < len(steps):
             return page["round_at"] + steps[index].delay
-        gap = steps[-1].delay - steps[-2].delay if len(steps) > 1 else 0
-        return page["round_at"] + steps[-1].delay + max(gap, MIN_ROUND_GAP)
+        return page["round_at"] + round_length(chain)
 
     def failed(self, message_id):
         """A message ended failed or undelivered: when every message of its
@@ -6262,6 +6262,16 @@ def late_news(page, number):
     by = page["acknowledged_by"]
     who = "you" if by == number else "+" + by
     return f"#{code} {title}: acknowledged by {who} at {clock_time(page['acknowledged_at'])} already."
+
+
+def round_length(chain):
+    """How long a round of chain lasts: its round, else its last step's delay
+    and as long again as the gap before that step (MIN_ROUND_GAP at least);
+    never less than the last step's delay and a second."""
+    steps = chain.steps
+    gap = steps[-1].delay - steps[-2].delay if len(steps) > 1 else 0
+    length = chain.round or steps[-1].delay + max(gap, MIN_ROUND_GAP)
+    return max(length, steps[-1].delay + 1)
 
 
 def check_every(ack_for):

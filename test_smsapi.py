@@ -5664,6 +5664,22 @@ def test_escalation_repeats_rounds_then_health_warns(paging, spool, clock):
     assert len(os.listdir(spool["outgoing"])) == 4  # every step of both rounds, once
 
 
+def test_escalation_round_lasts_as_long_as_it_says(paging, spool, clock):
+    app = chain_app(paging, "[escalation:paced]\nsteps = @primary, 1min @backup\n"
+                    "repeat = 1\nround = 10min\n")  # fmt: skip
+    assert escalate(app, "paced").status == 201
+    clock.advance(60)
+    app.parts.pager.step(clock.now)
+    assert pages_of(app)[0]["next_step_at"] == smsapi.iso_time(clock.now + 540)
+    clock.advance(539)
+    app.parts.pager.step(clock.now)
+    assert len(files_to(spool, "79680000000")) == 1
+    clock.advance(1)
+    app.parts.pager.step(clock.now)
+    assert len(files_to(spool, "79680000000")) == 2  # round 2, ten minutes on
+    assert pages_of(app)[0]["round"] == 2
+
+
 def test_escalation_resolved_reaches_exactly_the_numbers_paged(paging, spool, clock):
     app = chain_app(paging)
     assert escalate(app, to="79160000000").status == 201  # to= with the first step
