@@ -5486,7 +5486,8 @@ class Pager:
             if page == before:
                 return copy.deepcopy(page), None
             self.store(page)
-            return copy.deepcopy(page), functools.partial(self.undo, page["id"], before)
+        self.wake.set()  # the thread looks at it (and its chain) from now on
+        return copy.deepcopy(page), functools.partial(self.undo, page["id"], before)
 
     def undo(self, page_id, before):
         """Put a page back as it was before open(), or drop a new one (unless a

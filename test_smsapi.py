@@ -210,7 +210,11 @@ def wait_until(predicate, timeout=20, what="a condition"):
 
 
 class ManualClock(smsapi.Clock):
-    """Time that moves only when the test says so: advance() wakes whoever waits."""
+    """Time that moves only when the test says so. A wait longer than a second
+    lasts until what it waits on is set (or notified), or until advance() has
+    moved the time past its end: a thread nobody wakes sleeps its whole time,
+    as it would. A shorter one (a loop that looks again soon, as the
+    watcher's tick) ends after a real moment, or when woken."""
 
     def __init__(self):
         self.now = time.time()
@@ -224,10 +228,16 @@ class ManualClock(smsapi.Clock):
         return self.now
 
     def wait(self, waitable, seconds):
+        if seconds is not None and seconds <= 1:
+            return waitable.wait(0.05 if seconds > 0 else 0)
+        deadline = math.inf if seconds is None else self.now + seconds
         with self.lock:
             self.sleepers.add(waitable)
-        try:  # a real wait stays short: a thread looks again, and sees the same time
-            return waitable.wait(0.05 if seconds is None or seconds > 0 else 0)
+        try:  # looks again every 20 ms of real time: at the waitable, and the time
+            while self.now < deadline:
+                if waitable.wait(0.02):
+                    return True
+            return False
         finally:
             with self.lock:
                 self.sleepers.discard(waitable)
@@ -235,13 +245,6 @@ class ManualClock(smsapi.Clock):
     def advance(self, seconds):
         with self.lock:
             self.now += seconds
-            sleepers = list(self.sleepers)
-        for waitable in sleepers:
-            if isinstance(waitable, threading.Event):
-                waitable.set()
-            else:
-                with waitable:
-                    waitable.notify_all()
 
 
 @pytest.fixture
@@ -5664,6 +5667,15 @@ def test_escalation_repeats_rounds_then_health_warns(paging, spool, clock):
     assert len(os.listdir(spool["outgoing"])) == 4  # every step of both rounds, once
 
 
+def test_escalation_a_new_page_wakes_the_pager_for_its_next_step(paging, spool, clock):
+    app = chain_app(paging, "[escalation:fast]\nsteps = @primary, 6s @backup\n")
+    app.start()  # the pager's thread sleeps a minute: it has no page
+    wait_until(lambda: clock.sleepers, 5, "the threads to sleep")
+    assert escalate(app, "fast").status == 201
+    clock.advance(6)
+    wait_until(lambda: files_to(spool, "79680000001"), 5, "step 2 on time")
+
+
 def test_escalation_round_lasts_as_long_as_it_says(paging, spool, clock):
     app = chain_app(paging, "[escalation:paced]\nsteps = @primary, 1min @backup\n"
                     "repeat = 1\nround = 10min\n")  # fmt: skip
@@ -9215,4 +9227,121 @@ def test_smsd_page_acknowledged_by_reply_silences_the_group_in_alertmanager(tmp_
     finally:
         for manager in pair:
             manager.stop()
+        stack.stop()
+
+
+def chain_config(api, chain):
+    """Alertmanager routing every alert through smsapi's chain."""
+    return paging_config(api, "1h").replace("?to=@oncall", f"?escalation={chain}")
+
+
+def on_air_texts(stack, number):
+    return [on_air_text([p]) for p in stack.modem.parts_to(number)]
+
+
+@needs_alertmanager
+def test_smsd_escalation_steps_calls_failures_requests_and_a_missed_call(tmp_path):
+    p, b, m, p2, b2, m2 = (f"7968200000{i}" for i in range(6))
+    extra = (
+        f"\n[group:primary]\nmobiles = {p}\n[alerts]\nack = yes\nack_by_call = yes\n"
+        f"[escalation:quick]\nsteps = @primary, 6s {b}, 16s {m}\n"
+        f"[escalation:slow]\nsteps = {p2}, 60s {b2}, 120s call {m2}\n"
+    )
+    stack = SmsdStack(tmp_path, extra=extra, modem="phonecalls = clip")
+    stack.modem.undelivered.add(p2)
+    manager = None
+    try:
+        port = free_port()
+        config = pathlib.Path(stack.root, "smsapi.ini")  # the silences go to it
+        config.write_text(config.read_text().replace("ack_by_call = yes",
+                          f"ack_by_call = yes\nalertmanager_url = http://127.0.0.1:{port}"))  # fmt: skip
+        stack.restart_api()
+        manager = Alertmanager(tmp_path, chain_config(stack.api.url, "quick"), port)
+        started = time.monotonic()
+        manager.push([high_cpu()])
+        page = stack.wait_for(lambda: on_air_texts(stack, p), 30, "step 1")
+        assert page == ["FIRING:1 HighCPU db1:9100 Reply 1a to ack"]
+        step_two = stack.wait_for(lambda: on_air_texts(stack, b), 30, "step 2")
+        assert step_two == page and time.monotonic() - started >= 6  # on time
+        stack.modem.receive(b, "1a")  # step 2's number acknowledges
+        stack.wait_for(lambda: len(on_air_texts(stack, b)) == 2, 40, "the confirmation")
+        assert on_air_texts(stack, b)[1].startswith("#1 HighCPU: acknowledged. Silenced until")
+        assert manager.silences("active")
+        time.sleep(max(0, 18 - (time.monotonic() - started)))  # past step 3's time
+        assert on_air_texts(stack, m) == []  # no step after the acknowledgement
+
+        status, _, data = stack.api.request(
+            "POST", "/api/v1.0/alerts/alertmanager?escalation=slow",
+            notification([alert("DiskFull", "db2", "full")], group='{}:{alertname="DiskFull"}'),
+            "lvv",
+        )  # fmt: skip
+        assert status == 201, data
+        # step 1's SMS is undelivered (its report says so): step 2 at once, not in 60 s
+        stack.wait_for(lambda: on_air_texts(stack, b2), 40, "step 2 after the undelivered one")
+        stack.modem.receive(b2, "1e")  # and step 3, a call, on request
+        stack.wait_for(lambda: m2 in stack.modem.dialled, 40, "step 3 to ring")
+        stack.wait_for(lambda: len(on_air_texts(stack, b2)) == 2, 40, "who was paged")
+        assert on_air_texts(stack, b2)[1] == f"#1 DiskFull: escalated; paged +{m2}."
+        assert on_air_texts(stack, m2) == []  # rung, not texted
+        stack.wait_for(lambda: not os.listdir(stack.spool["checked"]), 40, "the call to end")
+        stack.modem.ring(m2)  # a missed call from step 3's number acknowledges
+        confirmation = stack.wait_for(lambda: on_air_texts(stack, m2), 40, "the call's ack")
+        assert confirmation[0].startswith("#1 DiskFull: acknowledged.")
+        assert time.monotonic() - started < 60 + 18  # all before step 2's own time
+        pages = stack.api.request("GET", "/api/v1.0/alerts", user="lvv")[2]["pages"]
+        assert [(x["escalation"], x["status"], x["acknowledged_by"]) for x in pages] == [
+            ("slow", "acknowledged", m2), ("quick", "acknowledged", b),
+        ]  # fmt: skip
+    finally:
+        if manager:
+            manager.stop()
+        stack.stop()
+
+
+@needs_smsd
+def test_smsd_escalation_repeat_resolved_kill_9_and_a_missed_heartbeat(tmp_path):
+    p, b, m, p2, b2, p3, b3 = (f"7968300000{i}" for i in range(7))
+    extra = (
+        f"\n[escalation:again]\nsteps = {p}, 3s {b}\nrepeat = 1\nround = 8s\n"
+        f"[escalation:stop]\nsteps = {p2}, 3s {b2}, 40s {m}\n"
+        f"[escalation:beat]\nsteps = {p3}, 60s {b3}\n"
+        "[heartbeat:backup]\nevery = 4s\nescalation = beat\n"
+    )
+    stack = SmsdStack(tmp_path, extra=extra)
+    try:
+        def post(chain, name, status="firing"):
+            payload = notification([alert(name, "db", "it", status)], status,
+                                   group=f'{{}}:{{alertname="{name}"}}')  # fmt: skip
+            answer = stack.api.request(
+                "POST", f"/api/v1.0/alerts/alertmanager?escalation={chain}", payload, "lvv"
+            )
+            assert answer[0] in (200, 201), answer
+
+        missed = stack.wait_for(lambda: on_air_texts(stack, p3), 30, "the missed heartbeat")
+        assert missed == ["heartbeat backup missed, last beat at never Reply 1a to ack"]
+        stack.restart_api(kill=True)  # kill -9 after the page: its reply is still heard
+        stack.modem.receive(p3, "1a")
+        stack.wait_for(lambda: len(on_air_texts(stack, p3)) == 2, 30, "the acknowledgement")
+        assert on_air_texts(stack, p3)[1] == "#1 heartbeat backup: acknowledged."
+        stack.api.request("POST", "/api/v1.0/heartbeats/backup", user="root")
+        assert stack.wait_for(lambda: on_air_texts(stack, p3)[2:], 30, "back") == [
+            "heartbeat backup back"
+        ]
+
+        post("again", "Repeated")  # two rounds of two steps, then nothing
+        stack.wait_for(lambda: len(on_air_texts(stack, b)) == 2, 40, "round 2's step 2")
+        assert len(on_air_texts(stack, p)) == 2
+        post("stop", "Stopped")
+        stack.wait_for(lambda: on_air_texts(stack, p2), 30, "step 1")
+        stack.api.process.kill()  # kill -9 between two steps: none twice, none skipped
+        time.sleep(4)  # step 2 comes due while smsapi is down
+        stack.restart_api()
+        stack.wait_for(lambda: on_air_texts(stack, b2), 30, "step 2, at the start")
+        post("stop", "Stopped", "resolved")  # exactly the numbers paged
+        for number in (p2, b2):
+            stack.wait_for(lambda n=number: len(on_air_texts(stack, n)) == 2, 30, "resolved")
+            assert on_air_texts(stack, number)[1] == "RESOLVED Stopped db: it"
+        time.sleep(6)
+        assert [len(on_air_texts(stack, n)) for n in (p, b, m, p2, b2, b3)] == [2, 2, 0, 2, 2, 0]
+    finally:
         stack.stop()
