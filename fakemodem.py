@@ -320,6 +320,8 @@ class ModemEmulator:
                         pdu, buffer = buffer.split(b"\x1a", 1)
                         self.send(conn, self.submit(pdu.strip().decode()))
                     elif command.startswith("FAKEMODEM "):
+                        with self.lock:  # a command line's connection is not smsd's
+                            self.connections.discard(conn)
                         self.send(conn, self.control(command.split()[1:]))
                     else:
                         self.send(conn, self.answer(command.upper()))

@@ -7988,6 +7988,10 @@ def test_fakemodem_runs_on_its_own_and_takes_an_sms_from_the_command_line(tmp_pa
         )  # fmt: skip
         assert given.returncode == 0, given.stderr
         assert modem.stdout.readline() == "received from 79681234567: Hi there €\n"
+        rung = subprocess.run([*program, "--port", str(port), "call", "+79681234567"],
+                              capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        assert rung.returncode == 0 and rung.stdout == "call from 79681234567: ringing\n"
+        assert modem.stdout.readline() == "call from 79681234567: ringing\n"
     finally:
         modem.terminate()
         modem.wait(10)
