@@ -5250,16 +5250,18 @@ def silence_matchers(group):
     ]
 
 
+def label_value(value):
+    """A label value escaped as Prometheus writes it: in its text format and in matchers."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def matcher_filter(group):
     """The ?filter= values that ask Alertmanager for what these labels match
     (names it could not parse are left to the check of the answer)."""
     return [
-        ("filter", f'{name}="{escaped}"')
+        ("filter", f'{name}="{label_value(value)}"')
         for name, value in sorted(group.items())
         if LABEL_NAME.fullmatch(name)
-        for escaped in [
-            value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        ]
     ]
 
 
@@ -7329,11 +7331,6 @@ class Exposition:
 
     def text(self):
         return "\n".join(self.lines) + "\n"
-
-
-def label_value(value):
-    """A label value escaped for the text format."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def get_monitoring(request, *, health):
