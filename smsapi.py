@@ -116,6 +116,18 @@ OUR_ID = re.compile(r"smsapi\.([a-z2-7]{6})\.([0-9a-z]{10})[A-Za-z0-9_-]{16}", r
 ID_TIME = slice(14, 24)  # where the creation time stands in one of our ids
 ID_LENGTH = 40
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+TOPIC_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)  # ntfy's
+#: The first segments of the routes' paths: no [topic:NAME] may take one.
+ROUTE_ROOTS = ("api", "metrics", "status", "message")
+#: ntfy's priorities, by number and by name.
+NTFY_PRIORITIES = {"1": 1, "min": 1, "2": 2, "low": 2, "3": 3, "default": 3}
+NTFY_PRIORITIES.update({"4": 4, "high": 4, "5": 5, "urgent": 5, "max": 5})
+#: What ntfy reads from a publish: field -> (its headers, its query parameters).
+NTFY_FIELDS = {
+    "title": (("X-Title", "Title", "ti", "t"), ("title", "ti", "t")),
+    "priority": (("X-Priority", "Priority", "prio", "p"), ("priority", "prio", "p")),
+    "tags": (("X-Tags", "Tags", "tag", "ta"), ("tags", "tag", "ta")),
+}
 UNIX_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}\$?", re.ASCII)
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 #: International format: digits only, no leading zero, at most 15 (E.164).
@@ -148,7 +160,7 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]{0,253}[\x21-\x7e])?", re.
 PRIORITIES = ("high", "normal")
 #: Whole-number fields of a send: (lowest, highest).
 NUMBER_FIELDS = {"retries": (0, 100), "class": (0, 3)}
-CONTROL_PARAMS = frozenset(["wait", "wait_for", "dry_run"])  # query only, never fields
+CONTROL_PARAMS = frozenset(["wait", "wait_for", "dry_run", "token"])  # never fields
 WAIT_TARGETS = ("sent", "delivered")
 INBOX_TYPES = {"sms": ("sms",), "report": ("report",), "all": ("sms", "report")}
 PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # ?limit= default and highest
@@ -293,6 +305,12 @@ PASSWORD_HASH = re.compile(
     re.ASCII,
 )
 FAILURE_LIMIT, FAILURE_WINDOW, MAX_LOCKOUT = 10, 60.0, 900.0
+#: An access token, as ntfy makes them: tk_ and 29 letters and digits (172 bits).
+TOKEN = re.compile(r"tk_[A-Za-z0-9]{29}", re.ASCII)
+TOKEN_SHOWN = 7  # characters of a token kept in the config, to name it by
+#: What [user:NAME] tokens holds for each: the token's first characters, and the
+#: SHA-256 of the whole (a token is random enough to need no salt, no scrypt).
+TOKEN_DIGEST = re.compile(r"(tk_[A-Za-z0-9]{4}):([0-9a-f]{64})", re.ASCII)
 
 # -- health and metrics ------------------------------------------------------
 
@@ -730,6 +748,26 @@ def as_section_name(value):
     return value.strip()
 
 
+def as_token_digests(value):
+    """Space-separated token digests, as add-token writes them."""
+    digests = tuple(value.split())
+    for digest in digests:
+        if not TOKEN_DIGEST.fullmatch(digest):
+            raise ValueError(
+                "expected what python3 smsapi.py add-token writes (tk_xxxx:digest)"
+            )
+    return digests
+
+
+def as_topic_name(value):
+    """A [topic:NAME]: ntfy's letters, and not the first part of a route."""
+    if not TOPIC_NAME.fullmatch(value) or value in ROUTE_ROOTS:
+        raise ValueError(
+            f"a topic is 1-64 letters, digits, - and _, none of {' '.join(ROUTE_ROOTS)}"
+        )
+    return value
+
+
 def as_user_names(value):
     """Space-separated API user names."""
     names = tuple(value.split())
@@ -970,6 +1008,10 @@ OPTIONS = [
            "`22:00-07:00` (local time): a message sent then without `\"priority\": \"high\"` waits until it ends"),
     option("user", "quiet_days", "", as_weekdays,
            "`sat sun`: whole days held the same way"),
+    option("user", "tokens", "", as_token_digests,
+           "access tokens of this user (`smsapi.py add-token`): `Authorization: Bearer`, `X-Gotify-Key` or `?token=`"),
+    option("user", "default_to", None, as_recipients,
+           "numbers and `@group`s this user's Gotify messages go to"),
     option("alerts", "max_parts", "1", as_count,
            "the longest alert SMS, in parts; alerts that do not fit are counted as `+N more`"),
     option("alerts", "dedupe_window", "5min", as_duration,
@@ -1004,6 +1046,10 @@ OPTIONS = [
            "how long a round lasts, from its first step to the next round's; unset: its last step's delay, and as long again as the gap before that step (a minute at least)"),
     option("group", "mobiles", None, as_numbers,
            "the group's numbers; `@NAME` in any `mobiles` (or `to`) stands for them; required"),
+    option("topic", "to", None, as_recipients,
+           "the numbers and `@group`s an ntfy message to this topic goes to; required"),
+    option("topic", "users", "", as_user_names,
+           "who may publish to it; empty: every user allowed to text all of `to`"),
     option("webhook", "url", None, as_webhook_url,
            "where each event is POSTed: `http://` or `https://`; required"),
     option("webhook", "secret", None, as_webhook_secret,
@@ -1033,6 +1079,7 @@ NAMED_SECTIONS = (
     "group",
     "heartbeat",
     "escalation",
+    "topic",
 )  # [kind:NAME], any number of each
 
 
@@ -1108,6 +1155,7 @@ class Config(types.SimpleNamespace):
             "groups": {},
             "heartbeats": {},
             "escalations": {},
+            "topics": {},
         }
         values.update(given)
         values["spool"] = {
@@ -1185,6 +1233,7 @@ def read_sections(parser, path, problems):
         "groups": {},
         "heartbeats": {},
         "escalations": {},
+        "topics": {},
     }
     for section in parser.sections():
         kind, _, name = section.partition(":")
@@ -1203,6 +1252,15 @@ def read_sections(parser, path, problems):
             values = read_named(parser, path, section, ("steps",), problems)
             named["escalations"][name] = types.SimpleNamespace(
                 name=name, **{**defaults("escalation"), **values}
+            )
+        elif kind == "topic":
+            try:
+                as_topic_name(name)
+            except ValueError as exc:
+                problems.append(f"{path}: [{section}]: {exc}")
+            values = read_named(parser, path, section, ("to",), problems)
+            named["topics"][name] = types.SimpleNamespace(
+                name=name, **{**defaults("topic"), **values}
             )
         else:
             values = read_named(parser, path, section, ("every",), problems)
@@ -1228,6 +1286,22 @@ def cross_problems(config):
         for step in chain.steps or ()
         for entry in step.recipients
         if entry.startswith("@") and entry[1:] not in config.groups
+    ]
+    problems += [
+        f"[{kind}:{name}] {key}: no [group:{entry[1:]}]"
+        for kind, key, named in (
+            ("topic", "to", config.topics),
+            ("user", "default_to", config.users),
+        )
+        for name, section in named.items()
+        for entry in getattr(section, key) or ()
+        if entry.startswith("@") and entry[1:] not in config.groups
+    ]
+    problems += [
+        f"[topic:{topic.name}] users: no [user:{name}]"
+        for topic in config.topics.values()
+        for name in topic.users
+        if name not in config.users
     ]
     problems += [
         f"[heartbeat:{heartbeat.name}] escalation: no [escalation:{heartbeat.escalation}]"
@@ -1260,8 +1334,10 @@ def read_section(parser, path, section, problems):
 def read_user(parser, path, section, problems):
     """Build the User of one [user:NAME] section, collecting problems."""
     values = read_section(parser, path, section, problems)
-    if not parser.has_option(section, "password") and not values.get("unix_users"):
-        problems.append(f"{path}: [{section}] password: missing")
+    if not parser.has_option(section, "password") and not (
+        values.get("unix_users") or values.get("tokens")
+    ):
+        problems.append(f"{path}: [{section}] password: missing (or tokens)")
     return User(section[5:], **values)
 
 
@@ -1313,9 +1389,23 @@ def loosened(old, new):
     did not. A file caught half-written does one or the other."""
     found = [
         f"drops [{kind[:-1]}:{name}]"
-        for kind in ("users", "webhooks", "groups", "heartbeats")
+        for kind in (
+            "users",
+            "webhooks",
+            "groups",
+            "heartbeats",
+            "escalations",
+            "topics",
+        )
         for name in getattr(old, kind)
         if name not in getattr(new, kind)
+    ]
+    found += [
+        f"lets more users publish to [topic:{name}]"
+        for name, topic in new.topics.items()
+        if name in old.topics
+        and old.topics[name].users
+        and not set(topic.users or new.users) <= set(old.topics[name].users)
     ]
     for name, user in new.users.items():
         before = old.users.get(name)
@@ -2178,6 +2268,19 @@ class Authenticator:
             return user
         return None
 
+    def token_user(self, users, token):
+        """The User one of whose tokens this is, or None; every token of every
+        user compared, in constant time, at one SHA-256's cost."""
+        import hmac
+
+        digest = sha256(token.encode("utf-8", "replace")).hexdigest()
+        found = None
+        for user in users.values():
+            for entry in user.tokens:
+                if hmac.compare_digest(entry[-64:], digest):
+                    found = user
+        return found
+
     def dummy(self, users):
         """What an unknown user's password is checked against: it matches nothing,
         and costs what the users' own hashes cost (the first one's parameters)."""
@@ -2385,12 +2488,14 @@ def basic_credentials(header):
 
 
 def authenticate(request, authenticator, throttle):
-    """Set request.user from the Authorization header, or raise 401 (429 when throttled)."""
+    """Set request.user from a token, the Authorization header or the unix
+    socket's peer, or raise 401 (429 when throttled)."""
     header = request.header("Authorization")
     scheme = header.strip().partition(" ")[0]
-    name, password = basic_credentials(header)
+    token = request_token(request)
+    name, password = basic_credentials(header) if token is None else ("", None)
     name = name or ""
-    if not scheme:  # a local account the kernel vouches for: no password to guess
+    if not scheme and token is None:  # a local account the kernel vouches for
         request.user = unix_peer_user(request)
         if request.user is not None:
             return
@@ -2404,20 +2509,34 @@ def authenticate(request, authenticator, throttle):
             [("Retry-After", str(wait))],
         )
     users = request.config.users
-    request.user = (
-        None if password is None else authenticator.check(users, name, password)
-    )
+    if token is not None:
+        request.user = authenticator.token_user(users, token)
+    elif password is not None:
+        request.user = authenticator.check(users, name, password)
     if request.user is not None:
         throttle.succeeded(address, name)
         return
-    if scheme:  # no header at all is a client asking for the challenge
+    if scheme or token is not None:  # no header at all asks for the challenge
         throttle.failed(address, name)
-        log.warning(
-            "authentication failed for user %s from %s",
-            logged_name(name),
-            escape(address),
-        )
+        who = "a token" if token is not None else "user " + logged_name(name)
+        log.warning("authentication failed for %s from %s", who, escape(address))
     raise unauthorized()
+
+
+def request_token(request):
+    """The access token a request comes with, or None: Authorization: Bearer,
+    X-Gotify-Key, ?token=, or ntfy's Basic with no user and the token for a
+    password."""
+    header = request.header("Authorization").strip()
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if request.header("X-Gotify-Key"):
+        return request.header("X-Gotify-Key").strip()
+    if request.param("token") is not None:
+        return request.param("token")
+    name, password = basic_credentials(header)
+    return password if name == "" and password else None
 
 
 def logged_name(name):
@@ -4498,6 +4617,12 @@ def send_message(request, *, sender):
     wait = read_wait(request, plan)
     if plan.timing.send_at is not None:
         wait = None  # held: the answer says until when, at once
+    return send_plan(request, sender, plan, wait)
+
+
+def send_plan(request, sender, plan, wait=None):
+    """Queue a validated send, once per Idempotency-Key when the request has one,
+    and wait for smsd if asked: the one way every send route sends."""
     key = request.header("Idempotency-Key")
     if key and not IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(
@@ -4576,6 +4701,153 @@ def take_from_smsd(config, message_id):
             HTTPStatus.CONFLICT,
             "smsd took this message already; it cannot be cancelled",
         )
+
+
+###############################################################################
+# ntfy and Gotify ##############################################################
+###############################################################################
+
+# The two protocols every notifying tool speaks, answered as their servers
+# answer them, each message sent through send_plan() as any send is.
+
+
+def post_ntfy(request, *, sender):
+    """ntfy's publish: POST or PUT /TOPIC, the body the message; the title,
+    priority and tags in headers or the query, as ntfy reads them."""
+    body = request.body()
+    try:
+        message = body.decode("utf-8").strip() or "triggered"
+    except UnicodeDecodeError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "The message is not UTF-8") from None
+    fields = ntfy_fields(request)
+    return ntfy_publish(request, sender, request.args["topic"], message, fields)
+
+
+def ntfy_fields(request):
+    """The title, priority and tags of an ntfy publish, from its headers or query."""
+    return {
+        name: next((v for v in map(request.header, headers) if v), None)
+        or next((request.param(q) for q in queries if request.param(q)), None)
+        for name, (headers, queries) in NTFY_FIELDS.items()
+    }
+
+
+def post_ntfy_json(request, *, sender):
+    """ntfy's JSON publishing (Apprise's ntfy://): POST / with {topic, message,
+    title, priority, tags}."""
+    data = json_fields(request.body())
+    topic, message = data.get("topic"), data.get("message", "triggered")
+    if not isinstance(topic, str) or not isinstance(message, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "topic and message must be strings")
+    fields = ntfy_fields(request)  # Apprise sends X-Priority and X-Tags as headers
+    fields.update((k, data[k]) for k in NTFY_FIELDS if data.get(k) is not None)
+    return ntfy_publish(request, sender, topic, message.strip() or "triggered", fields)
+
+
+def ntfy_publish(request, sender, name, message, fields):
+    """Send an ntfy message to its topic's numbers; ntfy's answer."""
+    topic = request.config.topics.get(name)
+    if topic is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"No [topic:{escape(name)}]")
+    if topic.users and request.user.name not in topic.users:
+        raise ApiError(HTTPStatus.FORBIDDEN, "Not allowed to publish to this topic")
+    title = fields.get("title")
+    if title is not None and not isinstance(title, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "title must be a string")
+    priority = ntfy_priority(fields.get("priority"))
+    tags = fields.get("tags") or []
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "tags must be strings")
+    answer = send_notification(request, sender, topic.to, title, message, priority >= 4)
+    data = {
+        "id": next(iter(answer.data["message_id"].values())),
+        "time": int(request.now),
+        "event": "message",
+        "topic": name,
+        "message": message,
+        **({"title": title} if title else {}),
+        **({"priority": priority} if fields.get("priority") is not None else {}),
+        **({"tags": tags} if tags else {}),
+    }
+    return Answer(HTTPStatus.OK, data)
+
+
+def ntfy_priority(value):
+    """1-5 from ntfy's priority (a number or a name; unset: 3); 400 otherwise."""
+    if value is None:
+        return 3
+    word = str(value).strip().lower()
+    if word not in NTFY_PRIORITIES:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST,
+            "priority must be 1-5, min, low, default, high, urgent or max",
+        )
+    return NTFY_PRIORITIES[word]
+
+
+def post_gotify(request, *, sender):
+    """Gotify's POST /message (JSON or a form: message, title, priority 0-10),
+    to the user's default_to."""
+    fields = read_fields(request)
+    message, title = fields.get("message"), fields.get("title")
+    if not isinstance(message, str) or not message.strip():
+        raise ApiError(HTTPStatus.BAD_REQUEST, "message must be a non-empty string")
+    if title is not None and not isinstance(title, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "title must be a string")
+    priority = fields.get("priority", 0)
+    if isinstance(priority, str) and is_number(priority.strip()):
+        priority = int(priority)
+    if type(priority) is not int or not 0 <= priority <= 10:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "priority must be 0-10")
+    to = request.user.default_to
+    if not to:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"[user:{request.user.name}] has no default_to"
+        )
+    answer = send_notification(request, sender, to, title, message, priority >= 8)
+    data = {
+        "id": int(request.now * 1000) % 2**31,
+        "appid": 1,
+        "message": message,
+        "title": title or "",
+        "priority": priority,
+        "date": iso_time(request.now),
+        "extras": {"smsapi": {"message_id": answer.data["message_id"]}},
+    }
+    return Answer(HTTPStatus.OK, data)
+
+
+def send_notification(request, sender, to, title, message, urgent):
+    """Send TITLE: MESSAGE (or the message alone) to the recipients, urgent ones
+    past quiet hours: the send's answer."""
+    text = f"{title}: {message}" if title else message
+    parts, limit = encode_text(text).parts, request.config.max_parts
+    if parts > limit:
+        raise ApiError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"The SMS would take {parts} parts; the limit is {limit}",
+        )
+    fields = {
+        "mobiles": list(to),
+        "text": text,
+        "priority": "high" if urgent else "normal",
+    }
+    return send_plan(request, sender, plan_fields(request, fields))
+
+
+def dialect_error(dialect, status, message):
+    """An error as ntfy's or Gotify's server answers it, so their clients log it."""
+    if dialect == "ntfy":
+        data = {"code": status * 100, "http": status, "error": message}
+    else:
+        data = {
+            "error": status.phrase,
+            "errorCode": status,
+            "errorDescription": message,
+        }
+    return Answer(status, data, message + "\n")
 
 
 ###############################################################################
@@ -6505,7 +6777,7 @@ def is_watchdog(alert):
 
 def alert_text(payload, status, alerts, options, after=""):
     """The SMS of a notification, in at most max_parts parts with after (a reply
-    code) behind it: the template ($head $alerts) with as many whole alerts as
+    code) behind it: the template ($head $alerts) with as many kept alerts as
     fit, the rest as +N more; a template too long even with none is cut to fit."""
     shown = [a for a in alerts if a.get("status", status) == status] or alerts
     lines = [alert_line(a) for a in shown]
@@ -6523,14 +6795,14 @@ def alert_text(payload, status, alerts, options, after=""):
 
     if fits(len(lines)):
         return text(len(lines))  # all of them (with no " +N more" after them)
-    whole, past = 0, len(lines)  # text(whole) fits, or is cut to; text(past) does not
-    while past - whole > 1:  # one more alert never takes fewer parts: halve the range
-        middle = (whole + past) // 2
+    kept, past = 0, len(lines)  # text(kept) fits, or is cut to; text(past) does not
+    while past - kept > 1:  # one more alert never takes fewer parts: halve the range
+        middle = (kept + past) // 2
         if fits(middle):
-            whole = middle
+            kept = middle
         else:
             past = middle
-    return fitted(text(whole), options["max_parts"], after)
+    return fitted(text(kept), options["max_parts"], after)
 
 
 def alert_line(alert):
@@ -7720,18 +7992,19 @@ SAFE = ("GET", "HEAD")  # a GET that changes nothing answers HEAD too
 class Route(
     collections.namedtuple(
         "Route",
-        "methods path handler login summary parameters body replies",
-        defaults=((), None, {}),
+        "methods path handler login summary parameters body replies dialect",
+        defaults=((), None, {}, None),
     )
 ):
     """One route of the API, with all that the OpenAPI document says of it.
 
     path is a template: {kind} is one of KINDS, {message_id} one path segment
-    (checked against MESSAGE_ID by the spool). login is True (Basic auth, or
-    a mapped account on the unix socket), False, or a function of the request
-    that tells. parameters are names in openapi_parameters(); body maps media
-    types to schema names; replies are {status: Reply}, beyond the 401, 429
-    and 503 that any route with a login may answer.
+    (checked against MESSAGE_ID by the spool). login is True (Basic auth, a
+    token, or a mapped account on the unix socket), False, or a function of
+    the request that tells. parameters are names in openapi_parameters(); body
+    maps media types to schema names; replies are {status: Reply}, beyond the
+    401, 429 and 503 that any route with a login may answer; dialect, "ntfy" or
+    "gotify", makes its errors those servers' JSON.
     """
 
     __slots__ = ()
@@ -7809,6 +8082,32 @@ ROUTES = [
         replies={200: Reply("Beat", "Beat", True), **error_replies(403, 404)},
     ),
     Route(
+        ("POST",), "/", post_ntfy_json, True,
+        "ntfy's JSON publishing (Apprise's ntfy://): {topic, message, title, priority, tags}",
+        body={"application/json": "NtfyPublish"},
+        replies={200: Reply("Sent, as ntfy answers", "NtfyMessage"),
+                 **error_replies(400, 403, 404, 413, 415, 429, 503, 507)},
+        dialect="ntfy",
+    ),
+    Route(
+        ("POST",), "/message", post_gotify, True,
+        "Gotify's message API: to the user's default_to",
+        body={"application/json": "GotifyMessage",
+              "application/x-www-form-urlencoded": "GotifyMessage"},
+        replies={200: Reply("Sent, as Gotify answers", "GotifyAnswer"),
+                 **error_replies(400, 403, 413, 415, 429, 503, 507)},
+        dialect="gotify",
+    ),
+    Route(
+        ("POST", "PUT"), "/{topic}", post_ntfy, True,
+        "ntfy's publish: the body is the message; Title, Priority, Tags headers",
+        ("topic", "title", "priority_ntfy", "tags"),
+        {"text/plain": "NtfyText"},
+        {200: Reply("Sent, as ntfy answers", "NtfyMessage"),
+         **error_replies(400, 403, 404, 413, 429, 503, 507)},
+        "ntfy",
+    ),
+    Route(
         SAFE, API + "/groups", get_groups, True,
         "The groups ([group:NAME]) the caller may send to, as @NAME",
         replies={200: Reply("Each group's numbers", "Groups")},
@@ -7842,7 +8141,12 @@ KNOWN_METHODS = frozenset(m for route in ROUTES for m in route.methods)
 OPEN_PATHS = frozenset(route.path for route in ROUTES if route.login is not True)
 
 
-PLACEHOLDERS = {"kind": "|".join(KINDS), "message_id": "[^/]+", "name": "[^/]+"}
+PLACEHOLDERS = {
+    "kind": "|".join(KINDS),
+    "message_id": "[^/]+",
+    "name": "[^/]+",
+    "topic": f"(?!(?:{'|'.join(ROUTE_ROOTS)})$){TOPIC_NAME.pattern}",
+}
 
 
 def compile_route(template):
@@ -7956,21 +8260,29 @@ def path_parameter(name, schema):
 
 def openapi_parameters(config):
     """Every parameter a route may name, with the bounds the handlers check."""
+    return {**message_parameters(config), **notification_parameters(config)}
 
-    def whole(low, high):
-        return {"type": "integer", "minimum": low, "maximum": high}
 
-    def one_of(words):
-        return {"type": "string", "enum": list(words)}
+def whole(low, high):
+    """An integer schema within bounds."""
+    return {"type": "integer", "minimum": low, "maximum": high}
 
+
+def enum_of(words):
+    """A string schema of one of words."""
+    return {"type": "string", "enum": list(words)}
+
+
+def message_parameters(config):
+    """The parameters of the routes that send, list and read messages."""
     return {
-        "kind": path_parameter("kind", one_of(KINDS)),
+        "kind": path_parameter("kind", enum_of(KINDS)),
         "message_id": path_parameter(
             "message_id", {"type": "string", "pattern": anchored(MESSAGE_ID)}
         ),
         "limit": query_parameter("limit", whole(1, MAX_PAGE_SIZE), "page size"),
         "offset": query_parameter("offset", whole(0, MAX_OFFSET), "page start"),
-        "type": query_parameter("type", one_of(INBOX_TYPES), "incoming only"),
+        "type": query_parameter("type", enum_of(INBOX_TYPES), "incoming only"),
         "since": query_parameter(
             "since", STRING, "incoming only: ISO 8601 time or message id"
         ),
@@ -7983,24 +8295,13 @@ def openapi_parameters(config):
             "wait", whole(0, config.max_wait), "answer once sent, at most N seconds"
         ),
         "wait_for": query_parameter(
-            "wait_for", one_of(WAIT_TARGETS), "what ?wait waits for"
+            "wait_for", enum_of(WAIT_TARGETS), "what ?wait waits for"
         ),
         "dry_run": query_parameter(
-            "dry_run", one_of(YES + NO), "say what would be sent, write nothing"
-        ),
-        "name": path_parameter("name", {"type": "string"}),
-        "to": query_parameter("to", NUMBERS, "numbers and @groups, comma-separated"),
-        "heartbeat": query_parameter(
-            "heartbeat", STRING, "a firing Watchdog alert is a beat of this heartbeat"
-        ),
-        "escalation": query_parameter(
-            "escalation",
-            one_of(config.escalations) if config.escalations else STRING,
-            "page through this [escalation:NAME]: its first step now, the next ones"
-            " until someone acknowledges",
+            "dry_run", enum_of(YES + NO), "say what would be sent, write nothing"
         ),
         "priority": query_parameter(
-            "priority", one_of(PRIORITIES), "normal lets quiet hours hold it"
+            "priority", enum_of(PRIORITIES), "normal lets quiet hours hold it"
         ),
         "Idempotency-Key": {
             "name": "Idempotency-Key",
@@ -8009,6 +8310,35 @@ def openapi_parameters(config):
             "schema": {"type": "string", "pattern": anchored(IDEMPOTENCY_KEY)},
             "description": "send once per key and user",
         },
+    }
+
+
+def notification_parameters(config):
+    """The parameters of the alert, heartbeat and ntfy routes."""
+    return {
+        "name": path_parameter("name", {"type": "string"}),
+        "to": query_parameter("to", NUMBERS, "numbers and @groups, comma-separated"),
+        "heartbeat": query_parameter(
+            "heartbeat", STRING, "a firing Watchdog alert is a beat of this heartbeat"
+        ),
+        "escalation": query_parameter(
+            "escalation",
+            enum_of(config.escalations) if config.escalations else STRING,
+            "page through this [escalation:NAME]: its first step now, the next ones"
+            " until someone acknowledges",
+        ),
+        "topic": path_parameter(
+            "topic", enum_of(config.topics) if config.topics else STRING
+        ),
+        "title": query_parameter(
+            "title", STRING, "the SMS is TITLE: MESSAGE (or the Title header)"
+        ),
+        "priority_ntfy": query_parameter(
+            "priority",
+            enum_of(NTFY_PRIORITIES),
+            "4-5 go past quiet hours, 1-3 wait for them (or the Priority header)",
+        ),
+        "tags": query_parameter("tags", STRING, "comma-separated (or the Tags header)"),
     }
 
 
@@ -8254,6 +8584,54 @@ SCHEMAS = {
             },
         },
     },
+    "NtfyText": {"type": "string", "description": "the message (empty: triggered)"},
+    "NtfyPublish": {
+        "type": "object",
+        "required": ["topic"],
+        "properties": {
+            "topic": STRING,
+            "message": STRING,
+            "title": STRING,
+            "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+            "tags": {"type": "array", "items": STRING},
+        },
+    },
+    "NtfyMessage": {
+        "type": "object",
+        "required": ["id", "time", "event", "topic", "message"],
+        "properties": {
+            "id": STRING,
+            "time": {"type": "integer"},
+            "event": {"type": "string", "enum": ["message"]},
+            "topic": STRING,
+            "message": STRING,
+            "title": STRING,
+            "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+            "tags": {"type": "array", "items": STRING},
+        },
+    },
+    "GotifyMessage": {
+        "type": "object",
+        "required": ["message"],
+        "properties": {
+            "message": {"type": "string", "minLength": 1},
+            "title": STRING,
+            "priority": {"type": "integer", "minimum": 0, "maximum": 10},
+        },
+    },
+    "GotifyAnswer": {
+        "type": "object",
+        "required": ["id", "appid", "message", "title", "priority", "date"],
+        "properties": {
+            "id": {"type": "integer"},
+            "appid": {"type": "integer"},
+            "message": STRING,
+            "title": STRING,
+            "priority": {"type": "integer"},
+            "date": {"type": "string", "format": "date-time"},
+            "extras": {"type": "object"},
+        },
+    },
     "Heartbeats": {
         "type": "object",
         "required": ["heartbeats"],
@@ -8457,15 +8835,16 @@ class Application:
 
     def respond(self, request):
         """Status, headers and body for a request; every error is answered here."""
-        headers = []
+        headers, dialect = [], None
         try:
             route, request.args = match_route(request.method, request.path)
-            request.route = route.path
+            request.route, dialect = route.path, route.dialect
             if route.login is True or route.login and route.login(request):
                 authenticate(request, self.parts.authenticator, self.parts.throttle)
             answer = self.handlers[route.handler](request)
         except ApiError as exc:
-            answer, headers = error_answer(exc.status, exc.message), exc.headers
+            answer = error_answer(exc.status, exc.message, dialect)
+            headers = exc.headers
         except OSError as exc:  # the spool, not the request, is at fault
             log.error(
                 "spool error on %s %s: %s",
@@ -8499,7 +8878,10 @@ class Application:
         )
 
 
-def error_answer(status, message):
+def error_answer(status, message, dialect=None):
+    """An error's answer: {"error": message}, or as ntfy or Gotify say it."""
+    if dialect:
+        return dialect_error(dialect, status, message)
     return Answer(status, {"error": message}, message + "\n")
 
 
@@ -9205,6 +9587,11 @@ def main(argv=None):
         return add_user_command(
             args.name, args.admin, find_config(args.user_config or args.config)
         )
+    if args.command in ("add-token", "remove-token"):
+        path = find_config(args.token_config or args.config)
+        if args.command == "add-token":
+            return add_token_command(args.name, path)
+        return remove_token_command(args.name, args.token, path)
     if args.command == "check-smsd":
         return check_smsd_command(find_config(args.smsd_config or args.config))
     if args.command == "check-config":
@@ -9248,6 +9635,16 @@ def parse_arguments(argv):
         "--admin", action="store_true", help="may see and cancel everything"
     )
     add.add_argument("--config", dest="user_config", help="INI file to change")
+    token = commands.add_parser(
+        "add-token",
+        help="print a new access token of a user (its digest goes in the config)",
+    )
+    token.add_argument("name", help="the API user name")
+    token.add_argument("--config", dest="token_config", help="INI file to change")
+    untoken = commands.add_parser("remove-token", help="remove one token of a user")
+    untoken.add_argument("name", help="the API user name")
+    untoken.add_argument("token", help="the token, or its first characters (tk_xxxx)")
+    untoken.add_argument("--config", dest="token_config", help="INI file to change")
     check = commands.add_parser(
         "check-config", help="validate the config and spool, exit 0 or 78"
     )
@@ -9372,22 +9769,30 @@ def locked_directory(path):
         os.close(fd)
 
 
-def with_user(text, name, password_hash, admin):
-    """(the config text with [user:NAME]'s password, and admin, set, all else as it
-    was; whether the section was there). A header may carry a comment; a
-    commented-out section is not one."""
-    lines, header = text.splitlines(), f"user:{name}"
+def find_section(lines, header):
+    """(first line, end) of the section [header] among lines, or None. A header
+    may carry a comment; a commented-out section is not one."""
     headers = [i for i, line in enumerate(lines) if SECTION_HEADER.fullmatch(line)]
     start = next(
         (i for i in headers if SECTION_HEADER.fullmatch(lines[i]).group(1) == header),
         None,
     )
     if start is None:
+        return None
+    return start, next((i for i in headers if i > start), len(lines))
+
+
+def with_user(text, name, password_hash, admin):
+    """(the config text with [user:NAME]'s password, and admin, set, all else as it
+    was; whether the section was there)."""
+    lines, header = text.splitlines(), f"user:{name}"
+    found = find_section(lines, header)
+    if found is None:
         settings = [f"[{header}]", "password = " + password_hash] + (
             ["admin = yes"] if admin else []
         )
         return text.rstrip("\n") + "\n\n" + "\n".join(settings) + "\n", False
-    end = next((i for i in headers if i > start), len(lines))
+    start, end = found
     section = [
         line for line in lines[start + 1 : end] if not setting_of(line, "password")
     ]
@@ -9397,6 +9802,94 @@ def with_user(text, name, password_hash, admin):
         ]
     lines[start + 1 : end] = ["password = " + password_hash, *section]
     return "\n".join(lines) + "\n", True
+
+
+def with_tokens(text, name, change):
+    """(the config text with [user:NAME] tokens = change(the tokens it had), all
+    else as it was (the section is made if there is none); what change made)."""
+    lines, header = text.splitlines(), f"user:{name}"
+    found = find_section(lines, header)
+    if found is None:
+        lines += ["", f"[{header}]"]
+        found = (len(lines) - 1, len(lines))
+    start, end = found
+    at = next(
+        (i for i in range(start + 1, end) if setting_of(lines[i], "tokens")), None
+    )
+    before = lines[at].partition("=")[2].split() if at is not None else []
+    tokens = change(before)
+    if tokens == before:
+        return text, tokens
+    setting = ["tokens = " + " ".join(tokens)] if tokens else []
+    if at is None:
+        lines[start + 1 : start + 1] = setting
+    else:
+        lines[at : at + 1] = setting
+    return "\n".join(lines) + "\n", tokens
+
+
+def token_entry(token):
+    """What the config keeps of a token: its first characters, and its digest."""
+    digest = sha256(token.encode("utf-8", "replace")).hexdigest()
+    return f"{token[:TOKEN_SHOWN]}:{digest}"
+
+
+def add_token_command(name, path):
+    """Make a token for user NAME (the section too, if there is none), keep its
+    digest in the config, and print the token: the one time it is shown."""
+    import secrets
+
+    if not USER_NAME.fullmatch(name):
+        print(f"add-token: {name!r} is not a user name", file=sys.stderr)
+        return 2
+    letters = string.ascii_letters + string.digits
+    token = "tk_" + "".join(secrets.choice(letters) for _ in range(29))
+    code = edit_tokens(path, name, lambda tokens: [*tokens, token_entry(token)])
+    if code == 0:
+        print(token)
+        print(f"token {token[:TOKEN_SHOWN]}... added for user {name}", file=sys.stderr)
+    return code
+
+
+def remove_token_command(name, given, path):
+    """Remove one of user NAME's tokens, named by itself or its first characters."""
+    removed = []
+
+    def without(tokens):
+        if TOKEN.fullmatch(given):
+            chosen = [t for t in tokens if t == token_entry(given)]
+        else:
+            named = given.startswith("tk_") and len(given) >= TOKEN_SHOWN
+            chosen = [t for t in tokens if named and t.startswith(given)]
+        if len(chosen) == 1:
+            removed.append(chosen[0])
+            return [t for t in tokens if t != chosen[0]]
+        return tokens
+
+    code = edit_tokens(path, name, without)
+    if code == 0 and not removed:
+        print(f"remove-token: user {name} has no one token {given[:TOKEN_SHOWN]}...",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if code == 0:
+        print(f"token {removed[0].partition(':')[0]}... of user {name} removed")
+    return code
+
+
+def edit_tokens(path, name, change):
+    """Rewrite [user:NAME] tokens of the config at path as add-user rewrites it."""
+    path = os.path.realpath(path)
+    try:
+        with locked_directory(path):
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+            changed, _ = with_tokens(text, name, change)
+            if changed != text:
+                replace_keeping_mode(path, changed.encode(), private=True)
+    except OSError as exc:
+        print(f"cannot change {path}: {one_line(exc)} (sudo?)", file=sys.stderr)
+        return EX_CONFIG if exc.errno in (errno.ENOENT, errno.EISDIR) else 1
+    return 0
 
 
 def setting_of(line, key):

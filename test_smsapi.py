@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -294,7 +295,8 @@ def test_module_sections_use_only_what_stands_above_them():
         "Options", "Loading the config", "Spool files", "Durable writes and journals", "HTTP helpers",
         "Authentication", "GSM and UCS2 encoding", "Spool changes", "Delivery reports",
         "The inbox", "Retention", "Recent failures", "Waiters", "Scheduled messages",
-        "Budgets", "Reading messages", "Sending", "Webhooks", "Pages and replies",
+        "Budgets", "Reading messages", "Sending", "ntfy and Gotify", "Webhooks",
+            "Pages and replies",
             "Alerts and heartbeats",
         "Health and metrics", "The watcher", "The composition root", "Routes",
         "OpenAPI document", "Application", "Server adapters", "Command line",
@@ -3938,7 +3940,8 @@ def test_unknown_path_404_wrong_method_405_with_allow(app):
 
 def example_path(template):
     """A path the route template matches."""
-    return template.replace("{kind}", "sent").replace("{message_id}", "smsapi.x")
+    path = template.replace("{kind}", "sent").replace("{message_id}", "smsapi.x")
+    return path.replace("{name}", "monitoring").replace("{topic}", "oncall")
 
 
 def test_routes_and_the_openapi_document_describe_the_same_api(app):
@@ -7258,6 +7261,287 @@ def test_webhook_a_dead_receiver_slows_neither_the_api_nor_other_webhooks(
 
 
 ###############################################################################
+# ntfy, Gotify and tokens ######################################################
+###############################################################################
+
+BOT_TOKEN = "tk_" + "Bot0" * 7 + "x"  # bot's: a user with a token and no password
+NOTIFYING = f"""
+[group:oncall]
+mobiles = 79680000000 79680000001
+[topic:alerts]
+to = @oncall
+[topic:backups]
+to = 79680000002
+users = ann root
+[topic:abroad]
+to = 447700900123
+[user:bot]
+tokens = {smsapi.token_entry(BOT_TOKEN)}
+default_to = 79680000009
+mobiles = 7968*
+"""
+
+
+def add_token(path, user):
+    """A new token of user, made by the command a sysadmin runs."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert smsapi.main(["add-token", user, "--config", path]) == 0
+    return out.getvalue().strip()
+
+
+@pytest.fixture
+def notifying(tmp_path, spool):
+    """An app with topics, and a token of lvv's and of bot (a token-only user)."""
+    path = write_ini(tmp_path, spool, extra=NOTIFYING)
+    tokens = {"lvv": add_token(path, "lvv"), "bot": BOT_TOKEN}
+    app = smsapi.Application(smsapi.load_config(path))
+    yield types.SimpleNamespace(app=app, path=path, tokens=tokens)
+    app.close()
+
+
+def bearer(token):
+    return {"Authorization": "Bearer " + token}
+
+
+def test_token_made_once_kept_as_a_digest_and_taken_in_each_form(notifying):
+    app, token = notifying.app, notifying.tokens["lvv"]
+    assert smsapi.TOKEN.fullmatch(token)  # ntfy's form: tk_ and 29 (172 bits)
+    text = pathlib.Path(notifying.path).read_text()
+    assert token not in text and smsapi.token_entry(token) in text
+    assert f"tokens = {token[:7]}:" in text
+    sent = "/api/v1.0/sms/sent/"
+    gotify = {"X-Gotify-Key": token}
+    ntfy_basic = {"Authorization": "Basic " + base64.b64encode(b":" + token.encode()).decode()}
+    for headers, query in ((bearer(token), ""), (gotify, ""), ({}, "token=" + token),
+                           (ntfy_basic, "")):  # fmt: skip
+        response = call(app, "GET", sent, headers=headers, query=query)
+        assert response.status == 200, (headers, query)
+    users = call(app, "GET", "/api/v1.0/sms/sent/", headers=bearer(notifying.tokens["bot"]))
+    assert users.status == 200
+    assert app.parts.authenticator.hashes_checked == 0  # no scrypt for a token
+    assert smsapi.main(["check-config", "--config", notifying.path]) == 0
+
+
+def test_token_wrong_or_removed_is_401_and_counts_for_the_throttle(notifying, caplog):
+    app, token = notifying.app, notifying.tokens["lvv"]
+    sent = "/api/v1.0/sms/sent/"
+    wrong = token[:-1] + ("x" if token[-1] != "x" else "y")
+    response = call(app, "GET", sent, headers=bearer(wrong))
+    assert response.status == 401 and response.json() == {"error": "Unauthorized access"}
+    assert "authentication failed for a token from 127.0.0.1" in caplog.text
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # named by its first characters
+        assert smsapi.main(["remove-token", "lvv", token[:7], "--config", notifying.path]) == 0
+    assert f"token {token[:7]}... of user lvv removed" in out.getvalue()
+    assert app.reload(notifying.path)
+    assert call(app, "GET", sent, headers=bearer(token)).status == 401
+    assert call(app, "GET", sent, headers=bearer(notifying.tokens["bot"])).status == 200
+    for _ in range(smsapi.FAILURE_LIMIT):
+        call(app, "GET", sent, query="token=tk_guess")
+    guessed = call(app, "GET", sent, headers=bearer(notifying.tokens["bot"]))
+    assert guessed.status == 429 and guessed.headers["Retry-After"]
+    elsewhere = call(app, "GET", sent, headers=bearer(notifying.tokens["bot"]),
+                     remote_addr="192.0.2.7")  # fmt: skip
+    assert elsewhere.status == 200
+    for secret in (token, wrong, smsapi.token_entry(token)[8:]):
+        assert secret not in caplog.text
+
+
+def test_token_commands_refuse_what_they_cannot_do_and_change_nothing(notifying):
+    path = pathlib.Path(notifying.path)
+    before = path.read_text()
+    for args in (["remove-token", "lvv", "tk_none"], ["remove-token", "nobody", "tk_"],
+                 ["remove-token", "lvv", "tk_"], ["add-token", "bad name!"]):  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert smsapi.main([*args, "--config", notifying.path]) in (1, 2), args
+        assert path.read_text() == before, args
+    second = add_token(notifying.path, "lvv")  # two of lvv's now: tk_ names both
+    app = smsapi.Application(smsapi.load_config(notifying.path))
+    sent = "/api/v1.0/sms/sent/"
+    assert call(app, "GET", sent, headers=bearer(second)).status == 200
+    assert call(app, "GET", sent, headers=bearer(notifying.tokens["lvv"])).status == 200
+    app.close()
+    result = run_cli("remove-token", "lvv", second, "--config", notifying.path)
+    assert result.returncode == 0 and second not in result.stdout + result.stderr
+    assert smsapi.token_entry(second) not in path.read_text()
+    assert smsapi.token_entry(notifying.tokens["lvv"]) in path.read_text()
+
+
+def test_token_only_user_needs_no_password_and_a_bad_digest_is_refused(tmp_path, spool):
+    extra = "\n[user:bot]\ntokens = tk_abcd:" + "0" * 63
+    with pytest.raises(smsapi.ConfigError) as caught:
+        smsapi.load_config(write_ini(tmp_path, spool, extra=extra))
+    assert "[user:bot] tokens: expected what python3 smsapi.py add-token writes" in (
+        caught.value.problems[0]
+    )
+    with pytest.raises(smsapi.ConfigError) as caught:
+        smsapi.load_config(write_ini(tmp_path, spool, extra="\n[user:bot]\nmobiles = 7968*"))
+    assert "[user:bot] password: missing (or tokens)" in caught.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("section", "problem"),
+    [("[topic:api]\nto = 79680000000", "[topic:api]: a topic is 1-64 letters"),
+     ("[topic:metrics]\nto = 79680000000", "none of api metrics status message"),
+     ("[topic:a.b]\nto = 79680000000", "[topic:a.b]: a topic is 1-64 letters"),
+     ("[topic:x]\nusers = lvv", "[topic:x] to: missing"),
+     ("[topic:x]\nto = @nobody", "[topic:x] to: no [group:nobody]"),
+     ("[topic:x]\nto = 79680000000\nusers = zed", "[topic:x] users: no [user:zed]"),
+     ("[user:bot]\ntokens =\npassword = x\ndefault_to = @none", "default_to: no [group:none]")],
+)  # fmt: skip
+def test_topic_config_is_checked(tmp_path, spool, section, problem):
+    with pytest.raises(smsapi.ConfigError) as caught:
+        smsapi.load_config(write_ini(tmp_path, spool, extra="\n" + section))
+    assert any(problem in p for p in caught.value.problems), caught.value.problems
+
+
+def ntfy(app, topic, message, user="lvv", method="POST", headers=None, query=""):
+    headers = {"Content-Type": "text/plain", **(headers or {})}
+    return call(app, method, "/" + topic, message.encode(), user, headers, query)
+
+
+def test_ntfy_publish_as_ntfys_curl_examples_send_title_colon_message(notifying, spool):
+    app = notifying.app
+    response = ntfy(app, "alerts", "Backup failed on db1", headers={"Title": "Backups"})
+    data = response.json()
+    assert response.status == 200, data
+    assert set(data) == {"id", "time", "event", "topic", "message", "title"}
+    assert (data["event"], data["topic"], data["title"]) == ("message", "alerts", "Backups")
+    assert data["message"] == "Backup failed on db1" and abs(data["time"] - time.time()) < 5
+    texts = texts_in(spool)
+    assert texts == dict.fromkeys(["79680000000", "79680000001"], "Backups: Backup failed on db1")
+    assert data["id"] in os.listdir(spool["outgoing"])
+    for name in os.listdir(spool["outgoing"]):
+        os.unlink(os.path.join(spool["outgoing"], name))
+    put = ntfy(app, "alerts", "  disk full  ", method="PUT", headers={"t": "db1", "ta": "warning,skull"},
+               query="priority=high")  # fmt: skip
+    assert put.status == 200 and put.json()["tags"] == ["warning", "skull"]
+    assert put.json()["priority"] == 4 and put.json()["title"] == "db1"
+    assert set(texts_in(spool).values()) == {"db1: disk full"}
+    for name in os.listdir(spool["outgoing"]):
+        os.unlink(os.path.join(spool["outgoing"], name))
+    bare = ntfy(app, "alerts", "", query="title=From+the+query")  # ntfy's default text
+    assert bare.status == 200 and set(texts_in(spool).values()) == {"From the query: triggered"}
+
+
+def test_ntfy_json_publish_as_apprise_sends_it(notifying, spool):
+    body = {"topic": "alerts", "message": "CPU at 99%", "title": "db1", "priority": 5,
+            "tags": ["fire"]}  # fmt: skip
+    response = call(notifying.app, "POST", "/", body, "lvv")
+    data = response.json()
+    assert response.status == 200, data
+    assert (data["topic"], data["priority"], data["tags"]) == ("alerts", 5, ["fire"])
+    assert set(texts_in(spool).values()) == {"db1: CPU at 99%"}
+    heads = [read_spool_file(spool, "outgoing", n) for n in os.listdir(spool["outgoing"])]
+    assert all(b"Priority: High" in head for head in heads)  # 5: urgent
+
+
+@pytest.mark.parametrize(
+    ("how", "held"),
+    [("ntfy:5", False), ("ntfy:urgent", False), ("ntfy:max", False), ("ntfy:4", False),
+     ("ntfy:high", False), ("ntfy:3", True), ("ntfy:", True), ("ntfy:low", True), ("ntfy:1", True),
+     ("gotify:10", False), ("gotify:8", False), ("gotify:7", True), ("gotify:4", True),
+     ("gotify:3", True), ("gotify:0", True), ("gotify:", True)],
+)  # fmt: skip
+def test_notification_priorities_against_quiet_hours(tmp_path, spool, how, held):
+    extra = NOTIFYING.replace("[user:bot]", "[user:bot]\nquiet_hours = " + window_around_now())
+    path = write_ini(tmp_path, spool, extra=extra)
+    token = BOT_TOKEN
+    app = smsapi.Application(smsapi.load_config(path))
+    protocol, _, priority = how.partition(":")
+    if protocol == "ntfy":
+        headers = {**bearer(token), **({"Priority": priority} if priority else {})}
+        response = ntfy(app, "alerts", "ping", user=None, headers=headers)
+    else:
+        fields = {"message": "ping", **({"priority": int(priority)} if priority else {})}
+        response = call(app, "POST", "/message", fields, headers={"X-Gotify-Key": token})
+    assert response.status == 200, response.body
+    written = os.listdir(spool["outgoing"])
+    assert (not written) == held
+    assert len(os.listdir(held_dir(app))) == (2 if protocol == "ntfy" else 1) * held
+    assert all(b"Priority: High" in read_spool_file(spool, "outgoing", n) for n in written)
+    app.close()
+
+
+def test_gotify_message_as_json_or_form_goes_to_default_to(notifying, spool):
+    app, token = notifying.app, notifying.tokens["bot"]
+    key = {"X-Gotify-Key": token}
+    body = {"message": "Backup done", "title": "pve1", "priority": 5}
+    response = call(app, "POST", "/message", body, headers=key)
+    data = response.json()
+    assert response.status == 200, data
+    assert {"id", "appid", "message", "title", "priority", "date"} <= set(data)
+    assert (data["message"], data["title"], data["priority"]) == ("Backup done", "pve1", 5)
+    assert isinstance(data["id"], int) and isinstance(data["appid"], int)
+    assert texts_in(spool) == {"79680000009": "pve1: Backup done"}
+    os.unlink(os.path.join(spool["outgoing"], os.listdir(spool["outgoing"])[0]))
+    form = b"message=Disk+full&priority=9"
+    response = call(app, "POST", "/message", form, headers={**key, **FORM}, query="")
+    assert response.status == 200 and response.json()["title"] == ""
+    assert texts_in(spool) == {"79680000009": "Disk full"}
+
+
+def ntfy_error(response):
+    data = response.json()
+    assert set(data) == {"code", "http", "error"} and data["http"] == response.status
+    return response.status
+
+
+def gotify_error(response):
+    data = response.json()
+    assert set(data) == {"error", "errorCode", "errorDescription"}
+    assert data["errorCode"] == response.status and data["error"]
+    return response.status
+
+
+def test_notification_refusals_in_each_servers_shape_write_nothing(notifying, spool):
+    app, bot = notifying.app, notifying.tokens["bot"]
+    long = "x" * 160 * (app.config.max_parts + 1)
+    assert ntfy_error(ntfy(app, "nothing", "hi")) == 404
+    assert ntfy_error(ntfy(app, "backups", "hi")) == 403  # users = ann root
+    assert ntfy_error(ntfy(app, "abroad", "hi")) == 403  # lvv may not text it
+    assert ntfy_error(ntfy(app, "alerts", "hi", headers={"Priority": "6"})) == 400
+    assert ntfy_error(ntfy(app, "alerts", long)) == 413
+    assert ntfy_error(call(app, "POST", "/alerts", b"\xff\xfe", "lvv")) == 400
+    assert ntfy_error(ntfy(app, "alerts", "hi", user=None)) == 401
+    assert ntfy_error(ntfy(app, "alerts", "hi", user=None, headers=bearer("tk_wrong"))) == 401
+    assert ntfy_error(call(app, "POST", "/", {"message": "no topic"}, "lvv")) == 400
+    assert ntfy_error(call(app, "POST", "/", {"topic": "alerts", "title": 3}, "lvv")) == 400
+    assert ntfy_error(call(app, "POST", "/", b"{", "lvv", {"Content-Type": "application/json"})) == 400
+    key = {"X-Gotify-Key": bot}
+    assert gotify_error(call(app, "POST", "/message", {"message": "hi"}, "lvv")) == 400  # no default_to
+    assert gotify_error(call(app, "POST", "/message", {"message": ""}, headers=key)) == 400
+    assert gotify_error(call(app, "POST", "/message", {"message": "x", "priority": 11},
+                             headers=key)) == 400  # fmt: skip
+    assert gotify_error(call(app, "POST", "/message", {"message": "x", "priority": True},
+                             headers=key)) == 400  # fmt: skip
+    assert gotify_error(call(app, "POST", "/message", {"message": long}, headers=key)) == 413
+    assert gotify_error(call(app, "POST", "/message", {"message": "x"})) == 401
+    assert os.listdir(spool["outgoing"]) == [] and os.listdir(held_dir(app)) == []
+    assert call(app, "GET", "/metrics", user="root").status == 200  # no topic shadows it
+    assert call(app, "GET", "/api", user="lvv").status == 404
+
+
+def test_ntfy_publish_once_per_idempotency_key(notifying, spool):
+    key = {"Idempotency-Key": "backup-2026-12-06"}
+    first = ntfy(notifying.app, "alerts", "Backup failed", headers=key)
+    again = ntfy(notifying.app, "alerts", "Backup failed", headers=key)
+    assert first.status == again.status == 200
+    assert first.json()["id"] == again.json()["id"] and len(os.listdir(spool["outgoing"])) == 2
+
+
+def test_topic_reload_that_lets_more_users_publish_is_a_loosening(tmp_path, spool):
+    old = smsapi.load_config(write_ini(tmp_path, spool, extra=NOTIFYING))
+    wider = NOTIFYING.replace("users = ann root", "users = ann root lvv")
+    new = smsapi.load_config(write_ini(tmp_path, spool, extra=wider))
+    assert smsapi.loosened(old, new) == ["lets more users publish to [topic:backups]"]
+    assert smsapi.loosened(new, old) == []
+    gone = smsapi.load_config(write_ini(tmp_path, spool, extra=NOTIFYING.split("[topic:backups]")[0]))
+    assert "drops [topic:backups]" in smsapi.loosened(old, gone)
+
+
+###############################################################################
 # Live servers #################################################################
 ###############################################################################
 
@@ -8665,6 +8949,78 @@ def test_smsd_quiet_hours_hold_normal_messages_not_urgent_ones(stack):
     assert stack.modem.parts_to(normal) == []
     status = stack.status(held["message_id"][normal], user="night")
     assert status["status"] == "scheduled" and status["send_at"] == held["send_at"]
+
+
+APPRISE, CURL = shutil.which("apprise"), shutil.which("curl")
+needs_apprise = pytest.mark.skipif(
+    SMSD is None or APPRISE is None or CURL is None,
+    reason="needs smsd, curl and Apprise (pip install apprise)",
+)
+
+
+def on_air(stack, number, text):
+    """Wait until text has reached number over the emulated air."""
+    return stack.wait_for(
+        lambda: text in on_air_texts(stack, number), 60, f"{text!r} on air to {number}"
+    )
+
+
+def curl(*args):
+    """(status, JSON) of a curl call, as a shell script makes it."""
+    result = subprocess.run(
+        [CURL, "-sS", "-w", "\n%{http_code}", *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), json.loads(body)
+
+
+@needs_apprise
+def test_smsd_apprise_and_curl_speak_ntfy_and_gotify_to_the_phone(stack):
+    kuma, token_topic, gotify, shell = (f"7968000082{i}" for i in range(4))
+    ini = os.path.join(stack.root, "smsapi.ini")
+    made = [run_cli("add-token", user, "--config", ini) for user in ("lvv", "pve")]
+    assert [m.returncode for m in made] == [0, 0], made
+    token, pve = (m.stdout.strip() for m in made)
+    with open(ini, "a") as file:  # add-token made [user:pve] last: this is pve's
+        file.write(f"default_to = {gotify}\n[topic:kuma]\nto = {kuma}\n"
+                   f"[topic:tokens]\nto = {token_topic}\n[topic:shell]\nto = {shell}\n")  # fmt: skip
+    stack.restart_api()
+    host = stack.api.url.split("://")[1]
+
+    def apprise(url, body, title=None):
+        args = [APPRISE, "-vv", "-b", body, *(["-t", title] if title else []), url]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    apprise(f"ntfy://lvv:{PASSWORDS['lvv']}@{host}/kuma", "db1 is down", "Uptime Kuma")
+    apprise(f"ntfy://{token}@{host}/tokens?auth=token", "Backup done")
+    apprise(f"gotify://{host}/{pve}", "Backup of vm 101 failed", "pve1")
+    on_air(stack, kuma, "Uptime Kuma: db1 is down")
+    on_air(stack, token_topic, "Backup done")
+    on_air(stack, gotify, "pve1: Backup of vm 101 failed")
+    url = stack.api.url + "/shell"
+    status, data = curl("-u", f"lvv:{PASSWORDS['lvv']}", "-H", "Title: db2",
+                        "-H", "Priority: urgent", "-H", "Tags: warning", "-d", "disk full", url)  # fmt: skip
+    assert status == 200 and (data["priority"], data["tags"]) == (5, ["warning"]), data
+    assert stack.status(data["id"])["to"] == shell
+    status, data = curl("-X", "PUT", "-H", f"Authorization: Bearer {token}",
+                        "--data-binary", "swap at 90%", url)  # fmt: skip
+    assert status == 200 and data["message"] == "swap at 90%", data
+    on_air(stack, shell, "db2: disk full")
+    on_air(stack, shell, "swap at 90%")
+    refused = curl("-H", f"Authorization: Bearer {token[:-1]}0", "-d", "x", url)
+    assert refused == (401, {"code": 40100, "http": 401, "error": "Unauthorized access"})
+    assert run_cli("remove-token", "lvv", token, "--config", ini).returncode == 0
+    stack.wait_for(  # the running server takes the changed file by itself
+        lambda: curl("-H", f"Authorization: Bearer {token}", "-d", "x", url)[0] == 401,
+        30, "the removed token to be refused",
+    )  # fmt: skip
+    assert on_air_texts(stack, shell) == ["db2: disk full", "swap at 90%"]
+    log = stack.api.output()
+    assert "POST / 200 user=lvv" in log and "POST /message 200 user=pve" in log
+    assert token not in log
+    assert pve not in log
 
 
 @needs_smsd
