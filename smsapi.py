@@ -4806,7 +4806,8 @@ def post_gotify(request, *, sender):
         raise ApiError(
             HTTPStatus.BAD_REQUEST, f"[user:{request.user.name}] has no default_to"
         )
-    answer = send_notification(request, sender, to, title, message, priority >= 8)
+    text = unfenced(message)
+    answer = send_notification(request, sender, to, title, text, priority >= 8)
     data = {
         "id": int(request.now * 1000) % 2**31,
         "appid": 1,
@@ -4817,6 +4818,15 @@ def post_gotify(request, *, sender):
         "extras": {"smsapi": {"message_id": answer.data["message_id"]}},
     }
     return Answer(HTTPStatus.OK, data)
+
+
+def unfenced(message):
+    """A message that is one Markdown code block (Proxmox VE sends its
+    notifications so) without the fence, whose backticks would make it UCS-2."""
+    lines = message.strip().split("\n")
+    if len(lines) > 2 and lines[0].startswith("```") and lines[-1].strip() == "```":
+        return "\n".join(lines[1:-1])
+    return message
 
 
 def send_notification(request, sender, to, title, message, urgent):

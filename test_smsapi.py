@@ -7482,6 +7482,19 @@ def test_gotify_message_as_json_or_form_goes_to_default_to(notifying, spool):
     assert texts_in(spool) == {"79680000009": "Disk full"}
 
 
+def test_gotify_message_as_proxmox_ve_sends_it_arrives_without_its_code_fence(notifying, spool):
+    token = notifying.tokens["bot"]
+    body = {"title": "vzdump backup status (pve1): backup failed",
+            "message": "```\nVMID  Name  Status\n101   db1   err\n```", "priority": 9,
+            "extras": {"client::display": {"contentType": "text/markdown"}}}  # fmt: skip
+    headers = {"Authorization": "Bearer " + token, "X-Gotify-Key": token}
+    response = call(notifying.app, "POST", "/message", body, headers=headers)
+    assert response.status == 200 and response.json()["message"] == body["message"]
+    text = "vzdump backup status (pve1): backup failed: VMID  Name  Status\n101   db1   err"
+    assert texts_in(spool) == {"79680000009": text}
+    assert b"Priority: High" in read_spool_file(spool, "outgoing", os.listdir(spool["outgoing"])[0])
+
+
 def ntfy_error(response):
     data = response.json()
     assert set(data) == {"code", "http", "error"} and data["http"] == response.status
