@@ -7396,6 +7396,11 @@ def test_topic_config_is_checked(tmp_path, spool, section, problem):
     assert any(problem in p for p in caught.value.problems), caught.value.problems
 
 
+def test_topic_names_keep_clear_of_every_route():
+    firsts = {route.path.split("/")[1] for route in smsapi.ROUTES} - {"", "{topic}"}
+    assert firsts <= set(smsapi.ROUTE_ROOTS)  # a new route's first part is reserved
+
+
 def ntfy(app, topic, message, user="lvv", method="POST", headers=None, query=""):
     headers = {"Content-Type": "text/plain", **(headers or {})}
     return call(app, method, "/" + topic, message.encode(), user, headers, query)
