@@ -39,6 +39,7 @@ import errno
 import functools
 import grp
 import heapq
+import html
 import io
 import ipaddress
 import itertools
@@ -317,6 +318,10 @@ TOKEN_DIGEST = re.compile(r"(tk_[A-Za-z0-9]{4}):([0-9a-f]{64})", re.ASCII)
 GRADES = ("pass", "warn", "fail")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 PLAIN_TEXT = "text/plain; charset=utf-8"
+HTML = "text/html; charset=utf-8"
+RECENT_FILED = 50  # messages smsd filed that the status page lists
+RECENT_RECEIVED = 20  # received SMS that it lists
+STATUS_REFRESH = 30  # seconds between the status page's reloads
 STATUS_LINES = {status: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 # -- serving -----------------------------------------------------------------
@@ -2090,6 +2095,12 @@ def wants_plain_text(request):
     return "text/plain" in accept and "json" not in accept
 
 
+def wants_html(request):
+    """True for a browser: it asks for text/html, and not for JSON."""
+    accept = request.header("Accept").lower()
+    return "text/html" in accept and "json" not in accept
+
+
 def read_fields(request):
     """The send request's fields from JSON, a form, or the query string."""
     if request.method in ("GET", "HEAD"):
@@ -2206,8 +2217,9 @@ class Answer(collections.namedtuple("Answer", "status data text", defaults=(None
     __slots__ = ()
 
 
-class Raw(collections.namedtuple("Raw", "body content_type")):
-    """Data of an answer that is not JSON: the body and its Content-Type."""
+class Raw(collections.namedtuple("Raw", "body content_type headers", defaults=((),))):
+    """Data of an answer that is not JSON: the body, its Content-Type, and
+    headers of its own."""
 
     __slots__ = ()
 
@@ -2558,7 +2570,7 @@ def unauthorized():
     return ApiError(
         HTTPStatus.UNAUTHORIZED,
         "Unauthorized access",
-        [("WWW-Authenticate", 'Basic realm="smsapi", charset="UTF-8"')],
+        [("WWW-Authenticate", 'Basic realm="smsapi"')],
     )
 
 
@@ -3366,7 +3378,7 @@ def remove_older(directory, cutoff, limit):
 
 
 ###############################################################################
-# Recent failures #############################################################
+# Recent messages #############################################################
 ###############################################################################
 
 
@@ -3417,6 +3429,68 @@ class RecentFailures:
 def within_the_hour(mtime, now):
     """True for a time in the last hour before now (a file dated ahead did not fail now)."""
     return now - 3600 < mtime <= now + 60
+
+
+class Filed(collections.namedtuple("Filed", "at name kind owner to parts")):
+    """A message smsd filed in sent/ or failed/, as the status page lists it
+    (parts None: its text is not one)."""
+
+    __slots__ = ()
+
+
+class RecentMessages:
+    """The newest messages smsd filed in sent/ or failed/, and when each modem
+    last sent and received, for the status page.
+
+    Told by the watcher as files arrive, so the page lists no directory; a
+    RESCAN (at start, or when the watch was lost) reads the newest files once.
+    Names and numbers come from files anyone may have written: they are cut
+    short, and at most MAX_MODEMS modems are kept.
+    """
+
+    MAX_MODEMS = 64
+
+    def __init__(self, size=RECENT_FILED):
+        self.size = size
+        self.lock = threading.Lock()
+        self.filed = {}  # name -> Filed: the newest size of them
+        self.modems = {}  # modem name -> {"sent": time, "received": time}
+
+    def add(self, message):
+        """Take in a Message read from sent/ or failed/."""
+        headers, kind = message.headers, message.kind
+        at = smsd_time(headers.get(kind.capitalize())) or message.mtime
+        parts = None if message.text is None else encode_text(message.text).parts
+        owner, to = headers.get("From", "")[:64], headers.get("To", "")[:64]
+        entry = Filed(at, message.message_id, kind, owner, to, parts)
+        with self.lock:
+            self.filed[entry.name] = entry
+            if len(self.filed) > self.size:
+                del self.filed[min(self.filed.values()).name]
+            if kind == "sent" and headers.get("Modem"):
+                self.saw(headers["Modem"], "sent", at)
+
+    def heard(self, modem, at):
+        """A modem received an SMS at this time."""
+        with self.lock:
+            self.saw(modem, "received", at)
+
+    def saw(self, modem, what, at):
+        """(under the lock)"""
+        modem = modem[:32]
+        if modem in self.modems or len(self.modems) < self.MAX_MODEMS:
+            times = self.modems.setdefault(modem, {})
+            times[what] = max(at, times.get(what, at))
+
+    def listing(self):
+        """The Filed messages, newest first."""
+        with self.lock:
+            return sorted(self.filed.values(), reverse=True)
+
+    def modem_times(self):
+        """{modem: {"sent": time, "received": time}}, each as far as known."""
+        with self.lock:
+            return {modem: dict(times) for modem, times in self.modems.items()}
 
 
 ###############################################################################
@@ -3611,6 +3685,11 @@ class Schedule:
     def count(self):
         with self.lock:
             return len(self.times)
+
+    def upcoming(self, limit):
+        """[(send_at, message id)] of the limit messages due first."""
+        with self.lock:
+            return heapq.nsmallest(limit, ((t[0], i) for i, t in self.times.items()))
 
     def next_time(self):
         """When the next message is due to move (infinity: none is held)."""
@@ -7217,6 +7296,7 @@ def webhook_checks(states, now):
             "status": status,
             "output": output,
             "webhook": name,
+            "disabled": disabled,
             "queued": queued,
             "oldest_seconds": round(age, 3),
             "deliveries": outcomes,
@@ -7375,12 +7455,18 @@ def modem_check(fields):
     elif match is None or quality == "Marginal":
         status = "warn"
     signal = f"{dbm} dBm ({quality or 'unknown'})" if match else "signal unknown"
-    return {
+    check = {
         "status": status,
         "output": f"{state} since {fields[0]}, {signal}",
         "state": state,
+        "since": fields[0],
         "signal_dbm": dbm,
+        "signal": signal,
     }
+    counted = [int(f) for f in fields[2:5] if f.isdigit()]
+    if len(counted) == 3:  # smsd's counters: sent, failed, received
+        check["counters"] = dict(zip(("sent", "failed", "received"), counted))
+    return check
 
 
 class Histogram:
@@ -7655,6 +7741,276 @@ def metrics_login(request):
 
 
 ###############################################################################
+# The status page ##############################################################
+###############################################################################
+
+# One read-only page for an admin on a phone: is smsd all right, does the queue
+# move, what was sent and received lately, is anyone being paged. Built from
+# the parts' indexes and /health's checks, never by listing sent/ or failed/.
+# Everything on it is escaped here, in cell(): a received SMS is a stranger's.
+
+STATUS_STYLE = """
+body{font:15px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1240px;padding:8px 12px;
+color:#1b1b1b;background:#fafafa}
+h1{font-size:1.3em;margin:.3em 0}h2{font-size:1.1em;margin:1.2em 0 .4em}
+p{margin:.3em 0}.scroll{overflow-x:auto}
+table{border-collapse:collapse;width:100%;background:#fff}
+th,td{text-align:left;vertical-align:top;padding:4px 6px;border-bottom:1px solid #ddd;
+white-space:nowrap}
+td.w{white-space:pre-wrap;overflow-wrap:anywhere;min-width:12em}
+th{background:#eee;font-weight:600}
+.b{display:inline-block;padding:0 6px;border-radius:4px;font-weight:600;white-space:nowrap}
+.good{background:#d7f2dc;color:#0c5a1c}.warn{background:#fde9c4;color:#6b4400}
+.bad{background:#f9d3d0;color:#8a1108}.info{background:#e3e8f0;color:#27364d}
+.none{color:#666}
+@media (max-width:600px){body{font-size:14px;padding:6px}th,td{padding:3px 4px}}
+""".strip()
+STATUS_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'sha256-"
+     + base64.b64encode(sha256(STATUS_STYLE.encode()).digest()).decode() + "'"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+)  # fmt: skip
+#: The words a badge shows in each colour (a space in a word is a -; any
+#: other word: info).
+BADGE_COLOURS = {
+    "good": "pass ok running sent delivered acknowledged resolved Idle Sending Receiving",
+    "warn": "warn queued sending scheduled firing disabled unknown",
+    "bad": "fail failed undelivered missed not-running Trouble Blocked used-up",
+}
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class Badge(collections.namedtuple("Badge", "word")):
+    """A grade or a status, shown by its word and its colour."""
+
+    __slots__ = ()
+
+
+def get_status_page(request, *, health, recent, inbox, reports, schedule,
+                    heartbeats, budgets, pager):  # fmt: skip
+    """The status page: read-only HTML for admins, refreshing itself."""
+    if not request.user.admin:
+        raise ApiError(HTTPStatus.FORBIDDEN, "The status page is for admins")
+    config, now, checks = request.config, request.now, health.current()
+    sections = [
+        ("smsd", "smsd and modems", smsd_section(config, checks, recent.modem_times())),
+        ("queues", "Queues", queue_section(checks)),
+        ("health", "Health checks", checks_section(checks)),
+        ("sent", f"Last {RECENT_FILED} sent", sent_section(recent.listing(), reports)),
+        ("received", f"Last {RECENT_RECEIVED} received", received_section(config, inbox)),
+        ("scheduled", "Scheduled", scheduled_section(config, schedule)),
+        ("heartbeats", "Heartbeats", heartbeats_section(heartbeats.states(now))),
+        ("budgets", "Budgets", budgets_section(config, budgets, now)),
+        ("webhooks", "Webhooks", webhooks_section(checks)),
+        ("pages", "Pages", pages_section(pager.view(request.user, now))),
+    ]  # fmt: skip
+    page = status_html(worst(c["status"] for c in checks.values()), now, sections)
+    return Answer(HTTPStatus.OK, Raw(page.encode(), HTML, STATUS_HEADERS))
+
+
+def status_html(grade, now, sections):
+    """The whole page around its sections: (id, heading, inner HTML)."""
+    body = "".join(
+        f'<section id="{key}"><h2>{cell(heading)}</h2>{inner}</section>'
+        for key, heading, inner in sections
+    )
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<meta http-equiv="refresh" content="{STATUS_REFRESH}">'
+        f"<title>smsapi on {cell(socket.gethostname())}</title>"
+        f"<style>{STATUS_STYLE}</style></head><body>"
+        f"<header><h1>smsapi on {cell(socket.gethostname())} {cell(Badge(grade))}</h1>"
+        f"<p>{cell(time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(now)))},"
+        f" smsapi {cell(__version__)}; this page reloads"
+        f" every {STATUS_REFRESH} s</p></header>{body}</body></html>\n"
+    )
+
+
+def cell(value):
+    """A value as HTML: escaped, control characters shown as �; a Badge as its
+    word in its colour; None as a dash."""
+    if value is None:
+        return '<span class="none">–</span>'
+    if isinstance(value, Badge):
+        colour = badge_colour(value.word)
+        return f'<span class="b {colour}">{cell(value.word)}</span>'
+    return html.escape(CONTROL_CHARACTERS.sub("\ufffd", str(value)), quote=True)
+
+
+def badge_colour(word):
+    """The colour a badge shows word in."""
+    key = word.replace(" ", "-")
+    return next((c for c, ws in BADGE_COLOURS.items() if key in ws.split()), "info")
+
+
+def table(headings, rows, empty, wrapped=()):
+    """An HTML table of rows (lists of values), or a line saying empty; the
+    columns named in wrapped break their lines, the others keep them whole."""
+    if not rows:
+        return f"<p>{cell(empty)}</p>"
+    head = "".join(f"<th>{cell(h)}</th>" for h in headings)
+    opening = ['<td class="w">' if h in wrapped else "<td>" for h in headings]
+    body = "".join(
+        "<tr>" + "".join(f"{o}{cell(v)}</td>" for o, v in zip(opening, row)) + "</tr>"
+        for row in rows
+    )
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def short_time(seconds):
+    """A local time, as short as a phone's width wants it: MM-DD HH:MM."""
+    return time.strftime("%m-%d %H:%M", time.localtime(clamp_time(seconds)))
+
+
+def in_words(seconds):
+    """A duration in words: 42 s, 5 min, 3 h, 2 d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def smsd_section(config, checks, modem_times):
+    """smsd: running or not, since when; each modem as smsd's status file has it."""
+    smsd = checks["smsd"]
+    running = smsd["status"] == "pass"
+    since = None
+    if running:
+        with contextlib.suppress(OSError):
+            since = short_time(os.stat(config.smsd["pidfile"]).st_mtime)
+    word = {"pass": "running", "fail": "not running"}.get(smsd["status"], "unknown")
+    lines = [f"<p>smsd {cell(Badge(word))} {cell(smsd['output'])}"
+             + (f", since {cell(since)}" if since else "") + "</p>"]  # fmt: skip
+    modems = [c for name, c in sorted(checks.items()) if name.startswith("modem:")]
+    rows = []
+    for check in modems:
+        name = check.get("modem")
+        counted = check.get("counters", {})
+        times = modem_times.get(name or "", {})
+        rows.append([
+            name or check["output"], Badge(check.get("state", check["status"])),
+            check.get("signal"), check.get("since"),
+            *(counted.get(k) for k in ("sent", "failed", "received")),
+            times.get("sent") and short_time(times["sent"]),
+            times.get("received") and short_time(times["received"]),
+        ])  # fmt: skip
+    headings = ["modem", "state", "signal", "since", "sent", "failed", "received",
+                "last sent", "last received"]  # fmt: skip
+    return "".join(lines) + table(
+        headings, rows, "smsd reports no modem (stats = DIR in smsd.conf)"
+    )
+
+
+def queue_section(checks):
+    """The queue: outgoing and checked, its oldest, the held ones, the failed."""
+    queue, failed = checks["queue"], checks["failed"]
+    rows = [
+        ["outgoing and checked", Badge(queue["status"]), queue.get("queued"),
+         in_words(queue["oldest_seconds"]) if "oldest_seconds" in queue else None],
+        ["scheduled", Badge("pass"), queue.get("scheduled"), None],
+        ["failed in the last hour", Badge(failed["status"]), failed["last_hour"], None],
+    ]  # fmt: skip
+    return table(["queue", "grade", "messages", "oldest"], rows, "")
+
+
+def checks_section(checks):
+    """Every check of /health with its grade."""
+    rows = [
+        [name, Badge(c["status"]), c["output"]] for name, c in sorted(checks.items())
+    ]
+    return table(
+        ["check", "grade", "what it says"], rows, "no checks", ["what it says"]
+    )
+
+
+def sent_section(filed, reports):
+    """The messages smsd filed lately, with what their reports said."""
+    rows = []
+    for entry in filed:
+        outcome = reports.outcome(entry.name) if entry.kind == "sent" else None
+        status = outcome.status if outcome else entry.kind
+        rows.append(
+            [short_time(entry.at), entry.owner, entry.to, Badge(status), entry.parts]
+        )
+    return table(
+        ["time", "user", "to", "status", "parts"],
+        rows,
+        "nothing sent since smsapi started",
+    )
+
+
+def received_section(config, inbox):
+    """The newest received SMS, each read (and cut short) now."""
+    rows = []
+    for entry in inbox.listing(("sms",))[:RECENT_RECEIVED]:
+        found = read_spool_file(
+            os.path.join(config.spool["incoming"], entry.name), 4096
+        )
+        text = parse_message(found[0])[1] if found else None
+        shown = text if text is None or len(text) <= 480 else text[:480] + "…"
+        rows.append([short_time(entry.received), entry.sender, shown])
+    return table(["time", "from", "text"], rows, "nothing received", ["text"])
+
+
+def scheduled_section(config, schedule):
+    """The messages held for later that go first."""
+    rows = []
+    for send_at, name in schedule.upcoming(RECENT_RECEIVED):
+        found = read_spool_file(os.path.join(config.spool["scheduled"], name), 4096)
+        headers = parse_message(found[0])[0] if found else {}
+        held = "quiet hours" if headers.get("Held") else "send_at"
+        rows.append([short_time(send_at), headers.get("From"), headers.get("To"), held])
+    return table(["due", "user", "to", "why"], rows, "nothing scheduled")
+
+
+def heartbeats_section(states):
+    """Each heartbeat's state and last beat."""
+    rows = [
+        [s.name, Badge("missed" if s.missed else "ok"), s.last and short_time(s.last)]
+        for s in states
+    ]
+    return table(["heartbeat", "state", "last beat"], rows, "no heartbeats")
+
+
+def budgets_section(config, budgets, now):
+    """Each user's budget windows: used, and the limit."""
+    rows = []
+    for name, user in sorted(config.users.items()):
+        for key, (used, limit) in budgets.used(user, now).items():
+            word = "used up" if used >= limit else "ok"
+            rows.append(
+                [name, key.replace("_", " "), Badge(word), f"{used} of {limit}"]
+            )
+    return table(["user", "budget", "state", "parts used"], rows, "no budgets")
+
+
+def webhooks_section(checks):
+    """Each webhook: its state, and the events waiting."""
+    rows = [
+        [c["webhook"], Badge("disabled" if c["disabled"] else c["status"]),
+         c["queued"], in_words(c["oldest_seconds"]) if c["queued"] else None]
+        for name, c in sorted(checks.items()) if name.startswith("webhook:")
+    ]  # fmt: skip
+    return table(["webhook", "state", "queued", "oldest"], rows, "no webhooks")
+
+
+def pages_section(pages):
+    """The pages of the last day, and who acknowledged them."""
+    rows = [
+        [p["title"], Badge(p["status"]), p["paged_at"][5:16].replace("T", " "),
+         ", ".join(p["to"]), p["acknowledged_by"],
+         p["acknowledged_at"] and p["acknowledged_at"][5:16].replace("T", " ")]
+        for p in pages
+    ]  # fmt: skip
+    headings = ["page", "status", "paged", "to", "acknowledged by", "at"]
+    return table(headings, rows, "no pages", ["page", "to"])
+
+
+###############################################################################
 # The watcher #################################################################
 ###############################################################################
 
@@ -7683,7 +8039,7 @@ class Watcher:
         self.waiters, self.webhooks = parts.waiters, parts.webhooks
         self.idempotency = parts.idempotency
         self.schedule, self.heartbeats = parts.schedule, parts.heartbeats
-        self.pager = parts.pager
+        self.pager, self.recent = parts.pager, parts.recent
         self.wake = parts.wake  # a stop, or a message held for sooner
         self.stopping = threading.Event()
         self.thread = None
@@ -7787,6 +8143,8 @@ class Watcher:
                 self.read_received(kind, name, fresh=True)
             elif change.event == GONE and kind == "incoming":
                 self.inbox.remove(name)
+        if change.event == RESCAN and kind in FINAL:
+            self.list_recent(kind)
         if change.event == RESCAN and kind in ("sent", "failed", "incoming"):
             self.arrived_meanwhile(kind)
 
@@ -7797,20 +8155,30 @@ class Watcher:
                 self.reports.learn(message)
 
     def filed(self, kind, name):
-        """smsd filed a message in sent or failed: learn it, and tell the webhooks."""
-        event_type = "sms." + kind
-        if not (OUR_ID.fullmatch(name) and self.webhooks.wanted(event_type)):
-            if kind == "sent":
-                self.learn_sent(name)
+        """smsd filed a message in sent or failed: learn it, list it, and tell
+        the webhooks."""
+        if not is_message_name(name):
             return
         message = read_message(self.settings(), kind, name)
         if message is None:
             return
+        self.recent.add(message)
         if kind == "sent":
             self.reports.learn(message)
+        event_type = "sms." + kind
+        if not (OUR_ID.fullmatch(name) and self.webhooks.wanted(event_type)):
+            return
         data = {**status_data(message, None), "from": message.owner}
         at = smsd_time(message.headers.get(kind.capitalize())) or message.mtime
         self.webhooks.offer(event_type, name, message.owner, data, at)
+
+    def list_recent(self, kind):
+        """After a RESCAN: the newest files in sent/ or failed/, for the status page."""
+        config = self.settings()
+        for name in list_page(config, kind, Paging(RECENT_FILED, 0))[1]:
+            message = read_message(config, kind, name)
+            if message is not None:
+                self.recent.add(message)
 
     def reported(self, message_id, outcome):
         """A report told what became of a sent message: tell the webhooks."""
@@ -7859,6 +8227,8 @@ class Watcher:
             sender = headers.get("From", "")[:64]
             entry = InboxEntry(received, name, sender, "report" if report else "sms")
             self.inbox.add(entry)
+            if headers.get("Modem"):
+                self.recent.heard(headers["Modem"], received)
             if report is None:
                 call = "Call_type" in headers  # smsd's record of a missed call
                 self.pager.heard(name, sender, text, received, call)
@@ -7902,6 +8272,7 @@ class Parts:
         self.inbox = InboxIndex()
         self.retention = Retention(settings, self.counts)
         self.failures = RecentFailures(config.spool["failed"], clock)
+        self.recent = RecentMessages()
         self.waiters = Waiters(clock)
         self.wake = (
             threading.Event()
@@ -7946,7 +8317,11 @@ class Parts:
 
 
 def get_index(request):
-    """Where to start: the API's base, its description, its health, the README."""
+    """Where to start: the API's base, its description, its health, the README;
+    a browser is sent on to the status page."""
+    if wants_html(request):
+        see = Raw(b"", PLAIN_TEXT, (("Location", "status"),))
+        return Answer(HTTPStatus.SEE_OTHER, see)
     data = {
         "name": "smsapi",
         "version": __version__,
@@ -7968,7 +8343,8 @@ class Reply(
     collections.namedtuple("Reply", "description schema plain", defaults=(False,))
 ):
     """An answer a route documents: what it means, the name of its schema in the
-    OpenAPI components (None: text only), and whether it has a text/plain form."""
+    OpenAPI components (None: text only), and whether it has a text/plain form
+    (or the media type of the form it has)."""
 
     __slots__ = ()
 
@@ -8027,7 +8403,15 @@ ROUTES = [
     Route(
         SAFE, "/", get_index, False,
         "Where to start: the API, this document, health, the README",
-        replies={200: Reply("The index", "Index", True)},
+        replies={
+            200: Reply("The index", "Index", True),
+            303: Reply("A browser (Accept: text/html): on to the status page", None),
+        },
+    ),
+    Route(
+        SAFE, "/status", get_status_page, True,
+        "The status page, for admins: smsd, modems, queues, the last messages, pages",
+        replies={200: Reply("HTML", None, "text/html"), **error_replies(403)},
     ),
     Route(
         SAFE, API + "/monitoring", get_monitoring, False, "Is the spool usable?",
@@ -8246,7 +8630,8 @@ def openapi_response(reply):
     if reply.schema:
         content["application/json"] = {"schema": schema_ref(reply.schema)}
     if reply.plain:
-        content["text/plain"] = {"schema": STRING}
+        media = reply.plain if isinstance(reply.plain, str) else "text/plain"
+        content[media] = {"schema": STRING}
     return {"description": reply.description, "content": content}
 
 
@@ -8899,6 +9284,7 @@ def rendered(request, answer, headers):
     """(status, headers, body) of an Answer: raw, plain text if asked for and it has one, else JSON."""
     if isinstance(answer.data, Raw):
         content_type, body = answer.data.content_type, answer.data.body
+        headers = [*answer.data.headers, *headers]
     elif answer.text is not None and wants_plain_text(request):
         content_type, body = PLAIN_TEXT, answer.text.encode()
     else:

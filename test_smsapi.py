@@ -12,6 +12,8 @@ import concurrent.futures
 import contextlib
 import errno
 import grp
+import hashlib
+import html.parser
 import http.client
 import io
 import itertools
@@ -294,11 +296,11 @@ def test_module_sections_use_only_what_stands_above_them():
         "Imports", "Constants", "Errors", "Logging helpers", "The clock", "Passwords",
         "Options", "Loading the config", "Spool files", "Durable writes and journals", "HTTP helpers",
         "Authentication", "GSM and UCS2 encoding", "Spool changes", "Delivery reports",
-        "The inbox", "Retention", "Recent failures", "Waiters", "Scheduled messages",
+        "The inbox", "Retention", "Recent messages", "Waiters", "Scheduled messages",
         "Budgets", "Reading messages", "Sending", "ntfy and Gotify", "Webhooks",
             "Pages and replies",
             "Alerts and heartbeats",
-        "Health and metrics", "The watcher", "The composition root", "Routes",
+        "Health and metrics", "The status page", "The watcher", "The composition root", "Routes",
         "OpenAPI document", "Application", "Server adapters", "Command line",
     ]  # fmt: skip
 
@@ -3846,7 +3848,7 @@ def test_auth_refusals_are_401_with_challenge(app, spool, header):
         headers=headers,
     )
     assert response.status == 401
-    assert response.headers["WWW-Authenticate"].startswith('Basic realm="smsapi"')
+    assert response.headers["WWW-Authenticate"] == 'Basic realm="smsapi"'
     assert "Unauthorized access" in response.json()["error"]
     assert spool_snapshot(spool) == {}
 
@@ -7557,6 +7559,200 @@ def test_topic_reload_that_lets_more_users_publish_is_a_loosening(tmp_path, spoo
     assert smsapi.loosened(new, old) == []
     gone = smsapi.load_config(write_ini(tmp_path, spool, extra=NOTIFYING.split("[topic:backups]")[0]))
     assert "drops [topic:backups]" in smsapi.loosened(old, gone)
+
+
+###############################################################################
+# The status page ##############################################################
+###############################################################################
+
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+#: Text from strangers: each must show as these characters, and do nothing.
+HOSTILE = [
+    "<img src=x onerror=\"document.title='owned'\">",
+    "</td><script>document.title='owned'</script>",
+    "\" onmouseover=\"alert(1)",
+    "</table></section><h1>fake</h1>",
+    "a\x00b\x1bc",
+]
+
+
+class PageReader(html.parser.HTMLParser):
+    """The elements, attributes and text of an HTML page."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.attributes, self.text = [], set(), []
+        self.sections, self.title, self.at = {}, "", []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attributes.update(name for name, _ in attrs)
+        self.at.append(tag)
+        if tag == "section":
+            self.section = dict(attrs)["id"]
+            self.sections[self.section] = []
+
+    def handle_endtag(self, tag):
+        if self.at and self.at[-1] == tag:
+            self.at.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self.at[-1:] == ["title"]:
+            self.title += data
+        elif self.sections:
+            self.sections[self.section].append(data)
+
+
+def read_page(body):
+    reader = PageReader()
+    reader.feed(body.decode("utf-8"))
+    reader.close()
+    return reader
+
+
+STATUS_SECTIONS = ["smsd", "queues", "health", "sent", "received", "scheduled",
+                   "heartbeats", "budgets", "webhooks", "pages"]  # fmt: skip
+
+
+def test_status_page_is_for_admins_with_its_headers_and_no_script(app):
+    page = call(app, "GET", "/status", user="root")
+    assert page.status == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
+    body = page.body.decode()
+    style = re.search(r"<style>(.*?)</style>", body, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    assert page.headers["Content-Security-Policy"] == (
+        f"default-src 'none'; style-src 'sha256-{digest}'"
+    )  # the one style of the page, and nothing else: no script, image or font
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["Cache-Control"] == "no-store"
+    assert "Set-Cookie" not in page.headers
+    reader = read_page(page.body)
+    assert set(reader.tags) <= {"html", "head", "meta", "title", "style", "body", "header",
+                                "h1", "h2", "p", "span", "section", "div", "table", "tr",
+                                "th", "td"}  # fmt: skip
+    assert reader.attributes <= {"lang", "charset", "name", "content", "http-equiv", "id", "class"}
+    assert '<meta http-equiv="refresh" content="30">' in body
+    assert 'name="viewport"' in body
+    assert list(reader.sections) == STATUS_SECTIONS
+    assert call(app, "GET", "/status", user="lvv").status == 403
+    anonymous = call(app, "GET", "/status", headers={"Accept": BROWSER})
+    assert anonymous.status == 401
+    assert anonymous.headers["WWW-Authenticate"] == 'Basic realm="smsapi"'
+    assert call(app, "HEAD", "/status", user="root").body == b""
+
+
+def test_index_sends_a_browser_to_the_status_page_and_api_clients_json(app):
+    browser = call(app, "GET", "/", headers={"Accept": BROWSER})
+    assert browser.status == 303 and browser.headers["Location"] == "status"
+    for accept in ("*/*", "application/json", "text/html, application/json", ""):
+        index = call(app, "GET", "/", headers={"Accept": accept} if accept else {})
+        assert index.status == 200 and index.json()["name"] == "smsapi", accept
+
+
+def test_status_page_shows_every_part_of_the_box(tmp_path, spool, fake_smsd, clock):
+    extra = (GROUPS + "\n[alerts]\nack = yes\n[heartbeat:backup]\nevery = 1day\nto = @oncall\n"
+             + webhook_ini("http://127.0.0.1:9/"))  # fmt: skip
+    path = write_ini(tmp_path, spool, smsd_conf=fake_smsd.conf, extra=extra)
+    text = pathlib.Path(path).read_text().replace(
+        "[user:ann]\npassword", "[user:ann]\nmax_per_day = 5\npassword"
+    )
+    pathlib.Path(path).write_text(text)
+    app = smsapi.Application(smsapi.load_config(path), clock=clock, health_every=0)
+    try:
+        sent = send(app, ["79680000000"], "to the sent list", user="ann").json()
+        name = sent["message_id"]["79680000000"]
+        content = read_spool_file(spool, "outgoing", name).replace(
+            b"\n\n", f"\nModem: GSM1\nSent: {smsd_stamp(clock.time())}\n\n".encode(), 1
+        )
+        pathlib.Path(spool["sent"], name).write_bytes(content)  # smsd sent it
+        os.unlink(os.path.join(spool["outgoing"], name))
+        send(app, ["79160000000"], "later", user="ann", send_at="+1hour")
+        reply(app, spool, "79680000001", "hello from a phone")
+        post_alert(app, notification([alert("DiskFull", n=1)]), "to=@oncall", "root")
+        app.parts.watcher.tick()
+        page = call(app, "GET", "/status", user="root")
+        reader = read_page(page.body)
+        shown = {key: " ".join(" ".join(texts).split()) for key, texts in reader.sections.items()}
+    finally:
+        app.close()
+    assert f"smsd running smsd runs as pid {fake_smsd.process.pid}" in shown["smsd"]
+    assert "GSM1 Idle -73 dBm (Excellent) 26-11-24 22:46:20 0 0 0" in shown["smsd"]
+    assert "GSM2 Sending -109 dBm (Marginal)" in shown["smsd"]
+    assert short_time(clock.time()) in shown["smsd"]  # GSM1's last sent and received
+    assert "outgoing and checked pass" in shown["queues"] and "scheduled pass 1" in shown["queues"]
+    assert "modem:GSM2 warn Sending since" in shown["health"]
+    assert "ann 79680000000 sent 1" in shown["sent"]
+    assert "79680000001 hello from a phone" in shown["received"]
+    assert "ann 79160000000 send_at" in shown["scheduled"]
+    assert "backup ok" in shown["heartbeats"]
+    assert "ann max per day ok 2 of 5" in shown["budgets"]  # sent and scheduled
+    assert "hook pass 2 0 s" in shown["webhooks"]  # sms.sent, sms.received
+    assert "DiskFull firing" in shown["pages"] and "79680000000, 79680000001" in shown["pages"]
+
+
+def short_time(seconds):
+    return time.strftime("%m-%d %H:%M", time.localtime(seconds))
+
+
+def test_status_page_shows_hostile_text_as_text_and_runs_nothing(tmp_path, spool, fake_smsd):
+    path = write_ini(tmp_path, spool, smsd_conf=fake_smsd.conf)
+    app = smsapi.Application(smsapi.load_config(path), health_every=0)
+    try:
+        for i, text in enumerate(HOSTILE):
+            put_file(spool, "incoming", f"GSM1.x{i}", {"From": text, "Modem": text}, text)
+            put_file(spool, "sent", f"other{i}", {"From": text, "To": text, "Modem": text,
+                                                 "Sent": "26-12-06 10:00:00"}, text)  # fmt: skip
+        lines = [f"{t.splitlines()[0] if t.strip() else 'x'}:\t26-11-24 22:46:20,\t{t},\t1,\t2,\t3,"
+                 "\tssi: -73 dBm (Excellent), ber: ??" for t in HOSTILE[:4]]  # fmt: skip
+        fake_smsd.write_status("Status:\t26-11-24 22:46:21,\ti\n" + "\n".join(lines) + "\n")
+        app.parts.watcher.tick()
+        page = call(app, "GET", "/status", user="root")
+    finally:
+        app.close()
+    reader = read_page(page.body)
+    assert reader.title == f"smsapi on {socket.gethostname()}"
+    assert set(reader.tags) <= {"html", "head", "meta", "title", "style", "body", "header",
+                                "h1", "h2", "p", "span", "section", "div", "table", "tr",
+                                "th", "td"}  # fmt: skip
+    assert reader.attributes <= {"lang", "charset", "name", "content", "http-equiv", "id", "class"}
+    text = "".join(reader.text)
+    for hostile in HOSTILE[:4]:
+        assert text.count(hostile) >= 3, hostile  # received, sent (from, to), modem
+    assert "a\ufffdb\ufffdc" in text and "\x00" not in text
+
+
+def test_status_page_lists_no_big_directory(tmp_path, spool, monkeypatch):
+    app = smsapi.Application(smsapi.load_config(write_ini(tmp_path, spool)), health_every=0)
+    for i in range(300):
+        put_file(spool, "sent", f"old{i:04d}", {"To": "79680000000", "Sent": "26-12-06 10:00:00"})
+        put_file(spool, "failed", f"bad{i:04d}", {"To": "79680000000"})
+    app.parts.watcher.tick()  # the start's rescan lists them, once
+    listed = []
+    real_listdir, real_scandir = os.listdir, os.scandir
+    monkeypatch.setattr(os, "listdir", lambda p=".": listed.append(p) or real_listdir(p))
+    monkeypatch.setattr(os, "scandir", lambda p=".": listed.append(p) or real_scandir(p))
+    page = call(app, "GET", "/status", user="root")
+    app.close()
+    assert page.status == 200
+    assert not {spool["sent"], spool["failed"], spool["incoming"]} & set(map(str, listed))
+    sent = read_page(page.body).sections["sent"]
+    assert sum(t == "sent" for t in sent) + sum(t == "failed" for t in sent) == 50
+
+
+@pytest.mark.parametrize("value", HOSTILE + ["plain", "", "&amp;", 42, None])
+def test_status_cell_escapes_every_value(value):
+    shown = smsapi.cell(value)
+    reader = read_page(f"<td>{shown}</td>".encode())
+    assert reader.tags in (["td"], ["td", "span"])
+    if value is None:
+        assert "".join(reader.text) == "–"
+    else:
+        expected = smsapi.CONTROL_CHARACTERS.sub("\ufffd", str(value))
+        assert "".join(reader.text) == expected
+    badge = read_page(smsapi.cell(smsapi.Badge(str(value))).encode())
+    assert badge.tags == ["span"] and badge.attributes == {"class"}
 
 
 ###############################################################################
