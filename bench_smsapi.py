@@ -41,6 +41,7 @@ TARGETS = {  # figure -> (comparison, limit)
     "idle_cpu_20k_awaiting_s": ("<", 0.05),
     "report_send_20k_vs_empty": ("<", 1.5),
     "health_100k_failed_vs_empty": ("<=", 2.0),
+    "status_page_100k_vs_empty": ("<=", 2.0),
     "rss_ten_users_growth_mb": ("<=", 6),
 }
 
@@ -385,6 +386,7 @@ def bench(seconds, workdir):
     results.update(bench_scrape(smsapi, lib, workdir, user_hash))
     results.update(bench_awaiting(smsapi, lib, workdir, user_hash, token))
     results.update(bench_health(smsapi, lib, workdir, user_hash, token))
+    results.update(bench_status_page(smsapi, lib, workdir, user_hash))
     results.update(bench_users(smsapi, lib, workdir))
     return results
 
@@ -467,6 +469,36 @@ def bench_health(smsapi, lib, workdir, user_hash, token, count=100_000):
     return results
 
 
+def bench_status_page(smsapi, lib, workdir, user_hash, count=100_000):
+    """9. The status page with count files in sent/ and as many in failed/,
+    against an empty spool: built from indexes, it lists neither directory."""
+    admin = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
+    servers = {}
+    for name, files in (("empty", 0), ("full", count)):
+        root = os.path.join(workdir, "page-" + name)
+        ini, _ = make_spool(smsapi, root, user_hash, files=files)
+        now = time.time()
+        for n in range(files):  # one a second: the last hour's few thousand among them
+            path = os.path.join(root, "failed", f"GSM1.f{n}")
+            with open(path, "w") as file:
+                file.write("To: 79680000000\nFail_reason: +CMS ERROR: 500\n\nhello")
+            os.utime(path, (now - files + n, now - files + n))
+        servers[name] = start_smsapi(lib, ini, log_in(workdir))
+        servers[name].wait_for_log("delivery report index caught up")
+    times = {"empty": [], "full": []}
+    for _ in range(6):  # apart by more than a second: /health's checks are made anew
+        for name, server in servers.items():
+            times[name].append(median_ms(server.url, "/status", admin, 1))
+        time.sleep(1.1)
+    results = {f"status_page_{name}_ms": statistics.median(t) for name, t in times.items()}
+    results["status_page_100k_vs_empty"] = (
+        results["status_page_full_ms"] / results["status_page_empty_ms"]
+    )
+    for server in servers.values():
+        server.stop()
+    return results
+
+
 def bench_awaiting(smsapi, lib, workdir, user_hash, token, count=20_000):
     """7. The watcher's cost with count messages awaiting reports (and count queued)."""
     results, servers = {}, {}
@@ -536,6 +568,8 @@ def bench_only(part, workdir):
         return bench_scrape(smsapi, lib, workdir, user_hash)
     if part == "users":
         return bench_users(smsapi, lib, workdir)
+    if part == "status-page":
+        return bench_status_page(smsapi, lib, workdir, user_hash)
     measure = {"awaiting": bench_awaiting, "health": bench_health}[part]
     return measure(smsapi, lib, workdir, user_hash, token)
 
@@ -568,10 +602,10 @@ def main():
     )
     parser.add_argument(
         "--only",
-        choices=["startup", "scrape", "awaiting", "health", "users"],
+        choices=["startup", "scrape", "awaiting", "health", "status-page", "users"],
         help="measure only the start-up, a scrape with 100,000 queued, the watcher"
-        " with 20,000 messages awaiting reports, /health with 100,000 failed, or"
-        " memory after ten users log in",
+        " with 20,000 messages awaiting reports, /health with 100,000 failed, the"
+        " status page with 100,000 sent and failed, or memory after ten users log in",
     )
     args = parser.parse_args()
     if not shutil.which("wrk"):

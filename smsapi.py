@@ -3393,6 +3393,7 @@ class RecentFailures:
         self.directory, self.clock = directory, clock
         self.lock = threading.Lock()
         self.times = {}  # file name -> its mtime, within the last hour
+        self.heap = []  # (mtime, name): the oldest leaves first, when its hour is up
 
     def arrived(self, name):
         try:
@@ -3402,6 +3403,7 @@ class RecentFailures:
         if is_message_name(name) and within_the_hour(mtime, self.clock.time()):
             with self.lock:
                 self.times[name] = mtime
+                heapq.heappush(self.heap, (mtime, name))
 
     def gone(self, name):
         with self.lock:
@@ -3417,12 +3419,18 @@ class RecentFailures:
                         found[entry.name] = mtime
         with self.lock:
             self.times = found
+            self.heap = [(mtime, name) for name, mtime in found.items()]
+            heapq.heapify(self.heap)
 
     def count(self):
-        """How many failed within the last hour (older ones are forgotten now)."""
+        """How many failed within the last hour (older ones are forgotten now:
+        each once, however often it is asked)."""
         cutoff = self.clock.time() - 3600
         with self.lock:
-            self.times = {n: t for n, t in self.times.items() if t > cutoff}
+            while self.heap and self.heap[0][0] <= cutoff:
+                mtime, name = heapq.heappop(self.heap)
+                if self.times.get(name) == mtime:
+                    del self.times[name]
             return len(self.times)
 
 
@@ -7757,7 +7765,7 @@ p{margin:.3em 0}.scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;background:#fff}
 th,td{text-align:left;vertical-align:top;padding:4px 6px;border-bottom:1px solid #ddd;
 white-space:nowrap}
-td.w{white-space:pre-wrap;overflow-wrap:anywhere;min-width:12em}
+td.w{white-space:pre-wrap;overflow-wrap:anywhere;min-width:9em}
 th{background:#eee;font-weight:600}
 .b{display:inline-block;padding:0 6px;border-radius:4px;font-weight:600;white-space:nowrap}
 .good{background:#d7f2dc;color:#0c5a1c}.warn{background:#fde9c4;color:#6b4400}

@@ -7619,7 +7619,7 @@ def test_status_page_is_for_admins_with_its_headers_and_no_script(app):
     page = call(app, "GET", "/status", user="root")
     assert page.status == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
     body = page.body.decode()
-    style = re.search(r"<style>(.*?)</style>", body, re.S).group(1)
+    style = re.search(r"<style>(.*?)</style>", body, re.DOTALL).group(1)
     digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
     assert page.headers["Content-Security-Policy"] == (
         f"default-src 'none'; style-src 'sha256-{digest}'"
@@ -7661,6 +7661,7 @@ def test_status_page_shows_every_part_of_the_box(tmp_path, spool, fake_smsd, clo
     pathlib.Path(path).write_text(text)
     app = smsapi.Application(smsapi.load_config(path), clock=clock, health_every=0)
     try:
+        app.parts.watcher.tick()  # the start's look at the spool: what follows is news
         sent = send(app, ["79680000000"], "to the sent list", user="ann").json()
         name = sent["message_id"]["79680000000"]
         content = read_spool_file(spool, "outgoing", name).replace(
@@ -7694,6 +7695,22 @@ def test_status_page_shows_every_part_of_the_box(tmp_path, spool, fake_smsd, clo
 
 def short_time(seconds):
     return time.strftime("%m-%d %H:%M", time.localtime(seconds))
+
+
+def test_recent_failures_leave_the_count_when_their_hour_is_up(tmp_path, clock):
+    failures = smsapi.RecentFailures(str(tmp_path), clock)
+    for name, age in (("GSM1.a", 10), ("GSM1.b", 1800), ("GSM1.c", 7200)):
+        path = tmp_path / name
+        path.write_text("To: 79680000000\n\nhi\n")
+        os.utime(path, (clock.time() - age, clock.time() - age))
+        failures.arrived(name)
+    assert failures.count() == 2  # c failed before the last hour
+    clock.advance(1800)
+    assert failures.count() == 1  # b's hour is up
+    failures.arrived("GSM1.a")  # the same file again
+    assert failures.count() == 1
+    failures.gone("GSM1.a")
+    assert failures.count() == 0
 
 
 def test_status_page_shows_hostile_text_as_text_and_runs_nothing(tmp_path, spool, fake_smsd):
@@ -8462,6 +8479,74 @@ def test_live_another_account_cannot_lock_out_the_mapped_one(tmp_path, spool, wa
         )
     finally:
         server.stop()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs a browser: chromium (Debian package chromium)"
+)
+
+
+def browse(tmp_path, url, *args):
+    """The DOM headless chromium makes of url (after any redirect), or what it
+    prints when args say what else to do."""
+    profile = os.path.join(str(tmp_path), "chromium")
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={profile}", *(args or ["--dump-dom"]), url],
+        capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def png_size(path):
+    """(width, height) of a PNG file, from its header."""
+    with open(path, "rb") as file:
+        head = file.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", head[16:24])
+
+
+@needs_chromium
+def test_browser_shows_the_status_page_to_an_admin_and_nothing_runs(tmp_path, spool):
+    for i, text in enumerate(HOSTILE[:4]):
+        put_file(spool, "incoming", f"GSM1.h{i}", {"From": text, "Received": "26-12-06 09:00:00"}, text)
+    put_file(spool, "sent", "other-tool", {"From": "cron", "To": "79681110000", "Modem": "GSM1",
+                                           "Sent": "26-12-06 09:30:00"}, "backup done")  # fmt: skip
+    extra = "\n[heartbeat:backup]\nevery = 1day\nto = 79680000000\n"
+    server = Server(write_ini(tmp_path, spool, extra=extra), tmp_path)
+    try:
+        assert server.request("POST", "/api/v1.0/heartbeats/backup", {}, "lvv")[0] == 200
+        login = server.url.replace("http://", f"http://root:{PASSWORDS['root']}@")
+        dom = browse(tmp_path, login + "/")  # the index sends a browser on
+        screens = os.environ.get("SMSAPI_SCREENSHOTS") or str(tmp_path)
+        os.makedirs(screens, exist_ok=True)
+        for width, height in ((1280, 800), (390, 844)):
+            shot = os.path.join(screens, f"status-{width}x{height}.png")
+            browse(tmp_path, login + "/status", f"--window-size={width},{height}",
+                   f"--screenshot={shot}")  # fmt: skip
+            assert png_size(shot) == (width, height)
+        anonymous = browse(tmp_path, server.url + "/status")  # it cancels the login
+        challenge = server.request("GET", "/status", headers={"Accept": BROWSER})
+        user = browse(tmp_path, server.url.replace("http://", f"http://lvv:{PASSWORDS['lvv']}@") + "/status")
+    finally:
+        server.stop()
+    reader = read_page(dom.encode())
+    assert reader.title == f"smsapi on {socket.gethostname()}"  # no script changed it
+    assert list(reader.sections) == STATUS_SECTIONS
+    assert set(reader.tags) <= {"html", "head", "meta", "title", "style", "body", "header",
+                                "h1", "h2", "p", "span", "section", "div", "table", "tbody",
+                                "tr", "th", "td"}  # fmt: skip
+    assert reader.attributes <= {"lang", "charset", "name", "content", "http-equiv", "id", "class"}
+    received = " ".join(reader.sections["received"])
+    assert all(text in received for text in HOSTILE[:4])
+    assert "cron 79681110000 sent 1" in " ".join(" ".join(reader.sections["sent"]).split())
+    assert "backup ok" in " ".join(" ".join(reader.sections["heartbeats"]).split())
+    headers = {k.lower(): v for k, v in challenge[1].items()}
+    assert challenge[0] == 401 and headers["www-authenticate"] == 'Basic realm="smsapi"'
+    assert "<section" not in anonymous
+    assert "The status page is for admins" in user and "<section" not in user
 
 
 ###############################################################################
