@@ -347,6 +347,21 @@ GSM_BASIC = frozenset(
 GSM_EXTENSION = frozenset("\f^{}\\[~]|€")  # each costs an escape septet too
 GSM_SINGLE, GSM_PART = 160, 153  # septets in one message / in each part
 UCS2_SINGLE, UCS2_PART = 70, 67  # UTF-16 code units likewise
+#: Characters outside the GSM alphabet with a plain look-alike in it, for a
+#: send that asks to substitute (and for alerts): typographic quotes, dashes,
+#: the ellipsis, Unicode spaces, bullets, signs and arrows.
+LOOKALIKES = {
+    **dict.fromkeys("‘’‚‛′´`", "'"),
+    **dict.fromkeys("“”„‟″«»", '"'),
+    **dict.fromkeys("‐‑‒–—―−", "-"),
+    **dict.fromkeys("\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007", " "),
+    **dict.fromkeys("\u2008\u2009\u200a\u202f\u205f\u3000", " "),
+    **dict.fromkeys("\u200b\u200c\u200d\u2060\ufeff", ""),
+    **dict.fromkeys("•‣◦∙·", "*"),
+    "…": "...", "×": "x", "÷": "/", "™": "TM", "©": "(c)", "®": "(R)", "‹": "<", "›": ">",
+    "≤": "<=", "≥": ">=", "≠": "!=", "→": "->", "←": "<-", "↔": "<->", "⇒": "=>",
+    "⇐": "<=", "↑": "^", "↓": "v",
+}  # fmt: skip
 
 
 ###############################################################################
@@ -1019,6 +1034,8 @@ OPTIONS = [
            "numbers and `@group`s this user's Gotify messages go to"),
     option("alerts", "max_parts", "1", as_count,
            "the longest alert SMS, in parts; alerts that do not fit are counted as `+N more`"),
+    option("alerts", "substitute", "yes", as_bool,
+           "replace typographic characters (quotes, dashes, `…`, Unicode spaces) by plain look-alikes when that keeps an alert SMS in the GSM alphabet"),
     option("alerts", "dedupe_window", "5min", as_duration,
            "a notification identical to one sent within this is not sent again"),
     option("alerts", "template", None, as_template,
@@ -2162,10 +2179,10 @@ def form_fields(query):
             for value in query["mobiles"]
             for m in value.split(",")
         ]
-    for name in ("flash", "report"):
+    for name in ("flash", "report", "substitute", "truncate"):
         if name in fields:
             fields[name] = form_bool(name, fields[name])
-    for name in ("retries", "class"):
+    for name in ("retries", "class", "max_parts"):
         if name in fields and is_number(fields[name].strip()):
             fields[name] = int(fields[name])
     return fields
@@ -2630,6 +2647,20 @@ def fitted(text, max_parts, after=""):
         else:
             past = middle
     return text[:fits] + ".."
+
+
+def with_lookalikes(text):
+    """(text with its LOOKALIKES replaced, how many were) when that keeps it in
+    the GSM alphabet in no more parts; else (text, 0): a text that goes UCS2
+    anyway is sent as posted."""
+    count = sum(char in LOOKALIKES for char in text)
+    if not count:
+        return text, 0
+    plain = "".join(LOOKALIKES.get(char, char) for char in text)
+    encoding = encode_text(plain)
+    if encoding.alphabet != "GSM" or encoding.parts > encode_text(text).parts:
+        return text, 0
+    return plain, count
 
 
 def non_gsm_chars(text):
@@ -4032,8 +4063,9 @@ def visible_name(request, kind, name):
 class SendPlan(
     collections.namedtuple(
         "SendPlan",
-        "recipients numbers text encoding options report timing suffixes",
-        defaults=(None,),
+        "recipients numbers text encoding options report timing suffixes"
+        " substituted truncated",
+        defaults=(None, None, False),
     )
 ):
     """A validated send request: everything needed to write its files.
@@ -4041,7 +4073,9 @@ class SendPlan(
     recipients maps each mobile as given to its normalised number; numbers
     are those, each once; options are the smsd headers [(header, value)];
     report is whether it asks for one; timing, when it may go; suffixes, if
-    any, {number: what ends its text} (a page's reply code).
+    any, {number: what ends its text} (a page's reply code); substituted, how
+    many look-alikes replaced characters (None: it did not ask); truncated,
+    whether the text was cut to fit.
     """
 
     __slots__ = ()
@@ -4092,6 +4126,20 @@ SEND_FIELDS = {
     "queue": {"type": "string"},
     "flash": {"type": "boolean"},
     "report": {"type": "boolean"},
+    "substitute": {
+        "type": "boolean",
+        "description": "replace typographic characters by plain look-alikes when"
+        " that keeps the text in the GSM alphabet",
+    },
+    "max_parts": {
+        "type": "integer",
+        "minimum": 1,
+        "description": "the most parts this text may take (at most [server] max_parts)",
+    },
+    "truncate": {
+        "type": "boolean",
+        "description": "cut a text that needs more parts to fit, ending with ..",
+    },
     "priority": {"type": "string", "enum": list(PRIORITIES)},
     **{
         name: {
@@ -4130,12 +4178,11 @@ def plan_fields(request, fields):
         )
     recipients = read_recipients(request, fields.get("mobiles"))
     text = read_text(fields.get("text"))
+    substituted = None
+    if fields.get("substitute") is not None and expect(fields, "substitute", bool):
+        text, substituted = with_lookalikes(text)
+    text, truncated = capped(request.config, fields, text)
     encoding = encode_text(text)
-    if encoding.parts > request.config.max_parts:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST,
-            f"Text needs {encoding.parts} parts; the limit is {request.config.max_parts}",
-        )
     user, config = request.user, request.config
     report = fields.get("report")
     if report is None:
@@ -4144,7 +4191,25 @@ def plan_fields(request, fields):
     options = message_options(config, fields)
     numbers = list(dict.fromkeys(recipients.values()))
     timing = read_timing(request, fields, ("Priority", "High") in options)
-    return SendPlan(recipients, numbers, text, encoding, options, bool(report), timing)
+    return SendPlan(recipients, numbers, text, encoding, options, bool(report), timing,
+                    None, substituted, truncated)  # fmt: skip
+
+
+def capped(config, fields, text):
+    """(text, whether it was cut): within the request's max_parts (at most
+    [server] max_parts), cut to fit and ending with .. when it asks to
+    truncate; 400 when it does not fit and may not be cut."""
+    limit = config.max_parts
+    if fields.get("max_parts") is not None:
+        limit = expect(fields, "max_parts", int, 1, limit)
+    parts = encode_text(text).parts
+    if parts <= limit:
+        return text, False
+    if fields.get("truncate") is None or not expect(fields, "truncate", bool):
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"Text needs {parts} parts; the limit is {limit}"
+        )
+    return fitted(text, limit), True
 
 
 def read_recipients(request, mobiles):
@@ -4367,6 +4432,15 @@ def within(hours, minute):
     return start <= minute < end if start < end else minute >= start or minute < end
 
 
+def fitting(plan):
+    """What a send's answer says of its text's fitting: substituted when it asked
+    for look-alikes, truncated when it was cut."""
+    return {
+        **({"substituted": plan.substituted} if plan.substituted is not None else {}),
+        **({"truncated": True} if plan.truncated else {}),
+    }
+
+
 def describe_plan(plan):
     """What a send would do, for ?dry_run=1."""
     non_gsm = non_gsm_chars(plan.text)
@@ -4379,6 +4453,8 @@ def describe_plan(plan):
         "non_gsm_characters": non_gsm,
         "headers": dict(plan.options),
         "sent_text": plan.text,
+        "substituted": plan.substituted or 0,
+        "truncated": plan.truncated,
         **plan.timing.answer(),
     }
     answer.pop("status", None)
@@ -4635,6 +4711,7 @@ class Sender:
             "parts_count": max(plan.encoding_for(n).parts for n in plan.numbers),
             "sent_text": plan.text,
             "encoding": plan.encoding.alphabet,
+            **fitting(plan),
             **timing.answer(),
         }
 
@@ -6885,7 +6962,8 @@ def alert_text(payload, status, alerts, options, after=""):
     def text(count):
         rest = len(lines) - count
         listed = "; ".join(lines[:count]) + (f" +{rest} more" if rest else "")
-        return template.safe_substitute(values, alerts=listed.strip())
+        made = template.safe_substitute(values, alerts=listed.strip())
+        return with_lookalikes(made)[0] if options["substitute"] else made
 
     def fits(count):
         return encode_text(text(count) + after).parts <= options["max_parts"]
@@ -7561,6 +7639,13 @@ class Metrics:
         out.sample("", {"state": "accepted"}, accepted)
         for state in ("sent", "failed", "delivered", "undelivered"):
             out.sample("", {"state": state}, counts[state])
+        out.family(
+            "smsapi_parts_total",
+            "counter",
+            "SMS parts smsd sent (filed in sent/), by encoding.",
+        )
+        for alphabet in ("GSM", "UCS2"):
+            out.sample("", {"encoding": alphabet.lower()}, counts["parts", alphabet])
         out.one(
             "smsapi_retention_removed_total",
             "counter",
@@ -8173,6 +8258,9 @@ class Watcher:
         self.recent.add(message)
         if kind == "sent":
             self.reports.learn(message)
+            if message.text is not None:
+                encoding = encode_text(message.text)
+                self.counts["parts", encoding.alphabet] += encoding.parts
         event_type = "sms." + kind
         if not (OUR_ID.fullmatch(name) and self.webhooks.wanted(event_type)):
             return
@@ -8896,6 +8984,8 @@ SCHEMAS = {
             "parts_count": {"type": "integer", "minimum": 1},
             "sent_text": STRING,
             "encoding": {"type": "string", "enum": ["GSM", "UCS2"]},
+            "substituted": {"type": "integer", "minimum": 0},
+            "truncated": {"type": "boolean"},
             "messages": {
                 "type": "object",
                 "additionalProperties": MESSAGE_STATUS,
@@ -8926,6 +9016,8 @@ SCHEMAS = {
             "non_gsm_characters": {"type": "array", "items": STRING},
             "headers": {"type": "object", "additionalProperties": STRING},
             "sent_text": STRING,
+            "substituted": {"type": "integer", "minimum": 0},
+            "truncated": {"type": "boolean"},
             "ucs2_reason": STRING,
             "send_at": STRING,
             "held": {"type": "string", "enum": ["quiet_hours"]},

@@ -2338,6 +2338,8 @@ def test_dry_run_describes_and_writes_nothing(app, spool):
         "non_gsm_characters": ["`", "ç"],
         "headers": {"Flash": "yes"},
         "sent_text": "Voilà ça `x`",
+        "substituted": 0,
+        "truncated": False,
     }
     straddle = post_send(
         app,
@@ -4913,11 +4915,87 @@ def test_alert_text_costs_a_few_fittings_however_many_alerts(alert_app, monkeypa
     counted = smsapi.encode_text
     monkeypatch.setattr(smsapi, "encode_text", lambda t: fittings.append(1) or counted(t))
     for template in ("$head $alerts", "$head"):  # with no $alerts, every count is one text
-        options = {"max_parts": 1, "template": template}
+        options = {"max_parts": 1, "template": template, "substitute": True}
         alerts = [alert("A", n=n) for n in range(20000)]
         fittings.clear()
         smsapi.alert_text(notification(alerts), "firing", alerts, options)
         assert len(fittings) <= 40
+
+
+def test_lookalikes_leave_the_gsm_alphabet_for_it():
+    gsm = smsapi.GSM_BASIC | smsapi.GSM_EXTENSION
+    assert not set(smsapi.LOOKALIKES) & gsm
+    assert set("".join(smsapi.LOOKALIKES.values())) <= smsapi.GSM_BASIC | {"^"}
+
+
+def test_send_substitute_replaces_lookalikes_only_when_that_keeps_it_gsm(app, spool):
+    typographic = "Disk “full” – 95 % … on db1\u00a0now"
+    sent = send(app, ["79680000000"], typographic, substitute=True)
+    data = sent.json()
+    assert sent.status == 201 and data["substituted"] == 5 and data["encoding"] == "GSM"
+    assert data["sent_text"] == 'Disk "full" - 95 % ... on db1 now'
+    assert texts_in(spool) == {"79680000000": data["sent_text"]}
+    posted = send(app, ["79680000001"], typographic).json()  # not asked: as posted
+    assert posted["sent_text"] == typographic and posted["encoding"] == "UCS2"
+    assert "substituted" not in posted
+    cyrillic = send(app, ["79680000002"], "Диск “полон”", substitute=True).json()
+    assert cyrillic["sent_text"] == "Диск “полон”" and cyrillic["substituted"] == 0
+    form = call(app, "POST", "/api/v1.0/sms/outgoing", "mobiles=79680000003&text=a…b&substitute=yes".encode(),
+                "lvv", FORM)  # fmt: skip
+    assert form.status == 201 and form.json()["sent_text"] == "a...b"
+    bad = send(app, ["79680000004"], "x", substitute="yes")
+    assert bad.status == 400 and bad.json()["error"] == "substitute must be yes/no (a boolean)"
+
+
+def test_send_max_parts_refuses_or_truncates_and_writes_nothing_on_refusal(app, spool):
+    three = "word " * 80  # 400 septets: three parts
+    refused = send(app, ["79680000000"], three, max_parts=2)
+    assert refused.status == 400 and refused.json()["error"] == "Text needs 3 parts; the limit is 2"
+    for wrong in (0, app.config.max_parts + 1, "2", True):
+        answer = send(app, ["79680000000"], three, max_parts=wrong)
+        assert answer.status == 400, wrong
+    assert send(app, ["79680000000"], three, max_parts=2, truncate="yes").status == 400
+    assert os.listdir(spool["outgoing"]) == []
+    cut = send(app, ["79680000000"], three, max_parts=2, truncate=True).json()
+    assert cut["truncated"] is True and cut["parts_count"] == 2
+    assert cut["sent_text"].endswith("..") and three.startswith(cut["sent_text"][:-2])
+    assert smsapi.encode_text(cut["sent_text"] + "x").parts == 3  # nothing more fits
+    whole = send(app, ["79680000001"], three, max_parts=3, truncate=True).json()
+    assert whole["sent_text"] == three and "truncated" not in whole
+    endless = "x" * 160 * (app.config.max_parts + 1)
+    capped = send(app, ["79680000002"], endless, truncate=True).json()
+    assert capped["parts_count"] == app.config.max_parts and capped["truncated"]
+    dry = post_send(app, {"mobiles": ["79680000003"], "text": three, "max_parts": 1,
+                          "truncate": True, "substitute": True}, "lvv", query="dry_run=1")  # fmt: skip
+    assert (dry.json()["truncated"], dry.json()["substituted"], dry.json()["parts_count"]) == (True, 0, 1)
+
+
+def test_alert_text_takes_lookalikes_unless_told_not_to(tmp_path, spool):
+    payload = notification([alert("DiskFull", "db1", "disk “/var” is 99% full…", n=1)])
+    for setting, expected in (("yes", "GSM"), ("no", "UCS2")):
+        for name in os.listdir(spool["outgoing"]):
+            os.unlink(os.path.join(spool["outgoing"], name))
+        extra = ALERTING + f"\n[alerts]\nsubstitute = {setting}\n"
+        root = tmp_path / setting  # a state of its own: not a repeat of the other
+        root.mkdir()
+        app = smsapi.Application(smsapi.load_config(write_ini(root, spool, extra=extra)))
+        answer = post_alert(app, payload, "to=79680000000", "lvv")
+        app.close()
+        assert answer.status == 201 and answer.json()["encoding"] == expected, setting
+        plain = '"/var" is 99% full...' in answer.json()["sent_text"]
+        assert plain == (setting == "yes")
+
+
+def test_metrics_count_the_parts_smsd_sent_by_encoding(app, spool):
+    app.parts.watcher.tick()
+    gsm = sent_id(app, text="word " * 40)  # two parts
+    ucs2 = sent_id(app, "79680000001", text="Привет")
+    for message_id, ref in ((gsm, 1), (ucs2, 2)):
+        smsd_sends(spool, message_id, ref)
+    app.parts.watcher.tick()
+    samples = scrape(app, user="root")
+    assert metric(samples, "smsapi_parts_total", encoding="gsm") == 2
+    assert metric(samples, "smsapi_parts_total", encoding="ucs2") == 1
 
 
 def test_alert_duplicate_after_the_window_is_sent_again(tmp_path, spool, clock):
@@ -5264,7 +5342,7 @@ def test_reply_parser_never_raises_nor_reads_a_code_from_other_text(text):
 )
 def test_page_text_and_its_reply_code_fit_max_parts(summaries, max_parts, code):
     alerts = [alert("Alert", f"host{n}", s, n=n) for n, s in enumerate(summaries)]
-    options = {"max_parts": max_parts, "template": None}
+    options = {"max_parts": max_parts, "template": None, "substitute": True}
     after = smsapi.page_suffix(code)
     text = smsapi.alert_text(notification(alerts), "firing", alerts, options, after)
     assert smsapi.encode_text(text + after).parts <= max_parts
@@ -9320,6 +9398,19 @@ def test_smsd_apprise_and_curl_speak_ntfy_and_gotify_to_the_phone(stack):
     assert "POST / 200 user=lvv" in log and "POST /message 200 user=pve" in log
     assert token not in log
     assert pve not in log
+
+
+@needs_smsd
+def test_smsd_substituted_and_truncated_texts_arrive_as_answered(stack):
+    typographic, long = "Disk “full” – 95 % … on db1", "word " * 80
+    fitted = post(stack, ["79680000830"], typographic, substitute=True)[1]
+    cut = post(stack, ["79680000831"], long, max_parts=2, truncate=True)[1]
+    assert fitted["substituted"] == 4 and cut["truncated"] and cut["parts_count"] == 2
+    for number, answer in (("79680000830", fitted), ("79680000831", cut)):
+        stack.wait_final(answer["message_id"][number])
+        parts = stack.modem.parts_to(number)
+        assert on_air_text(parts) == answer["sent_text"]
+        assert len(parts) == answer["parts_count"]
 
 
 @needs_smsd
