@@ -6459,7 +6459,10 @@ class Receiver:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
+                length = int(self.headers["Content-Length"])
+                body = self.rfile.read(length)
+                if len(body) < length:  # cut off by the sender's stop: no delivery
+                    return
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 with receiver.lock:
                     answer = receiver.answers.pop(0) if receiver.answers else 204
