@@ -7978,19 +7978,16 @@ def smsd_section(config, checks, modem_times):
     word = {"pass": "running", "fail": "not running"}.get(smsd["status"], "unknown")
     lines = [f"<p>smsd {cell(Badge(word))} {cell(smsd['output'])}"
              + (f", since {cell(since)}" if since else "") + "</p>"]  # fmt: skip
-    modems = [c for name, c in sorted(checks.items()) if name.startswith("modem:")]
     rows = []
-    for check in modems:
-        name = check.get("modem")
-        counted = check.get("counters", {})
-        times = modem_times.get(name or "", {})
-        rows.append([
-            name or check["output"], Badge(check.get("state", check["status"])),
-            check.get("signal"), check.get("since"),
-            *(counted.get(k) for k in ("sent", "failed", "received")),
-            times.get("sent") and short_time(times["sent"]),
-            times.get("received") and short_time(times["received"]),
-        ])  # fmt: skip
+    for name, check in sorted(checks.items()):
+        if name.startswith("modem:"):
+            counted = check.get("counters", {})
+            last = modem_times.get(check["modem"], {})
+            rows.append([
+                check["modem"], Badge(check["state"]), check["signal"], check["since"],
+                *(counted.get(k) for k in ("sent", "failed", "received")),
+                *(short_time(last[k]) if k in last else None for k in ("sent", "received")),
+            ])  # fmt: skip
     headings = ["modem", "state", "signal", "since", "sent", "failed", "received",
                 "last sent", "last received"]  # fmt: skip
     return "".join(lines) + table(
