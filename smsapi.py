@@ -7866,12 +7866,18 @@ STATUS_HEADERS = (
     ("Cache-Control", "no-store"),
     ("X-Content-Type-Options", "nosniff"),
 )  # fmt: skip
-#: The words a badge shows in each colour (a space in a word is a -; any
-#: other word: info).
+#: The colour of each word a badge may show (any other word: info).
 BADGE_COLOURS = {
-    "good": "pass ok running sent delivered acknowledged resolved Idle Sending Receiving",
-    "warn": "warn queued sending scheduled firing disabled unknown",
-    "bad": "fail failed undelivered missed not-running Trouble Blocked used-up",
+    word.replace("-", " "): colour
+    for colour, words in (
+        (
+            "good",
+            "pass ok running sent delivered acknowledged resolved Idle Sending Receiving",
+        ),
+        ("warn", "warn queued sending scheduled firing disabled unknown"),
+        ("bad", "fail failed undelivered missed not-running Trouble Blocked used-up"),
+    )
+    for word in words.split()
 }
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -7929,15 +7935,9 @@ def cell(value):
     if value is None:
         return '<span class="none">–</span>'
     if isinstance(value, Badge):
-        colour = badge_colour(value.word)
+        colour = BADGE_COLOURS.get(value.word, "info")
         return f'<span class="b {colour}">{cell(value.word)}</span>'
     return html.escape(CONTROL_CHARACTERS.sub("\ufffd", str(value)), quote=True)
-
-
-def badge_colour(word):
-    """The colour a badge shows word in."""
-    key = word.replace(" ", "-")
-    return next((c for c, ws in BADGE_COLOURS.items() if key in ws.split()), "info")
 
 
 def table(headings, rows, empty, wrapped=()):
@@ -8966,6 +8966,16 @@ WEBHOOK_EVENT = {
 }
 
 
+#: What an ntfy publish holds, and its answer says again.
+NTFY_PUBLISHED = {
+    "topic": STRING,
+    "message": STRING,
+    "title": STRING,
+    "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+    "tags": {"type": "array", "items": STRING},
+}
+
+
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": STRING}},
     "OpenAPI": {"type": "object"},
@@ -9080,13 +9090,7 @@ SCHEMAS = {
     "NtfyPublish": {
         "type": "object",
         "required": ["topic"],
-        "properties": {
-            "topic": STRING,
-            "message": STRING,
-            "title": STRING,
-            "priority": {"type": "integer", "minimum": 1, "maximum": 5},
-            "tags": {"type": "array", "items": STRING},
-        },
+        "properties": NTFY_PUBLISHED,
     },
     "NtfyMessage": {
         "type": "object",
@@ -9095,11 +9099,7 @@ SCHEMAS = {
             "id": STRING,
             "time": {"type": "integer"},
             "event": {"type": "string", "enum": ["message"]},
-            "topic": STRING,
-            "message": STRING,
-            "title": STRING,
-            "priority": {"type": "integer", "minimum": 1, "maximum": 5},
-            "tags": {"type": "array", "items": STRING},
+            **NTFY_PUBLISHED,
         },
     },
     "GotifyMessage": {

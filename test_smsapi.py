@@ -7751,7 +7751,9 @@ def test_status_page_shows_every_part_of_the_box(tmp_path, spool, fake_smsd, clo
         pathlib.Path(spool["sent"], name).write_bytes(content)  # smsd sent it
         os.unlink(os.path.join(spool["outgoing"], name))
         send(app, ["79160000000"], "later", user="ann", send_at="+1hour")
-        reply(app, spool, "79680000001", "hello from a phone")
+        earlier = clock.time() - 7200  # smsd's Received: time, and the modem it came in on
+        put_file(spool, "incoming", "GSM1.hello", {"From": "79680000001", "Modem": "GSM1",
+                                                   "Received": smsd_stamp(earlier)}, "hello from a phone")  # fmt: skip
         post_alert(app, notification([alert("DiskFull", n=1)]), "to=@oncall", "root")
         app.parts.watcher.tick()
         page = call(app, "GET", "/status", user="root")
@@ -7762,7 +7764,8 @@ def test_status_page_shows_every_part_of_the_box(tmp_path, spool, fake_smsd, clo
     assert f"smsd running smsd runs as pid {fake_smsd.process.pid}" in shown["smsd"]
     assert "GSM1 Idle -73 dBm (Excellent) 26-11-24 22:46:20 0 0 0" in shown["smsd"]
     assert "GSM2 Sending -109 dBm (Marginal)" in shown["smsd"]
-    assert short_time(clock.time()) in shown["smsd"]  # GSM1's last sent and received
+    last = f"{short_time(clock.time())} {short_time(earlier)}"
+    assert f"GSM1 Idle -73 dBm (Excellent) 26-11-24 22:46:20 0 0 0 {last}" in shown["smsd"]
     assert "outgoing and checked pass" in shown["queues"] and "scheduled pass 1" in shown["queues"]
     assert "modem:GSM2 warn Sending since" in shown["health"]
     assert "ann 79680000000 sent 1" in shown["sent"]
@@ -7851,6 +7854,18 @@ def test_status_cell_escapes_every_value(value):
         assert "".join(reader.text) == expected
     badge = read_page(smsapi.cell(smsapi.Badge(str(value))).encode())
     assert badge.tags == ["span"] and badge.attributes == {"class"}
+
+
+@pytest.mark.parametrize(
+    ("word", "colour"),
+    [("pass", "good"), ("delivered", "good"), ("Idle", "good"), ("warn", "warn"),
+     ("firing", "warn"), ("fail", "bad"), ("not running", "bad"), ("used up", "bad"),
+     ("undelivered", "bad"), ("Trouble", "bad"), ("<b>", "info")],
+)  # fmt: skip
+def test_status_badges_show_a_word_in_its_colour(word, colour):
+    assert smsapi.cell(smsapi.Badge(word)) == (
+        f'<span class="b {colour}">{html.escape(word)}</span>'
+    )
 
 
 ###############################################################################
