@@ -2414,11 +2414,14 @@ class Throttle:
         )
 
     def failed(self, address, user):
-        """Count one failed attempt by address for user."""
-        now, user = self.clock.monotonic(), name_digest(user)
+        """Count one failed attempt by address for user (None: for no user)."""
+        now = self.clock.monotonic()
+        keys = [("address", address)]
+        if user is not None:
+            keys.append(("user", name_digest(user)))
         with self.lock:
             self.quiet = False
-            for key in (("address", address), ("user", user)):
+            for key in keys:
                 self.count(key, now)
             if len(self.counters) > self.MAX_ENTRIES:
                 self.prune(now)
@@ -2543,10 +2546,12 @@ def authenticate(request, authenticator, throttle):
     elif password is not None:
         request.user = authenticator.check(users, name, password)
     if request.user is not None:
-        throttle.succeeded(address, name)
+        if token is None:
+            throttle.succeeded(address, name)
         return
     if scheme or token is not None:  # no header at all asks for the challenge
-        throttle.failed(address, name)
+        # A wrong token names no user: only its address pays for it.
+        throttle.failed(address, name if token is None else None)
         who = "a token" if token is not None else "user " + logged_name(name)
         log.warning("authentication failed for %s from %s", who, escape(address))
     raise unauthorized()

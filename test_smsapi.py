@@ -7431,6 +7431,16 @@ def test_token_wrong_or_removed_is_401_and_counts_for_the_throttle(notifying, ca
         assert secret not in caplog.text
 
 
+def test_token_guesses_from_many_addresses_slow_down_no_user(notifying):
+    app, sent = notifying.app, "/api/v1.0/sms/sent/"
+    for n in range(smsapi.Throttle.USER_BUDGET + 5):  # each address stays under its limit
+        wrong = call(app, "GET", sent, headers=bearer(f"tk_guess{n}"), remote_addr=f"10.0.0.{n}")
+        assert wrong.status == 401
+    ntfy_basic = {"Authorization": "Basic " + base64.b64encode(f":{BOT_TOKEN}".encode()).decode()}
+    for headers in (ntfy_basic, bearer(BOT_TOKEN)):  # from an address never seen
+        assert call(app, "GET", sent, headers=headers, remote_addr="192.0.2.99").status == 200
+
+
 def test_token_commands_refuse_what_they_cannot_do_and_change_nothing(notifying):
     path = pathlib.Path(notifying.path)
     before = path.read_text()
