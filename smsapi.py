@@ -2523,9 +2523,11 @@ def authenticate(request, authenticator, throttle):
     """Set request.user from a token, the Authorization header or the unix
     socket's peer, or raise 401 (429 when throttled)."""
     header = request.header("Authorization")
-    scheme = header.strip().partition(" ")[0]
-    token = request_token(request)
-    name, password = basic_credentials(header) if token is None else ("", None)
+    scheme, _, value = header.strip().partition(" ")
+    name, password = basic_credentials(header)
+    token = request_token(request, scheme, value, name, password)
+    if token is not None:
+        name, password = "", None
     name = name or ""
     if not scheme and token is None:  # a local account the kernel vouches for
         request.user = unix_peer_user(request)
@@ -2557,19 +2559,16 @@ def authenticate(request, authenticator, throttle):
     raise unauthorized()
 
 
-def request_token(request):
-    """The access token a request comes with, or None: Authorization: Bearer,
-    X-Gotify-Key, ?token=, or ntfy's Basic with no user and the token for a
-    password."""
-    header = request.header("Authorization").strip()
-    scheme, _, value = header.partition(" ")
+def request_token(request, scheme, value, name, password):
+    """The access token a request comes with, or None: Authorization: Bearer
+    (scheme and value), X-Gotify-Key, ?token=, or ntfy's Basic with no user
+    name and the token for a password."""
     if scheme.lower() == "bearer":
         return value.strip()
     if request.header("X-Gotify-Key"):
         return request.header("X-Gotify-Key").strip()
     if request.param("token") is not None:
         return request.param("token")
-    name, password = basic_credentials(header)
     return password if name == "" and password else None
 
 
