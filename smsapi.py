@@ -2300,7 +2300,7 @@ class Authenticator:
     def token_user(self, users, token):
         """The User one of whose tokens this is, or None; every token of every
         user compared, in constant time, at one SHA-256's cost."""
-        import hmac
+        import hmac  # OpenSSL with it, at the first token, as scrypt at a password
 
         digest = sha256(token.encode("utf-8", "replace")).hexdigest()
         found = None
