@@ -222,7 +222,7 @@ class ManualClock(smsapi.Clock):
     def __init__(self):
         self.now = time.time()
         self.lock = threading.Lock()
-        self.sleepers = set()
+        self.sleepers = {}  # thread ident -> what it waits on, in a long wait
 
     def time(self):
         return self.now
@@ -235,7 +235,7 @@ class ManualClock(smsapi.Clock):
             return waitable.wait(0.05 if seconds > 0 else 0)
         deadline = math.inf if seconds is None else self.now + seconds
         with self.lock:
-            self.sleepers.add(waitable)
+            self.sleepers[threading.get_ident()] = waitable
         try:  # looks again every 20 ms of real time: at the waitable, and the time
             while self.now < deadline:
                 if waitable.wait(0.02):
@@ -243,11 +243,17 @@ class ManualClock(smsapi.Clock):
             return False
         finally:
             with self.lock:
-                self.sleepers.discard(waitable)
+                self.sleepers.pop(threading.get_ident(), None)
 
     def advance(self, seconds):
         with self.lock:
             self.now += seconds
+
+    def asleep(self, threads):
+        """Whether each of threads is in a long wait: time advanced before it
+        began would not count for it."""
+        with self.lock:
+            return {t.ident for t in threads} <= self.sleepers.keys()
 
 
 @pytest.fixture
@@ -2067,9 +2073,17 @@ def test_send_and_wait_502_when_any_failed(running, spool):
 
 
 def test_send_and_wait_504_leaves_messages_queued(running, spool, clock):
-    later(0.2, clock.advance, 0.99)
-    later(0.4, clock.advance, 0.01)  # a second after the send: time is up
-    response = wait_send(running, ["79680000000"], query="wait=1")
+    done = threading.Event()
+
+    def time_passes():  # however late the wait begins, its second runs out
+        while not done.wait(0.05):
+            clock.advance(0.25)
+
+    threading.Thread(target=time_passes, daemon=True).start()
+    try:
+        response = wait_send(running, ["79680000000"], query="wait=1")
+    finally:
+        done.set()
     assert response.status == 504
     (message_id,) = response.json()["message_id"].values()
     assert "stay queued" in response.json()["error"]
@@ -2127,7 +2141,7 @@ def test_send_and_wait_bounds_the_waiters(running, spool, clock):
     ]
     for thread in waiters:
         thread.start()
-    queued_ids(spool, 2)
+    wait_until(lambda: clock.asleep(waiters), 5, "both waiters to wait")
     refused = wait_send(running, ["79680000001"], query="wait=2")
     assert refused.status == 503 and refused.headers["Retry-After"]
     assert send(running, ["79680000002"]).status == 201  # a plain send is never blocked
@@ -6968,6 +6982,8 @@ def test_webhook_410_disables_until_a_reload(tmp_path, spool, receiver, caplog, 
         smsd_sends(spool, first, 1)
         ticks(app)
         attempts(hook, 1)
+        queue = app.parts.webhooks.queues["hook"]
+        wait_until(lambda: queue.disabled, 5, "the 410 to be taken")
         smsd_sends(spool, second, 2)
         ticks(app)
         clock.advance(3)
