@@ -129,6 +129,12 @@ NTFY_FIELDS = {
     "priority": (("X-Priority", "Priority", "prio", "p"), ("priority", "prio", "p")),
     "tags": (("X-Tags", "Tags", "tag", "ta"), ("tags", "tag", "ta")),
 }
+#: RFC 9218's Priority header (u=N, i), which proxies and browsers add: not ntfy's.
+HTTP_PRIORITY = re.compile(r"u=\d(?:,\s*(?:i|\d))?", re.ASCII)
+#: An RFC 2047 encoded word, and the white space before the next one (not part of the text).
+ENCODED_WORD = re.compile(
+    r"=\?([\w.:-]+)\?([BbQq])\?([^?\s]*)\?=(?:\s+(?==\?))?", re.ASCII
+)
 UNIX_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}\$?", re.ASCII)
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 #: International format: digits only, no leading zero, at most 15 (E.164).
@@ -4894,10 +4900,32 @@ def post_ntfy(request, *, sender):
 def ntfy_fields(request):
     """The title, priority and tags of an ntfy publish, from its headers or query."""
     return {
-        name: next((v for v in map(request.header, headers) if v), None)
+        name: next((v for v in (ntfy_header(request, h) for h in headers) if v), None)
         or next((request.param(q) for q in queries if request.param(q)), None)
         for name, (headers, queries) in NTFY_FIELDS.items()
     }
+
+
+def ntfy_header(request, name):
+    """A header as ntfy reads it: UTF-8 as curl sends it (WSGI hands it on as
+    Latin-1), RFC 2047's encoded words decoded, and RFC 9218's Priority left out."""
+    value = request.header(name)
+    with contextlib.suppress(UnicodeError):
+        value = value.encode("latin-1").decode("utf-8")
+    if name == "Priority" and HTTP_PRIORITY.fullmatch(value.strip()):
+        return ""
+    try:
+        return ENCODED_WORD.sub(decoded_word, value)
+    except (binascii.Error, LookupError, UnicodeError):  # malformed: as sent
+        return value
+
+
+def decoded_word(match):
+    """The text of an RFC 2047 encoded word: =?charset?B|Q?text?=."""
+    charset, coding, text = match.groups()
+    if coding in "Bb":
+        return base64.b64decode(text, validate=True).decode(charset)
+    return binascii.a2b_qp(text, header=True).decode(charset)
 
 
 def post_ntfy_json(request, *, sender):

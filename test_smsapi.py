@@ -7539,6 +7539,34 @@ def test_ntfy_publish_as_ntfys_curl_examples_send_title_colon_message(notifying,
     assert bare.status == 200 and set(texts_in(spool).values()) == {"From the query: triggered"}
 
 
+@pytest.mark.parametrize(
+    ("sent", "title"),
+    [
+        ("Größe".encode().decode("latin-1"), "Größe"),  # curl's UTF-8, as WSGI hands it on
+        ("=?utf-8?q?Gr=C3=B6=C3=9Fe_=E2=82=AC?=", "Größe €"),  # RFC 2047, as ntfy reads it
+        ("=?UTF-8?B?R3LDtsOfZQ==?= =?utf-8?q?!?=", "Größe!"),  # the space between words goes
+        ("Caf\xe9", "Café"),  # Latin-1 that is not UTF-8 stays Latin-1
+        ("=?utf-8?b?!!!?=", "=?utf-8?b?!!!?="),  # malformed: as sent
+        ("=?no-such?q?x?=", "=?no-such?q?x?="),
+        ("=?utf-8?q?=FF?=", "=?utf-8?q?=FF?="),
+    ],
+)
+def test_ntfy_headers_are_read_as_ntfy_reads_them(notifying, spool, sent, title):
+    response = ntfy(notifying.app, "alerts", "disk full", headers={"Title": sent})
+    assert response.status == 200 and response.json()["title"] == title
+    assert set(texts_in(spool).values()) == {title + ": disk full"}
+
+
+@pytest.mark.parametrize("sent", ["u=3", "u=0, i", "u=1,i", "u=7, 2"])
+def test_ntfy_ignores_the_http_priority_that_proxies_and_browsers_add(notifying, spool, sent):
+    plain = ntfy(notifying.app, "alerts", "ping", headers={"Priority": sent})
+    assert plain.status == 200 and "priority" not in plain.json()  # RFC 9218's, not ntfy's
+    urgent = ntfy(notifying.app, "alerts", "pong", headers={"Priority": sent}, query="p=5")
+    assert urgent.status == 200 and urgent.json()["priority"] == 5
+    heads = {read_spool_file(spool, "outgoing", n) for n in os.listdir(spool["outgoing"])}
+    assert sum(b"Priority: High" in head for head in heads) == 2  # pong, to two numbers
+
+
 def test_ntfy_json_publish_as_apprise_sends_it(notifying, spool):
     body = {"topic": "alerts", "message": "CPU at 99%", "title": "db1", "priority": 5,
             "tags": ["fire"]}  # fmt: skip
@@ -9421,14 +9449,14 @@ def test_smsd_apprise_and_curl_speak_ntfy_and_gotify_to_the_phone(stack):
     on_air(stack, token_topic, "Backup done")
     on_air(stack, gotify, "pve1: Backup of vm 101 failed")
     url = stack.api.url + "/shell"
-    status, data = curl("-u", f"lvv:{PASSWORDS['lvv']}", "-H", "Title: db2",
+    status, data = curl("-u", f"lvv:{PASSWORDS['lvv']}", "-H", "Title: Größe db2",
                         "-H", "Priority: urgent", "-H", "Tags: warning", "-d", "disk full", url)  # fmt: skip
     assert status == 200 and (data["priority"], data["tags"]) == (5, ["warning"]), data
     assert stack.status(data["id"])["to"] == shell
     status, data = curl("-X", "PUT", "-H", f"Authorization: Bearer {token}",
                         "--data-binary", "swap at 90%", url)  # fmt: skip
     assert status == 200 and data["message"] == "swap at 90%", data
-    on_air(stack, shell, "db2: disk full")
+    on_air(stack, shell, "Größe db2: disk full")  # curl's UTF-8 header, read as ntfy does
     on_air(stack, shell, "swap at 90%")
     refused = curl("-H", f"Authorization: Bearer {token[:-1]}0", "-d", "x", url)
     assert refused == (401, {"code": 40100, "http": 401, "error": "Unauthorized access"})
@@ -9437,7 +9465,7 @@ def test_smsd_apprise_and_curl_speak_ntfy_and_gotify_to_the_phone(stack):
         lambda: curl("-H", f"Authorization: Bearer {token}", "-d", "x", url)[0] == 401,
         30, "the removed token to be refused",
     )  # fmt: skip
-    assert on_air_texts(stack, shell) == ["db2: disk full", "swap at 90%"]
+    assert on_air_texts(stack, shell) == ["Größe db2: disk full", "swap at 90%"]
     log = stack.api.output()
     assert "POST / 200 user=lvv" in log and "POST /message 200 user=pve" in log
     assert token not in log
