@@ -2027,6 +2027,26 @@ def running(config, clock):
     app.close()
 
 
+@contextlib.contextmanager
+def time_passes(clock, speed=1.0):
+    """Meanwhile the manual clock moves on by itself, speed times as fast as real
+    time: a wait that nothing ends runs out, and the test fails instead of
+    hanging, however late the wait began."""
+    done = threading.Event()
+
+    def move():
+        while not done.wait(0.05):
+            clock.advance(0.05 * speed)
+
+    mover = threading.Thread(target=move, daemon=True)
+    mover.start()
+    try:
+        yield
+    finally:
+        done.set()
+        mover.join()
+
+
 def later(delay, action, *args, **kwargs):
     """Do what smsd would do, after delay, in another thread."""
     timer = threading.Timer(delay, action, args, kwargs)
@@ -2049,23 +2069,25 @@ def queued_ids(spool, count, timeout=5):
     raise AssertionError("nothing queued")
 
 
-def test_send_and_wait_answers_when_sent(running, spool):
+def test_send_and_wait_answers_when_sent(running, spool, clock):
     later(0.3, lambda: smsd_sends(spool, queued_ids(spool, 1)[0], 1))
     started = time.monotonic()
-    response = wait_send(running, ["79680000000"])
+    with time_passes(clock):
+        response = wait_send(running, ["79680000000"])
     assert response.status == 201 and time.monotonic() - started < 3
     (message_id,) = response.json()["message_id"].values()
     assert response.json()["messages"][message_id]["status"] == "sent"
 
 
-def test_send_and_wait_502_when_any_failed(running, spool):
+def test_send_and_wait_502_when_any_failed(running, spool, clock):
     def smsd():
         first, second = queued_ids(spool, 2)
         smsd_sends(spool, first, 1)
         smsd_fails(spool, second)
 
     later(0.3, smsd)
-    response = wait_send(running, ["79680000000", "79680000001"])
+    with time_passes(clock):
+        response = wait_send(running, ["79680000000", "79680000001"])
     assert response.status == 502
     data = response.json()
     assert "CMS ERROR: 500" in data["error"]
@@ -2073,24 +2095,15 @@ def test_send_and_wait_502_when_any_failed(running, spool):
 
 
 def test_send_and_wait_504_leaves_messages_queued(running, spool, clock):
-    done = threading.Event()
-
-    def time_passes():  # however late the wait begins, its second runs out
-        while not done.wait(0.05):
-            clock.advance(0.25)
-
-    threading.Thread(target=time_passes, daemon=True).start()
-    try:
+    with time_passes(clock, speed=5):
         response = wait_send(running, ["79680000000"], query="wait=1")
-    finally:
-        done.set()
     assert response.status == 504
     (message_id,) = response.json()["message_id"].values()
     assert "stay queued" in response.json()["error"]
     assert os.path.exists(os.path.join(spool["outgoing"], message_id))
 
 
-def test_send_and_wait_for_delivery(running, spool):
+def test_send_and_wait_for_delivery(running, spool, clock):
     def smsd():
         message_id = queued_ids(spool, 1)[0]
         smsd_sends(spool, message_id, 5)
@@ -2098,9 +2111,10 @@ def test_send_and_wait_for_delivery(running, spool):
         smsd_reports(spool, "79680000000", 5)
 
     later(0.2, smsd)
-    response = wait_send(
-        running, ["79680000000"], query="wait=5&wait_for=delivered", report=True
-    )
+    with time_passes(clock):
+        response = wait_send(
+            running, ["79680000000"], query="wait=5&wait_for=delivered", report=True
+        )
     assert response.status == 201
     assert [m["status"] for m in response.json()["messages"].values()] == ["delivered"]
 
