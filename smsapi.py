@@ -1762,8 +1762,10 @@ def decode_body(alphabet, body):
 
 
 def find_message(config, message_id):
-    """The message wherever it is now: one lookup per spool, in lifecycle order."""
-    for kind in ("scheduled", "outgoing", "checked", "sent", "failed"):
+    """The message wherever it is now: one lookup per spool, the latest step of
+    its life first. smsd writes a message where it goes before it removes it
+    from where it was, and the later place is the truth."""
+    for kind in ("failed", "sent", "checked", "outgoing", "scheduled"):
         message = read_message(config, kind, message_id)
         if message is not None:
             return message

@@ -2079,6 +2079,49 @@ def test_send_and_wait_answers_when_sent(running, spool, clock):
     assert response.json()["messages"][message_id]["status"] == "sent"
 
 
+def test_send_and_wait_answers_when_smsd_removes_the_queued_file_after_the_wake(
+    config, spool, clock
+):
+    # smsd writes the sent file before it removes the queued one, and a poll (no
+    # inotify) does not list the queue: the one wake may come while it is in both.
+    app = smsapi.Application(config, clock=clock, inotify=False)
+    app.parts.watcher.tick()  # the poll knows the spool
+    answers = []
+    request = threading.Thread(
+        target=lambda: answers.append(wait_send(app, ["79680000000"], query="wait=30"))
+    )
+    request.start()
+    wait_until(lambda: clock.asleep([request]), 5, "the request to wait")
+    (message_id,) = queued_ids(spool, 1)
+    queued = os.path.join(spool["outgoing"], message_id)
+    shutil.copy(queued, os.path.join(spool["sent"], message_id))
+    app.parts.watcher.tick()  # the wake, the only one: the queue is not polled
+    request.join(2)
+    answered = not request.is_alive()
+    os.remove(queued)
+    clock.advance(30)  # else it would wait out its time: ended either way
+    request.join(5)
+    assert answered and answers[0].status == 201
+    assert status_of(app, message_id)["status"] == "sent"
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "status"),
+    [("outgoing", "sent", "sent"), ("checked", "failed", "failed"),
+     ("scheduled", "outgoing", "queued"), ("outgoing", "checked", "sending")],
+)  # fmt: skip
+def test_status_of_a_message_in_two_places_is_the_later(app, spool, before, after, status):
+    message_id = sent_id(app)  # smsd writes where a message goes before it removes it
+    queued = os.path.join(spool["outgoing"], message_id)
+    for kind in (before, after):
+        os.makedirs(app.config.spool[kind], exist_ok=True)
+        if kind != "outgoing":
+            shutil.copy(queued, os.path.join(app.config.spool[kind], message_id))
+    if "outgoing" not in (before, after):
+        os.remove(queued)
+    assert status_of(app, message_id)["status"] == status
+
+
 def test_send_and_wait_502_when_any_failed(running, spool, clock):
     def smsd():
         first, second = queued_ids(spool, 2)
