@@ -7916,6 +7916,27 @@ def test_recent_failures_leave_the_count_when_their_hour_is_up(tmp_path, clock):
     assert failures.count() == 1
     failures.gone("GSM1.a")
     assert failures.count() == 0
+    again = tmp_path / "GSM1.d"  # filed, then filed again under the same name
+    again.write_text("To: 79680000000\n\nhi\n")
+    for age in (3000, 0):
+        os.utime(again, (clock.time() - age, clock.time() - age))
+        failures.arrived("GSM1.d")
+    clock.advance(1000)
+    assert failures.count() == 1  # its first hour is up, its last is not
+
+
+def test_recent_messages_keep_the_newest_and_a_bounded_number_of_modems():
+    recent = smsapi.RecentMessages(size=3)
+    recent.heard("x" * 100, 1.0)  # a name from a file anyone may write: cut short
+    for n in (5, 1, 4, 2, 3):
+        headers = {"To": "79680000000", "Sent": f"26-12-06 10:00:0{n}", "Modem": f"GSM{n}"}
+        recent.add(smsapi.Message(f"m{n}", "sent", headers, "hi"))
+    assert [f.name for f in recent.listing()] == ["m5", "m4", "m3"]  # the newest
+    for n in range(2 * recent.MAX_MODEMS):
+        recent.heard(f"modem{n}", 2.0)
+    times = recent.modem_times()
+    assert len(times) == recent.MAX_MODEMS and times["x" * 32] == {"received": 1.0}
+    assert times["GSM5"] == {"sent": smsapi.smsd_time("26-12-06 10:00:05")}
 
 
 def test_status_page_shows_hostile_text_as_text_and_runs_nothing(tmp_path, spool, fake_smsd):
