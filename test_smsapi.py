@@ -9546,7 +9546,8 @@ def test_smsd_apprise_and_curl_speak_ntfy_and_gotify_to_the_phone(stack):
     assert status == 200 and data["message"] == "swap at 90%", data
     on_air(stack, shell, "Größe db2: disk full")  # curl's UTF-8 header, read as ntfy does
     on_air(stack, shell, "swap at 90%")
-    refused = curl("-H", f"Authorization: Bearer {token[:-1]}0", "-d", "x", url)
+    wrong = token[:-1] + ("0" if token[-1] != "0" else "1")  # one in 62 ends in 0
+    refused = curl("-H", f"Authorization: Bearer {wrong}", "-d", "x", url)
     assert refused == (401, {"code": 40100, "http": 401, "error": "Unauthorized access"})
     assert run_cli("remove-token", "lvv", token, "--config", ini).returncode == 0
     stack.wait_for(  # the running server takes the changed file by itself
